@@ -1,0 +1,30 @@
+"""Typed errors whose messages are fit to show a user as they are.
+
+Callers (the CLI, the bot) catch :class:`MgieError` and show ``str(err)``; anything else is a bug.
+"""
+
+from __future__ import annotations
+
+
+class MgieError(Exception):
+    """Base class: the message is written for the person who made the request."""
+
+
+class BadImageError(MgieError):
+    """The input is not an image we can edit (unreadable, corrupt, empty, too large)."""
+
+
+class BadRequestError(MgieError):
+    """An option is out of range or the instruction is unusable."""
+
+
+class CheckpointError(MgieError):
+    """A checkpoint file is missing or malformed; the message names the file and how to get it."""
+
+
+class ModelUnavailableError(MgieError):
+    """Weights are neither on disk nor reachable on the Hub (offline, gated, no such repo)."""
+
+
+class JobCancelledError(MgieError):
+    """The job was cancelled before it finished."""

@@ -1,0 +1,75 @@
+"""Engine settings, read from the environment (and a `.env` file, loaded by the entry points)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+
+import torch
+
+from .errors import BadRequestError
+
+DEFAULT_CKPT_REPO = "tsujuifu/ml-mgie"
+DEFAULT_IP2P = "timbrooks/instruct-pix2pix"
+
+_DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp32": torch.float32, "float32": torch.float32}
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSettings:
+    """Where the weights are and how to run them.
+
+    ``ckpt_dir`` is a folder laid out like the Hub repo ``tsujuifu/ml-mgie`` (``LLaVA-7B-v1/`` and
+    ``mgie_7b/``); when it is None or incomplete the files come from ``ckpt_repo`` on the Hub.
+    ``clip`` None means the vision tower named in ``LLaVA-7B-v1/config.json``.
+    """
+
+    ckpt_dir: str | None = None
+    ckpt_repo: str = DEFAULT_CKPT_REPO
+    ip2p: str = DEFAULT_IP2P
+    clip: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    max_side: int = 512
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> EngineSettings:
+        env = os.environ if env is None else env
+        max_side = env.get("MGIE_MAX_SIDE", "512")
+        try:
+            max_side_int = int(max_side)
+        except ValueError:
+            raise BadRequestError(f"MGIE_MAX_SIDE must be a whole number of pixels, not {max_side!r}.") from None
+        return cls(
+            ckpt_dir=env.get("MGIE_CKPT_DIR") or None,
+            ckpt_repo=env.get("MGIE_CKPT_REPO") or DEFAULT_CKPT_REPO,
+            ip2p=env.get("MGIE_IP2P") or DEFAULT_IP2P,
+            clip=env.get("MGIE_CLIP") or None,
+            device=env.get("MGIE_DEVICE") or "auto",
+            dtype=env.get("MGIE_DTYPE") or "auto",
+            max_side=max_side_int,
+        )
+
+    def torch_device(self) -> torch.device:
+        name = self.device.strip().lower()
+        if name == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise BadRequestError(f"MGIE_DEVICE must be auto, cpu, cuda or cuda:N, not {self.device!r}.") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise BadRequestError(f"MGIE_DEVICE={self.device} but no CUDA GPU is visible to PyTorch.")
+        return device
+
+    def torch_dtype(self, device: torch.device | None = None) -> torch.dtype:
+        """fp16 on GPU and fp32 on CPU unless MGIE_DTYPE says otherwise (CPU half math is slow)."""
+        name = self.dtype.strip().lower()
+        if name == "auto":
+            device = device or self.torch_device()
+            return torch.float16 if device.type == "cuda" else torch.float32
+        if name not in _DTYPES:
+            raise BadRequestError(f"MGIE_DTYPE must be auto, fp16, bf16 or fp32, not {self.dtype!r}.")
+        return _DTYPES[name]

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny checkpoints written once per session and the engines loaded on them."""
+
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from mgie_engine.settings import EngineSettings
+
+
+def tiny_settings(paths, **overrides) -> EngineSettings:
+    return EngineSettings(ckpt_dir=str(paths.mgie), ip2p=str(paths.ip2p), clip=str(paths.clip), device="cpu",
+                          **overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_paths(tmp_path_factory):
+    """Tiny checkpoints whose LLM answers with a sentence, [IMG0]..[IMG7] and </s>, like the real one."""
+    from mgie_engine.tiny import write_tiny_checkpoints
+
+    return write_tiny_checkpoints(tmp_path_factory.mktemp("tiny-planted"), seed=0, plant_visual_tokens=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_paths_babbling(tmp_path_factory):
+    """Tiny checkpoints whose LLM never emits [IMG0]: the demo's fallback path, all 96 tokens."""
+    from mgie_engine.tiny import write_tiny_checkpoints
+
+    return write_tiny_checkpoints(tmp_path_factory.mktemp("tiny-babbling"), seed=1, plant_visual_tokens=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_paths):
+    from mgie_engine.models import load_models
+
+    return load_models(tiny_settings(tiny_paths))
+
+
+@pytest.fixture(scope="session")
+def tiny_models_babbling(tiny_paths_babbling):
+    from mgie_engine.models import load_models
+
+    return load_models(tiny_settings(tiny_paths_babbling))
+
+
+def make_image(width: int, height: int, seed: int = 0) -> PIL.Image.Image:
+    """A smooth gradient plus noise: some structure, different for every seed."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x / max(width - 1, 1), y / max(height - 1, 1), (x + y) / max(width + height - 2, 1)], -1)
+    pixels = np.clip(base * 200 + rng.normal(0, 25, (height, width, 3)), 0, 255).astype(np.uint8)
+    return PIL.Image.fromarray(pixels, "RGB")
