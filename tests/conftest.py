@@ -51,3 +51,17 @@ def make_image(width: int, height: int, seed: int = 0) -> PIL.Image.Image:
     base = np.stack([x / max(width - 1, 1), y / max(height - 1, 1), (x + y) / max(width + height - 2, 1)], -1)
     pixels = np.clip(base * 200 + rng.normal(0, 25, (height, width, 3)), 0, 255).astype(np.uint8)
     return PIL.Image.fromarray(pixels, "RGB")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline_hub():
+    """Tests never reach the Hub: a missing file must fail fast with our message, not hang on a timeout."""
+    import os
+
+    old = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    yield
+    if old is None:
+        os.environ.pop("HF_HUB_OFFLINE", None)
+    else:
+        os.environ["HF_HUB_OFFLINE"] = old

@@ -1,0 +1,404 @@
+"""The fake Discord, exercised by a small unmodified discord.py bot over 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import discord
+import pytest
+from discord.ext import commands
+from discord.webhook.async_ import async_context, interaction_response_params
+from fakediscord import FakeDiscord
+from fakediscord import permissions as perms
+from fakediscord.runner import TEST_HEARTBEAT_INTERVAL, running_bot
+from PIL import Image, ImageOps
+
+from bot.discord_endpoints import apply_endpoints
+
+pytest_plugins = ["fakediscord.fixtures"]
+
+
+def png_bytes(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (12, 8)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def inverted(data: bytes) -> bytes:
+    with Image.open(io.BytesIO(data)) as img:
+        out = ImageOps.invert(img.convert("RGB"))
+    buf = io.BytesIO()
+    out.save(buf, "PNG")
+    return buf.getvalue()
+
+
+@dataclass
+class Probe:
+    """What the throwaway bot saw or suffered, for the tests to check."""
+
+    errors: list[BaseException] = field(default_factory=list)
+    filesize_limit: int | None = None
+    permissions: dict[str, bool] = field(default_factory=dict)
+    modal_values: tuple[str, str] | None = None
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def make_bot(probe: Probe) -> commands.Bot:
+    """A throwaway bot: defer+edit with a file, a button, a modal, a context menu and replies."""
+    intents = discord.Intents.default()
+    intents.message_content = True
+    bot = commands.Bot(command_prefix="!", intents=intents, guild_ready_timeout=0.1)
+
+    class InvertView(discord.ui.View):
+        @discord.ui.button(label="Invert", custom_id="invert", style=discord.ButtonStyle.primary)
+        async def invert(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+            button.disabled = True
+            await interaction.response.edit_message(content=f"inverted by {interaction.user.name}", view=self)
+
+    class FeedbackModal(discord.ui.Modal, title="Feedback"):
+        comment: discord.ui.TextInput = discord.ui.TextInput(label="Comment", custom_id="comment")
+        rating: discord.ui.Label = discord.ui.Label(
+            text="Rating", component=discord.ui.TextInput(custom_id="rating", max_length=2))
+
+        async def on_submit(self, interaction: discord.Interaction) -> None:
+            rating = self.rating.component
+            assert isinstance(rating, discord.ui.TextInput)
+            probe.modal_values = (self.comment.value, rating.value)
+            await interaction.response.send_message(f"thanks: {self.comment.value} ({rating.value})", ephemeral=True)
+
+    @bot.tree.command(name="edit", description="Edit an image")
+    async def edit(interaction: discord.Interaction, image: discord.Attachment, instruction: str) -> None:
+        probe.filesize_limit = interaction.filesize_limit
+        await interaction.response.defer(thinking=True)
+        data = await image.read()
+        await interaction.edit_original_response(
+            content=f"Edited: {instruction}",
+            attachments=[discord.File(io.BytesIO(inverted(data)), filename="edited image.png")],
+            view=InvertView(),
+        )
+
+    @bot.tree.command(name="feedback", description="Tell us what you think")
+    async def feedback(interaction: discord.Interaction) -> None:
+        await interaction.response.send_modal(FeedbackModal())
+
+    @bot.tree.command(name="twice", description="Answers twice (a bug)")
+    async def twice(interaction: discord.Interaction) -> None:
+        await interaction.response.send_message("first")
+        adapter = async_context.get()
+        try:  # go around discord.py's own InteractionResponded guard, as a second code path would
+            await adapter.create_interaction_response(
+                interaction.id, interaction.token, session=interaction._session,
+                params=interaction_response_params(4, {"content": "second"}))
+        except discord.HTTPException as exc:
+            probe.errors.append(exc)
+
+    @bot.tree.command(name="slow", description="Waits before answering")
+    async def slow(interaction: discord.Interaction) -> None:
+        await probe.release.wait()
+        try:
+            await interaction.response.send_message("finally")
+        except discord.HTTPException as exc:
+            probe.errors.append(exc)
+
+    @bot.tree.command(name="long", description="Defers, then answers much later")
+    async def long(interaction: discord.Interaction) -> None:
+        await interaction.response.defer()
+        await probe.release.wait()
+        try:
+            await interaction.edit_original_response(content="done at last")
+        except discord.HTTPException as exc:
+            probe.errors.append(exc)
+
+    @bot.tree.command(name="perm", description="Reports the caller's permissions")
+    async def perm(interaction: discord.Interaction) -> None:
+        probe.permissions = {"manage_messages": interaction.permissions.manage_messages,
+                             "manage_guild": interaction.permissions.manage_guild}
+        await interaction.response.send_message("noted", ephemeral=True)
+
+    @bot.tree.context_menu(name="Invert image")
+    async def invert_menu(interaction: discord.Interaction, message: discord.Message) -> None:
+        data = await message.attachments[0].read()
+        await interaction.response.send_message(file=discord.File(io.BytesIO(inverted(data)), "inverted.png"))
+
+    @bot.listen("on_message")
+    async def replies(message: discord.Message) -> None:
+        ref = message.reference
+        if message.author.bot or ref is None or not isinstance(ref.resolved, discord.Message):
+            return
+        if ref.resolved.author == bot.user:
+            await message.reply(f"you said: {message.content}", mention_author=False)
+
+    async def setup_hook() -> None:
+        await bot.tree.sync()
+
+    bot.setup_hook = setup_hook  # type: ignore[method-assign]
+    return bot
+
+
+@dataclass
+class World:
+    fake: FakeDiscord
+    bot: commands.Bot
+    probe: Probe
+    guild: Any
+    channel: Any
+    alice: Any
+
+
+@pytest.fixture
+async def world(fake_endpoints: FakeDiscord) -> Any:
+    fake = fake_endpoints
+    guild = fake.add_guild("Image Lab")
+    channel = fake.add_channel(guild, "edits")
+    alice = fake.add_user("alice")
+    fake.add_member(guild, alice)
+    probe = Probe()
+    bot = make_bot(probe)
+    async with running_bot(bot, fake.token):
+        yield World(fake, bot, probe, guild, channel, alice)
+    assert fake.unknown_routes == []
+
+
+async def test_login_ready_and_command_sync(world: World) -> None:
+    fake, bot = world.fake, world.bot
+    assert bot.user is not None and bot.user.id == fake.bot_user.id
+    assert [g.id for g in bot.guilds] == [world.guild.id]
+    assert bot.get_channel(world.channel.id) is not None
+    names = {c.name for c in fake.commands}
+    assert {"edit", "feedback", "twice", "slow", "long", "perm", "Invert image"} <= names
+    edit = fake.command("edit")
+    assert [o["name"] for o in edit.options] == ["image", "instruction"]
+    assert fake.command("Invert image", type=3).id
+    conn = fake.gateway.connections[0]
+    assert conn.compression == "zlib-stream"  # what discord.py asks for without a zstd module
+    assert [r.route for r in fake.requests[:3]] == [
+        "GET /users/@me", "GET /oauth2/applications/@me", "PUT /applications/{application_id}/commands"]
+
+
+async def test_slash_defer_then_edit_with_uploaded_png(world: World) -> None:
+    fake = world.fake
+    source = png_bytes()
+    att = fake.upload_user_attachment(world.channel, "cat.png", source)
+    inter = await fake.slash(world.alice, world.channel, "edit", {"image": att, "instruction": "make it blue"})
+    msg = await fake.wait_for_original(inter)
+
+    assert [c.type for c in inter.callbacks] == [5]
+    assert inter.ack_delay is not None and inter.ack_delay < 3
+    assert not inter.ephemeral and not inter.failed
+    assert msg.content == "Edited: make it blue"
+    [out] = msg.attachments
+    assert out.filename == "edited_image.png"  # Discord's filename sanitising
+    assert out.content_type == "image/png" and (out.width, out.height) == (12, 8)
+    assert out.data == inverted(source)
+    assert world.probe.filesize_limit == 10 * 1024 * 1024
+    assert msg.custom_ids == ["invert"]
+    assert msg in world.channel.visible_messages
+    async with aiohttp.ClientSession() as http:  # the CDN serves the stored bytes at the signed URL
+        async with http.get(out.url) as resp:
+            assert resp.status == 200 and await resp.read() == out.data
+        async with http.get(out.url.split("?")[0]) as resp:
+            assert resp.status == 404  # unsigned links are refused, as on Discord's CDN
+
+
+async def test_button_click_updates_message(world: World) -> None:
+    fake = world.fake
+    att = fake.upload_user_attachment(world.channel, "cat.png", png_bytes())
+    inter = await fake.slash(world.alice, world.channel, "edit", {"image": att, "instruction": "x"})
+    msg = await fake.wait_for_original(inter)
+
+    click = await fake.click(world.alice, msg, "invert")
+    await fake.wait_for(lambda: msg.content.startswith("inverted"))
+    assert [c.type for c in click.callbacks] == [7]
+    assert click.payload["message"]["id"] == str(msg.id)
+    assert click.original is msg and msg.content == "inverted by alice"
+    assert msg.find_component("invert")["disabled"] is True
+    with pytest.raises(ValueError, match="disabled"):
+        await fake.click(world.alice, msg, "invert")
+
+
+async def test_modal_submit(world: World) -> None:
+    fake = world.fake
+    opened = await fake.slash(world.alice, world.channel, "feedback")
+    await fake.wait_for_ack(opened)
+    assert opened.response_type == 9 and opened.modal is not None
+    rows = opened.modal["components"]
+    assert [r["type"] for r in rows] == [1, 18]  # a bare TextInput is wrapped in an ActionRow; Label stays
+
+    submitted = await fake.submit_modal(world.alice, opened, {"comment": "lovely", "rating": "5"})
+    reply = await fake.wait_for_original(submitted)
+    assert world.probe.modal_values == ("lovely", "5")
+    assert reply.content == "thanks: lovely (5)" and reply.ephemeral and submitted.ephemeral
+    assert reply not in world.channel.visible_messages
+    with pytest.raises(ValueError, match="longer"):
+        await fake.submit_modal(world.alice, opened, {"comment": "x", "rating": "100"})
+
+
+async def test_reply_to_bot_message_gets_reply(world: World) -> None:
+    fake = world.fake
+    att = fake.upload_user_attachment(world.channel, "cat.png", png_bytes())
+    inter = await fake.slash(world.alice, world.channel, "edit", {"image": att, "instruction": "x"})
+    bot_msg = await fake.wait_for_original(inter)
+
+    mine = await fake.send_message(world.alice, world.channel, "now bluer", reply_to=bot_msg)
+    answer = await fake.wait_for(lambda: next((m for m in world.channel.messages
+                                                if m.referenced is mine and m.author is fake.bot_user), None))
+    assert answer.content == "you said: now bluer"
+    assert answer.message_reference is not None and answer.message_reference["message_id"] == str(mine.id)
+    assert answer.allowed_mentions is not None and answer.allowed_mentions["replied_user"] is False
+    assert world.alice not in answer.mentions  # mention_author=False means no ping
+
+
+async def test_message_context_menu(world: World) -> None:
+    fake = world.fake
+    att = fake.upload_user_attachment(world.channel, "dog.png", png_bytes((10, 20, 30)))
+    posted = await fake.send_message(world.alice, world.channel, "look", attachments=[att])
+    inter = await fake.context_menu(world.alice, posted, "Invert image")
+    msg = await fake.wait_for_original(inter)
+    assert inter.payload["data"]["resolved"]["messages"][str(posted.id)]["id"] == str(posted.id)
+    assert msg.attachments[0].data == inverted(att.data)
+
+
+async def test_second_initial_callback_is_rejected_40060(world: World) -> None:
+    fake = world.fake
+    inter = await fake.slash(world.alice, world.channel, "twice")
+    await fake.wait_for(lambda: world.probe.errors)
+    [exc] = world.probe.errors
+    assert isinstance(exc, discord.HTTPException) and exc.status == 400 and exc.code == 40060
+    assert [c.type for c in inter.callbacks] == [4] and inter.original is not None
+    assert inter.original.content == "first"
+    assert [(r.status, r.code) for r in inter.rejected] == [(400, 40060)]
+
+
+async def test_no_callback_within_3s_fails(world: World) -> None:
+    fake = world.fake
+    inter = await fake.slash(world.alice, world.channel, "slow")
+    fake.clock.advance(3.1)
+    assert inter.failed and not inter.acknowledged
+    world.probe.release.set()
+    await fake.wait_for(lambda: world.probe.errors)
+    [exc] = world.probe.errors
+    assert isinstance(exc, discord.NotFound) and exc.code == 10062
+    assert inter.rejected[0].code == 10062
+
+
+async def test_interaction_token_expires_after_15_minutes(world: World) -> None:
+    fake = world.fake
+    inter = await fake.slash(world.alice, world.channel, "long")
+    await fake.wait_for_ack(inter)
+    assert inter.thinking
+    fake.clock.advance(15 * 60 + 1)
+    world.probe.release.set()
+    await fake.wait_for(lambda: world.probe.errors)
+    [exc] = world.probe.errors
+    assert isinstance(exc, discord.HTTPException) and (exc.status, exc.code) == (401, 50027)
+    assert inter.thinking  # the user is left with "thinking..."
+
+
+@pytest.mark.parametrize("code", [4000, None], ids=["close-4000", "abrupt"])
+async def test_gateway_drop_resumes_and_replays(world: World, code: int | None) -> None:
+    fake = world.fake
+    resumed = asyncio.Event()
+
+    async def on_resumed() -> None:
+        resumed.set()
+
+    world.bot.add_listener(on_resumed)
+    assert await fake.drop_gateway(code) == 1
+    # Created while the bot is disconnected: must arrive through RESUME's replay.
+    inter = await fake.slash(world.alice, world.channel, "perm")
+    await asyncio.wait_for(resumed.wait(), 10)
+    await fake.wait_for_original(inter)
+    assert fake.gateway.resume_count == 1 and fake.gateway.identify_count == 1
+    assert fake.gateway.live_connections[0].via_resume_url
+    after = await fake.slash(world.alice, world.channel, "perm")
+    assert (await fake.wait_for_original(after)).content == "noted"
+
+
+async def test_invalidated_session_reidentifies(world: World) -> None:
+    fake = world.fake
+    await fake.invalidate_session(resumable=False)
+    await fake.wait_for(lambda: fake.gateway.identify_count == 2 and fake.gateway.connected)
+    inter = await fake.slash(world.alice, world.channel, "perm")
+    assert (await fake.wait_for_original(inter)).content == "noted"
+
+
+async def test_member_permissions_and_dm(world: World) -> None:
+    fake = world.fake
+    mod = fake.add_user("mod")
+    fake.add_member(world.guild, mod, permissions=perms.MANAGE_MESSAGES)
+    inter = await fake.slash(mod, world.channel, "perm")
+    await fake.wait_for_original(inter)
+    assert world.probe.permissions == {"manage_messages": True, "manage_guild": False}
+    await fake.wait_for_original(await fake.slash(world.alice, world.channel, "perm"))
+    assert world.probe.permissions == {"manage_messages": False, "manage_guild": False}
+
+    dm = fake.dm_channel(world.alice)
+    in_dm = await fake.slash(world.alice, dm, "perm")
+    await fake.wait_for_original(in_dm)
+    assert "guild_id" not in in_dm.payload and in_dm.payload["user"]["id"] == str(world.alice.id)
+    assert in_dm.payload["context"] == 1
+
+
+async def test_rate_limit_429_is_retried(world: World) -> None:
+    fake = world.fake
+    fake.inject_429("POST /channels/{channel_id}/messages", retry_after=0.2)
+    channel = world.bot.get_channel(world.channel.id)
+    assert isinstance(channel, discord.TextChannel)
+    sent = await channel.send("hello")
+    assert [h.injected for h in fake.rate_limit_hits] == [True]
+    assert world.channel.last_message is not None and world.channel.last_message.id == sent.id
+    statuses = [r.status for r in fake.requests_to("POST /channels/{channel_id}/messages")]
+    assert statuses == [429, 200]
+
+
+async def test_heartbeats_are_recorded(world: World) -> None:
+    fake = world.fake
+    await fake.wait_for(lambda: len(fake.heartbeats) >= 4, timeout=5)
+    assert fake.max_heartbeat_gap() < TEST_HEARTBEAT_INTERVAL * 1.5
+    conn = fake.gateway.live_connections[0]
+    assert all(s is not None for s in conn.heartbeat_seqs[1:])  # heartbeats carry the last sequence
+
+
+async def test_rest_basics_content_type_and_unknown_routes(fake_discord: FakeDiscord) -> None:
+    fake = fake_discord
+    auth = {"Authorization": f"Bot {fake.token}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{fake.api_base}/users/@me", headers=auth) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"] == "application/json"
+            for header in ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset",
+                           "X-RateLimit-Reset-After", "X-RateLimit-Bucket"):
+                assert header in resp.headers
+        async with http.get(f"{fake.api_base}/users/@me", headers={"Authorization": "Bot nope"}) as resp:
+            assert resp.status == 401 and await resp.json() == {"message": "401: Unauthorized", "code": 0}
+        async with http.get(f"{fake.api_base}/no/such/route", headers=auth) as resp:
+            assert resp.status == 404
+    assert fake.unknown_routes == [("GET", "/no/such/route")]
+    fake.unknown_routes.clear()
+
+
+async def test_wrong_token_is_login_failure(fake_endpoints: FakeDiscord) -> None:
+    bot = make_bot(Probe())
+    with pytest.raises(discord.LoginFailure):
+        await bot.login("not-the-token")
+    await bot.close()
+    assert fake_endpoints.requests[-1].status == 401
+
+
+def test_apply_endpoints_round_trip() -> None:
+    from discord.gateway import DiscordWebSocket
+    from discord.http import Route
+
+    apply_endpoints("http://127.0.0.1:1/api/v10/", "ws://127.0.0.1:1/gateway")
+    try:
+        assert Route.BASE == "http://127.0.0.1:1/api/v10"
+        assert Route("GET", "/users/@me").url == "http://127.0.0.1:1/api/v10/users/@me"
+        assert str(DiscordWebSocket.DEFAULT_GATEWAY) == "ws://127.0.0.1:1/gateway"
+    finally:
+        apply_endpoints(None, None)
+    assert Route.BASE == "https://discord.com/api/v10"
+    assert str(DiscordWebSocket.DEFAULT_GATEWAY) == "wss://gateway.discord.gg/"
