@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from .errors import MgieError
-from .pipeline import DEFAULT_SEED
+from .options import DEFAULT_SEED
 
 log = logging.getLogger("mgie_engine.cli")
 

@@ -23,18 +23,14 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from .conversation import build_edit_prompt
-from .errors import BadRequestError, JobCancelledError
+from .errors import JobCancelledError
 from .images import prepare_image
 from .instructions import clean_expressive, normalize_instruction
 from .models import MgieModels
+from .options import DEFAULT_SEED, check_options
 
 MAX_NEW_TOKENS = 96
 NO_REPEAT_NGRAM = 3
-TEXT_CFG_RANGE = (1.0, 20.0)
-IMAGE_CFG_RANGE = (0.0, 10.0)
-STEPS_RANGE = (1, 200)
-SEED_RANGE = (0, 2**63 - 1)
-DEFAULT_SEED = 13331
 
 
 class CancelToken(Protocol):
@@ -82,17 +78,7 @@ class EditResult:
 
 def check_request(request: EditRequest) -> EditRequest:
     """Range checks with messages fit for a user; returns the request with a normalized instruction."""
-
-    def within(name: str, value: float, bounds: tuple[float, float]) -> None:
-        if not isinstance(value, (int, float)) or not (bounds[0] <= value <= bounds[1]):
-            raise BadRequestError(f"{name} must be between {bounds[0]:g} and {bounds[1]:g} (got {value}).")
-
-    within("text_cfg", request.text_cfg, TEXT_CFG_RANGE)
-    within("image_cfg", request.image_cfg, IMAGE_CFG_RANGE)
-    if not isinstance(request.steps, int) or not STEPS_RANGE[0] <= request.steps <= STEPS_RANGE[1]:
-        raise BadRequestError(f"steps must be a whole number from {STEPS_RANGE[0]} to {STEPS_RANGE[1]}.")
-    if not isinstance(request.seed, int) or not SEED_RANGE[0] <= request.seed <= SEED_RANGE[1]:
-        raise BadRequestError(f"seed must be a whole number from 0 to {SEED_RANGE[1]}.")
+    check_options(request.text_cfg, request.image_cfg, request.steps, request.seed)
     history = tuple((normalize_instruction(i), str(a)) for i, a in request.history)
     return dataclasses.replace(request, instruction=normalize_instruction(request.instruction), history=history)
 

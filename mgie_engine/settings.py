@@ -5,16 +5,18 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import BadRequestError
 
 DEFAULT_CKPT_REPO = "tsujuifu/ml-mgie"
 DEFAULT_IP2P = "timbrooks/instruct-pix2pix"
 
-_DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-           "fp32": torch.float32, "float32": torch.float32}
+if TYPE_CHECKING:
+    import torch
+
+_DTYPES = {"fp16": "float16", "float16": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16",
+           "fp32": "float32", "float32": "float32"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +55,8 @@ class EngineSettings:
         )
 
     def torch_device(self) -> torch.device:
+        import torch
+
         name = self.device.strip().lower()
         if name == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -66,10 +70,12 @@ class EngineSettings:
 
     def torch_dtype(self, device: torch.device | None = None) -> torch.dtype:
         """fp16 on GPU and fp32 on CPU unless MGIE_DTYPE says otherwise (CPU half math is slow)."""
+        import torch
+
         name = self.dtype.strip().lower()
         if name == "auto":
             device = device or self.torch_device()
             return torch.float16 if device.type == "cuda" else torch.float32
         if name not in _DTYPES:
             raise BadRequestError(f"MGIE_DTYPE must be auto, fp16, bf16 or fp32, not {self.dtype!r}.")
-        return _DTYPES[name]
+        return getattr(torch, _DTYPES[name])

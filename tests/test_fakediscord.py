@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 import discord
 import pytest
+from discord import app_commands
 from discord.ext import commands
 from discord.webhook.async_ import async_context, interaction_response_params
 from fakediscord import FakeDiscord
@@ -59,6 +60,12 @@ def make_bot(probe: Probe) -> commands.Bot:
             button.disabled = True
             await interaction.response.edit_message(content=f"inverted by {interaction.user.name}", view=self)
 
+        @discord.ui.select(custom_id="strength", options=[discord.SelectOption(label="Low", value="low"),
+                                                         discord.SelectOption(label="High", value="high")])
+        async def strength(self, interaction: discord.Interaction, select: discord.ui.Select) -> None:
+            await interaction.response.defer()  # DEFERRED_UPDATE_MESSAGE: @original is this message
+            await interaction.edit_original_response(content=f"strength: {select.values[0]}")
+
     class FeedbackModal(discord.ui.Modal, title="Feedback"):
         comment: discord.ui.TextInput = discord.ui.TextInput(label="Comment", custom_id="comment")
         rating: discord.ui.Label = discord.ui.Label(
@@ -80,6 +87,15 @@ def make_bot(probe: Probe) -> commands.Bot:
             attachments=[discord.File(io.BytesIO(inverted(data)), filename="edited image.png")],
             view=InvertView(),
         )
+
+    async def style_choices(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        styles = ["watercolor", "wax", "oil", "pencil"]
+        return [app_commands.Choice(name=s, value=s) for s in styles if s.startswith(current)]
+
+    @bot.tree.command(name="style", description="Pick a style")
+    @app_commands.autocomplete(style=style_choices)
+    async def style(interaction: discord.Interaction, style: str) -> None:
+        await interaction.response.send_message(style)
 
     @bot.tree.command(name="feedback", description="Tell us what you think")
     async def feedback(interaction: discord.Interaction) -> None:
@@ -112,6 +128,13 @@ def make_bot(probe: Probe) -> commands.Bot:
             await interaction.edit_original_response(content="done at last")
         except discord.HTTPException as exc:
             probe.errors.append(exc)
+
+    @bot.tree.command(name="steps", description="Thinks privately, then follows up")
+    async def steps(interaction: discord.Interaction) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        await interaction.followup.send("step 1")
+        await interaction.followup.send("step 2", ephemeral=False)
+        await interaction.delete_original_response()
 
     @bot.tree.command(name="perm", description="Reports the caller's permissions")
     async def perm(interaction: discord.Interaction) -> None:
@@ -169,12 +192,14 @@ async def test_login_ready_and_command_sync(world: World) -> None:
     assert [g.id for g in bot.guilds] == [world.guild.id]
     assert bot.get_channel(world.channel.id) is not None
     names = {c.name for c in fake.commands}
-    assert {"edit", "feedback", "twice", "slow", "long", "perm", "Invert image"} <= names
+    assert {"edit", "feedback", "twice", "slow", "long", "perm", "steps", "style", "Invert image"} <= names
     edit = fake.command("edit")
     assert [o["name"] for o in edit.options] == ["image", "instruction"]
     assert fake.command("Invert image", type=3).id
     conn = fake.gateway.connections[0]
-    assert conn.compression == "zlib-stream"  # what discord.py asks for without a zstd module
+    # zlib-stream normally; zstd-stream when zstandard (or Python 3.14's compression.zstd) is importable
+    assert conn.compression == discord.utils._ActiveDecompressionContext.COMPRESSION_TYPE
+    assert conn._encoder is not None  # frames really were compressed the way discord.py asked
     assert [r.route for r in fake.requests[:3]] == [
         "GET /users/@me", "GET /oauth2/applications/@me", "PUT /applications/{application_id}/commands"]
 
@@ -195,7 +220,7 @@ async def test_slash_defer_then_edit_with_uploaded_png(world: World) -> None:
     assert out.content_type == "image/png" and (out.width, out.height) == (12, 8)
     assert out.data == inverted(source)
     assert world.probe.filesize_limit == 10 * 1024 * 1024
-    assert msg.custom_ids == ["invert"]
+    assert msg.custom_ids == ["invert", "strength"]
     assert msg in world.channel.visible_messages
     async with aiohttp.ClientSession() as http:  # the CDN serves the stored bytes at the signed URL
         async with http.get(out.url) as resp:
@@ -219,6 +244,19 @@ async def test_button_click_updates_message(world: World) -> None:
     with pytest.raises(ValueError, match="disabled"):
         await fake.click(world.alice, msg, "invert")
 
+    picked = await fake.select(world.alice, msg, "strength", ["high"])
+    await fake.wait_for(lambda: msg.content == "strength: high")
+    assert [c.type for c in picked.callbacks] == [6] and picked.original is msg
+    assert picked.payload["data"]["values"] == ["high"]
+
+
+async def test_autocomplete(world: World) -> None:
+    fake = world.fake
+    inter = await fake.autocomplete(world.alice, world.channel, "style", {"style": "wa"}, focused="style")
+    await fake.wait_for_ack(inter)
+    assert inter.response_type == 8
+    assert [c["name"] for c in inter.callbacks[0].data["choices"]] == ["watercolor", "wax"]
+
 
 async def test_modal_submit(world: World) -> None:
     fake = world.fake
@@ -228,13 +266,15 @@ async def test_modal_submit(world: World) -> None:
     rows = opened.modal["components"]
     assert [r["type"] for r in rows] == [1, 18]  # a bare TextInput is wrapped in an ActionRow; Label stays
 
+    with pytest.raises(ValueError, match="longer"):  # the Discord client would not let this through
+        await fake.submit_modal(world.alice, opened, {"comment": "x", "rating": "100"})
     submitted = await fake.submit_modal(world.alice, opened, {"comment": "lovely", "rating": "5"})
     reply = await fake.wait_for_original(submitted)
     assert world.probe.modal_values == ("lovely", "5")
     assert reply.content == "thanks: lovely (5)" and reply.ephemeral and submitted.ephemeral
     assert reply not in world.channel.visible_messages
-    with pytest.raises(ValueError, match="longer"):
-        await fake.submit_modal(world.alice, opened, {"comment": "x", "rating": "100"})
+    with pytest.raises(ValueError, match="already submitted"):
+        await fake.submit_modal(world.alice, opened, {"comment": "again", "rating": "4"})
 
 
 async def test_reply_to_bot_message_gets_reply(world: World) -> None:
@@ -260,6 +300,19 @@ async def test_message_context_menu(world: World) -> None:
     msg = await fake.wait_for_original(inter)
     assert inter.payload["data"]["resolved"]["messages"][str(posted.id)]["id"] == str(posted.id)
     assert msg.attachments[0].data == inverted(att.data)
+
+
+async def test_followups_after_ephemeral_thinking_defer(world: World) -> None:
+    fake = world.fake
+    inter = await fake.slash(world.alice, world.channel, "steps")
+    await fake.wait_for(lambda: inter.original_deleted)
+    original = inter.original
+    assert original is not None and original.content == "step 1"  # first follow-up filled the placeholder
+    assert original.ephemeral and not original.loading and original.deleted
+    [second] = inter.followups
+    assert second.content == "step 2" and not second.ephemeral
+    assert world.channel.visible_messages == [second]
+    assert second.interaction is inter
 
 
 async def test_second_initial_callback_is_rejected_40060(world: World) -> None:
@@ -320,6 +373,11 @@ async def test_gateway_drop_resumes_and_replays(world: World, code: int | None) 
 
 async def test_invalidated_session_reidentifies(world: World) -> None:
     fake = world.fake
+
+    async def no_identify_delay(shard_id: int | None, *, initial: bool = False) -> None:
+        return None  # discord.py's default waits 5 s before every non-initial IDENTIFY
+
+    world.bot.before_identify_hook = no_identify_delay  # type: ignore[method-assign]
     await fake.invalidate_session(resumable=False)
     await fake.wait_for(lambda: fake.gateway.identify_count == 2 and fake.gateway.connected)
     inter = await fake.slash(world.alice, world.channel, "perm")
@@ -341,6 +399,34 @@ async def test_member_permissions_and_dm(world: World) -> None:
     await fake.wait_for_original(in_dm)
     assert "guild_id" not in in_dm.payload and in_dm.payload["user"]["id"] == str(world.alice.id)
     assert in_dm.payload["context"] == 1
+
+
+async def test_message_content_intent_is_enforced(fake_endpoints: FakeDiscord) -> None:
+    fake = fake_endpoints
+    guild = fake.add_guild()
+    channel = fake.add_channel(guild, "chat")
+    bob = fake.add_user("bob")
+    seen: list[str] = []
+    client = discord.Client(intents=discord.Intents.default(), guild_ready_timeout=0.1)
+
+    @client.event
+    async def on_message(message: discord.Message) -> None:
+        seen.append(message.content)
+
+    async with running_bot(client, fake.token):
+        await fake.send_message(bob, channel, "private chatter")
+        await fake.send_message(bob, channel, "hey bot", mentions_bot=True)
+        await fake.send_message(bob, fake.dm_channel(bob), "in a DM")
+        await fake.wait_for(lambda: len(seen) == 3)
+    assert seen == ["", f"{fake.bot_user.mention} hey bot", "in a DM"]
+
+
+async def test_privileged_intent_not_enabled_closes_4014(fake_endpoints: FakeDiscord) -> None:
+    fake_endpoints.state.privileged_intents = 0  # as if the portal toggle were off
+    bot = make_bot(Probe())  # asks for message_content
+    with pytest.raises(discord.PrivilegedIntentsRequired):
+        await asyncio.wait_for(bot.start(fake_endpoints.token), 10)
+    await bot.close()
 
 
 async def test_rate_limit_429_is_retried(world: World) -> None:

@@ -1,7 +1,7 @@
-"""Pytest fixtures: a fresh fake per test on a free port, and a helper to run a bot against it.
+"""Pytest fixtures: a fresh fake per test on a free port, with discord.py pointed at it.
 
-Import them into a conftest (``from fakediscord.fixtures import fake_discord, ...``) or list
-``"fakediscord.fixtures"`` in ``pytest_plugins``.
+List ``"fakediscord.fixtures"`` in a module's or the root conftest's ``pytest_plugins``. To run
+a bot for the length of a test, use :func:`fakediscord.runner.running_bot`.
 """
 
 from __future__ import annotations

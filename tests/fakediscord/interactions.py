@@ -131,6 +131,9 @@ class InteractionEngine:
         parts = name.split()
         cmd = self.state.find_command(parts[0], guild=channel.guild)
         self._check_context(cmd, channel)
+        if channel.guild is not None:
+            self.state.ensure_member(channel.guild, user)
+        self._check_member_can_use(cmd, channel, user)
         resolved: dict[str, dict[str, Any]] = {}
         defs = cmd.options
         nested: list[dict[str, Any]] = []
@@ -163,6 +166,17 @@ class InteractionEngine:
             raise PermissionError(f"/{cmd.name} is not available in this context ({ctx}); contexts={contexts}")
         if channel.guild is None and cmd.raw.get("dm_permission") is False:
             raise PermissionError(f"/{cmd.name} is not available in DMs")
+        if cmd.raw.get("nsfw") and channel.guild is not None and not channel.nsfw:
+            raise PermissionError(f"/{cmd.name} is age-restricted and hidden outside NSFW channels")
+
+    def _check_member_can_use(self, cmd: AppCommand, channel: Channel, user: User) -> None:
+        """Discord hides commands whose ``default_member_permissions`` the member lacks."""
+        required = cmd.raw.get("default_member_permissions")
+        if channel.guild is None or required is None:
+            return
+        have = self.state.permissions_for(channel, user)
+        if int(required) & have != int(required):
+            raise PermissionError(f"{user.username} lacks default_member_permissions={required} for {cmd.name!r}")
 
     def _build_options(self, defs: list[dict[str, Any]], values: dict[str, Any],
                        resolved: dict[str, dict[str, Any]], channel: Channel,
@@ -260,6 +274,9 @@ class InteractionEngine:
             if guild is not None and target.id in guild.members:
                 resolved["members"] = {str(target.id): guild.members[target.id].payload(with_user=False)}
         self._check_context(cmd, channel)
+        if channel.guild is not None:
+            self.state.ensure_member(channel.guild, user)
+        self._check_member_can_use(cmd, channel, user)
         data: dict[str, Any] = {"id": str(cmd.id), "name": cmd.name, "type": cmd.type,
                                 "target_id": str(target.id), "resolved": resolved}
         if cmd.guild_id is not None:
@@ -322,6 +339,8 @@ class InteractionEngine:
             raise ValueError(f"{modal_interaction!r} did not open a modal")
         if user is not modal_interaction.user:
             raise PermissionError("only the user the modal was shown to can submit it")
+        if modal_interaction.modal_submitted:
+            raise ValueError("this modal was already submitted (and closed); the bot must open a new one")
         remaining = dict(values)
         resolved: dict[str, dict[str, Any]] = {}
         components = []

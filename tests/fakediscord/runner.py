@@ -22,8 +22,13 @@ async def running_bot(client: discord.Client, token: str, *, ready_timeout: floa
     waits discord.py's default 2 s after the last GUILD_CREATE). A start-up failure such as
     ``LoginFailure`` is raised from the ``async with``.
     """
+    async def until_ready() -> None:
+        # Polling is_ready() avoids wait_until_ready()'s error when login has not set the client up yet.
+        while not client.is_ready():
+            await asyncio.sleep(0.01)
+
     task = asyncio.create_task(client.start(token), name="fakediscord-bot")
-    ready = asyncio.create_task(client.wait_until_ready())
+    ready = asyncio.create_task(until_ready())
     try:
         done, _ = await asyncio.wait({task, ready}, timeout=ready_timeout, return_when=asyncio.FIRST_COMPLETED)
         if task in done:

@@ -1,0 +1,50 @@
+"""`mgie-bot`: start the bot from `.env` / the environment."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+import discord
+from dotenv import load_dotenv
+
+from .config import BotConfig, ConfigError
+from .discord_endpoints import apply_endpoints
+
+
+def main() -> int:
+    load_dotenv()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = BotConfig.from_env()
+    except ConfigError as err:
+        print(f"mgie-bot: {err}", file=sys.stderr)
+        return 2
+    apply_endpoints(config.api_base, config.gateway_url)
+    from .bot import MgieBot
+
+    bot = MgieBot(config)
+    try:
+        asyncio.run(_run(bot, config.token))
+    except discord.LoginFailure:
+        print("mgie-bot: Discord rejected DISCORD_TOKEN. Reset the token in the developer portal (Bot tab) "
+              "and put the new one in .env.", file=sys.stderr)
+        return 2
+    except discord.PrivilegedIntentsRequired:
+        print("mgie-bot: DISCORD_MESSAGE_CONTENT=true needs the Message Content intent switched on in the "
+              "developer portal (Bot tab), or set it to false (replies that mention the bot still work).",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+async def _run(bot, token: str) -> None:
+    async with bot:
+        await bot.start(token)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

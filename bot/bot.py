@@ -1,0 +1,101 @@
+"""The discord.py bot: wires config, storage, the GPU worker, the fair queue and the cogs together."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import aiohttp
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from mgie_engine.worker import LocalWorker
+
+from .config import BotConfig
+from .jobs import JobManager
+from .queue import JobQueue
+from .storage import Store
+from .views import JobButton
+
+log = logging.getLogger(__name__)
+
+COGS = ("cogs.edit", "cogs.results", "cogs.history", "cogs.admin")
+
+
+class MgieBot(commands.Bot):
+    def __init__(self, config: BotConfig, worker=None) -> None:
+        intents = discord.Intents.default()
+        intents.message_content = config.message_content
+        super().__init__(
+            command_prefix=commands.when_mentioned,
+            intents=intents,
+            allowed_mentions=discord.AllowedMentions.none(),
+            help_command=None,
+        )
+        self.config = config
+        self.worker = worker or LocalWorker(config.engine)
+        self.store: Store | None = None
+        self.queue: JobQueue | None = None
+        self.jobs: JobManager | None = None
+        self.started_at = time.time()
+
+    async def setup_hook(self) -> None:
+        self.http_session = aiohttp.ClientSession()  # attachment downloads (see bot.downloads)
+        self.store = await Store.open(self.config.data_dir)
+        # Models load in the background: the bot is online at once and queues early jobs.
+        self.worker.start()
+        self.queue = JobQueue([self.worker], on_event=self._on_job_event, max_total=self.config.max_queue)
+        self.jobs = JobManager(self, self.store, self.queue, self.worker, self.config.progress_interval)
+        self.add_dynamic_items(JobButton)
+        for name in COGS:
+            await self.load_extension(name)
+        self.tree.on_error = self.on_app_command_error
+        await self._sync_commands()
+        self.queue.start()
+
+    async def _on_job_event(self, event) -> None:
+        await self.jobs.on_event(event)
+
+    async def _sync_commands(self) -> None:
+        if self.config.guild_ids:
+            for gid in self.config.guild_ids:
+                guild = discord.Object(gid)
+                self.tree.copy_global_to(guild=guild)
+                await self.tree.sync(guild=guild)
+        else:
+            await self.tree.sync()
+
+    async def on_ready(self) -> None:
+        log.info("logged in as %s (%s) in %d guild(s)", self.user, self.user.id if self.user else "?", len(self.guilds))
+        if not getattr(self, "_recovered", False):
+            self._recovered = True
+            await self.jobs.recover()
+
+    async def on_app_command_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        """Nothing a user does may end in Discord's bare "This interaction failed"."""
+        if isinstance(error, app_commands.CheckFailure):
+            message = str(error) or "You can't use that here."
+        elif isinstance(error, app_commands.TransformerError):
+            message = f"That value doesn't work for {error.type.name.lower()}: {error.value!r}."
+        else:
+            log.error("command %s failed", interaction.command and interaction.command.name, exc_info=error)
+            message = "Something went wrong on my side; the error is logged."
+        try:
+            if interaction.response.is_done():
+                await interaction.followup.send(message, ephemeral=True)
+            else:
+                await interaction.response.send_message(message, ephemeral=True)
+        except discord.HTTPException:
+            pass
+
+    async def close(self) -> None:
+        if self.queue is not None:
+            self.queue.stop_accepting()
+            await self.queue.stop()
+        self.worker.shutdown()
+        await super().close()
+        if getattr(self, "http_session", None) is not None:
+            await self.http_session.close()
+        if self.store is not None:
+            await self.store.close()

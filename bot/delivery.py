@@ -1,0 +1,78 @@
+"""Putting a job's status and result in front of its user, from the stored record alone.
+
+Interaction jobs edit their deferred response through the interaction webhook while its token lives
+(15 minutes); after that, and for reply-refines, the bot uses ordinary channel messages, replying to
+the status message and mentioning the user so a late result is not missed. Working from the record
+(not a live Interaction object) is what lets a job resumed after a restart still reach its user.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import discord
+
+from .storage import JobRecord, Store
+
+log = logging.getLogger(__name__)
+
+TOKEN_LIFETIME = 15 * 60
+TOKEN_MARGIN = 30  # leave time for the request itself; Discord rejects a token at 15:00 sharp
+NO_PINGS = discord.AllowedMentions.none()
+
+
+def token_alive(job: JobRecord, now: float | None = None) -> bool:
+    if not job.interaction_token or not job.application_id or not job.token_created_at:
+        return False
+    return (now or time.time()) - job.token_created_at < TOKEN_LIFETIME - TOKEN_MARGIN
+
+
+class Delivery:
+    def __init__(self, bot: discord.Client, store: Store) -> None:
+        self.bot, self.store = bot, store
+
+    def _webhook(self, job: JobRecord) -> discord.Webhook:
+        return discord.Webhook.partial(job.application_id, job.interaction_token, client=self.bot)
+
+    async def show(self, job: JobRecord, content: str, *, embed: discord.Embed | None = None,
+                   file: discord.File | None = None, view: discord.ui.View | None = None,
+                   ping: bool = False) -> JobRecord:
+        """Replace what the job's status message says; returns the record (its message ids may change)."""
+        kwargs = {"content": content, "embed": embed, "view": view}
+        try:
+            if token_alive(job) and job.status_message_id:
+                await self._webhook(job).edit_message(job.status_message_id, attachments=[file] if file else [],
+                                                      allowed_mentions=NO_PINGS, **kwargs)
+                return job
+            if not job.interaction_token and job.status_message_id:
+                channel = self.bot.get_partial_messageable(job.channel_id)
+                message = channel.get_partial_message(job.status_message_id)
+                await message.edit(attachments=[file] if file else [], allowed_mentions=NO_PINGS, **kwargs)
+                return job
+        except discord.NotFound:
+            log.info("status message of job %s is gone; posting a new one", job.id)
+        except discord.HTTPException as err:
+            if err.status not in (401, 404) and getattr(err, "code", 0) not in (50027, 10015):
+                raise
+            log.info("interaction token of job %s no longer works (%s); using the channel", job.id, err.code)
+        return await self._post_in_channel(job, content, embed=embed, file=file, view=view, ping=ping)
+
+    async def _post_in_channel(self, job: JobRecord, content: str, *, embed, file, view, ping: bool) -> JobRecord:
+        """A new channel message replying to the old status message, mentioning the user when it matters."""
+        channel = self.bot.get_partial_messageable(job.channel_id)
+        reference = None
+        if job.status_message_id or job.reply_to_message_id:
+            reference = discord.MessageReference(message_id=job.status_message_id or job.reply_to_message_id,
+                                                 channel_id=job.channel_id, fail_if_not_exists=False)
+        mention = f"<@{job.user_id}> " if ping else ""
+        allowed = discord.AllowedMentions(users=[discord.Object(job.user_id)], everyone=False, roles=False,
+                                          replied_user=False) if ping else NO_PINGS
+        kwargs = {"content": mention + content, "embed": embed, "allowed_mentions": allowed, "reference": reference}
+        if file:
+            kwargs["file"] = file
+        if view:
+            kwargs["view"] = view
+        message = await channel.send(**kwargs)
+        return await self.store.update_job(job.id, status_message_id=message.id, interaction_token=None,
+                                           application_id=None)

@@ -1,0 +1,199 @@
+"""Jobs from request to reply: store, queue, follow progress, deliver, recover after a restart.
+
+Cogs validate input and call :meth:`JobManager.submit`; everything after that happens here, driven by
+the queue's events. The record in SQLite is the truth: a restart resumes from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import secrets
+import time
+import uuid
+
+import discord
+
+from mgie_engine.images import encode_under
+from mgie_engine.worker import EditJob, JobProgress, WorkerState
+
+from . import render
+from .delivery import Delivery
+from .queue import JobEvent, JobQueue, QueueFullError
+from .storage import JobRecord, Store
+from .views import cancel_view, result_view
+
+log = logging.getLogger(__name__)
+
+DEFAULT_UPLOAD_LIMIT = 10 * 2**20
+
+
+def new_seed() -> int:
+    return secrets.randbelow(2**32)
+
+
+@dataclasses.dataclass
+class _Live:
+    """Per-job state that need not survive a restart."""
+
+    last_edit: float = 0.0
+    upload_limit: int = DEFAULT_UPLOAD_LIMIT
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+
+
+class JobManager:
+    def __init__(self, bot: discord.Client, store: Store, queue: JobQueue, worker, progress_interval: float = 2.0):
+        self.bot, self.store, self.queue, self.worker = bot, store, queue, worker
+        self.delivery = Delivery(bot, store)
+        self.progress_interval = progress_interval
+        self._live: dict[str, _Live] = {}
+
+    # -- creating jobs ------------------------------------------------------------------------------
+    def new_record(self, **fields) -> JobRecord:
+        return JobRecord(id=uuid.uuid4().hex, **fields)
+
+    async def history_for(self, parent_id: str | None, depth: int) -> tuple[tuple[str, str], ...]:
+        """Earlier turns for the prompt: the chain ending at the job whose output we edit, newest `depth`."""
+        if not parent_id or depth <= 0:
+            return ()
+        chain = await self.store.chain(parent_id, limit=depth)
+        return tuple((r.instruction, r.expressive) for r in chain if r.expressive)
+
+    async def submit(self, record: JobRecord, image: bytes | None, upload_limit: int | None = None) -> JobRecord:
+        """Store a new job (and its input image when new), queue it and show its position."""
+        if image is not None:
+            record.input_image = await self.store.save_image(record.id, "in", image)
+        record = await self.store.create_job(record)
+        self._live[record.id] = _Live(upload_limit=upload_limit or DEFAULT_UPLOAD_LIMIT)
+        try:
+            await self._enqueue(record)
+        except QueueFullError as err:
+            await self.store.update_job(record.id, state="failed", error=str(err), finished_at=time.time())
+            raise
+        return record
+
+    async def _enqueue(self, record: JobRecord) -> None:
+        image = await self.store.read_image(record.input_image)
+        if image is None:
+            raise FileNotFoundError(record.input_image)
+        # parent_id is the job whose output is this job's input, so the chain up to it is the history
+        # (a re-roll shares its source's parent, input and history).
+        history = await self.history_for(record.parent_id, record.history_depth)
+        job = EditJob(job_id=record.id, image=image, instruction=record.instruction, seed=record.seed,
+                      text_cfg=record.text_cfg, image_cfg=record.image_cfg, steps=record.steps, history=history)
+        self.queue.submit(job, record.user_id)
+        await self._show_queued(record)
+
+    async def _show_queued(self, record: JobRecord) -> None:
+        warming = self.worker.state is WorkerState.LOADING
+        text = render.queued(record, self.queue.position(record.id), self.queue.eta(record.id), warming)
+        await self._show(record.id, text, view=cancel_view(record.id))
+
+    # -- events from the queue ----------------------------------------------------------------------
+    async def on_event(self, event: JobEvent) -> None:
+        live = self._live.setdefault(event.job_id, _Live())
+        if event.kind == "progress":
+            if live.lock.locked() or time.monotonic() - live.last_edit < self.progress_interval:
+                return  # Discord's edit rate limits: drop intermediate frames, never queue them up
+        async with live.lock:
+            try:
+                await self._handle(event, live)
+            except Exception:
+                log.exception("could not report %s of job %s", event.kind, event.job_id)
+
+    async def _handle(self, event: JobEvent, live: _Live) -> None:
+        job_id = event.job_id
+        if event.kind == "started":
+            record = await self.store.update_job(job_id, state="running", started_at=time.time())
+            await self._show(job_id, render.working(record, "language", 0, 1, None), view=cancel_view(job_id))
+            await self._refresh_positions()
+        elif event.kind == "progress":
+            record = await self.store.get_job(job_id)
+            p: JobProgress = event.progress
+            eta = self.queue.eta(job_id)
+            await self._show(job_id, render.working(record, p.stage, p.step, p.total, eta), view=cancel_view(job_id))
+        elif event.kind == "done":
+            await self._deliver(job_id, event, live)
+        elif event.kind == "failed":
+            record = await self.store.update_job(job_id, state="failed", error=event.error, finished_at=time.time())
+            await self._show(job_id, render.failed(record, event.error or "unknown error"), view=None, ping=True)
+            self._live.pop(job_id, None)
+        elif event.kind == "cancelled":
+            record = await self.store.update_job(job_id, state="cancelled", finished_at=time.time())
+            await self._show(job_id, render.cancelled(record), view=None)
+            self._live.pop(job_id, None)
+            await self._refresh_positions()
+        live.last_edit = time.monotonic()
+
+    async def _deliver(self, job_id: str, event: JobEvent, live: _Live) -> None:
+        outcome = event.outcome
+        try:
+            path = await self.store.save_image(job_id, "out", outcome.png)
+        except OSError as err:
+            log.error("could not store the result of job %s: %s", job_id, err)
+            record = await self.store.update_job(job_id, state="failed", finished_at=time.time(),
+                                                 error="The server could not store the result (disk problem).")
+            await self._show(job_id, render.failed(record, record.error), view=None, ping=True)
+            return
+        record = await self.store.update_job(job_id, state="done", output_image=path, finished_at=time.time(),
+                                             expressive=outcome.expressive_instruction, llm_cached=outcome.llm_cached)
+        data, ext = outcome.png, "png"
+        if len(data) > live.upload_limit:
+            data, ext = await asyncio.to_thread(_smaller, data, live.upload_limit)
+        filename = f"mgie-{job_id[:8]}.{ext}"
+        embed = render.result_embed(record, filename, random_weights=self.worker.random_weights)
+        record = await self._show(job_id, render.result_content(record), embed=embed,
+                                  file=discord.File(_bytes_io(data), filename=filename),
+                                  view=result_view(job_id, can_undo=True), ping=True)
+        await self.store.update_job(job_id, result_message_id=record.status_message_id)
+        self._live.pop(job_id, None)
+
+    async def _show(self, job_id: str, content: str, *, view, embed=None, file=None, ping: bool = False) -> JobRecord:
+        record = await self.store.get_job(job_id)
+        return await self.delivery.show(record, content, embed=embed, file=file, view=view, ping=ping)
+
+    async def _refresh_positions(self) -> None:
+        """Queue positions moved: tell waiting users, gently (only those whose status changed matters)."""
+        for entry in self.queue._queue.order()[:10]:
+            record = await self.store.get_job(entry.job.job_id)
+            if record is not None and record.state == "queued":
+                try:
+                    await self._show_queued(record)
+                except discord.HTTPException as err:
+                    log.info("could not refresh position of %s: %s", record.id, err)
+
+    # -- restart recovery ---------------------------------------------------------------------------
+    async def recover(self) -> tuple[int, int]:
+        """Requeue every job a previous run left queued or running; tell users of those that cannot be."""
+        resumed = lost = 0
+        for record in await self.store.unfinished_jobs():
+            self._live[record.id] = _Live()
+            record = await self.store.update_job(record.id, state="queued", started_at=None)
+            try:
+                await self._enqueue(record)
+                resumed += 1
+            except (FileNotFoundError, QueueFullError) as err:
+                lost += 1
+                reason = ("the bot restarted and your input image was lost" if isinstance(err, FileNotFoundError)
+                          else str(err))
+                record = await self.store.update_job(record.id, state="failed", error=reason, finished_at=time.time())
+                try:
+                    await self.delivery.show(record, render.failed(record, reason), view=None, ping=True)
+                except discord.HTTPException as http_err:
+                    log.warning("could not tell user of job %s: %s", record.id, http_err)
+        if resumed or lost:
+            log.info("restart recovery: %d job(s) resumed, %d could not be", resumed, lost)
+        return resumed, lost
+
+
+def _bytes_io(data: bytes):
+    import io
+
+    return io.BytesIO(data)
+
+
+def _smaller(png: bytes, limit: int) -> tuple[bytes, str]:
+    from mgie_engine.images import load_image
+
+    return encode_under(load_image(png), limit)

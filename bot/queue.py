@@ -1,0 +1,244 @@
+"""The fair job queue: round-robin across users, caps, positions and ETAs, dispatch to workers.
+
+This is the bot-side half of the queue interface (submit, progress events, result, cancel). Fair
+scheduling stays here when workers move to other hosts; workers only ever see one job at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from mgie_engine.errors import JobCancelledError, MgieError
+from mgie_engine.worker import EditJob, EditOutcome, JobProgress, ProgressCallback
+
+log = logging.getLogger(__name__)
+
+
+class Worker(Protocol):
+    name: str
+
+    async def wait_ready(self): ...
+
+    async def run(self, job: EditJob, on_progress: ProgressCallback | None = None,
+                  cancel: threading.Event | None = None) -> EditOutcome: ...
+
+
+class QueueFullError(MgieError):
+    """The whole queue is at its cap."""
+
+
+@dataclasses.dataclass(frozen=True)
+class JobEvent:
+    job_id: str
+    kind: str  # "started" | "progress" | "done" | "failed" | "cancelled"
+    progress: JobProgress | None = None
+    outcome: EditOutcome | None = None
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class _Entry:
+    job: EditJob
+    user_id: int
+    enqueued_at: float
+    cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+class FairQueue:
+    """Per-user FIFOs served round-robin: a user with 3 jobs waits behind one job of each other user."""
+
+    def __init__(self) -> None:
+        self._queues: dict[int, collections.deque[_Entry]] = {}
+        self._turns: collections.deque[int] = collections.deque()  # users in serving order
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def push(self, entry: _Entry) -> None:
+        queue = self._queues.setdefault(entry.user_id, collections.deque())
+        if not queue:
+            self._turns.append(entry.user_id)
+        queue.append(entry)
+
+    def pop(self) -> _Entry | None:
+        if not self._turns:
+            return None
+        user = self._turns.popleft()
+        queue = self._queues[user]
+        entry = queue.popleft()
+        if queue:
+            self._turns.append(user)
+        else:
+            del self._queues[user]
+        return entry
+
+    def remove(self, job_id: str) -> _Entry | None:
+        for user, queue in self._queues.items():
+            for entry in queue:
+                if entry.job.job_id == job_id:
+                    queue.remove(entry)
+                    if not queue:
+                        del self._queues[user]
+                        self._turns.remove(user)
+                    return entry
+        return None
+
+    def order(self) -> list[_Entry]:
+        """The order jobs would be served in if nothing else arrived."""
+        queues = {u: list(q) for u, q in self._queues.items()}
+        turns, out = collections.deque(self._turns), []
+        while turns:
+            user = turns.popleft()
+            out.append(queues[user].pop(0))
+            if queues[user]:
+                turns.append(user)
+        return out
+
+    def pending_for(self, user_id: int) -> int:
+        return len(self._queues.get(user_id, ()))
+
+
+EventHandler = Callable[[JobEvent], Awaitable[None] | None]
+
+
+class JobQueue:
+    """submit / cancel / position / eta, and events for everything that happens to a job."""
+
+    def __init__(self, workers: list[Worker], on_event: EventHandler, max_total: int = 100,
+                 default_seconds: float = 30.0) -> None:
+        self.workers = workers
+        self.on_event = on_event
+        self.max_total = max_total
+        self.default_seconds = default_seconds
+        self._queue = FairQueue()
+        self._wakeup = asyncio.Event()
+        self._running: dict[str, _Entry] = {}
+        self._started: dict[str, float] = {}
+        self._durations: collections.deque[float] = collections.deque(maxlen=50)
+        self._tasks: list[asyncio.Task] = []
+        self._accepting = True
+
+    # -- the interface ------------------------------------------------------------------------------
+    def submit(self, job: EditJob, user_id: int) -> int:
+        """Queue a job; returns its 1-based position. Raises QueueFullError at the global cap."""
+        if not self._accepting:
+            raise QueueFullError("The bot is restarting; please try again in a minute.")
+        if len(self._queue) >= self.max_total:
+            raise QueueFullError(f"The queue is full ({self.max_total} edits waiting); please try again later.")
+        self._queue.push(_Entry(job=job, user_id=user_id, enqueued_at=time.monotonic()))
+        self._wakeup.set()
+        return self.position(job.job_id) or 1
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a queued job at once, or a running one at its next step."""
+        if self._queue.remove(job_id) is not None:
+            self._emit(JobEvent(job_id, "cancelled"))
+            return True
+        entry = self._running.get(job_id)
+        if entry is not None:
+            entry.cancel.set()
+            return True
+        return False
+
+    def position(self, job_id: str) -> int | None:
+        """1-based place among waiting jobs; 0 while running; None when unknown."""
+        if job_id in self._running:
+            return 0
+        for i, entry in enumerate(self._queue.order()):
+            if entry.job.job_id == job_id:
+                return i + 1
+        return None
+
+    def eta(self, job_id: str) -> float | None:
+        """Seconds until the job is done, from recent edit times."""
+        pos = self.position(job_id)
+        if pos is None:
+            return None
+        per_job = self.average_seconds()
+        left_running = [max(per_job - (time.monotonic() - t), 1.0) for t in self._started.values()]
+        if pos == 0:
+            return max(per_job - (time.monotonic() - self._started.get(job_id, time.monotonic())), 1.0)
+        slots = max(len(self.workers), 1)
+        ahead = (pos - 1) // slots
+        return (min(left_running) if len(left_running) >= slots else 0.0) + (ahead + 1) * per_job
+
+    def average_seconds(self) -> float:
+        return sum(self._durations) / len(self._durations) if self._durations else self.default_seconds
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running(self) -> list[str]:
+        return list(self._running)
+
+    def pending_for(self, user_id: int) -> int:
+        return self._queue.pending_for(user_id) + sum(e.user_id == user_id for e in self._running.values())
+
+    # -- dispatch -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        for worker in self.workers:
+            self._tasks.append(asyncio.create_task(self._serve(worker), name=f"mgie-dispatch-{worker.name}"))
+
+    async def stop(self) -> None:
+        self._accepting = False
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    async def _serve(self, worker: Worker) -> None:
+        await worker.wait_ready()
+        while True:
+            entry = self._queue.pop()
+            if entry is None:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._run_one(worker, entry)
+
+    async def _run_one(self, worker: Worker, entry: _Entry) -> None:
+        job_id = entry.job.job_id
+        self._running[job_id] = entry
+        self._started[job_id] = time.monotonic()
+        self._emit(JobEvent(job_id, "started"))
+        try:
+            outcome = await worker.run(entry.job, lambda p: self._emit(JobEvent(job_id, "progress", progress=p)),
+                                       entry.cancel)
+        except JobCancelledError:
+            self._emit(JobEvent(job_id, "cancelled"))
+        except MgieError as err:
+            self._emit(JobEvent(job_id, "failed", error=str(err)))
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # a bug or a device fault must not kill the dispatcher
+            log.exception("job %s failed on %s", job_id, worker.name)
+            self._emit(JobEvent(job_id, "failed", error=f"Something went wrong on the GPU ({type(err).__name__})."))
+        else:
+            self._durations.append(outcome.seconds)
+            self._emit(JobEvent(job_id, "done", outcome=outcome))
+        finally:
+            self._running.pop(job_id, None)
+            self._started.pop(job_id, None)
+
+    def _emit(self, event: JobEvent) -> None:
+        result = self.on_event(event)
+        if asyncio.iscoroutine(result):
+            task = asyncio.ensure_future(result)
+            task.add_done_callback(_log_task_error)
+
+
+def _log_task_error(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("job event handler failed", exc_info=task.exception())

@@ -1,0 +1,56 @@
+"""Buttons that keep working after a restart: dynamic items carrying the job id in their custom id.
+
+Each button only parses its custom id and hands the press to the Results cog, which owns the logic.
+"""
+
+from __future__ import annotations
+
+import re
+
+import discord
+
+ACTIONS = {
+    "reroll": ("Re-roll", "🎲", discord.ButtonStyle.secondary),
+    "stronger": ("Stronger edit", "💪", discord.ButtonStyle.secondary),
+    "closer": ("Closer to original", "🖼️", discord.ButtonStyle.secondary),
+    "refine": ("Refine", "✏️", discord.ButtonStyle.primary),
+    "undo": ("Undo", "↩️", discord.ButtonStyle.secondary),
+    "delete": ("Delete", "🗑️", discord.ButtonStyle.danger),
+    "cancel": ("Cancel", "✖️", discord.ButtonStyle.danger),
+}
+
+
+class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=r"mgie:(?P<action>[a-z]+):(?P<job>[0-9a-f]{32})"):
+    def __init__(self, action: str, job_id: str) -> None:
+        label, emoji, style = ACTIONS[action]
+        super().__init__(discord.ui.Button(label=label, emoji=emoji, style=style, custom_id=f"mgie:{action}:{job_id}"))
+        self.action, self.job_id = action, job_id
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match: re.Match[str]):
+        if match["action"] not in ACTIONS:
+            raise ValueError(f"unknown action {match['action']}")
+        return cls(match["action"], match["job"])
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        cog = interaction.client.get_cog("Results")
+        if cog is None:
+            await interaction.response.send_message("The bot is restarting; try again in a moment.", ephemeral=True)
+            return
+        await cog.on_button(interaction, self.action, self.job_id)
+
+
+def result_view(job_id: str, can_undo: bool = True) -> discord.ui.View:
+    view = discord.ui.View(timeout=None)
+    for action in ("reroll", "stronger", "closer", "refine"):
+        view.add_item(JobButton(action, job_id))
+    if can_undo:
+        view.add_item(JobButton("undo", job_id))
+    view.add_item(JobButton("delete", job_id))
+    return view
+
+
+def cancel_view(job_id: str) -> discord.ui.View:
+    view = discord.ui.View(timeout=None)
+    view.add_item(JobButton("cancel", job_id))
+    return view

@@ -1,0 +1,1 @@
+"""Discord features of the MGIE bot, one cog per feature."""
