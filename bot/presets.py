@@ -2,7 +2,7 @@
 
 It runs in the bot before a job is queued, so it uses PIL and numpy only (no torch, no discord).
 
-The 'auto' rules follow the MGIE prompt/image study (/work/shared/seed, section 6 and figures 3-7): simple
+The 'auto' rules follow the project's MGIE text/image CFG study (Taser, section 6 and figures 3-7): simple
 scenes with short instructions edit best at text 7 / image 2, which kept colours natural and the scene intact
 where 8.5 / 0.7 recoloured the whole picture; complex scenes that need larger edits call for stronger text
 guidance. The study gives directions, not numbers, so the thresholds below are our calibration of them.
@@ -71,7 +71,7 @@ STRONG_TEXT_POINT: tuple[float, float] = (8.5, 1.2)
 
 MIN_GUIDED_IMAGE_CFG = 1.0
 """diffusers (and our pipeline) switch classifier-free guidance off entirely when image_cfg < 1, so 'auto'
-never goes below it: the study's 8.5 / 0.7 run, which recoloured the whole picture, was such an unguided run."""
+never goes below it: in diffusers the study's 8.5 / 0.7 run, which recoloured the whole picture, ran unguided."""
 
 _PRESET_BLURBS = {
     "preserve": "keeping close to the original",
@@ -193,7 +193,8 @@ def _auto(image: Image.Image, instruction: str) -> tuple[float, float, str]:
         length = "long"
     else:
         length = "medium-length"
-    count = f"{'~' if m.has_cjk else ''}{round(m.words)} words"
+    words = round(m.words)
+    count = f"{'~' if m.has_cjk else ''}{words} word{'' if words == 1 else 's'}"
     if m.edits > 1:
         length, count = f"{length}, multi-part", f"{count}, {m.edits} edits"
     if c < 1 / 3:

@@ -25,7 +25,8 @@ EVERYWHERE = {"allowed_installs": app_commands.AppInstallationType(guild=True, u
 
 class InstructionModal(discord.ui.Modal, title="Edit image with MGIE"):
     instruction = discord.ui.TextInput(label="What should change?", placeholder="make the sky a sunset",
-                                       max_length=MAX_INSTRUCTION_CHARS, style=discord.TextStyle.short)
+                                       max_length=MAX_INSTRUCTION_CHARS, style=discord.TextStyle.short,
+                                       custom_id="instruction")
 
     def __init__(self, cog: EditCog, attachment: discord.Attachment) -> None:
         super().__init__()

@@ -31,7 +31,7 @@ OWNER_ONLY = {"undo", "delete", "cancel"}
 
 class RefineModal(discord.ui.Modal, title="Refine this edit"):
     instruction = discord.ui.TextInput(label="What should change next?", placeholder="now make it night",
-                                       max_length=MAX_INSTRUCTION_CHARS)
+                                       max_length=MAX_INSTRUCTION_CHARS, custom_id="instruction")
 
     def __init__(self, cog: ResultsCog, source: JobRecord) -> None:
         super().__init__()

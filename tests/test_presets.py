@@ -103,7 +103,8 @@ def test_non_finite_override_is_rejected(bad):
 def test_simple_scene_short_instruction_is_preserve():
     g = choose_guidance("auto", flat(), "make it red")
     assert (g.text_cfg, g.image_cfg, g.preset) == (7.0, 2.0, "auto")
-    assert "simple scene" in g.reason and "short instruction" in g.reason
+    assert "simple scene" in g.reason and "short instruction (3 words)" in g.reason
+    assert "(1 word)" in choose_guidance("auto", flat(), "sepia").reason
 
 
 @pytest.mark.parametrize("image", [noise(), checkerboard()], ids=["noise", "checkerboard"])

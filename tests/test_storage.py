@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import os
@@ -367,7 +368,7 @@ async def test_stale_temp_files_removed_on_open(tmp_path):
 
 
 def version_rows(db: Path) -> list[tuple]:
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
         return conn.execute("SELECT version, name, applied_at FROM schema_version ORDER BY version").fetchall()
 
 
@@ -407,7 +408,7 @@ async def test_reopen_applies_nothing(tmp_path):
 
 async def test_newer_db_refused(tmp_path):
     await (await Store.open(tmp_path)).close()
-    with sqlite3.connect(tmp_path / DB_FILENAME) as conn:
+    with contextlib.closing(sqlite3.connect(tmp_path / DB_FILENAME)) as conn, conn:
         conn.execute("INSERT INTO schema_version VALUES (999, '999_future.sql', 0)")
     with pytest.raises(SchemaTooNewError, match="999"):
         await Store.open(tmp_path)

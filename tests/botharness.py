@@ -1,0 +1,52 @@
+"""Running the real MgieBot against the fake Discord, on tiny checkpoints already loaded once."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+from fakediscord import running_bot
+
+from bot.bot import MgieBot
+from bot.config import BotConfig
+from mgie_engine.settings import EngineSettings
+from mgie_engine.worker import LocalWorker
+
+
+def png_bytes(width: int = 64, height: int = 48, seed: int = 0) -> bytes:
+    from conftest import make_image
+
+    buf = io.BytesIO()
+    make_image(width, height, seed).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_config(fake, data_dir: Path, guild_ids=(), **overrides) -> BotConfig:
+    values = dict(token=fake.token, api_base=fake.api_base, gateway_url=fake.gateway_url, guild_ids=tuple(guild_ids),
+                  data_dir=data_dir, message_content=True, max_queue=100, progress_interval=0.2,
+                  engine=EngineSettings(device="cpu", max_side=64))
+    values.update(overrides)
+    return BotConfig(**values)
+
+
+class SharedModelWorker(LocalWorker):
+    """A real LocalWorker whose loader hands back the session's tiny models (loading once saves minutes)."""
+
+    def __init__(self, models, settings: EngineSettings, delay_ready=None) -> None:
+        super().__init__(settings, loader=lambda _s: models)
+        self.delay_ready = delay_ready
+
+    def _load(self) -> None:
+        if self.delay_ready is not None:
+            self.delay_ready.wait(30)
+        super()._load()
+
+
+@contextlib.asynccontextmanager
+async def bot_running(fake, config: BotConfig, models, delay_ready=None):
+    worker = SharedModelWorker(models, config.engine, delay_ready=delay_ready)
+    bot = MgieBot(config, worker=worker)
+    bot._connection.guild_ready_timeout = 0.1  # noqa: SLF001 - discord.py's own knob, set like its kwarg
+    async with running_bot(bot, fake.token):
+        yield bot
