@@ -38,32 +38,49 @@ class Delivery:
     async def show(self, job: JobRecord, content: str, *, embed: discord.Embed | None = None,
                    file: discord.File | None = None, view: discord.ui.View | None = None,
                    ping: bool = False) -> JobRecord:
-        """Replace what the job's status message says; returns the record (its message ids may change)."""
+        """Replace what the job's status message says; returns the record (its message ids may change).
+
+        ``ping`` marks a final word (result or failure). An edit never notifies anyone, so when the live
+        interaction response cannot carry it, it goes out as a new message that mentions the user.
+        """
         kwargs = {"content": content, "embed": embed, "view": view}
         try:
             if token_alive(job) and job.status_message_id:
                 await self._webhook(job).edit_message(job.status_message_id, attachments=[file] if file else [],
                                                       allowed_mentions=NO_PINGS, **kwargs)
                 return job
-            if not job.interaction_token and job.status_message_id:
+            if not ping and not job.interaction_token and job.status_message_id:
                 channel = self.bot.get_partial_messageable(job.channel_id)
                 message = channel.get_partial_message(job.status_message_id)
                 await message.edit(attachments=[file] if file else [], allowed_mentions=NO_PINGS, **kwargs)
                 return job
+            if not ping and job.interaction_token:
+                return job  # the response can no longer be edited; progress is not worth a new message
         except discord.NotFound:
             log.info("status message of job %s is gone; posting a new one", job.id)
         except discord.HTTPException as err:
             if err.status not in (401, 404) and getattr(err, "code", 0) not in (50027, 10015):
                 raise
             log.info("interaction token of job %s no longer works (%s); using the channel", job.id, err.code)
-        return await self._post_in_channel(job, content, embed=embed, file=file, view=view, ping=ping)
+            job = await self.store.update_job(job.id, token_created_at=0.0)  # dead: never try it again
+            if not ping:
+                return job
+        old_status = job.status_message_id if not job.interaction_token else None
+        job = await self._post_in_channel(job, content, embed=embed, file=file, view=view, ping=ping)
+        if old_status:  # the new message replaces the old status line; don't leave both
+            try:
+                await self.bot.get_partial_messageable(job.channel_id).get_partial_message(old_status).delete()
+            except discord.HTTPException:
+                pass
+        return job
 
     async def _post_in_channel(self, job: JobRecord, content: str, *, embed, file, view, ping: bool) -> JobRecord:
         """A new channel message replying to the old status message, mentioning the user when it matters."""
         channel = self.bot.get_partial_messageable(job.channel_id)
         reference = None
-        if job.status_message_id or job.reply_to_message_id:
-            reference = discord.MessageReference(message_id=job.status_message_id or job.reply_to_message_id,
+        target = job.reply_to_message_id or job.status_message_id
+        if target:
+            reference = discord.MessageReference(message_id=target,
                                                  channel_id=job.channel_id, fail_if_not_exists=False)
         mention = f"<@{job.user_id}> " if ping else ""
         allowed = discord.AllowedMentions(users=[discord.Object(job.user_id)], everyone=False, roles=False,

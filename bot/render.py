@@ -74,4 +74,5 @@ def result_embed(job: JobRecord, filename: str, random_weights: bool = False) ->
 
 
 def result_content(job: JobRecord) -> str:
-    return f"<@{job.user_id}>"
+    """Text above the result embed; delivery adds a mention when the result arrives late."""
+    return "✅ Done"

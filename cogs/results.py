@@ -169,14 +169,14 @@ class ResultsCog(commands.Cog, name="Results"):
         if data is None:
             raise Refusal("The previous image is no longer stored.")
         filename = f"mgie-{previous.id[:8]}.png"
+        # The message is about to show `previous`: replies and buttons on it act on that step.
+        await self.bot.store.update_job(source.id, result_message_id=None, status_message_id=None)
+        await self.bot.store.update_job(previous.id, result_message_id=interaction.message.id)
         await interaction.response.edit_message(
-            content=f"↩️ Back to the previous step. {render.result_content(previous)}",
+            content="↩️ Back to the previous step.",
             embed=render.result_embed(previous, filename, self.bot.worker.random_weights),
             attachments=[discord.File(io.BytesIO(data), filename=filename)],
             view=result_view(previous.id), allowed_mentions=discord.AllowedMentions.none())
-        # The message now shows `previous`: replies and buttons on it act on that step.
-        await self.bot.store.update_job(previous.id, result_message_id=interaction.message.id)
-        await self.bot.store.update_job(source.id, result_message_id=None, status_message_id=None)
 
     async def _on_delete(self, interaction: discord.Interaction, source: JobRecord) -> None:
         await interaction.response.defer()
