@@ -171,21 +171,32 @@ class MgiePipeline:
         )
 
     # -- stage 2: language side -------------------------------------------------------------------
+    def _cache_key(self, image: PIL.Image.Image, instruction: str, history: tuple[tuple[str, str], ...]) -> tuple:
+        return (hashlib.sha256(image.tobytes()).hexdigest(), image.size, instruction, history)
+
     def guidance(self, image: PIL.Image.Image, instruction: str, history: tuple[tuple[str, str], ...] = (),
                  cancel: CancelToken | None = None) -> tuple[Guidance, bool]:
         """LLM output for this (image, instruction, history), from the cache when seen before."""
-        key = (hashlib.sha256(image.tobytes()).hexdigest(), image.size, instruction, history)
+        return self.guidance_many([(image, instruction, history)], cancel)[0]
+
+    def guidance_many(self, items: Sequence[tuple[PIL.Image.Image, str, tuple[tuple[str, str], ...]]],
+                      cancel: CancelToken | None = None) -> list[tuple[Guidance, bool]]:
+        """Several jobs' LLM outputs: cached ones looked up, the rest decoded together in one batch."""
+        keys = [self._cache_key(*item) for item in items]
+        found: dict[tuple, Guidance] = {}
         with self._cache_lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                return hit, True
-        result = self.run_language_model(image, instruction, history, cancel)
+            for key in keys:
+                if key in self._cache:
+                    self._cache.move_to_end(key)
+                    found[key] = self._cache[key]
+        todo = {key: item for key, item in zip(keys, items, strict=True) if key not in found}
+        fresh = dict(zip(todo, self.run_language_models(list(todo.values()), cancel), strict=True)) if todo else {}
         with self._cache_lock:
-            self._cache[key] = result
+            for key, result in fresh.items():
+                self._cache[key] = result
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        return result, False
+        return [(found[k], True) if k in found else (fresh[k], False) for k in keys]
 
     @torch.inference_mode()
     def prompt_inputs(self, image: PIL.Image.Image, instruction: str,
@@ -204,51 +215,86 @@ class MgiePipeline:
         embeds[0, start + 1:start + 1 + m.num_patches] = features[0]
         return ids, embeds
 
-    @torch.inference_mode()
     def run_language_model(self, image: PIL.Image.Image, instruction: str,
                            history: tuple[tuple[str, str], ...] = (), cancel: CancelToken | None = None) -> Guidance:
+        return self.run_language_models([(image, instruction, history)], cancel)[0]
+
+    @torch.inference_mode()
+    def run_language_models(self, items: Sequence[tuple[PIL.Image.Image, str, tuple[tuple[str, str], ...]]],
+                            cancel: CancelToken | None = None) -> list[Guidance]:
+        """Greedy decoding of several prompts at once (left-padded), each stopping on its own.
+
+        Per sequence this is generate's greedy search with no_repeat_ngram_size=3 over prompt and answer,
+        ending at </s>, at 96 new tokens, or as soon as [IMG7] completes the eight visual tokens.
+        """
         from transformers import DynamicCache
 
         m = self.models
-        ids, embeds = self.prompt_inputs(image, instruction, history)
-        eos, img = set(m.token_ids.eos), m.token_ids.img
+        prompts = [self.prompt_inputs(*item) for item in items]
+        lengths = [len(ids) for ids, _ in prompts]
+        width, n = max(lengths), len(prompts)
+        embeds = torch.zeros(n, width, prompts[0][1].shape[-1], device=m.device, dtype=prompts[0][1].dtype)
+        mask = torch.zeros(n, width, device=m.device, dtype=torch.long)
+        for i, (_, emb) in enumerate(prompts):
+            embeds[i, width - lengths[i]:] = emb[0]
+            mask[i, width - lengths[i]:] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=m.llm.config)
-        seq, new = list(ids), []
-        ban = _NGramBan(NO_REPEAT_NGRAM, seq)
-        out = m.llm.model(inputs_embeds=embeds, attention_mask=torch.ones(1, len(seq), device=m.device, dtype=torch.long),
-                          use_cache=True, **{self._kv_kwarg: cache})
-        hidden = [out.last_hidden_state[0]]
-        stopped_early = False
+        out = m.llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
+                          **{self._kv_kwarg: cache})
+        hidden = [[out.last_hidden_state[i, width - lengths[i]:]] for i in range(n)]
+        seqs = [list(ids) for ids, _ in prompts]
+        bans = [_NGramBan(NO_REPEAT_NGRAM, seq) for seq in seqs]
+        news: list[list[int]] = [[] for _ in range(n)]
+        early = [False] * n
+        active = list(range(n))
+        eos, img = set(m.token_ids.eos), m.token_ids.img
         while True:
-            logits = m.llm.lm_head(hidden[-1][-1:]).float()[0]
-            banned = ban.banned()
-            if banned:
-                logits[banned] = -float("inf")
-            token = int(torch.argmax(logits))
-            seq.append(token)
-            new.append(token)
-            ban.append(token)
-            if token in eos or len(new) >= MAX_NEW_TOKENS:
-                break
-            if token == img[-1] and img[0] in new and len(seq) - 1 >= seq.index(img[0]) + 7:
-                stopped_early = True
+            last = torch.stack([hidden[i][-1][-1] for i in active])
+            logits = m.llm.lm_head(last).float()
+            tokens = []
+            for row, i in enumerate(active):
+                banned = bans[i].banned()
+                if banned:
+                    logits[row, banned] = -float("inf")
+                token = int(torch.argmax(logits[row]))
+                seqs[i].append(token)
+                news[i].append(token)
+                bans[i].append(token)
+                tokens.append(token)
+                if token == img[-1] and img[0] in news[i] and len(news[i]) < MAX_NEW_TOKENS \
+                        and len(seqs[i]) - 1 >= seqs[i].index(img[0]) + 7:
+                    early[i] = True
+            still = [i for i in active if not early[i] and news[i][-1] not in eos and len(news[i]) < MAX_NEW_TOKENS]
+            if not still:
                 break
             if cancel is not None and cancel.is_set():
                 raise JobCancelledError("The edit was cancelled.")
-            out = m.llm.model(input_ids=torch.tensor([[token]], device=m.device),
-                              attention_mask=torch.ones(1, len(seq), device=m.device, dtype=torch.long),
-                              use_cache=True, **{self._kv_kwarg: cache})
-            hidden.append(out.last_hidden_state[0])
-        states = select_visual_states(seq, torch.cat(hidden, dim=0), img[0], stopped_early)
-        prompt_embeds = m.edit_head(states.unsqueeze(0), m.img_embeds)
-        return Guidance(expressive_instruction=clean_expressive(m.decode(new)), new_token_ids=tuple(new),
-                        prompt_embeds=prompt_embeds, stopped_early=stopped_early)
+            # Feed every row still in the cache (finished rows just ride along; their outputs are ignored).
+            feed = torch.full((n, 1), m.token_ids.eos[0], device=m.device, dtype=torch.long)
+            for row, i in enumerate(active):
+                feed[i, 0] = tokens[row]
+            mask = torch.cat([mask, torch.ones(n, 1, device=m.device, dtype=torch.long)], dim=1)
+            positions = positions[:, -1:] + 1
+            out = m.llm.model(input_ids=feed, attention_mask=mask, position_ids=positions, use_cache=True,
+                              **{self._kv_kwarg: cache})
+            for i in still:
+                hidden[i].append(out.last_hidden_state[i])
+            active = still
+        results = []
+        for i in range(n):
+            states = select_visual_states(seqs[i], torch.cat(hidden[i], dim=0), img[0], early[i])
+            results.append(Guidance(expressive_instruction=clean_expressive(m.decode(news[i])),
+                                    new_token_ids=tuple(news[i]),
+                                    prompt_embeds=m.edit_head(states.unsqueeze(0), m.img_embeds),
+                                    stopped_early=early[i]))
+        return results
 
     # -- stage 3: diffusion side ------------------------------------------------------------------
     @torch.inference_mode()
-    def denoise(self, image: PIL.Image.Image, prompt_embeds: torch.Tensor, seed: int, text_cfg: float,
-                image_cfg: float, steps: int, progress: ProgressFn | None = None,
-                cancel: CancelToken | None = None) -> torch.Tensor:
+    def start_denoising(self, image: PIL.Image.Image, prompt_embeds: torch.Tensor, seed: int, text_cfg: float,
+                        image_cfg: float, steps: int, tag: object = None) -> DenoiseState:
+        """Everything one job needs to take denoising steps, alone or batched with others."""
         m = self.models
         scheduler = m.new_scheduler()
         scheduler.set_timesteps(steps, device=m.device)
@@ -270,26 +316,81 @@ class MgiePipeline:
             extra["generator"] = generator
         if self._step_takes_eta:
             extra["eta"] = 0.0
-
-        for i, t in enumerate(scheduler.timesteps):
-            model_input = torch.cat([latents] * 3) if guided else latents
-            model_input = torch.cat([scheduler.scale_model_input(model_input, t), image_latents], dim=1)
-            noise = m.unet(model_input, t, encoder_hidden_states=cond, return_dict=False)[0]
-            if guided:
-                text, img, uncond = noise.chunk(3)
-                noise = uncond + text_cfg * (text - img) + image_cfg * (img - uncond)
-            latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
-            if progress is not None:
-                progress("denoise", i + 1, len(scheduler.timesteps))
-            if cancel is not None and cancel.is_set():
-                raise JobCancelledError("The edit was cancelled.")
-        return latents
+        return DenoiseState(tag=tag, scheduler=scheduler, latents=latents, image_latents=image_latents, cond=cond,
+                            guided=guided, text_cfg=text_cfg, image_cfg=image_cfg, step_kwargs=extra)
 
     @torch.inference_mode()
-    def decode_latents(self, latents: torch.Tensor) -> PIL.Image.Image:
+    def denoise_step(self, states: Sequence[DenoiseState]) -> None:
+        """One denoising step for each state, with a single UNet call for all of them.
+
+        States must share a latent size. Each keeps its own scheduler, generator, timestep and CFG
+        scales, so a job's result does not depend on what else is in the batch.
+        """
+        rows, timesteps, conds, sizes = [], [], [], []
+        for s in states:
+            t = s.scheduler.timesteps[s.index]
+            x = torch.cat([s.latents] * 3) if s.guided else s.latents
+            rows.append(torch.cat([s.scheduler.scale_model_input(x, t), s.image_latents], dim=1))
+            timesteps.append(t.reshape(1).expand(x.shape[0]))
+            conds.append(s.cond)
+            sizes.append(x.shape[0])
+        noise = self.models.unet(torch.cat(rows), torch.cat(timesteps), encoder_hidden_states=torch.cat(conds),
+                                 return_dict=False)[0]
+        for s, pred in zip(states, noise.split(sizes), strict=True):
+            if s.guided:
+                text, img, uncond = pred.chunk(3)
+                pred = uncond + s.text_cfg * (text - img) + s.image_cfg * (img - uncond)
+            t = s.scheduler.timesteps[s.index]
+            s.latents = s.scheduler.step(pred, t, s.latents, **s.step_kwargs, return_dict=False)[0]
+            s.index += 1
+
+    def denoise(self, image: PIL.Image.Image, prompt_embeds: torch.Tensor, seed: int, text_cfg: float,
+                image_cfg: float, steps: int, progress: ProgressFn | None = None,
+                cancel: CancelToken | None = None) -> torch.Tensor:
+        state = self.start_denoising(image, prompt_embeds, seed, text_cfg, image_cfg, steps)
+        while not state.done:
+            self.denoise_step([state])
+            if progress is not None:
+                progress("denoise", state.index, state.total)
+            if cancel is not None and cancel.is_set():
+                raise JobCancelledError("The edit was cancelled.")
+        return state.latents
+
+    @torch.inference_mode()
+    def decode_latents(self, latents: torch.Tensor) -> list[PIL.Image.Image] | PIL.Image.Image:
+        """VAE decode; a batch of latents gives a list of images, a single one an image."""
         vae = self.models.vae
         decoded = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
-        return self.image_processor.postprocess(decoded, output_type="pil")[0]
+        images = self.image_processor.postprocess(decoded, output_type="pil")
+        return images if latents.shape[0] > 1 else images[0]
+
+
+@dataclasses.dataclass(eq=False)
+class DenoiseState:
+    """One job part-way through denoising."""
+
+    tag: object
+    scheduler: object
+    latents: torch.Tensor
+    image_latents: torch.Tensor
+    cond: torch.Tensor
+    guided: bool
+    text_cfg: float
+    image_cfg: float
+    step_kwargs: dict
+    index: int = 0
+
+    @property
+    def total(self) -> int:
+        return len(self.scheduler.timesteps)
+
+    @property
+    def done(self) -> bool:
+        return self.index >= self.total
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(self.latents.shape[-2:])
 
 
 class _StageClock:

@@ -12,6 +12,8 @@ import pytest
 from botharness import bot_running, make_config, png_bytes
 from fakediscord import permissions as perms
 
+from mgie_engine.settings import EngineSettings
+
 pytest_plugins = ["fakediscord.fixtures"]
 
 
@@ -275,3 +277,42 @@ async def test_history_status_settings_and_cancel(world, tmp_path, tiny_models):
         history = await fake.slash(alice, channel, "history")
         await fake.wait_for(lambda: history.callbacks)
         assert history.ephemeral and "cancel me" in history.callbacks[0].data["embeds"][0]["fields"][0]["name"]
+
+
+async def test_buttons_keep_working_after_a_restart(world, tmp_path, tiny_models):
+    fake, guild, channel, alice, *_ = world
+    config = make_config(fake, tmp_path / "data", [guild.id])
+    async with bot_running(fake, config, tiny_models):
+        first = await finished(fake, await edit(fake, alice, channel, seed=3))
+    async with bot_running(fake, config, tiny_models):
+        again = await finished(fake, await fake.click(alice, first, button(first, "reroll")))
+        assert fields_of(again)["Seed"] != "3"
+
+
+async def test_result_over_the_upload_limit_is_sent_smaller(fake_endpoints, tmp_path, tiny_models):
+    fake = fake_endpoints
+    guild = fake.add_guild("Small", upload_limit=20_000)
+    channel = fake.add_channel(guild, "edits")
+    alice = fake.add_user("alice")
+    fake.add_member(guild, alice)
+    config = make_config(fake, tmp_path / "data", [guild.id], engine=EngineSettings(device="cpu", max_side=128))
+    async with bot_running(fake, config, tiny_models) as bot:
+        msg = await finished(fake, await edit(fake, alice, channel, data=png_bytes(128, 128, 4)))
+        job = await bot.store.job_by_message(msg.id)
+        stored = await bot.store.read_image(job.output_image)
+        assert len(stored) > 20_000  # the full PNG is kept on disk
+        assert msg.attachments[0].size <= 20_000 and not msg.attachments[0].filename.endswith(".png")
+
+
+async def test_reply_that_mentions_the_bot_works_without_the_content_intent(world, tmp_path, tiny_models):
+    fake, guild, channel, alice, *_ = world
+    config = make_config(fake, tmp_path / "data", [guild.id], message_content=False)
+    async with bot_running(fake, config, tiny_models) as bot:
+        first = await finished(fake, await edit(fake, alice, channel))
+        await fake.send_message(alice, channel, "make it snowy", reply_to=first)  # no mention: bot sees no text
+        await fake.send_message(alice, channel, f"<@{fake.bot_user.id}> make it rainy", reply_to=first,
+                                mentions_bot=True)
+        reply = await fake.wait_for(lambda: next((m for m in channel.messages if m.attachments and m.embeds and
+                                                  "rainy" in m.embeds[0]["title"]), None), timeout=60)
+        assert (await bot.store.job_by_message(reply.id)).kind == "refine"
+        assert not [m for m in channel.messages if m.embeds and "snowy" in m.embeds[0]["title"]]
