@@ -66,6 +66,9 @@ class MgieBot(commands.Bot):
         else:
             await self.tree.sync()
 
+    async def on_message(self, message: discord.Message) -> None:
+        """No prefix commands: everything is a slash command, and replies are handled by the Edit cog."""
+
     async def on_ready(self) -> None:
         log.info("logged in as %s (%s) in %d guild(s)", self.user, self.user.id if self.user else "?", len(self.guilds))
         if not getattr(self, "_recovered", False):

@@ -165,7 +165,7 @@ class JobQueue:
         left_running = [max(per_job - (time.monotonic() - t), 1.0) for t in self._started.values()]
         if pos == 0:
             return max(per_job - (time.monotonic() - self._started.get(job_id, time.monotonic())), 1.0)
-        slots = max(len(self.workers), 1)
+        slots = max(sum(getattr(w, "capacity", 1) for w in self.workers), 1)
         ahead = (pos - 1) // slots
         return (min(left_running) if len(left_running) >= slots else 0.0) + (ahead + 1) * per_job
 
@@ -199,14 +199,24 @@ class JobQueue:
         self._accepting = False
 
     async def _serve(self, worker: Worker) -> None:
+        """Keep up to `worker.capacity` jobs on the worker; the fair queue decides which go next."""
         await worker.wait_ready()
-        while True:
-            entry = self._queue.pop()
-            if entry is None:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            await self._run_one(worker, entry)
+        slots = asyncio.Semaphore(getattr(worker, "capacity", 1))
+        running: set[asyncio.Task] = set()
+        try:
+            while True:
+                await slots.acquire()
+                entry = self._queue.pop()
+                while entry is None:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    entry = self._queue.pop()
+                task = asyncio.create_task(self._run_one(worker, entry), name=f"mgie-job-{entry.job.job_id[:8]}")
+                running.add(task)
+                task.add_done_callback(lambda t: (running.discard(t), slots.release()))
+        finally:
+            for task in running:
+                task.cancel()
 
     async def _run_one(self, worker: Worker, entry: _Entry) -> None:
         job_id = entry.job.job_id

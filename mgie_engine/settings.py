@@ -35,6 +35,7 @@ class EngineSettings:
     device: str = "auto"
     dtype: str = "auto"
     max_side: int = 512
+    max_batch: int = 8  # jobs whose denoising steps share one UNet call
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> EngineSettings:
@@ -52,6 +53,7 @@ class EngineSettings:
             device=env.get("MGIE_DEVICE") or "auto",
             dtype=env.get("MGIE_DTYPE") or "auto",
             max_side=max_side_int,
+            max_batch=_positive_int(env, "MGIE_MAX_BATCH", 8),
         )
 
     def torch_device(self) -> torch.device:
@@ -79,3 +81,14 @@ class EngineSettings:
         if name not in _DTYPES:
             raise BadRequestError(f"MGIE_DTYPE must be auto, fp16, bf16 or fp32, not {self.dtype!r}.")
         return getattr(torch, _DTYPES[name])
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name) or str(default)
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequestError(f"{name} must be a whole number, not {raw!r}.") from None
+    if value < 1:
+        raise BadRequestError(f"{name} must be at least 1.")
+    return value

@@ -12,12 +12,13 @@ import concurrent.futures
 import dataclasses
 import enum
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from .errors import MgieError
+from .errors import JobCancelledError, MgieError
 from .settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -64,22 +65,44 @@ class EditOutcome:
 ProgressCallback = Callable[[JobProgress], None]
 
 
+@dataclasses.dataclass(eq=False)
+class _Task:
+    job: EditJob
+    progress: Callable[[str, int, int], None]
+    cancel: threading.Event | None
+    future: concurrent.futures.Future
+    started: float = 0.0
+    image: Any = None
+    llm_cached: bool = False
+    expressive: str = ""
+    llm_seconds: float = 0.0
+    state: Any = None
+
+
 class LocalWorker:
-    """One device, one thread. ``start()`` returns at once; models load in the background."""
+    """One device, one thread, many jobs: denoising steps of all running jobs share UNet calls.
+
+    ``start()`` returns at once; models load on the worker thread, and jobs wait in its inbox. Each
+    loop admits new jobs (their LLM stage runs as one batch), takes one denoising step for every
+    running job (one UNet call per latent size), and finishes the jobs that are done.
+    """
 
     def __init__(self, settings: EngineSettings, name: str = "gpu0",
-                 loader: Callable[[EngineSettings], Any] | None = None) -> None:
+                 loader: Callable[[EngineSettings], Any] | None = None, max_batch: int | None = None) -> None:
         self.settings, self.name = settings, name
         self._loader = loader
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"mgie-{name}")
+        self.capacity = max_batch or settings.max_batch
+        self._inbox: queue.Queue[_Task | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self.state = WorkerState.LOADING
         self.error: str | None = None
         self.pipeline: Any = None
         self.loaded_at: float | None = None
 
-    def start(self) -> concurrent.futures.Future:
-        return self._executor.submit(self._load)
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._main, name=f"mgie-{self.name}", daemon=True)
+        self._thread.start()
 
     def _load(self) -> None:
         from .models import load_models
@@ -115,28 +138,134 @@ class LocalWorker:
             if on_progress is not None:
                 loop.call_soon_threadsafe(on_progress, JobProgress(job.job_id, stage, step, total))
 
-        return await loop.run_in_executor(self._executor, self._run, job, progress, cancel)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(_Task(job=job, progress=progress, cancel=cancel, future=future))
+        return await asyncio.wrap_future(future)
 
-    def _run(self, job: EditJob, progress: Callable[[str, int, int], None],
-             cancel: threading.Event | None) -> EditOutcome:
-        from .images import encode_png, load_image
-        from .pipeline import EditRequest
+    # -- the worker thread ---------------------------------------------------------------------------
+    def _main(self) -> None:
+        self._load()
+        active: list[_Task] = []
+        while True:
+            admitted = self._take(block=not active, room=self.capacity - len(active))
+            if admitted is None:
+                break
+            if self.state is not WorkerState.READY:
+                for task in admitted:
+                    _fail(task, MgieError(f"The model is not available ({self.error or 'still loading'})."))
+                continue
+            active += self._admit(admitted)
+            active = self._step(active)
+        for task in active:
+            _fail(task, JobCancelledError("The worker stopped."))
 
-        if self.state is not WorkerState.READY:
-            raise MgieError(f"The model is not available ({self.error or 'still loading'}).")
+    def _take(self, block: bool, room: int) -> list[_Task] | None:
+        tasks: list[_Task] = []
+        try:
+            while len(tasks) < max(room, 0) or (block and not tasks):
+                item = self._inbox.get(block=block and not tasks)
+                if item is None:
+                    return None
+                tasks.append(item)
+        except queue.Empty:
+            pass
+        return tasks
+
+    def _admit(self, tasks: list[_Task]) -> list[_Task]:
+        """Decode, run the language model for all new jobs at once, and set up their denoising."""
+        from .images import load_image, prepare_image
+        from .pipeline import EditRequest, check_request
+
+        pipe, ready = self.pipeline, []
+        for task in tasks:
+            task.started = time.perf_counter()
+            if task.future.set_running_or_notify_cancel() is False:
+                continue
+            try:
+                request = check_request(EditRequest(image=None, instruction=task.job.instruction, seed=task.job.seed,
+                                                    text_cfg=task.job.text_cfg, image_cfg=task.job.image_cfg,
+                                                    steps=task.job.steps, history=task.job.history))
+                task.image = prepare_image(load_image(task.job.image), pipe.max_side, pipe.models.vae_scale_factor)
+                task.job = dataclasses.replace(task.job, instruction=request.instruction, history=request.history)
+            except MgieError as err:
+                _fail(task, err)
+                continue
+            task.progress("language", 0, 1)
+            ready.append(task)
+        if not ready:
+            return []
         started = time.perf_counter()
-        image = load_image(job.image)
-        result = self.pipeline(EditRequest(image=image, instruction=job.instruction, seed=job.seed,
-                                           text_cfg=job.text_cfg, image_cfg=job.image_cfg, steps=job.steps,
-                                           history=job.history), progress=progress, cancel=cancel)
-        png = encode_png(result.image)
-        return EditOutcome(job_id=job.job_id, png=png, expressive_instruction=result.expressive_instruction,
-                           width=result.width, height=result.height, seconds=time.perf_counter() - started,
-                           timings=result.timings, llm_cached=result.llm_cached)
+        try:
+            results = pipe.guidance_many([(t.image, t.job.instruction, t.job.history) for t in ready])
+        except Exception as err:
+            log.exception("language model batch failed on %s", self.name)
+            for task in ready:
+                _fail(task, _user_error(err))
+            return []
+        llm_seconds = time.perf_counter() - started
+        admitted = []
+        for task, (guidance, cached) in zip(ready, results, strict=True):
+            task.expressive, task.llm_cached, task.llm_seconds = guidance.expressive_instruction, cached, llm_seconds
+            try:
+                task.state = pipe.start_denoising(task.image, guidance.prompt_embeds, task.job.seed, task.job.text_cfg,
+                                                  task.job.image_cfg, task.job.steps, tag=task)
+            except Exception as err:
+                log.exception("could not start denoising job %s", task.job.job_id)
+                _fail(task, _user_error(err))
+                continue
+            task.progress("language", 1, 1)
+            admitted.append(task)
+        return admitted
+
+    def _step(self, active: list[_Task]) -> list[_Task]:
+        """One denoising step for every running job; returns those still running."""
+        still = []
+        for task in active:
+            if task.cancel is not None and task.cancel.is_set():
+                _fail(task, JobCancelledError("The edit was cancelled."))
+            else:
+                still.append(task)
+        groups: dict[tuple[int, int], list[_Task]] = {}
+        for task in still:
+            groups.setdefault(task.state.size, []).append(task)
+        running = []
+        for group in groups.values():
+            try:
+                self.pipeline.denoise_step([t.state for t in group])
+            except Exception as err:
+                log.exception("denoising step failed on %s", self.name)
+                for task in group:
+                    _fail(task, _user_error(err))
+                continue
+            for task in group:
+                task.progress("denoise", task.state.index, task.state.total)
+                if task.state.done:
+                    self._finish(task)
+                else:
+                    running.append(task)
+        return running
+
+    def _finish(self, task: _Task) -> None:
+        from .images import encode_png
+
+        try:
+            task.progress("decode", 0, 1)
+            image = self.pipeline.decode_latents(task.state.latents)
+            png = encode_png(image)
+        except Exception as err:
+            log.exception("decoding job %s failed", task.job.job_id)
+            _fail(task, _user_error(err))
+            return
+        seconds = time.perf_counter() - task.started
+        task.future.set_result(EditOutcome(
+            job_id=task.job.job_id, png=png, expressive_instruction=task.expressive, width=image.width,
+            height=image.height, seconds=seconds, timings={"llm": task.llm_seconds, "total": seconds},
+            llm_cached=task.llm_cached))
 
     def info(self) -> dict[str, Any]:
         """Device and memory, for /mgie status."""
-        out: dict[str, Any] = {"name": self.name, "state": self.state.value, "error": self.error}
+        out: dict[str, Any] = {"name": self.name, "state": self.state.value, "error": self.error,
+                               "max_batch": self.capacity}
         if self.pipeline is None:
             return out
         import torch
@@ -150,4 +279,18 @@ class LocalWorker:
         return out
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._inbox.put(None)
+
+
+def _fail(task: _Task, err: BaseException) -> None:
+    if not task.future.done():
+        task.future.set_exception(err)
+
+
+def _user_error(err: BaseException) -> MgieError:
+    """Errors from inside the models become a message fit for the user; details go to the log."""
+    if isinstance(err, MgieError):
+        return err
+    if "out of memory" in str(err).lower():
+        return MgieError("The GPU ran out of memory for this edit; try a smaller image or fewer steps.")
+    return MgieError(f"Something went wrong on the GPU ({type(err).__name__}); the error is logged.")

@@ -309,7 +309,8 @@ async def test_reply_that_mentions_the_bot_works_without_the_content_intent(worl
     config = make_config(fake, tmp_path / "data", [guild.id], message_content=False)
     async with bot_running(fake, config, tiny_models) as bot:
         first = await finished(fake, await edit(fake, alice, channel))
-        await fake.send_message(alice, channel, "make it snowy", reply_to=first)  # no mention: bot sees no text
+        # A reply with the reply-ping switched off does not mention the bot, so without the intent it has no text.
+        await fake.send_message(alice, channel, "make it snowy", reply_to=first, mention_reply=False)
         await fake.send_message(alice, channel, f"<@{fake.bot_user.id}> make it rainy", reply_to=first,
                                 mentions_bot=True)
         reply = await fake.wait_for(lambda: next((m for m in channel.messages if m.attachments and m.embeds and
