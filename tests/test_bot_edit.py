@@ -6,6 +6,7 @@ test asserts what the user would see.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import pytest
@@ -35,6 +36,16 @@ def fields_of(message) -> dict[str, str]:
 
 def button(message, action: str) -> str:
     return next(c for c in message.custom_ids if c.startswith(f"mgie:{action}:"))
+
+
+async def job_of(bot, message, timeout: float = 10.0):
+    """The stored job a message shows, once the bot has recorded it (it posts first, then records)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (job := await bot.store.job_by_message(message.id)) is None:
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"no job recorded for message {message.id}")
+        await asyncio.sleep(0.05)
+    return job
 
 
 async def edit(fake, user, channel, instruction="make the sky a sunset", **options):
@@ -83,7 +94,7 @@ async def test_buttons_reroll_stronger_closer_and_permissions(world, tmp_path, t
         reroll = await fake.click(bob, first, button(first, "reroll"))  # anyone may re-roll, as their own job
         rerolled = await finished(fake, reroll)
         assert fields_of(rerolled)["Seed"] != "1" and "(cached LLM)" in fields_of(rerolled)["Time"]
-        job = await bot.store.job_by_message(rerolled.id)
+        job = await job_of(bot, rerolled)
         assert job.user_id == bob.id and job.kind == "reroll"
 
         stronger = await finished(fake, await fake.click(alice, first, button(first, "stronger")))
@@ -105,13 +116,13 @@ async def test_refine_by_modal_and_by_reply_carries_history_and_undo_goes_back(w
     fake, guild, channel, alice, *_ = world
     async with bot_running(fake, make_config(fake, tmp_path / "data", [guild.id]), tiny_models) as bot:
         first = await finished(fake, await edit(fake, alice, channel, seed=5))
-        first_job = await bot.store.job_by_message(first.id)
+        first_job = await job_of(bot, first)
 
         opened = await fake.click(alice, first, button(first, "refine"))
         await fake.wait_for(lambda: opened.modal)
         submitted = await fake.submit_modal(alice, opened, {"instruction": "now make it night"})
         second = await finished(fake, submitted)
-        second_job = await bot.store.job_by_message(second.id)
+        second_job = await job_of(bot, second)
         assert second_job.parent_id == first_job.id and second_job.input_image == first_job.output_image
         assert second_job.history_depth == 1 and "turn 2" in fields_of(second)["Refinement"]
 
@@ -119,7 +130,7 @@ async def test_refine_by_modal_and_by_reply_carries_history_and_undo_goes_back(w
         reply = await fake.wait_for(lambda: next((m for m in channel.messages if m.attachments and
                                                   m.referenced and "stars" in (m.referenced.content or "")), None),
                                     timeout=60)
-        third_job = await bot.store.job_by_message(reply.id)
+        third_job = await job_of(bot, reply)
         assert third_job.parent_id == second_job.id and third_job.history_depth == 2
         assert "add some stars" in reply.embeds[0]["title"]
 
@@ -206,7 +217,7 @@ async def test_queued_job_survives_a_restart(world, tmp_path, tiny_models):
     async with bot_running(fake, config, tiny_models) as bot:
         msg = await finished(fake, inter)
         assert fields_of(msg)["Seed"] == "9"
-        assert (await bot.store.job_by_message(msg.id)).state == "done"
+        assert (await job_of(bot, msg)).state == "done"
 
 
 async def test_late_result_is_posted_in_the_channel_mentioning_the_user(world, tmp_path, tiny_models):
@@ -298,7 +309,7 @@ async def test_result_over_the_upload_limit_is_sent_smaller(fake_endpoints, tmp_
     config = make_config(fake, tmp_path / "data", [guild.id], engine=EngineSettings(device="cpu", max_side=128))
     async with bot_running(fake, config, tiny_models) as bot:
         msg = await finished(fake, await edit(fake, alice, channel, data=png_bytes(128, 128, 4)))
-        job = await bot.store.job_by_message(msg.id)
+        job = await job_of(bot, msg)
         stored = await bot.store.read_image(job.output_image)
         assert len(stored) > 20_000  # the full PNG is kept on disk
         assert msg.attachments[0].size <= 20_000 and not msg.attachments[0].filename.endswith(".png")
@@ -315,5 +326,5 @@ async def test_reply_that_mentions_the_bot_works_without_the_content_intent(worl
                                 mentions_bot=True)
         reply = await fake.wait_for(lambda: next((m for m in channel.messages if m.attachments and m.embeds and
                                                   "rainy" in m.embeds[0]["title"]), None), timeout=60)
-        assert (await bot.store.job_by_message(reply.id)).kind == "refine"
+        assert (await job_of(bot, reply)).kind == "refine"
         assert not [m for m in channel.messages if m.embeds and "snowy" in m.embeds[0]["title"]]
