@@ -208,7 +208,11 @@ def load_llm(llava: Path, raw_config: dict[str, Any], mllm: dict[str, Any], mllm
 
 def load_vision(spec: str, dtype: torch.dtype) -> tuple[nn.Module, Any, Path]:
     from transformers import CLIPVisionModel
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    try:  # transformers >= 5.2x: the PIL backend has its own class; older 5.x: the slow processor is PIL
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    except ImportError:
+        from transformers import CLIPImageProcessor as CLIPImageProcessorPil
 
     folder = ck.resolve_component(spec, ck.CLIP_FILES, ck.CLIP_PATTERNS, "CLIP vision tower")
     try:

@@ -124,9 +124,19 @@ class _NGramBan:
 class MgiePipeline:
     """Runs edits on loaded models. Thread-safe for one caller at a time per GPU (the worker's job)."""
 
-    def __init__(self, models: MgieModels, max_side: int = 512, guidance_cache_size: int = 64) -> None:
+    def __init__(self, models: MgieModels, max_side: int = 512, guidance_cache_size: int = 64,
+                 compile_unet: bool = False) -> None:
         self.models = models
         self.max_side = max_side
+        self.unet = models.unet
+        if models.device.type == "cuda":
+            # Same math, faster kernels: NHWC convolutions, and optionally a compiled UNet whose batch
+            # dimension is marked dynamic so that batches of any size share one compiled graph.
+            models.unet.to(memory_format=torch.channels_last)
+            models.vae.to(memory_format=torch.channels_last)
+            if compile_unet:
+                self.unet = torch.compile(models.unet)
+        self._dynamic_batch = compile_unet and models.device.type == "cuda"
         self.image_processor = VaeImageProcessor(vae_scale_factor=models.vae_scale_factor)
         step_params = set(inspect.signature(models.scheduler_class.step).parameters)
         self._step_takes_generator = "generator" in step_params
@@ -334,8 +344,11 @@ class MgiePipeline:
             timesteps.append(t.reshape(1).expand(x.shape[0]))
             conds.append(s.cond)
             sizes.append(x.shape[0])
-        noise = self.models.unet(torch.cat(rows), torch.cat(timesteps), encoder_hidden_states=torch.cat(conds),
-                                 return_dict=False)[0]
+        sample, timestep, cond = torch.cat(rows), torch.cat(timesteps), torch.cat(conds)
+        if self._dynamic_batch:
+            for tensor in (sample, timestep, cond):
+                torch._dynamo.mark_dynamic(tensor, 0)
+        noise = self.unet(sample, timestep, encoder_hidden_states=cond, return_dict=False)[0]
         for s, pred in zip(states, noise.split(sizes), strict=True):
             if s.guided:
                 text, img, uncond = pred.chunk(3)

@@ -111,7 +111,7 @@ class LocalWorker:
         started = time.perf_counter()
         try:
             models = (self._loader or load_models)(self.settings)
-            self.pipeline = MgiePipeline(models, max_side=self.settings.max_side)
+            self.pipeline = MgiePipeline(models, max_side=self.settings.max_side, compile_unet=self.settings.compile)
         except Exception as err:  # any load failure ends in a state the bot can report
             self.state, self.error = WorkerState.FAILED, str(err) if isinstance(err, MgieError) else repr(err)
             log.exception("worker %s failed to load the models", self.name)

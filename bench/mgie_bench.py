@@ -1,0 +1,258 @@
+"""MGIE speed benchmark: the reference flow and the engine, same inputs, same process, on the GPU.
+
+    python bench/mgie_bench.py --tokenizer-dir DIR [--gpus N] [--compile] [--out bench/results]
+
+Prints one table (latency p50/p90, 32-edit burst throughput, refine latency, peak memory, ratios
+against the reference, fraction of the physical floor) and writes the same numbers as JSON with the
+card's name and library versions. The reference flow is the one the parity test keeps
+(tests/reference.py: stock generate + diffusers' StableDiffusionInstructPix2PixPipeline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from full_size import build  # noqa: E402
+
+from mgie_engine.pipeline import EditRequest, MgiePipeline  # noqa: E402
+from mgie_engine.worker import EditJob, LocalWorker  # noqa: E402
+
+INSTRUCTIONS = ["make the frame red", "turn the day into night", "give him a beard", "make cottage a mansion",
+                "remove yellow object from dogs paws", "change the hair from red to blue", "remove the text",
+                "increase the image contrast", "remove the people in the background", "make more brightness"]
+UNET_TFLOP_PER_CALL_B3 = 2.41  # one 64x64 UNet call at batch 3 (the issue's count)
+PEAK_BF16_TFLOPS = 790.0  # measured matrix rate class of H100/H200 here (device notes)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def image(seed: int, size: int = 512) -> PIL.Image.Image:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size]
+    base = np.stack([x / size, y / size, (x + y) / (2 * size)], -1) * 200 + rng.normal(0, 20, (size, size, 3))
+    return PIL.Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+
+def item(i: int) -> dict:
+    return {"image": image(i), "instruction": INSTRUCTIONS[i % len(INSTRUCTIONS)], "seed": 1000 + i,
+            "text_cfg": [7.5, 7.0, 8.5, 8.0][i % 4], "image_cfg": [1.5, 2.0, 1.2, 1.6][i % 4]}
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def run_reference(models, items: list[dict], steps: int) -> tuple[list[float], list]:
+    from reference import reference_edit
+
+    times, outs = [], []
+    for it in items:
+        sync()
+        start = time.perf_counter()
+        out = reference_edit(models, it["image"], it["instruction"], it["seed"], it["text_cfg"], it["image_cfg"], steps)
+        sync()
+        times.append(time.perf_counter() - start)
+        outs.append(out)
+    return times, outs
+
+
+def run_engine(pipe: MgiePipeline, items: list[dict], steps: int) -> tuple[list[float], list]:
+    times, outs = [], []
+    for it in items:
+        sync()
+        start = time.perf_counter()
+        result = pipe(EditRequest(image=it["image"], instruction=it["instruction"], seed=it["seed"],
+                                  text_cfg=it["text_cfg"], image_cfg=it["image_cfg"], steps=steps))
+        sync()
+        times.append(time.perf_counter() - start)
+        outs.append(result)
+    return times, outs
+
+
+def encode(img: PIL.Image.Image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+async def burst(workers: list[LocalWorker], items: list[dict], steps: int) -> float:
+    """All jobs submitted at once through the bot's fair queue; wall time until the last result."""
+    from bot.queue import JobQueue
+
+    done = asyncio.Event()
+    finished = []
+
+    def on_event(event) -> None:
+        if event.kind in ("done", "failed", "cancelled"):
+            finished.append(event)
+            if event.kind != "done":
+                print("burst job", event.kind, event.error)
+            if len(finished) == len(items):
+                done.set()
+
+    queue = JobQueue(workers, on_event=on_event, max_total=len(items) + 1)
+    queue.start()
+    jobs = [EditJob(job_id=f"{i:032x}", image=encode(it["image"]), instruction=it["instruction"], seed=it["seed"],
+                    text_cfg=it["text_cfg"], image_cfg=it["image_cfg"], steps=steps) for i, it in enumerate(items)]
+    start = time.perf_counter()
+    for i, job in enumerate(jobs):
+        queue.submit(job, user_id=i)
+    await done.wait()
+    elapsed = time.perf_counter() - start
+    await queue.stop()
+    return elapsed
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokenizer-dir", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--ref-runs", type=int, default=5)
+    p.add_argument("--lat-runs", type=int, default=8)
+    p.add_argument("--burst", type=int, default=32)
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--small", action="store_true", help="shrunken dims, for a dry run of the script on a CPU")
+    args = p.parse_args()
+
+    cuda = torch.cuda.is_available()
+    dtype = torch.float16 if cuda else torch.float32
+    devices = [torch.device(f"cuda:{i}") for i in range(args.gpus)] if cuda else [torch.device("cpu")]
+    t0 = time.perf_counter()
+    models = [build(d, dtype, args.tokenizer_dir, small=args.small) for d in devices]
+    print(f"built {len(models)} full-size model set(s) in {time.perf_counter() - t0:.0f} s", flush=True)
+    m0 = models[0]
+    report: dict = {"card": torch.cuda.get_device_name(0) if cuda else "cpu", "gpus": args.gpus, "steps": args.steps,
+                    "compile": args.compile, "versions": {
+                        "torch": torch.__version__, "python": platform.python_version(),
+                        **{name: __import__(name).__version__ for name in ("transformers", "diffusers")}}}
+
+    # 1. Reference flow, one edit after another.
+    ref_items = [item(i) for i in range(args.ref_runs + 1)]
+    if not args.skip_reference:
+        run_reference(m0, ref_items[:1], args.steps)  # warm-up
+        ref_times, ref_outs = run_reference(m0, ref_items[1:], args.steps)
+        report["reference"] = {"latency_p50": pct(ref_times, 50), "latency_p90": pct(ref_times, 90),
+                               "runs": len(ref_times), "new_tokens": len(ref_outs[0].new_token_ids)}
+        print("reference", report["reference"], flush=True)
+
+    # 2. Engine, one edit at a time (fresh images: no cache hits).
+    pipe = MgiePipeline(m0, max_side=512, compile_unet=args.compile)
+    warm = [item(100 + i) for i in range(2)]
+    t0 = time.perf_counter()
+    run_engine(pipe, warm, args.steps)
+    report["warmup_seconds"] = time.perf_counter() - t0
+    lat_items = [item(200 + i) for i in range(args.lat_runs)]
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    eng_times, eng_outs = run_engine(pipe, lat_items, args.steps)
+    stages = {k: statistics.median(o.timings[k] for o in eng_outs) for k in eng_outs[0].timings}
+    report["engine"] = {"latency_p50": pct(eng_times, 50), "latency_p90": pct(eng_times, 90), "runs": len(eng_times),
+                        "stage_medians": stages, "new_tokens": len(pipe.guidance(
+                            pipe_image(pipe, lat_items[0]), lat_items[0]["instruction"])[0].new_token_ids),
+                        "peak_memory_gib_batch1": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0}
+    print("engine", report["engine"], flush=True)
+
+    # 3. Refine: same image and instruction, new seed / CFG; the LLM output comes from the cache.
+    ref_it = dict(lat_items[0], seed=99)
+    refine_times, _ = run_engine(pipe, [ref_it, dict(ref_it, seed=100, text_cfg=8.5)], args.steps)
+    report["refine_latency_p50"] = statistics.median(refine_times)
+
+    # 4. Parity at full size: the engine's image against the reference flow's, same inputs.
+    if not args.skip_reference:
+        _, ref_outs2 = run_reference(m0, [lat_items[0]], args.steps)
+        diff = np.abs(np.asarray(eng_outs[0].image).astype(int) - np.asarray(ref_outs2[0].image).astype(int))
+        report["parity"] = {"max_pixel_diff": int(diff.max()), "mean_pixel_diff": float(diff.mean()),
+                            "same_tokens": _same_tokens(pipe, lat_items[0], ref_outs2[0])}
+        print("parity", report["parity"], flush=True)
+
+    # 5. Burst: N edits at once, batched, across all GPUs.
+    workers = []
+    for dev, mod in zip(devices, models, strict=True):
+        from mgie_engine.settings import EngineSettings
+
+        w = LocalWorker(EngineSettings(device=str(dev), max_side=512, compile=args.compile), name=str(dev),
+                        loader=lambda _s, mod=mod: mod, max_batch=args.burst)
+        w.start()
+        workers.append(w)
+    burst_items = [item(300 + i) for i in range(args.burst)]
+    asyncio.run(burst(workers, burst_items[: max(2, args.gpus * 2)], args.steps))  # warm-up per worker
+    elapsed = asyncio.run(burst(workers, burst_items, args.steps))
+    report["burst"] = {"edits": args.burst, "seconds": elapsed, "edits_per_second": args.burst / elapsed}
+    print("burst", report["burst"], flush=True)
+    for w in workers:
+        w.shutdown()
+
+    # Ratios and the physical floor.
+    floor = args.steps * UNET_TFLOP_PER_CALL_B3 / PEAK_BF16_TFLOPS + 48 * 13.5 / 3000  # UNet math + reading weights
+    report["floor_seconds"] = floor
+    report["engine"]["floor_fraction"] = floor / report["engine"]["latency_p50"]
+    if "reference" in report:
+        ref = report["reference"]["latency_p50"]
+        report["ratios"] = {"latency_speedup": ref / report["engine"]["latency_p50"],
+                            "throughput_vs_reference_sequential": report["burst"]["edits_per_second"] * ref,
+                            "refine_speedup": ref / report["refine_latency_p50"]}
+    print_table(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"{report['card'].replace(' ', '_')}-x{args.gpus}{'-compiled' if args.compile else ''}.json"
+    (args.out / name).write_text(json.dumps(report, indent=2) + "\n")
+    print("wrote", args.out / name)
+    return 0
+
+
+def _same_tokens(pipe: MgiePipeline, it: dict, ref) -> bool:
+    """The engine stops at [IMG7]; up to there its tokens must be the reference's."""
+    tokens = list(pipe.guidance(pipe_image(pipe, it), it["instruction"])[0].new_token_ids)
+    return tokens == ref.new_token_ids[:len(tokens)]
+
+
+def pipe_image(pipe: MgiePipeline, it: dict) -> PIL.Image.Image:
+    from mgie_engine.images import prepare_image
+
+    return prepare_image(it["image"], pipe.max_side, pipe.models.vae_scale_factor)
+
+
+def print_table(r: dict) -> None:
+    rows = [("card", f"{r['card']} x{r['gpus']}" + (" (compiled UNet)" if r["compile"] else ""))]
+    if "reference" in r:
+        rows.append(("reference latency p50 / p90 (s)",
+                     f"{r['reference']['latency_p50']:.2f} / {r['reference']['latency_p90']:.2f}"))
+    rows += [("engine latency p50 / p90 (s)", f"{r['engine']['latency_p50']:.2f} / {r['engine']['latency_p90']:.2f}"),
+             ("engine stages (median s)", ", ".join(f"{k} {v:.2f}" for k, v in r["engine"]["stage_medians"].items())),
+             ("refine latency p50 (s)", f"{r['refine_latency_p50']:.2f}"),
+             (f"burst of {r['burst']['edits']} (edits/s)", f"{r['burst']['edits_per_second']:.2f}"
+                                                        f" ({r['burst']['seconds']:.1f} s)"),
+             ("peak GPU memory, batch 1 (GiB)", f"{r['engine']['peak_memory_gib_batch1']:.1f}"),
+             ("physical floor (s) / fraction reached", f"{r['floor_seconds']:.2f} / {r['engine']['floor_fraction']:.2f}")]
+    if "ratios" in r:
+        rows += [(k.replace("_", " "), f"{v:.2f}x") for k, v in r["ratios"].items()]
+    if "parity" in r:
+        rows.append(("parity max / mean pixel diff", f"{r['parity']['max_pixel_diff']} / {r['parity']['mean_pixel_diff']:.3f}"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
