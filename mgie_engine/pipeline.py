@@ -21,6 +21,7 @@ import PIL.Image
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
+from transformers import StoppingCriteria
 
 from .conversation import build_edit_prompt
 from .errors import JobCancelledError
@@ -31,6 +32,7 @@ from .options import DEFAULT_SEED, check_options
 
 MAX_NEW_TOKENS = 96
 NO_REPEAT_NGRAM = 3
+ROW_BUCKETS = (1, 3, 6, 12, 24, 48, 96, 192)  # UNet batch sizes that get their own CUDA graph
 
 
 class CancelToken(Protocol):
@@ -98,27 +100,40 @@ def select_visual_states(seq: Sequence[int], hidden: torch.Tensor, img0: int, st
     return hidden[p:p + 8]
 
 
-class _NGramBan:
-    """Tokens that would repeat an n-gram already in the sequence (prompt included, as in generate)."""
+def _visual_tokens_complete(new: Sequence[int], img: Sequence[int]) -> bool:
+    """[IMG7] just came out, at least seven tokens after the first [IMG0], before the token limit.
 
-    def __init__(self, n: int, seq: Sequence[int]) -> None:
-        self.n, self.seq, self.seen = n, list(seq), {}
-        for end in range(n, len(self.seq) + 1):
-            self._record(end)
+    From there the demo's slice (just before [IMG0], eight states) is fixed and every state it needs
+    exists, so decoding on to </s> could not change the result.
+    """
+    return (len(new) < MAX_NEW_TOKENS and new[-1] == img[-1] and img[0] in new
+            and len(new) - 1 >= new.index(img[0]) + 7)
 
-    def _record(self, end: int) -> None:
-        gram = self.seq[end - self.n:end]
-        self.seen.setdefault(tuple(gram[:-1]), set()).add(gram[-1])
 
-    def append(self, token: int) -> None:
-        self.seq.append(token)
-        if len(self.seq) >= self.n:
-            self._record(len(self.seq))
+def _answer(tokens: list[int], eos: Sequence[int], img: Sequence[int]) -> tuple[list[int], bool]:
+    """One row's new tokens up to where it stopped (padding after that is dropped), and whether early."""
+    new: list[int] = []
+    for token in tokens:
+        new.append(token)
+        if token in eos:
+            return new, False
+        if _visual_tokens_complete(new, img):
+            return new, True
+    return new, False
 
-    def banned(self) -> list[int]:
-        if len(self.seq) + 1 < self.n:
-            return []
-        return sorted(self.seen.get(tuple(self.seq[len(self.seq) - self.n + 1:]), ()))
+
+class _VisualTokensDone(StoppingCriteria):
+    """A stopping criterion for generate: per row, stop once the visual tokens are complete."""
+
+    def __init__(self, img: Sequence[int], prompt_width: int, cancel: CancelToken | None) -> None:
+        self.img, self.width, self.cancel = tuple(img), prompt_width, cancel
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        rows = input_ids[:, self.width:].tolist()
+        done = [_visual_tokens_complete(row, self.img) for row in rows]
+        if self.cancel is not None and self.cancel.is_set():
+            done = [True] * len(rows)
+        return torch.tensor(done, device=input_ids.device)
 
 
 class MgiePipeline:
@@ -129,14 +144,14 @@ class MgiePipeline:
         self.models = models
         self.max_side = max_side
         self.unet = models.unet
+        self._graphs = compile_unet and models.device.type == "cuda"
         if models.device.type == "cuda":
-            # Same math, faster kernels: NHWC convolutions, and optionally a compiled UNet whose batch
-            # dimension is marked dynamic so that batches of any size share one compiled graph.
+            # Same math, faster kernels: NHWC convolutions, and optionally a compiled UNet replayed as
+            # CUDA graphs (one per batch bucket: a UNet call at batch 3 is mostly launch overhead).
             models.unet.to(memory_format=torch.channels_last)
             models.vae.to(memory_format=torch.channels_last)
-            if compile_unet:
-                self.unet = torch.compile(models.unet)
-        self._dynamic_batch = compile_unet and models.device.type == "cuda"
+            if self._graphs:
+                self.unet = torch.compile(models.unet, mode="reduce-overhead")
         self.image_processor = VaeImageProcessor(vae_scale_factor=models.vae_scale_factor)
         step_params = set(inspect.signature(models.scheduler_class.step).parameters)
         self._step_takes_generator = "generator" in step_params
@@ -234,70 +249,42 @@ class MgiePipeline:
                             cancel: CancelToken | None = None) -> list[Guidance]:
         """Greedy decoding of several prompts at once (left-padded), each stopping on its own.
 
-        Per sequence this is generate's greedy search with no_repeat_ngram_size=3 over prompt and answer,
-        ending at </s>, at 96 new tokens, or as soon as [IMG7] completes the eight visual tokens.
+        This is the demo's ``generate`` call (greedy, no_repeat_ngram_size=3, up to 96 new tokens) plus a
+        stopping rule that ends a sequence as soon as [IMG7] completes the eight visual tokens. On CUDA it
+        uses a static KV cache, which makes transformers compile the decoding step (CUDA graphs); prompts
+        are padded to a multiple of 64 tokens so a handful of shapes cover every request.
         """
-        from transformers import DynamicCache
-
         m = self.models
         prompts = [self.prompt_inputs(*item) for item in items]
         lengths = [len(ids) for ids, _ in prompts]
-        width, n = max(lengths), len(prompts)
+        cuda = m.device.type == "cuda"
+        width = -(-max(lengths) // 64) * 64 if cuda else max(lengths)
+        n, pad = len(prompts), m.llm.config.pad_token_id or 0
+        ids = torch.full((n, width), pad, device=m.device, dtype=torch.long)
         embeds = torch.zeros(n, width, prompts[0][1].shape[-1], device=m.device, dtype=prompts[0][1].dtype)
         mask = torch.zeros(n, width, device=m.device, dtype=torch.long)
-        for i, (_, emb) in enumerate(prompts):
+        for i, (prompt_ids, emb) in enumerate(prompts):
+            ids[i, width - lengths[i]:] = torch.tensor(prompt_ids, device=m.device)
             embeds[i, width - lengths[i]:] = emb[0]
             mask[i, width - lengths[i]:] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=m.llm.config)
-        out = m.llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
-                          **{self._kv_kwarg: cache})
-        hidden = [[out.last_hidden_state[i, width - lengths[i]:]] for i in range(n)]
-        seqs = [list(ids) for ids, _ in prompts]
-        bans = [_NGramBan(NO_REPEAT_NGRAM, seq) for seq in seqs]
-        news: list[list[int]] = [[] for _ in range(n)]
-        early = [False] * n
-        active = list(range(n))
-        eos, img = set(m.token_ids.eos), m.token_ids.img
-        while True:
-            last = torch.stack([hidden[i][-1][-1] for i in active])
-            logits = m.llm.lm_head(last).float()
-            tokens = []
-            for row, i in enumerate(active):
-                banned = bans[i].banned()
-                if banned:
-                    logits[row, banned] = -float("inf")
-                token = int(torch.argmax(logits[row]))
-                seqs[i].append(token)
-                news[i].append(token)
-                bans[i].append(token)
-                tokens.append(token)
-                if token == img[-1] and img[0] in news[i] and len(news[i]) < MAX_NEW_TOKENS \
-                        and len(seqs[i]) - 1 >= seqs[i].index(img[0]) + 7:
-                    early[i] = True
-            still = [i for i in active if not early[i] and news[i][-1] not in eos and len(news[i]) < MAX_NEW_TOKENS]
-            if not still:
-                break
-            if cancel is not None and cancel.is_set():
-                raise JobCancelledError("The edit was cancelled.")
-            # Feed every row still in the cache (finished rows just ride along; their outputs are ignored).
-            feed = torch.full((n, 1), m.token_ids.eos[0], device=m.device, dtype=torch.long)
-            for row, i in enumerate(active):
-                feed[i, 0] = tokens[row]
-            mask = torch.cat([mask, torch.ones(n, 1, device=m.device, dtype=torch.long)], dim=1)
-            positions = positions[:, -1:] + 1
-            out = m.llm.model(input_ids=feed, attention_mask=mask, position_ids=positions, use_cache=True,
-                              **{self._kv_kwarg: cache})
-            for i in still:
-                hidden[i].append(out.last_hidden_state[i])
-            active = still
+        stop = _VisualTokensDone(m.token_ids.img, width, cancel)
+        out = m.llm.generate(
+            input_ids=ids, inputs_embeds=embeds, attention_mask=mask, do_sample=False, num_beams=1,
+            max_new_tokens=MAX_NEW_TOKENS, no_repeat_ngram_size=NO_REPEAT_NGRAM, eos_token_id=list(m.token_ids.eos),
+            pad_token_id=pad, stopping_criteria=[stop], return_dict_in_generate=True, output_hidden_states=True,
+            cache_implementation="static" if cuda else None)
+        if cancel is not None and cancel.is_set():
+            raise JobCancelledError("The edit was cancelled.")
+        steps = out.hidden_states  # step 0: every prompt position; then one position per new token
         results = []
-        for i in range(n):
-            states = select_visual_states(seqs[i], torch.cat(hidden[i], dim=0), img[0], early[i])
-            results.append(Guidance(expressive_instruction=clean_expressive(m.decode(news[i])),
-                                    new_token_ids=tuple(news[i]),
+        for i, (prompt_ids, _) in enumerate(prompts):
+            new, early = _answer(out.sequences[i, width:].tolist(), m.token_ids.eos, m.token_ids.img)
+            hidden = torch.cat([steps[0][-1][i, width - lengths[i]:]] + [steps[k][-1][i] for k in range(1, len(new))])
+            seq = list(prompt_ids) + new
+            states = select_visual_states(seq, hidden, m.token_ids.img[0], early)
+            results.append(Guidance(expressive_instruction=clean_expressive(m.decode(new)), new_token_ids=tuple(new),
                                     prompt_embeds=m.edit_head(states.unsqueeze(0), m.img_embeds),
-                                    stopped_early=early[i]))
+                                    stopped_early=early))
         return results
 
     # -- stage 3: diffusion side ------------------------------------------------------------------
@@ -345,10 +332,10 @@ class MgiePipeline:
             conds.append(s.cond)
             sizes.append(x.shape[0])
         sample, timestep, cond = torch.cat(rows), torch.cat(timesteps), torch.cat(conds)
-        if self._dynamic_batch:
-            for tensor in (sample, timestep, cond):
-                torch._dynamo.mark_dynamic(tensor, 0)
-        noise = self.unet(sample, timestep, encoder_hidden_states=cond, return_dict=False)[0]
+        if self._graphs:
+            noise = self._unet_graphed(sample, timestep, cond)
+        else:
+            noise = self.unet(sample, timestep, encoder_hidden_states=cond, return_dict=False)[0]
         for s, pred in zip(states, noise.split(sizes), strict=True):
             if s.guided:
                 text, img, uncond = pred.chunk(3)
@@ -356,6 +343,19 @@ class MgiePipeline:
             t = s.scheduler.timesteps[s.index]
             s.latents = s.scheduler.step(pred, t, s.latents, **s.step_kwargs, return_dict=False)[0]
             s.index += 1
+
+    def _unet_graphed(self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Pad the batch to a bucket so a few recorded CUDA graphs serve every batch size."""
+        rows = sample.shape[0]
+        bucket = next((b for b in ROW_BUCKETS if b >= rows), rows)
+        if bucket > rows:
+            extra = bucket - rows
+            sample = torch.cat([sample, sample.new_zeros(extra, *sample.shape[1:])])
+            timestep = torch.cat([timestep, timestep.new_zeros(extra)])
+            cond = torch.cat([cond, cond.new_zeros(extra, *cond.shape[1:])])
+        torch.compiler.cudagraph_mark_step_begin()
+        out = self.unet(sample, timestep, encoder_hidden_states=cond, return_dict=False)[0]
+        return out[:rows].clone()  # the graph's output buffer is reused by the next replay
 
     def denoise(self, image: PIL.Image.Image, prompt_embeds: torch.Tensor, seed: int, text_cfg: float,
                 image_cfg: float, steps: int, progress: ProgressFn | None = None,

@@ -63,6 +63,7 @@ class EditOutcome:
 
 
 ProgressCallback = Callable[[JobProgress], None]
+BATCH_WINDOW = 0.05  # seconds an idle worker waits for more jobs after the first arrives
 
 
 @dataclasses.dataclass(eq=False)
@@ -160,10 +161,19 @@ class LocalWorker:
             _fail(task, JobCancelledError("The worker stopped."))
 
     def _take(self, block: bool, room: int) -> list[_Task] | None:
+        """New jobs for this loop. When idle, wait for one, then briefly for others that arrive with it,
+        so a burst starts as one batch instead of a job alone followed by the rest."""
         tasks: list[_Task] = []
+        deadline = None
         try:
             while len(tasks) < max(room, 0) or (block and not tasks):
-                item = self._inbox.get(block=block and not tasks)
+                if block and not tasks:
+                    item = self._inbox.get()
+                    deadline = time.monotonic() + BATCH_WINDOW
+                elif deadline is not None:
+                    item = self._inbox.get(timeout=max(deadline - time.monotonic(), 0.0))
+                else:
+                    item = self._inbox.get_nowait()
                 if item is None:
                     return None
                 tasks.append(item)
