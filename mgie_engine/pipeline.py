@@ -271,19 +271,33 @@ class MgiePipeline:
         out = m.llm.generate(
             input_ids=ids, inputs_embeds=embeds, attention_mask=mask, do_sample=False, num_beams=1,
             max_new_tokens=MAX_NEW_TOKENS, no_repeat_ngram_size=NO_REPEAT_NGRAM, eos_token_id=list(m.token_ids.eos),
-            pad_token_id=pad, stopping_criteria=[stop], return_dict_in_generate=True, output_hidden_states=True,
+            pad_token_id=pad, stopping_criteria=[stop], return_dict_in_generate=True,
             cache_implementation="static" if cuda else None)
         if cancel is not None and cancel.is_set():
             raise JobCancelledError("The edit was cancelled.")
-        steps = out.hidden_states  # step 0: every prompt position; then one position per new token
+        answers = [_answer(row, m.token_ids.eos, m.token_ids.img) for row in out.sequences[:, width:].tolist()]
+
+        # The last-layer states of every position but the last, from one causal pass over prompt + answer:
+        # the same states the incremental decode computed (it need not keep them, so its CUDA graphs can
+        # reuse their buffers). Left-padded like the prompts.
+        total = [lengths[i] + len(new) - 1 for i, (new, _) in enumerate(answers)]
+        full = max(total)
+        seq_embeds = torch.zeros(n, full, embeds.shape[-1], device=m.device, dtype=embeds.dtype)
+        seq_mask = torch.zeros(n, full, device=m.device, dtype=torch.long)
+        table = m.llm.get_input_embeddings()
+        for i, (new, _) in enumerate(answers):
+            answer = table(torch.tensor(new[:-1], device=m.device, dtype=torch.long))
+            row = torch.cat([prompts[i][1][0], answer])
+            seq_embeds[i, full - total[i]:] = row
+            seq_mask[i, full - total[i]:] = 1
+        states = m.llm.model(inputs_embeds=seq_embeds, attention_mask=seq_mask,
+                             position_ids=(seq_mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state
         results = []
-        for i, (prompt_ids, _) in enumerate(prompts):
-            new, early = _answer(out.sequences[i, width:].tolist(), m.token_ids.eos, m.token_ids.img)
-            hidden = torch.cat([steps[0][-1][i, width - lengths[i]:]] + [steps[k][-1][i] for k in range(1, len(new))])
+        for i, ((prompt_ids, _), (new, early)) in enumerate(zip(prompts, answers, strict=True)):
             seq = list(prompt_ids) + new
-            states = select_visual_states(seq, hidden, m.token_ids.img[0], early)
+            visual = select_visual_states(seq, states[i, full - total[i]:], m.token_ids.img[0], early)
             results.append(Guidance(expressive_instruction=clean_expressive(m.decode(new)), new_token_ids=tuple(new),
-                                    prompt_embeds=m.edit_head(states.unsqueeze(0), m.img_embeds),
+                                    prompt_embeds=m.edit_head(visual.unsqueeze(0), m.img_embeds),
                                     stopped_early=early))
         return results
 
