@@ -119,6 +119,9 @@ async def burst(workers: list[LocalWorker], items: list[dict], steps: int) -> fl
     await done.wait()
     elapsed = time.perf_counter() - start
     await queue.stop()
+    failed = [e for e in finished if e.kind != "done"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(items)} burst jobs did not finish: {failed[0].error}")
     return elapsed
 
 

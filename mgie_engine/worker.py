@@ -145,6 +145,7 @@ class LocalWorker:
 
     # -- the worker thread ---------------------------------------------------------------------------
     def _main(self) -> None:
+        _cudagraphs_in_this_thread()
         self._load()
         active: list[_Task] = []
         while True:
@@ -290,6 +291,25 @@ class LocalWorker:
 
     def shutdown(self) -> None:
         self._inbox.put(None)
+
+
+def _cudagraphs_in_this_thread() -> None:
+    """Compiled models replay CUDA graphs kept in thread-local state, which PyTorch before 2.13 sets up
+    only for threads it starts itself; set it up for this worker thread the same way."""
+    import collections
+
+    import torch
+
+    try:
+        from torch._inductor import cudagraph_trees as trees
+    except ImportError:
+        return
+    if hasattr(trees, "_initialize_tls") or torch._C._is_key_in_tls("tree_manager_containers"):
+        return  # PyTorch initializes it lazily itself
+    trees.local.tree_manager_containers = {}
+    trees.local.tree_manager_locks = collections.defaultdict(threading.Lock)
+    torch._C._stash_obj_in_tls("tree_manager_containers", trees.local.tree_manager_containers)
+    torch._C._stash_obj_in_tls("tree_manager_locks", trees.local.tree_manager_locks)
 
 
 def _fail(task: _Task, err: BaseException) -> None:
