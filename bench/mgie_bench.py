@@ -135,13 +135,14 @@ def main() -> int:
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--only-burst", action="store_true", help="skip latency, refine and parity (multi-GPU scaling runs)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--small", action="store_true", help="shrunken dims, for a dry run of the script on a CPU")
     args = p.parse_args()
 
     cuda = torch.cuda.is_available()
     dtype = torch.float16 if cuda else torch.float32
-    devices = [torch.device(f"cuda:{i}") for i in range(args.gpus)] if cuda else [torch.device("cpu")]
+    devices = [torch.device(f"cuda:{i}") if cuda else torch.device("cpu") for i in range(args.gpus)]
     t0 = time.perf_counter()
     models = [build(d, dtype, args.tokenizer_dir, small=args.small) for d in devices]
     print(f"built {len(models)} full-size model set(s) in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -160,35 +161,36 @@ def main() -> int:
                                "runs": len(ref_times), "new_tokens": len(ref_outs[0].new_token_ids)}
         print("reference", report["reference"], flush=True)
 
-    # 2. Engine, one edit at a time (fresh images: no cache hits).
-    pipe = MgiePipeline(m0, max_side=512, compile_unet=args.compile)
-    warm = [item(100 + i) for i in range(2)]
-    t0 = time.perf_counter()
-    run_engine(pipe, warm, args.steps)
-    report["warmup_seconds"] = time.perf_counter() - t0
-    lat_items = [item(200 + i) for i in range(args.lat_runs)]
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    eng_times, eng_outs = run_engine(pipe, lat_items, args.steps)
-    stages = {k: statistics.median(o.timings[k] for o in eng_outs) for k in eng_outs[0].timings}
-    report["engine"] = {"latency_p50": pct(eng_times, 50), "latency_p90": pct(eng_times, 90), "runs": len(eng_times),
-                        "stage_medians": stages, "new_tokens": len(pipe.guidance(
-                            pipe_image(pipe, lat_items[0]), lat_items[0]["instruction"])[0].new_token_ids),
-                        "peak_memory_gib_batch1": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0}
-    print("engine", report["engine"], flush=True)
+    if not args.only_burst:
+        # 2. Engine, one edit at a time (fresh images: no cache hits).
+        pipe = MgiePipeline(m0, max_side=512, compile_unet=args.compile)
+        warm = [item(100 + i) for i in range(2)]
+        t0 = time.perf_counter()
+        run_engine(pipe, warm, args.steps)
+        report["warmup_seconds"] = time.perf_counter() - t0
+        lat_items = [item(200 + i) for i in range(args.lat_runs)]
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        eng_times, eng_outs = run_engine(pipe, lat_items, args.steps)
+        stages = {k: statistics.median(o.timings[k] for o in eng_outs) for k in eng_outs[0].timings}
+        report["engine"] = {"latency_p50": pct(eng_times, 50), "latency_p90": pct(eng_times, 90), "runs": len(eng_times),
+                            "stage_medians": stages, "new_tokens": len(pipe.guidance(
+                                pipe_image(pipe, lat_items[0]), lat_items[0]["instruction"])[0].new_token_ids),
+                            "peak_memory_gib_batch1": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0}
+        print("engine", report["engine"], flush=True)
 
-    # 3. Refine: same image and instruction, new seed / CFG; the LLM output comes from the cache.
-    ref_it = dict(lat_items[0], seed=99)
-    refine_times, _ = run_engine(pipe, [ref_it, dict(ref_it, seed=100, text_cfg=8.5)], args.steps)
-    report["refine_latency_p50"] = statistics.median(refine_times)
+        # 3. Refine: same image and instruction, new seed / CFG; the LLM output comes from the cache.
+        ref_it = dict(lat_items[0], seed=99)
+        refine_times, _ = run_engine(pipe, [ref_it, dict(ref_it, seed=100, text_cfg=8.5)], args.steps)
+        report["refine_latency_p50"] = statistics.median(refine_times)
 
-    # 4. Parity at full size: the engine's image against the reference flow's, same inputs.
-    if not args.skip_reference:
-        _, ref_outs2 = run_reference(m0, [lat_items[0]], args.steps)
-        diff = np.abs(np.asarray(eng_outs[0].image).astype(int) - np.asarray(ref_outs2[0].image).astype(int))
-        report["parity"] = {"max_pixel_diff": int(diff.max()), "mean_pixel_diff": float(diff.mean()),
-                            "same_tokens": _same_tokens(pipe, lat_items[0], ref_outs2[0])}
-        print("parity", report["parity"], flush=True)
+        # 4. Parity at full size: the engine's image against the reference flow's, same inputs.
+        if not args.skip_reference:
+            _, ref_outs2 = run_reference(m0, [lat_items[0]], args.steps)
+            diff = np.abs(np.asarray(eng_outs[0].image).astype(int) - np.asarray(ref_outs2[0].image).astype(int))
+            report["parity"] = {"max_pixel_diff": int(diff.max()), "mean_pixel_diff": float(diff.mean()),
+                                "same_tokens": _same_tokens(pipe, lat_items[0], ref_outs2[0])}
+            print("parity", report["parity"], flush=True)
 
     # 5. Burst: N edits at once, batched, across all GPUs.
     workers = []
@@ -200,20 +202,27 @@ def main() -> int:
         w.start()
         workers.append(w)
     burst_items = [item(300 + i) for i in range(args.burst)]
-    t0 = time.perf_counter()
-    asyncio.run(burst(workers, [item(400 + i) for i in range(args.burst)], 3))  # warm-up (compiles at burst shapes)
-    report["burst_warmup_seconds"] = time.perf_counter() - t0
-    elapsed = asyncio.run(burst(workers, burst_items, args.steps))
-    report["burst"] = {"edits": args.burst, "seconds": elapsed, "edits_per_second": args.burst / elapsed}
-    print("burst", report["burst"], flush=True)
+    pools = [workers[:1], workers] if len(workers) > 1 else [workers]
+    for pool in pools:
+        t0 = time.perf_counter()
+        asyncio.run(burst(pool, [item(400 + i) for i in range(args.burst)], 3))  # warm-up: compiles burst shapes
+        warmup = time.perf_counter() - t0
+        elapsed = asyncio.run(burst(pool, burst_items, args.steps))
+        key = "burst" if pool is workers else "burst_one_gpu"
+        report[key] = {"edits": args.burst, "gpus": len(pool), "seconds": elapsed,
+                       "edits_per_second": args.burst / elapsed, "warmup_seconds": warmup}
+        print(key, report[key], flush=True)
+    if "burst_one_gpu" in report:
+        report["multi_gpu_scaling"] = report["burst"]["edits_per_second"] / report["burst_one_gpu"]["edits_per_second"]
     for w in workers:
         w.shutdown()
 
     # Ratios and the physical floor.
     floor = args.steps * UNET_TFLOP_PER_CALL_B3 / PEAK_BF16_TFLOPS + 48 * 13.5 / 3000  # UNet math + reading weights
     report["floor_seconds"] = floor
-    report["engine"]["floor_fraction"] = floor / report["engine"]["latency_p50"]
-    if "reference" in report:
+    if "engine" in report:
+        report["engine"]["floor_fraction"] = floor / report["engine"]["latency_p50"]
+    if "reference" in report and "engine" in report:
         ref = report["reference"]["latency_p50"]
         report["ratios"] = {"latency_speedup": ref / report["engine"]["latency_p50"],
                             "throughput_vs_reference_sequential": report["burst"]["edits_per_second"] * ref,
@@ -240,6 +249,14 @@ def pipe_image(pipe: MgiePipeline, it: dict) -> PIL.Image.Image:
 
 def print_table(r: dict) -> None:
     rows = [("card", f"{r['card']} x{r['gpus']}" + (" (compiled UNet)" if r["compile"] else ""))]
+    if "multi_gpu_scaling" in r:
+        rows += [("burst on 1 GPU (edits/s)", f"{r['burst_one_gpu']['edits_per_second']:.2f}"),
+                 (f"burst on {r['gpus']} GPUs (edits/s)", f"{r['burst']['edits_per_second']:.2f}"),
+                 ("multi-GPU scaling", f"{r['multi_gpu_scaling']:.2f}x")]
+    if "engine" not in r:
+        for k, v in rows:
+            print(f"{k:<28}  {v}")
+        return
     if "reference" in r:
         rows.append(("reference latency p50 / p90 (s)",
                      f"{r['reference']['latency_p50']:.2f} / {r['reference']['latency_p90']:.2f}"))

@@ -10,7 +10,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from mgie_engine.worker import LocalWorker
+from mgie_engine.worker import LocalWorker, WorkerPool
 
 from .config import BotConfig
 from .jobs import JobManager
@@ -24,7 +24,7 @@ COGS = ("cogs.edit", "cogs.results", "cogs.history", "cogs.admin")
 
 
 class MgieBot(commands.Bot):
-    def __init__(self, config: BotConfig, worker=None) -> None:
+    def __init__(self, config: BotConfig, workers: list[LocalWorker] | None = None) -> None:
         intents = discord.Intents.default()
         intents.message_content = config.message_content
         super().__init__(
@@ -34,7 +34,8 @@ class MgieBot(commands.Bot):
             help_command=None,
         )
         self.config = config
-        self.worker = worker or LocalWorker(config.engine)
+        # One worker per GPU; the fair queue spreads jobs across them.
+        self.engine = WorkerPool(workers) if workers else WorkerPool.from_settings(config.engine)
         self.store: Store | None = None
         self.queue: JobQueue | None = None
         self.jobs: JobManager | None = None
@@ -44,9 +45,9 @@ class MgieBot(commands.Bot):
         self.http_session = aiohttp.ClientSession()  # attachment downloads (see bot.downloads)
         self.store = await Store.open(self.config.data_dir)
         # Models load in the background: the bot is online at once and queues early jobs.
-        self.worker.start()
-        self.queue = JobQueue([self.worker], on_event=self._on_job_event, max_total=self.config.max_queue)
-        self.jobs = JobManager(self, self.store, self.queue, self.worker, self.config.progress_interval)
+        self.engine.start()
+        self.queue = JobQueue(self.engine.workers, on_event=self._on_job_event, max_total=self.config.max_queue)
+        self.jobs = JobManager(self, self.store, self.queue, self.engine, self.config.progress_interval)
         self.add_dynamic_items(JobButton)
         for name in COGS:
             await self.load_extension(name)
@@ -96,7 +97,7 @@ class MgieBot(commands.Bot):
         if self.queue is not None:
             self.queue.stop_accepting()
             await self.queue.stop()
-        self.worker.shutdown()
+        self.engine.shutdown()
         await super().close()
         if getattr(self, "http_session", None) is not None:
             await self.http_session.close()

@@ -43,8 +43,8 @@ class _Live:
 
 
 class JobManager:
-    def __init__(self, bot: discord.Client, store: Store, queue: JobQueue, worker, progress_interval: float = 2.0):
-        self.bot, self.store, self.queue, self.worker = bot, store, queue, worker
+    def __init__(self, bot: discord.Client, store: Store, queue: JobQueue, engine, progress_interval: float = 2.0):
+        self.bot, self.store, self.queue, self.engine = bot, store, queue, engine
         self.delivery = Delivery(bot, store)
         self.progress_interval = progress_interval
         self._live: dict[str, _Live] = {}
@@ -86,7 +86,7 @@ class JobManager:
         await self._show_queued(record)
 
     async def _show_queued(self, record: JobRecord) -> None:
-        warming = self.worker.state is WorkerState.LOADING
+        warming = self.engine.state is WorkerState.LOADING
         text = render.queued(record, self.queue.position(record.id), self.queue.eta(record.id), warming)
         await self._show(record.id, text, view=cancel_view(record.id))
 
@@ -142,7 +142,7 @@ class JobManager:
         if len(data) > live.upload_limit:
             data, ext = await asyncio.to_thread(_smaller, data, live.upload_limit)
         filename = f"mgie-{job_id[:8]}.{ext}"
-        embed = render.result_embed(record, filename, random_weights=self.worker.random_weights)
+        embed = render.result_embed(record, filename, random_weights=self.engine.random_weights)
         record = await self._show(job_id, render.result_content(record), embed=embed,
                                   file=discord.File(_bytes_io(data), filename=filename),
                                   view=result_view(job_id, can_undo=True), ping=True)

@@ -18,20 +18,20 @@ class AdminCog(commands.GroupCog, group_name="mgie", name="Admin"):
 
     @app_commands.command(name="status", description="Queue, model and GPU status")
     async def status(self, interaction: discord.Interaction) -> None:
-        queue, worker = self.bot.queue, self.bot.worker
+        queue, engine = self.bot.queue, self.bot.engine
         counts = await self.bot.store.counts_by_state()
         average = await self.bot.store.average_duration()
-        info = worker.info()
         embed = discord.Embed(title="MGIE status", color=render.COLOR_OK)
-        embed.add_field(name="Model", value=info["state"] + (f" ({render.quote(info['error'], 200)})"
-                                                             if info.get("error") else ""))
-        embed.add_field(name="Device", value=f"{info.get('device', '?')} {info.get('dtype', '')}".strip())
-        if "memory" in info:
-            embed.add_field(name="GPU memory", value=info["memory"])
+        error = engine.error
+        embed.add_field(name="Model", value=engine.state.value + (f" ({render.quote(error, 200)})" if error else ""))
+        for info in engine.info():
+            device = f"{info.get('device', info['name'])} {info.get('dtype', '')}".strip()
+            memory = f" · {info['memory']}" if "memory" in info else ""
+            embed.add_field(name=f"Worker {info['name']}", value=f"{info['state']} · {device}{memory}")
         embed.add_field(name="Queue", value=f"{queue.depth} waiting, {len(queue.running)} running")
         embed.add_field(name="Average edit", value=render.seconds(average) if average else "no edits yet")
         embed.add_field(name="All time", value=", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none")
-        if worker.random_weights:
+        if engine.random_weights:
             embed.set_footer(text="Running on RANDOM test weights: outputs are noise.")
         await interaction.response.send_message(embed=embed, ephemeral=True)
 

@@ -174,7 +174,7 @@ class ResultsCog(commands.Cog, name="Results"):
         await self.bot.store.update_job(previous.id, result_message_id=interaction.message.id)
         await interaction.response.edit_message(
             content="↩️ Back to the previous step.",
-            embed=render.result_embed(previous, filename, self.bot.worker.random_weights),
+            embed=render.result_embed(previous, filename, self.bot.engine.random_weights),
             attachments=[discord.File(io.BytesIO(data), filename=filename)],
             view=result_view(previous.id), allowed_mentions=discord.AllowedMentions.none())
 

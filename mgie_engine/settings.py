@@ -58,12 +58,27 @@ class EngineSettings:
             compile=(env.get("MGIE_COMPILE") or "").strip().lower() in ("1", "true", "yes", "on"),
         )
 
+    def device_list(self) -> list[str]:
+        """One entry per worker: "auto" means every visible GPU (or the CPU); a comma list names them."""
+        import torch
+
+        name = self.device.strip().lower()
+        if name == "auto":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            return [f"cuda:{i}" for i in range(count)] or ["cpu"]
+        names = [part.strip() for part in name.split(",") if part.strip()]
+        for part in names:
+            dataclasses.replace(self, device=part).torch_device()  # validates each
+        return names
+
     def torch_device(self) -> torch.device:
         import torch
 
         name = self.device.strip().lower()
         if name == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if "," in name:
+            raise BadRequestError("This setting names several devices; each worker takes one (see device_list).")
         try:
             device = torch.device(name)
         except RuntimeError:

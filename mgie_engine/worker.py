@@ -94,6 +94,7 @@ class LocalWorker:
         self._loader = loader
         self.capacity = max_batch or settings.max_batch
         self._inbox: queue.Queue[_Task | None] = queue.Queue()
+        self._cpu = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"mgie-{name}-cpu")
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self.state = WorkerState.LOADING
@@ -140,8 +141,22 @@ class LocalWorker:
                 loop.call_soon_threadsafe(on_progress, JobProgress(job.job_id, stage, step, total))
 
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._inbox.put(_Task(job=job, progress=progress, cancel=cancel, future=future))
+        task = _Task(job=job, progress=progress, cancel=cancel, future=future)
+        # Decoding and resizing the input is CPU work: do it here, beside the GPU thread, not on it.
+        task.image = await loop.run_in_executor(self._cpu, self._prepare_input, job)
+        self._inbox.put(task)
         return await asyncio.wrap_future(future)
+
+    def _prepare_input(self, job: EditJob) -> Any:
+        from .images import load_image, prepare_image
+
+        try:
+            image = load_image(job.image)
+            if self.pipeline is not None:
+                return prepare_image(image, self.pipeline.max_side, self.pipeline.models.vae_scale_factor)
+            return image
+        except MgieError as err:
+            return err
 
     # -- the worker thread ---------------------------------------------------------------------------
     def _main(self) -> None:
@@ -193,10 +208,13 @@ class LocalWorker:
             if task.future.set_running_or_notify_cancel() is False:
                 continue
             try:
+                if isinstance(task.image, MgieError):
+                    raise task.image
                 request = check_request(EditRequest(image=None, instruction=task.job.instruction, seed=task.job.seed,
                                                     text_cfg=task.job.text_cfg, image_cfg=task.job.image_cfg,
                                                     steps=task.job.steps, history=task.job.history))
-                task.image = prepare_image(load_image(task.job.image), pipe.max_side, pipe.models.vae_scale_factor)
+                task.image = prepare_image(task.image or load_image(task.job.image), pipe.max_side,
+                                           pipe.models.vae_scale_factor)
                 task.job = dataclasses.replace(task.job, instruction=request.instruction, history=request.history)
             except MgieError as err:
                 _fail(task, err)
@@ -257,21 +275,30 @@ class LocalWorker:
         return running
 
     def _finish(self, task: _Task) -> None:
-        from .images import encode_png
-
         try:
             task.progress("decode", 0, 1)
             image = self.pipeline.decode_latents(task.state.latents)
-            png = encode_png(image)
         except Exception as err:
             log.exception("decoding job %s failed", task.job.job_id)
             _fail(task, _user_error(err))
             return
+        task.state = None  # free the latents now; the PNG is encoded off the GPU thread
+        self._cpu.submit(self._deliver, task, image)
+
+    def _deliver(self, task: _Task, image: Any) -> None:
+        from .images import encode_png
+
+        try:
+            png = encode_png(image)
+        except Exception as err:
+            _fail(task, _user_error(err))
+            return
         seconds = time.perf_counter() - task.started
-        task.future.set_result(EditOutcome(
-            job_id=task.job.job_id, png=png, expressive_instruction=task.expressive, width=image.width,
-            height=image.height, seconds=seconds, timings={"llm": task.llm_seconds, "total": seconds},
-            llm_cached=task.llm_cached))
+        if not task.future.done():
+            task.future.set_result(EditOutcome(
+                job_id=task.job.job_id, png=png, expressive_instruction=task.expressive, width=image.width,
+                height=image.height, seconds=seconds, timings={"llm": task.llm_seconds, "total": seconds},
+                llm_cached=task.llm_cached))
 
     def info(self) -> dict[str, Any]:
         """Device and memory, for /mgie status."""
@@ -291,6 +318,46 @@ class LocalWorker:
 
     def shutdown(self) -> None:
         self._inbox.put(None)
+        self._cpu.shutdown(wait=False, cancel_futures=True)
+
+
+class WorkerPool:
+    """Every local worker, one per device: what the bot sees of the engine."""
+
+    def __init__(self, workers: list[LocalWorker]) -> None:
+        if not workers:
+            raise ValueError("a pool needs at least one worker")
+        self.workers = workers
+
+    @classmethod
+    def from_settings(cls, settings: EngineSettings) -> WorkerPool:
+        return cls([LocalWorker(dataclasses.replace(settings, device=d), name=d) for d in settings.device_list()])
+
+    def start(self) -> None:
+        for worker in self.workers:
+            worker.start()
+
+    @property
+    def state(self) -> WorkerState:
+        states = {w.state for w in self.workers}
+        if WorkerState.READY in states:
+            return WorkerState.READY
+        return WorkerState.LOADING if WorkerState.LOADING in states else WorkerState.FAILED
+
+    @property
+    def error(self) -> str | None:
+        return next((w.error for w in self.workers if w.error), None)
+
+    @property
+    def random_weights(self) -> bool:
+        return any(w.random_weights for w in self.workers)
+
+    def info(self) -> list[dict[str, Any]]:
+        return [w.info() for w in self.workers]
+
+    def shutdown(self) -> None:
+        for worker in self.workers:
+            worker.shutdown()
 
 
 def _cudagraphs_in_this_thread() -> None:

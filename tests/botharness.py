@@ -46,7 +46,7 @@ class SharedModelWorker(LocalWorker):
 @contextlib.asynccontextmanager
 async def bot_running(fake, config: BotConfig, models, delay_ready=None):
     worker = SharedModelWorker(models, config.engine, delay_ready=delay_ready)
-    bot = MgieBot(config, worker=worker)
+    bot = MgieBot(config, workers=[worker])
     bot._connection.guild_ready_timeout = 0.1  # noqa: SLF001 - discord.py's own knob, set like its kwarg
     async with running_bot(bot, fake.token):
         yield bot

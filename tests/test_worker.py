@@ -77,3 +77,44 @@ async def test_bad_job_fails_alone_and_cancel_stops_one(tiny_models):
     assert isinstance(results[0], BadImageError)
     assert isinstance(results[1], JobCancelledError)
     assert results[2].png.startswith(b"\x89PNG")
+
+
+async def test_queue_spreads_jobs_over_several_workers(tiny_models):
+    from bot.queue import JobQueue
+
+    workers = [LocalWorker(EngineSettings(device="cpu", max_side=64), name=f"w{i}", loader=lambda _s: tiny_models,
+                           max_batch=1) for i in range(2)]
+    seen, done = {}, asyncio.Event()
+    for worker in workers:
+        original = worker._admit
+
+        def admit(tasks, worker=worker, original=original):
+            for task in tasks:
+                seen[task.job.job_id] = worker.name
+            return original(tasks)
+
+        worker._admit = admit
+        worker.start()
+    finished = []
+
+    def on_event(event):
+        if event.kind in ("done", "failed"):
+            finished.append(event)
+            if len(finished) == 4:
+                done.set()
+
+    queue = JobQueue(workers, on_event=on_event)
+    queue.start()
+    for i in range(4):
+        queue.submit(_job(f"{i:032x}", i, steps=3), user_id=i)
+    await asyncio.wait_for(done.wait(), 60)
+    await queue.stop()
+    for worker in workers:
+        worker.shutdown()
+    assert all(e.kind == "done" for e in finished)
+    assert set(seen.values()) == {"w0", "w1"}
+
+
+def test_device_list():
+    assert EngineSettings(device="cpu").device_list() == ["cpu"]
+    assert EngineSettings(device="auto").device_list() == ["cpu"]  # no GPU here
