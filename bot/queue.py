@@ -214,6 +214,9 @@ class JobQueue:
                 task = asyncio.create_task(self._run_one(worker, entry), name=f"mgie-job-{entry.job.job_id[:8]}")
                 running.add(task)
                 task.add_done_callback(lambda t: (running.discard(t), slots.release()))
+                # Let the other workers' dispatchers take their turn: with several GPUs a burst is dealt
+                # out one job at a time instead of the first worker swallowing it whole.
+                await asyncio.sleep(0)
         finally:
             for task in running:
                 task.cancel()
