@@ -111,6 +111,7 @@ async def burst(workers: list[LocalWorker], items: list[dict], steps: int) -> fl
 
     queue = JobQueue(workers, on_event=on_event, max_total=len(items) + 1)
     queue.start()
+    await queue.all_ready()
     jobs = [EditJob(job_id=f"{i:032x}", image=encode(it["image"]), instruction=it["instruction"], seed=it["seed"],
                     text_cfg=it["text_cfg"], image_cfg=it["image_cfg"], steps=steps) for i, it in enumerate(items)]
     start = time.perf_counter()
@@ -210,7 +211,12 @@ def main() -> int:
         elapsed = asyncio.run(burst(pool, burst_items, args.steps))
         key = "burst" if pool is workers else "burst_one_gpu"
         report[key] = {"edits": args.burst, "gpus": len(pool), "seconds": elapsed,
-                       "edits_per_second": args.burst / elapsed, "warmup_seconds": warmup}
+                       "edits_per_second": args.burst / elapsed, "warmup_seconds": warmup,
+                       "jobs_per_worker_total": [getattr(w, "jobs_run", None) for w in pool]}
+        if len(pool) > 1:  # the same jobs on each GPU alone, one after the other: is anything serializing?
+            halves = [burst_items[i::len(pool)] for i in range(len(pool))]
+            report[key]["each_gpu_alone_seconds"] = [asyncio.run(burst([w], half, args.steps))
+                                                     for w, half in zip(pool, halves, strict=True)]
         print(key, report[key], flush=True)
     if "burst_one_gpu" in report:
         report["multi_gpu_scaling"] = report["burst"]["edits_per_second"] / report["burst_one_gpu"]["edits_per_second"]

@@ -124,6 +124,8 @@ class JobQueue:
         self._durations: collections.deque[float] = collections.deque(maxlen=50)
         self._tasks: list[asyncio.Task] = []
         self._accepting = True
+        self._ready: list[Worker] = []
+        self._load: collections.Counter[int] = collections.Counter()
 
     # -- the interface ------------------------------------------------------------------------------
     def submit(self, job: EditJob, user_id: int) -> int:
@@ -185,8 +187,9 @@ class JobQueue:
 
     # -- dispatch -----------------------------------------------------------------------------------
     def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._dispatch(), name="mgie-dispatch"))
         for worker in self.workers:
-            self._tasks.append(asyncio.create_task(self._serve(worker), name=f"mgie-dispatch-{worker.name}"))
+            self._tasks.append(asyncio.create_task(self._watch_ready(worker), name=f"mgie-ready-{worker.name}"))
 
     async def stop(self) -> None:
         self._accepting = False
@@ -198,28 +201,40 @@ class JobQueue:
     def stop_accepting(self) -> None:
         self._accepting = False
 
-    async def _serve(self, worker: Worker) -> None:
-        """Keep up to `worker.capacity` jobs on the worker; the fair queue decides which go next."""
-        await worker.wait_ready()
-        slots = asyncio.Semaphore(getattr(worker, "capacity", 1))
+    async def all_ready(self) -> None:
+        """Until every worker has finished loading (or failed to)."""
+        while len(self._ready) < len(self.workers):
+            await asyncio.sleep(0.01)
+
+    async def _watch_ready(self, worker: Worker) -> None:
+        await worker.wait_ready()  # ready, or failed: a failed worker answers each job with its error
+        self._ready.append(worker)
+        self._wakeup.set()
+
+    async def _dispatch(self) -> None:
+        """Hand the fair queue's next job to the least busy worker that has room, until none has."""
         running: set[asyncio.Task] = set()
         try:
             while True:
-                await slots.acquire()
-                entry = self._queue.pop()
-                while entry is None:
+                free = [w for w in self._ready if self._load[id(w)] < getattr(w, "capacity", 1)]
+                entry = self._queue.pop() if free else None
+                if entry is None:
                     self._wakeup.clear()
                     await self._wakeup.wait()
-                    entry = self._queue.pop()
+                    continue
+                worker = min(free, key=lambda w: self._load[id(w)] / getattr(w, "capacity", 1))
+                self._load[id(worker)] += 1
                 task = asyncio.create_task(self._run_one(worker, entry), name=f"mgie-job-{entry.job.job_id[:8]}")
                 running.add(task)
-                task.add_done_callback(lambda t: (running.discard(t), slots.release()))
-                # Let the other workers' dispatchers take their turn: with several GPUs a burst is dealt
-                # out one job at a time instead of the first worker swallowing it whole.
-                await asyncio.sleep(0)
+                task.add_done_callback(lambda t, w=worker: self._job_left(t, w, running))
         finally:
             for task in running:
                 task.cancel()
+
+    def _job_left(self, task: asyncio.Task, worker: Worker, running: set) -> None:
+        running.discard(task)
+        self._load[id(worker)] -= 1
+        self._wakeup.set()
 
     async def _run_one(self, worker: Worker, entry: _Entry) -> None:
         job_id = entry.job.job_id

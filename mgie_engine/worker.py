@@ -106,6 +106,14 @@ class LocalWorker:
         self._thread = threading.Thread(target=self._main, name=f"mgie-{self.name}", daemon=True)
         self._thread.start()
 
+    def _use_device(self) -> None:
+        """Make this thread's current CUDA device the worker's, so nothing lands on GPU 0 by default."""
+        if self.settings.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.set_device(self.settings.torch_device())
+        self.jobs_run = 0
+
     def _load(self) -> None:
         from .models import load_models
         from .pipeline import MgiePipeline
@@ -161,6 +169,7 @@ class LocalWorker:
     # -- the worker thread ---------------------------------------------------------------------------
     def _main(self) -> None:
         _cudagraphs_in_this_thread()
+        self._use_device()
         self._load()
         active: list[_Task] = []
         while True:
@@ -244,6 +253,7 @@ class LocalWorker:
                 continue
             task.progress("language", 1, 1)
             admitted.append(task)
+            self.jobs_run = getattr(self, "jobs_run", 0) + 1
         return admitted
 
     def _step(self, active: list[_Task]) -> list[_Task]:

@@ -106,6 +106,7 @@ async def test_queue_spreads_jobs_over_several_workers(tiny_models):
 
     queue = JobQueue(workers, on_event=on_event)
     queue.start()
+    await queue.all_ready()
     for i in range(4):
         queue.submit(_job(f"{i:032x}", i, steps=3), user_id=i)
     await asyncio.wait_for(done.wait(), 60)
