@@ -12,8 +12,18 @@ from dotenv import load_dotenv
 from .config import BotConfig, ConfigError
 from .discord_endpoints import apply_endpoints
 
+PERMISSIONS = 1024 | 2048 | 16384 | 32768 | 65536  # view, send, embed links, attach files, read history
+
+
+def invite_url(application_id: str) -> str:
+    return (f"https://discord.com/oauth2/authorize?client_id={int(application_id)}"
+            f"&scope=bot+applications.commands&permissions={PERMISSIONS}")
+
 
 def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "invite":
+        print(invite_url(sys.argv[2]))
+        return 0
     load_dotenv()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
