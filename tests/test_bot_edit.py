@@ -328,3 +328,15 @@ async def test_reply_that_mentions_the_bot_works_without_the_content_intent(worl
                                                   "rainy" in m.embeds[0]["title"]), None), timeout=60)
         assert (await job_of(bot, reply)).kind == "refine"
         assert not [m for m in channel.messages if m.embeds and "snowy" in m.embeds[0]["title"]]
+
+
+async def test_full_run_never_logs_the_token_and_never_pings_everyone(world, tmp_path, tiny_models, caplog):
+    import logging
+
+    fake, guild, channel, alice, *_ = world
+    caplog.set_level(logging.DEBUG)
+    async with bot_running(fake, make_config(fake, tmp_path / "data", [guild.id]), tiny_models):
+        msg = await finished(fake, await edit(fake, alice, channel, instruction="@everyone make **it** <@&123> red"))
+        assert msg.allowed_mentions.get("parse") == [] and not msg.allowed_mentions.get("roles")
+        assert "@everyone" not in msg.embeds[0]["title"].replace("@\u200beveryone", "")
+    assert caplog.records and fake.token not in caplog.text
