@@ -9,6 +9,8 @@ from pathlib import Path
 
 from mgie_engine.settings import EngineSettings
 
+DEFAULT_USER_JOBS_PER_MINUTE = 6  # a busy human re-rolls about this often; a script quickly hits it
+
 
 class ConfigError(Exception):
     """A setting is missing or malformed; the message says which and how to fix it."""
@@ -50,6 +52,8 @@ class BotConfig:
     max_queue: int
     progress_interval: float
     engine: EngineSettings
+    # New jobs one user may start per minute, on top of the pending cap; 0 = no limit.
+    user_jobs_per_minute: int = DEFAULT_USER_JOBS_PER_MINUTE
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> BotConfig:
@@ -68,4 +72,5 @@ class BotConfig:
             max_queue=_int(env, "MGIE_MAX_QUEUE", 100, 1, 10_000),
             progress_interval=float(env.get("MGIE_PROGRESS_INTERVAL") or 2.0),
             engine=EngineSettings.from_env(env),
+            user_jobs_per_minute=_int(env, "MGIE_USER_JOBS_PER_MINUTE", DEFAULT_USER_JOBS_PER_MINUTE, 0, 1000),
         )

@@ -1,4 +1,4 @@
-"""Checks every request passes before it becomes a job: where, who, how many, and the image itself.
+"""Checks every request passes before it becomes a job: where, who, what, how many, and the image itself.
 
 Each refusal is a :class:`Refusal` whose message is shown to the user (ephemerally) as is.
 """
@@ -6,6 +6,12 @@ Each refusal is a :class:`Refusal` whose message is shown to the user (ephemeral
 from __future__ import annotations
 
 import asyncio
+import collections
+import functools
+import math
+import re
+import time
+from collections.abc import Callable
 
 import discord
 import PIL.Image
@@ -13,8 +19,13 @@ import PIL.Image
 from mgie_engine.errors import MgieError
 from mgie_engine.images import MAX_INPUT_BYTES, load_image
 
+from .config import DEFAULT_USER_JOBS_PER_MINUTE
 from .downloads import allowed_hosts, check_attachment_meta, download
-from .storage import GuildSettings
+from .storage import GuildSettings, fold_text
+
+BANNED_MESSAGE = "You can't use MGIE in this server."
+BLOCKED_WORD_MESSAGE = ("Your instruction contains a word or phrase this server has blocked, so I won't run it. "
+                        "Please rephrase it.")
 
 
 class Refusal(MgieError):
@@ -38,12 +49,97 @@ async def fetch_image(bot, attachment: discord.Attachment) -> tuple[bytes, PIL.I
     return data, image
 
 
+class JobRateLimiter:
+    """At most ``limit`` new jobs per user in any ``window`` seconds (a sliding window, not fixed minutes).
+
+    The pending cap stops a queue of many waiting jobs, but fast jobs finish at once, so without this one
+    user could still keep the GPU busy by submitting over and over. State is in memory: a restart forgets
+    it, which only ever lets someone in early. At most ``max_users`` users are tracked; past that the one
+    idle longest is forgotten, so memory stays bounded however many accounts show up.
+    """
+
+    def __init__(self, limit: int, window: float = 60.0, max_users: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit, self.window, self.max_users, self.clock = limit, window, max_users, clock
+        self._starts: collections.OrderedDict[int, collections.deque[float]] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def retry_after(self, user_id: int) -> float:
+        """Seconds until ``user_id`` may start another job; 0 when they may now."""
+        if self.limit <= 0:
+            return 0.0
+        starts = self._starts.get(user_id)
+        if starts is None:
+            return 0.0
+        now = self.clock()
+        while starts and starts[0] <= now - self.window:
+            starts.popleft()
+        if len(starts) < self.limit:
+            return 0.0
+        return starts[0] + self.window - now
+
+    def record(self, user_id: int) -> None:
+        """Count a new job of ``user_id`` now (call only after every other check passed)."""
+        if self.limit <= 0:
+            return
+        starts = self._starts.get(user_id)
+        if starts is None:
+            starts = self._starts[user_id] = collections.deque(maxlen=self.limit)
+        starts.append(self.clock())
+        self._starts.move_to_end(user_id)
+        while len(self._starts) > self.max_users:
+            self._starts.popitem(last=False)
+
+
+def job_rate_limiter(bot) -> JobRateLimiter:
+    """The bot's limiter, made on first use from ``bot.config.user_jobs_per_minute``."""
+    limiter = getattr(bot, "_mgie_job_rate_limiter", None)
+    if limiter is None:
+        limit = getattr(bot.config, "user_jobs_per_minute", DEFAULT_USER_JOBS_PER_MINUTE)
+        limiter = JobRateLimiter(limit)
+        bot._mgie_job_rate_limiter = limiter  # noqa: SLF001 - ours; bot.py is not ours to add it in setup_hook
+    return limiter
+
+
+@functools.lru_cache(maxsize=256)
+def _blocked_pattern(words: tuple[str, ...]) -> re.Pattern[str] | None:
+    r"""One regex per list (cached); (?<!\w)...(?!\w) rather than \b, so entries may start or end in punctuation."""
+    alternatives = [re.escape(w) for w in {fold_text(w) for w in words} if w]
+    if not alternatives:
+        return None
+    return re.compile(rf"(?<!\w)(?:{'|'.join(sorted(alternatives, key=len, reverse=True))})(?!\w)")
+
+
+def contains_blocked_word(instruction: str, words: list[str]) -> bool:
+    """Whether a blocked word or phrase appears as a whole word in ``instruction``, compared after fold_text."""
+    pattern = _blocked_pattern(tuple(words))
+    return pattern is not None and pattern.search(fold_text(instruction)) is not None
+
+
 async def check_access(bot, user: discord.abc.User, guild_id: int | None, channel_id: int,
-                       settings: GuildSettings) -> None:
+                       settings: GuildSettings, instruction: str | None = None) -> None:
+    """Raise Refusal unless ``user`` may start a new job here; on success the job counts toward the rate limit.
+
+    Every path that starts a job calls this, so bans, the block-list and the limits cannot be side-stepped
+    through a button or a reply. Pass ``instruction`` wherever the user typed one (re-used ones too), so the
+    server's block-list applies to it. A ban is per server, so DMs (``guild_id`` None) never see one.
+    """
+    if await bot.store.is_blocked(guild_id, user.id):
+        raise Refusal(BANNED_MESSAGE)
     if settings.allowed_channel_ids and channel_id not in settings.allowed_channel_ids:
         mentions = ", ".join(f"<#{c}>" for c in settings.allowed_channel_ids[:5])
         raise Refusal(f"Edits are not enabled in this channel; try {mentions}.")
+    if instruction is not None and contains_blocked_word(instruction, settings.blocked_words):
+        raise Refusal(BLOCKED_WORD_MESSAGE)  # never echo the word: that would publish it in reply refusals
     pending = bot.queue.pending_for(user.id)
     if pending >= settings.user_pending_cap:
         raise Refusal(f"You already have {pending} edit(s) waiting; the limit here is {settings.user_pending_cap}. "
                       "Wait for one to finish or cancel one.")
+    limiter = job_rate_limiter(bot)
+    wait = limiter.retry_after(user.id)
+    if wait > 0:
+        raise Refusal(f"You've started {limiter.limit} edit(s) in the last minute, the most allowed. "
+                      f"Please try again in {math.ceil(wait)} s.")
+    limiter.record(user.id)

@@ -119,6 +119,9 @@ class JobManager:
             record = await self.store.update_job(job_id, state="failed", error=event.error, finished_at=time.time())
             await self._show(job_id, render.failed(record, event.error or "unknown error"), view=None, ping=True)
             self._live.pop(job_id, None)
+        elif event.kind == "requeued":  # its worker stopped responding before it began painting
+            record = await self.store.update_job(job_id, state="queued", started_at=None)
+            await self._show_queued(record)
         elif event.kind == "cancelled":
             record = await self.store.update_job(job_id, state="cancelled", finished_at=time.time())
             await self._show(job_id, render.cancelled(record), view=None)

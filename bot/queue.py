@@ -37,7 +37,7 @@ class QueueFullError(MgieError):
 @dataclasses.dataclass(frozen=True)
 class JobEvent:
     job_id: str
-    kind: str  # "started" | "progress" | "done" | "failed" | "cancelled"
+    kind: str  # "started" | "progress" | "done" | "failed" | "cancelled" | "requeued"
     progress: JobProgress | None = None
     outcome: EditOutcome | None = None
     error: str | None = None
@@ -49,6 +49,8 @@ class _Entry:
     user_id: int
     enqueued_at: float
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    assigned_at: float = 0.0
+    painted: bool = False  # denoising has begun: redoing it elsewhere would not be the same edit any more
 
 
 class FairQueue:
@@ -61,11 +63,18 @@ class FairQueue:
     def __len__(self) -> int:
         return sum(len(q) for q in self._queues.values())
 
-    def push(self, entry: _Entry) -> None:
+    def push(self, entry: _Entry, front: bool = False) -> None:
+        """Queue a job; ``front`` puts it first in line (a job given back by a failed worker)."""
         queue = self._queues.setdefault(entry.user_id, collections.deque())
         if not queue:
-            self._turns.append(entry.user_id)
-        queue.append(entry)
+            if front:
+                self._turns.appendleft(entry.user_id)
+            else:
+                self._turns.append(entry.user_id)
+        if front:
+            queue.appendleft(entry)
+        else:
+            queue.append(entry)
 
     def pop(self) -> _Entry | None:
         if not self._turns:
@@ -112,8 +121,11 @@ class JobQueue:
     """submit / cancel / position / eta, and events for everything that happens to a job."""
 
     def __init__(self, workers: list[Worker], on_event: EventHandler, max_total: int = 100,
-                 default_seconds: float = 30.0) -> None:
-        self.workers = workers
+                 default_seconds: float = 30.0, stall_timeout: float = 300.0,
+                 replace_worker: Callable[[Worker], Worker] | None = None) -> None:
+        self.workers = list(workers)
+        self.stall_timeout = stall_timeout
+        self.replace_worker = replace_worker
         self.on_event = on_event
         self.max_total = max_total
         self.default_seconds = default_seconds
@@ -126,6 +138,7 @@ class JobQueue:
         self._accepting = True
         self._ready: list[Worker] = []
         self._load: collections.Counter[int] = collections.Counter()
+        self._assigned: dict[str, tuple[Worker, asyncio.Task]] = {}
 
     # -- the interface ------------------------------------------------------------------------------
     def submit(self, job: EditJob, user_id: int) -> int:
@@ -188,6 +201,7 @@ class JobQueue:
     # -- dispatch -----------------------------------------------------------------------------------
     def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._dispatch(), name="mgie-dispatch"))
+        self._tasks.append(asyncio.create_task(self._watchdog(), name="mgie-watchdog"))
         for worker in self.workers:
             self._tasks.append(asyncio.create_task(self._watch_ready(worker), name=f"mgie-ready-{worker.name}"))
 
@@ -224,7 +238,9 @@ class JobQueue:
                     continue
                 worker = min(free, key=lambda w: self._load[id(w)] / getattr(w, "capacity", 1))
                 self._load[id(worker)] += 1
+                entry.assigned_at = time.monotonic()
                 task = asyncio.create_task(self._run_one(worker, entry), name=f"mgie-job-{entry.job.job_id[:8]}")
+                self._assigned[entry.job.job_id] = (worker, task)
                 running.add(task)
                 task.add_done_callback(lambda t, w=worker: self._job_left(t, w, running))
         finally:
@@ -236,20 +252,66 @@ class JobQueue:
         self._load[id(worker)] -= 1
         self._wakeup.set()
 
+    # -- the watchdog -------------------------------------------------------------------------------
+    async def _watchdog(self) -> None:
+        """A worker that makes no progress for `stall_timeout` while it has jobs is given up on."""
+        while True:
+            await asyncio.sleep(max(min(self.stall_timeout / 4, 5.0), 0.05))
+            now = time.monotonic()
+            for worker in list(self._ready):
+                mine = [self._running.get(j) for j, (w, _) in self._assigned.items() if w is worker]
+                mine = [e for e in mine if e is not None]
+                if not mine:
+                    continue
+                since = max(getattr(worker, "heartbeat", now), min(e.assigned_at for e in mine))
+                if now - since > self.stall_timeout:
+                    self._give_up(worker)
+
+    def _give_up(self, worker: Worker) -> None:
+        log.error("worker %s made no progress for %.0f s; taking its jobs away", worker.name, self.stall_timeout)
+        self._ready.remove(worker)
+        for job_id, (owner, task) in list(self._assigned.items()):
+            if owner is not worker:
+                continue
+            task.cancel()
+            del self._assigned[job_id]
+            entry = self._running.pop(job_id, None)
+            self._started.pop(job_id, None)
+            if entry is None:
+                continue
+            if entry.painted:
+                self._emit(JobEvent(job_id, "failed", error="The GPU worker stopped responding in the middle of "
+                                                             "this edit. Please try again."))
+            else:
+                entry.cancel = threading.Event()
+                self._queue.push(entry, front=True)
+                self._emit(JobEvent(job_id, "requeued"))
+        if hasattr(worker, "shutdown"):
+            worker.shutdown()
+        if self.replace_worker is not None:
+            new = self.replace_worker(worker)
+            self.workers[self.workers.index(worker)] = new
+            self._tasks.append(asyncio.create_task(self._watch_ready(new), name=f"mgie-ready-{new.name}"))
+        self._wakeup.set()
+
     async def _run_one(self, worker: Worker, entry: _Entry) -> None:
         job_id = entry.job.job_id
         self._running[job_id] = entry
         self._started[job_id] = time.monotonic()
         self._emit(JobEvent(job_id, "started"))
+        def progress(p: JobProgress) -> None:
+            if p.stage == "denoise":
+                entry.painted = True
+            self._emit(JobEvent(job_id, "progress", progress=p))
+
         try:
-            outcome = await worker.run(entry.job, lambda p: self._emit(JobEvent(job_id, "progress", progress=p)),
-                                       entry.cancel)
+            outcome = await worker.run(entry.job, progress, entry.cancel)
         except JobCancelledError:
             self._emit(JobEvent(job_id, "cancelled"))
         except MgieError as err:
             self._emit(JobEvent(job_id, "failed", error=str(err)))
         except asyncio.CancelledError:
-            raise
+            raise  # the watchdog took the job away (it reports what happens next), or shutdown
         except Exception as err:  # a bug or a device fault must not kill the dispatcher
             log.exception("job %s failed on %s", job_id, worker.name)
             self._emit(JobEvent(job_id, "failed", error=f"Something went wrong on the GPU ({type(err).__name__})."))
@@ -257,8 +319,11 @@ class JobQueue:
             self._durations.append(outcome.seconds)
             self._emit(JobEvent(job_id, "done", outcome=outcome))
         finally:
-            self._running.pop(job_id, None)
-            self._started.pop(job_id, None)
+            owner = self._assigned.get(job_id)
+            if owner is not None and owner[1] is asyncio.current_task():  # not taken away by the watchdog
+                del self._assigned[job_id]
+                self._running.pop(job_id, None)
+                self._started.pop(job_id, None)
 
     def _emit(self, event: JobEvent) -> None:
         result = self.on_event(event)

@@ -25,6 +25,7 @@ import sqlite3
 import tempfile
 import threading
 import time
+import unicodedata
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from importlib import resources
@@ -101,6 +102,7 @@ class GuildSettings:
     max_steps: int = 100
     user_pending_cap: int = 3
     refine_depth: int = 3
+    blocked_words: list[str] = dataclasses.field(default_factory=list)  # folded with fold_text; [] = none
 
 
 _JOB_COLUMNS = tuple(f.name for f in dataclasses.fields(JobRecord))
@@ -116,7 +118,16 @@ _SETTING_LIMITS = {
     "user_pending_cap": (1, 20, "Pending jobs per user"),
     "refine_depth": (0, 10, "Refine depth"),
 }
-_SETTING_FIELDS = frozenset(_SETTING_LIMITS) | {"allowed_channel_ids"}
+_SETTING_FIELDS = frozenset(_SETTING_LIMITS) | {"allowed_channel_ids", "blocked_words"}
+MAX_BLOCKED_WORDS = 100  # one compiled pattern per server; keeps matching cheap and the settings reply short
+MAX_BLOCKED_WORD_CHARS = 60
+MAX_BAN_REASON_CHARS = 500
+
+# Combining marks that only decorate Latin-like letters (accents, Zalgo, under/strike-through, enclosing
+# circles) and variation selectors: dropped so "b\u0336a\u0336d\u0336" matches "bad". Marks that are part of a
+# script's spelling (e.g. Indic vowel signs) are kept, or unrelated words would collide.
+_DECORATIVE_MARKS = re.compile("[\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe00-\ufe0f\ufe20-\ufe2f]")
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf"})  # zero-width spaces/joiners, soft hyphens, bidi controls
 
 
 # --- migrations -------------------------------------------------------------------------------------
@@ -281,11 +292,42 @@ def _validate_settings(changes: dict[str, Any]) -> dict[str, Any]:
         if name == "allowed_channel_ids":
             clean[name] = _validate_channels(value)
             continue
+        if name == "blocked_words":
+            clean[name] = _validate_blocked_words(value)
+            continue
         low, high, label = _SETTING_LIMITS[name]
         if not _is_int(value) or not low <= value <= high:
             raise ValueError(f"{label} must be a whole number from {low} to {high} (got {value!r}).")
         clean[name] = value
     return clean
+
+
+def fold_text(text: str) -> str:
+    """The form block-list words are stored in and instructions are matched in.
+
+    NFKC maps fullwidth and "styled" letters (𝐛𝐚𝐝, ｂａｄ, ⓑⓐⓓ) to plain ones, casefold handles case (ß, Σ),
+    decorative marks and invisible characters go and whitespace collapses, so none of them dodges a match.
+    """
+    decomposed = _DECORATIVE_MARKS.sub("", unicodedata.normalize("NFKD", text))
+    visible = "".join(ch for ch in decomposed if ch.isspace() or unicodedata.category(ch) not in _INVISIBLE_CATEGORIES)
+    return " ".join(unicodedata.normalize("NFKC", visible).casefold().split())
+
+
+def _validate_blocked_words(value: object) -> list[str]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ValueError("Blocked words must be a list of words or phrases.")
+    words: list[str] = []
+    for entry in value:
+        if not isinstance(entry, str):
+            raise ValueError(f"Blocked words must be text (got {entry!r}).")
+        word = fold_text(entry)
+        if len(word) > MAX_BLOCKED_WORD_CHARS:
+            raise ValueError(f"Each blocked word or phrase can be at most {MAX_BLOCKED_WORD_CHARS} characters.")
+        if word and word not in words:
+            words.append(word)
+    if len(words) > MAX_BLOCKED_WORDS:
+        raise ValueError(f"At most {MAX_BLOCKED_WORDS} blocked words or phrases (got {len(words)}).")
+    return words
 
 
 def _validate_channels(value: object) -> list[int]:
@@ -309,6 +351,7 @@ def _settings_from_row(guild_id: int | None, row: sqlite3.Row | None) -> GuildSe
         max_steps=row["max_steps"],
         user_pending_cap=row["user_pending_cap"],
         refine_depth=row["refine_depth"],
+        blocked_words=[str(w) for w in json.loads(row["blocked_words"])],
     )
 
 
@@ -583,7 +626,8 @@ class Store:
         """Validate and save ``changes``; ValueError messages are written for the moderator who sent them.
 
         Limits: max_steps 1..200, user_pending_cap 1..20, refine_depth 0..10, allowed_channel_ids a list of
-        channel IDs (duplicates dropped; empty = every channel).
+        channel IDs (duplicates dropped; empty = every channel), blocked_words a list of at most
+        MAX_BLOCKED_WORDS words or phrases (stored folded by fold_text, blanks and duplicates dropped).
         """
         if not _is_int(guild_id):
             raise ValueError("Settings can only be changed in a server.")
@@ -595,17 +639,18 @@ class Store:
                 settings = dataclasses.replace(_settings_from_row(guild_id, row), **clean)
                 conn.execute(
                     "INSERT INTO guild_settings"
-                    " (guild_id, allowed_channel_ids, max_steps, user_pending_cap, refine_depth)"
-                    " VALUES (?, ?, ?, ?, ?)"
+                    " (guild_id, allowed_channel_ids, max_steps, user_pending_cap, refine_depth, blocked_words)"
+                    " VALUES (?, ?, ?, ?, ?, ?)"
                     " ON CONFLICT (guild_id) DO UPDATE SET allowed_channel_ids = excluded.allowed_channel_ids,"
                     " max_steps = excluded.max_steps, user_pending_cap = excluded.user_pending_cap,"
-                    " refine_depth = excluded.refine_depth",
+                    " refine_depth = excluded.refine_depth, blocked_words = excluded.blocked_words",
                     (
                         guild_id,
                         json.dumps(settings.allowed_channel_ids),
                         settings.max_steps,
                         settings.user_pending_cap,
                         settings.refine_depth,
+                        json.dumps(settings.blocked_words),
                     ),
                 )
             return settings
@@ -635,18 +680,36 @@ class Store:
 
         return await self._call(get)
 
-    async def block_user(self, guild_id: int, user_id: int) -> bool:
-        """Block ``user_id`` in ``guild_id``; False when they already were."""
+    async def block_user(self, guild_id: int, user_id: int, *, reason: str = "",
+                         blocked_by: int | None = None) -> bool:
+        """Block ``user_id`` in ``guild_id``; False when they already were (the first reason is kept).
+
+        ``reason`` (cut to MAX_BAN_REASON_CHARS) and ``blocked_by`` are kept for moderators to look back on.
+        """
+        reason = reason.strip()[:MAX_BAN_REASON_CHARS]
 
         def block(conn: sqlite3.Connection) -> bool:
             with _write(conn):
                 cursor = conn.execute(
-                    "INSERT OR IGNORE INTO blocked_users (guild_id, user_id, blocked_at) VALUES (?, ?, ?)",
-                    (guild_id, user_id, time.time()),
+                    "INSERT OR IGNORE INTO blocked_users (guild_id, user_id, blocked_at, reason, blocked_by)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (guild_id, user_id, time.time(), reason, blocked_by),
                 )
             return cursor.rowcount == 1
 
         return await self._call(block)
+
+    async def block_reason(self, guild_id: int | None, user_id: int) -> str | None:
+        """Why ``user_id`` is blocked in ``guild_id`` ('' when no reason was given); None when not blocked."""
+        if guild_id is None:
+            return None
+
+        def get(conn: sqlite3.Connection) -> str | None:
+            sql = "SELECT reason FROM blocked_users WHERE guild_id = ? AND user_id = ?"
+            row = conn.execute(sql, (guild_id, user_id)).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._call(get)
 
     async def unblock_user(self, guild_id: int, user_id: int) -> bool:
         """Unblock ``user_id`` in ``guild_id``; False when they were not blocked."""

@@ -101,6 +101,8 @@ class LocalWorker:
         self.error: str | None = None
         self.pipeline: Any = None
         self.loaded_at: float | None = None
+        self.heartbeat = time.monotonic()  # last time the worker made progress; the queue's watchdog reads it
+        self.fault_hook: Callable[[str, list[str]], None] | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._main, name=f"mgie-{self.name}", daemon=True)
@@ -145,8 +147,11 @@ class LocalWorker:
         loop = asyncio.get_running_loop()
 
         def progress(stage: str, step: int, total: int) -> None:
-            if on_progress is not None:
-                loop.call_soon_threadsafe(on_progress, JobProgress(job.job_id, stage, step, total))
+            if on_progress is not None and not loop.is_closed():
+                try:
+                    loop.call_soon_threadsafe(on_progress, JobProgress(job.job_id, stage, step, total))
+                except RuntimeError:  # the loop closed meanwhile: nobody is listening any more
+                    pass
 
         future: concurrent.futures.Future = concurrent.futures.Future()
         task = _Task(job=job, progress=progress, cancel=cancel, future=future)
@@ -173,7 +178,9 @@ class LocalWorker:
         self._load()
         active: list[_Task] = []
         while True:
+            self.busy = bool(active)
             admitted = self._take(block=not active, room=self.capacity - len(active))
+            self.heartbeat = time.monotonic()
             if admitted is None:
                 break
             if self.state is not WorkerState.READY:
@@ -234,8 +241,11 @@ class LocalWorker:
             return []
         started = time.perf_counter()
         try:
+            self._fault("language", ready)
             results = pipe.guidance_many([(t.image, t.job.instruction, t.job.history) for t in ready])
+            self.heartbeat = time.monotonic()
         except Exception as err:
+            self._free_memory()
             log.exception("language model batch failed on %s", self.name)
             for task in ready:
                 _fail(task, _user_error(err))
@@ -269,20 +279,56 @@ class LocalWorker:
             groups.setdefault(task.state.size, []).append(task)
         running = []
         for group in groups.values():
-            try:
-                self.pipeline.denoise_step([t.state for t in group])
-            except Exception as err:
-                log.exception("denoising step failed on %s", self.name)
+            for done_group in self._step_group(group):
+                for task in done_group:
+                    task.progress("denoise", task.state.index, task.state.total)
+                    if task.state.done:
+                        self._finish(task)
+                    else:
+                        running.append(task)
+        return running
+
+    def _step_group(self, group: list[_Task]) -> list[list[_Task]]:
+        """One UNet call for the group. Out of memory: free what we can and retry each job alone once,
+        so one big batch costs a slower step rather than everyone's edit; a job that fails alone fails."""
+        try:
+            self._fault("step", group)
+            self.pipeline.denoise_step([t.state for t in group])
+            self.heartbeat = time.monotonic()
+            return [group]
+        except Exception as err:
+            log.exception("denoising step failed on %s (%d jobs)", self.name, len(group))
+            self._free_memory()
+            if len(group) == 1 or not _is_out_of_memory(err):
                 for task in group:
                     _fail(task, _user_error(err))
-                continue
-            for task in group:
-                task.progress("denoise", task.state.index, task.state.total)
-                if task.state.done:
-                    self._finish(task)
-                else:
-                    running.append(task)
-        return running
+                return []
+        survivors = []
+        for task in group:
+            try:
+                self._fault("retry", [task])
+                self.pipeline.denoise_step([task.state])
+                survivors.append([task])
+            except Exception as err:
+                log.exception("job %s failed alone too on %s", task.job.job_id, self.name)
+                self._free_memory()
+                _fail(task, _user_error(err))
+        self.heartbeat = time.monotonic()
+        return survivors
+
+    def _fault(self, stage: str, tasks: list[_Task]) -> None:
+        """Test hook: lets tests inject GPU faults (out of memory, CUDA errors, hangs) at a stage."""
+        if self.fault_hook is not None:
+            self.fault_hook(stage, [t.job.job_id for t in tasks])
+
+    def _free_memory(self) -> None:
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _finish(self, task: _Task) -> None:
         try:
@@ -394,10 +440,14 @@ def _fail(task: _Task, err: BaseException) -> None:
         task.future.set_exception(err)
 
 
+def _is_out_of_memory(err: BaseException) -> bool:
+    return "out of memory" in str(err).lower()
+
+
 def _user_error(err: BaseException) -> MgieError:
     """Errors from inside the models become a message fit for the user; details go to the log."""
     if isinstance(err, MgieError):
         return err
-    if "out of memory" in str(err).lower():
+    if _is_out_of_memory(err):
         return MgieError("The GPU ran out of memory for this edit; try a smaller image or fewer steps.")
     return MgieError(f"Something went wrong on the GPU ({type(err).__name__}); the error is logged.")

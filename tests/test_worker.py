@@ -120,3 +120,128 @@ async def test_queue_spreads_jobs_over_several_workers(tiny_models):
 def test_device_list():
     assert EngineSettings(device="cpu").device_list() == ["cpu"]
     assert EngineSettings(device="auto").device_list() == ["cpu"]  # no GPU here
+
+
+class _OOM(RuntimeError):
+    """What PyTorch raises: torch.cuda.OutOfMemoryError's message starts with 'CUDA out of memory'."""
+
+    def __init__(self) -> None:
+        super().__init__("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+async def _started_worker(tiny_models, **kw) -> LocalWorker:
+    worker = LocalWorker(EngineSettings(device="cpu", max_side=64), loader=lambda _s: tiny_models, **kw)
+    worker.start()
+    await worker.wait_ready()
+    return worker
+
+
+async def test_out_of_memory_in_a_batch_retries_each_job_alone(tiny_models):
+    worker = await _started_worker(tiny_models, max_batch=4)
+    fired = []
+
+    def hook(stage, job_ids):
+        if stage == "step" and len(job_ids) > 1 and not fired:
+            fired.append(job_ids)
+            raise _OOM()
+
+    worker.fault_hook = hook
+    try:
+        jobs = [_job(f"{i:032x}", i, steps=3) for i in range(3)]
+        outcomes = await asyncio.gather(*(worker.run(j) for j in jobs))
+    finally:
+        worker.shutdown()
+    assert fired and all(o.png.startswith(b"\x89PNG") for o in outcomes)
+
+
+async def test_a_job_that_always_runs_out_of_memory_fails_alone(tiny_models):
+    worker = await _started_worker(tiny_models, max_batch=4)
+    greedy = "e" * 32
+
+    def hook(stage, job_ids):
+        if stage in ("step", "retry") and greedy in job_ids:
+            raise _OOM()
+
+    worker.fault_hook = hook
+    try:
+        results = await asyncio.gather(worker.run(_job(greedy, 1, steps=3)), worker.run(_job("f" * 32, 2, steps=3)),
+                                       return_exceptions=True)
+        after = await worker.run(_job("a" * 32, 3, steps=2))  # the worker is still fine afterwards
+    finally:
+        worker.shutdown()
+    assert "ran out of memory" in str(results[0])
+    assert results[1].png.startswith(b"\x89PNG") and after.png.startswith(b"\x89PNG")
+
+
+async def test_a_cuda_error_fails_that_step_and_the_next_jobs_still_run(tiny_models):
+    worker = await _started_worker(tiny_models, max_batch=4)
+    once = []
+
+    def hook(stage, job_ids):
+        if stage == "step" and not once:
+            once.append(1)
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    worker.fault_hook = hook
+    try:
+        first = await asyncio.gather(worker.run(_job("b" * 32, 1, steps=2)), return_exceptions=True)
+        second = await worker.run(_job("c" * 32, 2, steps=2))
+    finally:
+        worker.shutdown()
+    assert "went wrong on the GPU" in str(first[0]) and second.png.startswith(b"\x89PNG")
+
+
+async def _stuck_queue_run(tiny_models, hang_at_step: int):
+    from bot.queue import JobQueue
+
+    release = threading.Event()
+    settings = EngineSettings(device="cpu", max_side=64)
+    stuck = LocalWorker(settings, name="stuck", loader=lambda _s: tiny_models, max_batch=1)
+    steps_seen = []
+
+    def hang(stage, job_ids):
+        if stage == "step":
+            steps_seen.append(job_ids)
+            if len(steps_seen) > hang_at_step:
+                release.wait(60)  # a step that never returns (until the test ends)
+
+    stuck.fault_hook = hang
+    stuck.start()
+    fresh_workers = []
+
+    def replace(old):
+        fresh = LocalWorker(settings, name="fresh", loader=lambda _s: tiny_models, max_batch=1)
+        fresh.start()
+        fresh_workers.append(fresh)
+        return fresh
+
+    events, done = [], asyncio.Event()
+
+    def on_event(event):
+        events.append(event)
+        if sum(e.kind in ("done", "failed") for e in events) == 2:
+            done.set()
+
+    queue = JobQueue([stuck], on_event=on_event, stall_timeout=0.5, replace_worker=replace)
+    queue.start()
+    await queue.all_ready()
+    queue.submit(_job("a" * 32, 1, steps=3), user_id=1)
+    queue.submit(_job("b" * 32, 2, steps=3), user_id=2)
+    try:
+        await asyncio.wait_for(done.wait(), 60)
+    finally:
+        release.set()
+        await queue.stop()
+        for worker in [stuck, *fresh_workers]:
+            worker.shutdown()
+    return {(e.job_id[0], e.kind) for e in events}, fresh_workers
+
+
+async def test_a_worker_that_hangs_before_painting_gives_its_job_to_a_new_worker(tiny_models):
+    kinds, fresh = await _stuck_queue_run(tiny_models, hang_at_step=0)
+    assert fresh and ("a", "requeued") in kinds and ("a", "done") in kinds and ("b", "done") in kinds
+
+
+async def test_a_worker_that_hangs_mid_edit_fails_that_job_and_the_next_still_runs(tiny_models):
+    kinds, fresh = await _stuck_queue_run(tiny_models, hang_at_step=1)
+    assert fresh and ("a", "failed") in kinds and ("a", "done") not in kinds and ("b", "done") in kinds
