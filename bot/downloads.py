@@ -2,26 +2,50 @@
 
 The URL comes from a gateway payload, but a crafted or proxied payload must still never make the bot
 fetch an arbitrary host (server-side request forgery), and a lying size header must not fill memory.
+
+The URL is parsed once, with the same parser (yarl) that aiohttp connects with, and that parsed URL is
+what gets fetched: checking with one parser (``urlsplit``) and fetching with another lets quirks such as
+backslashes or ``@`` in the authority point the two at different hosts.
 """
 
 from __future__ import annotations
 
 import asyncio
-from urllib.parse import urlsplit
 
 import aiohttp
+from yarl import URL
 
 from mgie_engine.errors import BadImageError
 
 DISCORD_CDN_HOSTS = frozenset({"cdn.discordapp.com", "media.discordapp.net"})
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif")
 DOWNLOAD_TIMEOUT = 30.0
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_NOT_DISCORD = "That attachment is not hosted on Discord, so I won't fetch it."
+
+
+def _origin(host: str, port: int) -> str:
+    """``host:port`` as an allow-list entry, IPv6 literals bracketed so the port stays unambiguous."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def allowed_hosts(api_base: str | None) -> frozenset[str]:
-    """Discord's CDN hosts, plus the configured API base's host (a proxy or the tests' fake Discord)."""
-    extra = {urlsplit(api_base).hostname} if api_base else set()
-    return DISCORD_CDN_HOSTS | {h for h in extra if h}
+    """Discord's CDN hosts, plus the configured API base's ``host:port`` (a proxy or the tests' fake Discord).
+
+    A bare name allows that host on its scheme's default port only; a ``host:port`` entry allows that one
+    port. So a local proxy's neighbours (``localhost:6379``...) stay out of reach. A malformed API base adds
+    nothing rather than failing every download.
+    """
+    if not api_base:
+        return DISCORD_CDN_HOSTS
+    try:
+        base = URL(api_base)
+        host, port = base.raw_host, base.port
+    except (ValueError, TypeError):
+        return DISCORD_CDN_HOSTS
+    if not host or port is None or base.scheme not in _DEFAULT_PORTS:
+        return DISCORD_CDN_HOSTS
+    return DISCORD_CDN_HOSTS | {_origin(host.lower(), port)}
 
 
 def check_attachment_meta(filename: str, content_type: str | None, size: int, max_bytes: int) -> None:
@@ -34,27 +58,53 @@ def check_attachment_meta(filename: str, content_type: str | None, size: int, ma
         raise BadImageError(f"{filename} is not a PNG, JPEG, WEBP or GIF image ({content_type}).")
 
 
+def _checked_url(url: str, hosts: frozenset[str]) -> URL:
+    """Parse ``url`` and return it only if it names an allowed host and port; else BadImageError."""
+    try:
+        parsed = URL(url)
+        scheme, host, port = parsed.scheme, parsed.raw_host, parsed.port
+    except (ValueError, TypeError):  # UnicodeError (bad IDNA) is a ValueError
+        raise BadImageError(_NOT_DISCORD) from None
+    if scheme not in _DEFAULT_PORTS or not host or port is None:
+        raise BadImageError(_NOT_DISCORD)
+    if parsed.raw_user is not None or parsed.raw_password is not None:
+        raise BadImageError(_NOT_DISCORD)  # Discord links never carry credentials; userinfo is a disguise
+    host = host.lower()
+    if scheme == "http" and host in DISCORD_CDN_HOSTS:
+        raise BadImageError("That attachment link is not a secure Discord link.")
+    default_port = port == _DEFAULT_PORTS[scheme]
+    if not (host in hosts and default_port) and _origin(host, port) not in hosts:
+        raise BadImageError(_NOT_DISCORD)
+    return parsed
+
+
 async def download(session: aiohttp.ClientSession, url: str, hosts: frozenset[str], max_bytes: int,
                    timeout: float = DOWNLOAD_TIMEOUT) -> bytes:
-    parts = urlsplit(url)
-    if parts.scheme not in ("https", "http") or parts.hostname not in hosts:
-        raise BadImageError("That attachment is not hosted on Discord, so I won't fetch it.")
-    if parts.scheme == "http" and parts.hostname in DISCORD_CDN_HOSTS:
-        raise BadImageError("That attachment link is not a secure Discord link.")
+    """Fetch ``url`` into memory, or raise BadImageError with a message fit to show the user.
+
+    Redirects are never followed (the target would skip the host check); the declared length is checked
+    before reading and the running total while reading, so memory stays within ``max_bytes`` plus a chunk.
+    """
+    target = _checked_url(url, hosts)
+    over = f"That image is over the {max_bytes / 2**20:.0f} MB limit."
     try:
         async with asyncio.timeout(timeout):
-            async with session.get(url, allow_redirects=False) as resp:
+            # identity: the cap then counts the bytes on the wire, not what a compressed body expands to.
+            async with session.get(target, allow_redirects=False,
+                                   headers={"Accept-Encoding": "identity"}) as resp:
+                if 300 <= resp.status < 400:
+                    raise BadImageError("That attachment link points somewhere else, so I won't follow it.")
                 if resp.status != 200:
                     raise BadImageError(f"Discord would not give me that attachment (HTTP {resp.status}); "
                                         "it may have been deleted.")
                 declared = resp.content_length
                 if declared is not None and declared > max_bytes:
-                    raise BadImageError(f"That image is over the {max_bytes / 2**20:.0f} MB limit.")
+                    raise BadImageError(over)
                 chunks, total = [], 0
                 async for chunk in resp.content.iter_chunked(64 * 1024):
                     total += len(chunk)
                     if total > max_bytes:
-                        raise BadImageError(f"That image is over the {max_bytes / 2**20:.0f} MB limit.")
+                        raise BadImageError(over)
                     chunks.append(chunk)
     except TimeoutError:
         raise BadImageError("Downloading the image took too long; please try again.") from None

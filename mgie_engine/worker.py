@@ -339,7 +339,10 @@ class LocalWorker:
             _fail(task, _user_error(err))
             return
         task.state = None  # free the latents now; the PNG is encoded off the GPU thread
-        self._cpu.submit(self._deliver, task, image)
+        try:
+            self._cpu.submit(self._deliver, task, image)
+        except RuntimeError:  # shutting down: no pool any more, finish here
+            self._deliver(task, image)
 
     def _deliver(self, task: _Task, image: Any) -> None:
         from .images import encode_png

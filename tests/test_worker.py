@@ -234,6 +234,8 @@ async def _stuck_queue_run(tiny_models, hang_at_step: int):
         await queue.stop()
         for worker in [stuck, *fresh_workers]:
             worker.shutdown()
+        for worker in [stuck, *fresh_workers]:  # no thread may outlive the test (or the interpreter)
+            await asyncio.to_thread(worker._thread.join, 30)
     return {(e.job_id[0], e.kind) for e in events}, fresh_workers
 
 
