@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import sys
 
 import discord
@@ -12,6 +14,7 @@ from dotenv import load_dotenv
 from .config import BotConfig, ConfigError
 from .discord_endpoints import apply_endpoints
 
+SHUTDOWN_GRACE = float(os.environ.get("MGIE_SHUTDOWN_GRACE") or 30)
 PERMISSIONS = 1024 | 2048 | 16384 | 32768 | 65536  # view, send, embed links, attach files, read history
 
 
@@ -52,8 +55,22 @@ def main() -> int:
 
 
 async def _run(bot, token: str) -> None:
+    """Run until Discord ends the session or SIGTERM/SIGINT asks for a graceful stop."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     async with bot:
-        await bot.start(token)
+        runner = asyncio.create_task(bot.start(token))
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if runner in done:
+            stopper.cancel()
+            runner.result()  # re-raises LoginFailure and friends
+            return
+        logging.getLogger("bot").info("stopping: finishing running edits (up to %.0f s)", SHUTDOWN_GRACE)
+        await bot.graceful_shutdown(SHUTDOWN_GRACE)
+        await runner
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -92,6 +93,23 @@ class MgieBot(commands.Bot):
                 await interaction.response.send_message(message, ephemeral=True)
         except discord.HTTPException:
             pass
+
+    async def graceful_shutdown(self, grace: float) -> None:
+        """SIGTERM: take no new jobs, give running ones up to `grace` seconds to finish, then close.
+
+        Whatever is still queued or running stays so in the database and is resumed on the next start.
+        """
+        if self.queue is not None:
+            self.queue.stop_accepting()
+            deadline = time.monotonic() + grace
+            while self.queue.running and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            if self.queue.running:
+                log.warning("shutting down with %d job(s) unfinished; they resume on the next start",
+                            len(self.queue.running))
+            else:
+                await asyncio.sleep(0.5)  # let the last result's message go out
+        await self.close()
 
     async def close(self) -> None:
         if self.queue is not None:

@@ -284,6 +284,59 @@ async def test_block_list(store):
     assert await store.blocked_users(1) == [40]
 
 
+async def test_block_reason_is_kept_from_the_first_ban(store):
+    assert await store.block_reason(1, 50) is None and await store.block_reason(None, 50) is None
+    assert await store.block_user(1, 50, reason="  spam  ", blocked_by=7) is True
+    assert await store.block_user(1, 50, reason="again") is False
+    assert await store.block_reason(1, 50) == "spam"
+    await store.block_user(1, 51, reason="x" * 2000)
+    assert await store.block_reason(1, 51) == "x" * storage.MAX_BAN_REASON_CHARS
+    await store.block_user(1, 52)
+    assert await store.block_reason(1, 52) == ""
+
+
+async def test_blocked_words_saved_folded_and_deduplicated(store):
+    s = await store.update_guild_settings(5, blocked_words=["Bad", " evil \n plan ", "ＢＡＤ", "", "straße"])
+    assert s.blocked_words == ["bad", "evil plan", "strasse"]
+    assert (await store.guild_settings(5)).blocked_words == ["bad", "evil plan", "strasse"]
+    await store.update_guild_settings(5, max_steps=20)  # other settings leave the list alone
+    assert (await store.guild_settings(5)).blocked_words == ["bad", "evil plan", "strasse"]
+    assert (await store.update_guild_settings(5, blocked_words=[])).blocked_words == []
+    assert (await store.guild_settings(None)).blocked_words == []
+
+
+@pytest.mark.parametrize(("words", "message"), [
+    ("bad", "must be a list"),
+    ([1], "must be text"),
+    (["x" * 61], "at most 60 characters"),
+    ([f"w{i}" for i in range(101)], "At most 100"),
+])
+async def test_blocked_words_validation(store, words, message):
+    await store.update_guild_settings(5, blocked_words=["keep"])
+    with pytest.raises(ValueError, match=message):
+        await store.update_guild_settings(5, blocked_words=words)
+    assert (await store.guild_settings(5)).blocked_words == ["keep"]
+
+
+async def test_upgrade_from_the_first_schema_keeps_settings_and_bans(tmp_path):
+    first = load_migrations()[0]
+    old = write_migrations(tmp_path / "m", {first.name: first.sql})
+    data = tmp_path / "data"
+    data.mkdir()
+    conn = storage.connect(data / DB_FILENAME)
+    try:
+        assert apply_migrations(conn, old) == [1]
+        conn.execute("INSERT INTO guild_settings VALUES (9, '[4]', 50, 2, 1)")
+        conn.execute("INSERT INTO blocked_users VALUES (9, 3, 0)")
+    finally:
+        conn.close()
+    async with await Store.open(data) as store:
+        assert store.schema_version == load_migrations()[-1].version > 1
+        assert await store.guild_settings(9) == GuildSettings(guild_id=9, allowed_channel_ids=[4], max_steps=50,
+                                                             user_pending_cap=2, refine_depth=1, blocked_words=[])
+        assert await store.is_blocked(9, 3) and await store.block_reason(9, 3) == ""
+
+
 # --- images -----------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,82 @@
+"""`mgie-bot` as a real process: SIGTERM finishes the running edit and exits cleanly; after SIGKILL the
+next start resumes the edit that was running. Nothing silently vanishes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import sys
+
+import pytest
+from botharness import png_bytes
+
+pytest_plugins = ["fakediscord.fixtures"]
+
+
+@pytest.fixture()
+def world(fake_discord):
+    fake = fake_discord
+    guild = fake.add_guild("Lab")
+    channel = fake.add_channel(guild, "edits")
+    alice = fake.add_user("alice")
+    fake.add_member(guild, alice)
+    return fake, guild, channel, alice
+
+
+async def _start(fake, guild, tiny_paths, data_dir):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISCORD_", "MGIE_"))}
+    env.update(tiny_paths.env(), DISCORD_TOKEN=fake.token, DISCORD_API_BASE=fake.api_base,
+               DISCORD_GATEWAY_URL=fake.gateway_url, DISCORD_GUILD_IDS=str(guild.id), MGIE_DATA_DIR=str(data_dir),
+               MGIE_DEVICE="cpu", MGIE_MAX_SIDE="256", MGIE_SHUTDOWN_GRACE="60", MGIE_PROGRESS_INTERVAL="0.2",
+               HF_HUB_OFFLINE="1")
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot", env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    await fake.wait_for(lambda: any(c.name == "edit" for c in fake.commands), timeout=60)
+    await asyncio.sleep(1.0)  # commands are synced before on_ready: let start-up finish
+    return proc
+
+
+async def _slow_edit(fake, channel, alice):
+    att = fake.upload_user_attachment(channel, "cat.png", png_bytes(256, 256))
+    inter = await fake.slash(alice, channel, "edit", {"image": att, "instruction": "make it night", "steps": 100})
+    await fake.wait_for(lambda: inter.original and "Painting" in (inter.original.content or ""), timeout=60)
+    return inter
+
+
+def _state(data_dir) -> list[str]:
+    with sqlite3.connect(data_dir / "mgie.sqlite3") as conn:
+        return [row[0] for row in conn.execute("SELECT state FROM jobs")]
+
+
+async def test_sigterm_finishes_the_running_edit_then_exits(world, tmp_path, tiny_paths):
+    fake, guild, channel, alice = world
+    proc = await _start(fake, guild, tiny_paths, tmp_path / "data")
+    try:
+        inter = await _slow_edit(fake, channel, alice)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    assert proc.returncode == 0, out.decode()[-2000:]
+    assert inter.original.attachments and not inter.failed
+    assert _state(tmp_path / "data") == ["done"]
+    assert fake.token not in out.decode()
+
+
+async def test_after_sigkill_the_next_start_resumes_the_running_edit(world, tmp_path, tiny_paths):
+    fake, guild, channel, alice = world
+    proc = await _start(fake, guild, tiny_paths, tmp_path / "data")
+    inter = await _slow_edit(fake, channel, alice)
+    proc.kill()
+    await proc.wait()
+    assert _state(tmp_path / "data") == ["running"]  # the database says what was going on
+    proc = await _start(fake, guild, tiny_paths, tmp_path / "data")
+    try:
+        await fake.wait_for(lambda: inter.original.attachments, timeout=120)
+        await fake.wait_for(lambda: _state(tmp_path / "data") == ["done"], timeout=10)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 60)
