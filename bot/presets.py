@@ -113,7 +113,7 @@ def _grey(image: Image.Image) -> np.ndarray:
     """8-bit grey levels, reduced so the long side is at most EDGE_ANALYSIS_SIDE (never enlarged)."""
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         # Transparent pixels often hide junk colours; flatten on white as the bot does before editing.
-        rgba = image.convert("RGBA")
+        rgba = (image.convert("LA") if image.mode == "La" else image).convert("RGBA")  # PIL lacks La -> RGBA
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     if image.mode.startswith("I;16") or image.mode == "I":
         # 16-bit samples, as the engine reads them; PIL's convert('L') would clip them at 255 (mostly white).

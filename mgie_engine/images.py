@@ -97,7 +97,8 @@ def _too_many_pixels(width: int, height: int, max_pixels: int) -> BadImageError:
 
 def _flatten_on_white(image: Image.Image) -> Image.Image:
     """Composite over white: transparent regions would otherwise turn black (PIL's default) in RGB."""
-    rgba = image.convert("RGBA")
+    # PIL has no La -> RGBA conversion; going through LA un-premultiplies it first.
+    rgba = (image.convert("LA") if image.mode == "La" else image).convert("RGBA")
     background = Image.new("RGBA", rgba.size, (*_WHITE, 255))
     return Image.alpha_composite(background, rgba).convert("RGB")
 

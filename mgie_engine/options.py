@@ -5,8 +5,6 @@ Kept free of torch so the bot can validate without loading anything heavy.
 
 from __future__ import annotations
 
-import math
-
 from .errors import BadRequestError
 
 TEXT_CFG_RANGE = (1.0, 20.0)
@@ -19,13 +17,24 @@ DEFAULT_IMAGE_CFG = 1.5
 DEFAULT_STEPS = 100
 
 
+def _shown(value: object) -> str:
+    """The rejected value, short: echoing a 5000-digit int would fail (str() refuses) or flood the message."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value) if abs(value) < 10**15 else "a number far out of range"
+    return type(value).__name__
+
+
 def check_options(text_cfg: float, image_cfg: float, steps: int, seed: int) -> None:
     """Raise BadRequestError with a message fit for a user when any option is out of range."""
 
     def within(name: str, value: float, bounds: tuple[float, float]) -> None:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        # No math.isfinite(): it converts ints to float, which overflows past 1e308. Python compares int with
+        # float exactly, and NaN fails every comparison, so the bounds check alone refuses nan and inf.
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not ok or not bounds[0] <= value <= bounds[1]:
-            raise BadRequestError(f"{name} must be between {bounds[0]:g} and {bounds[1]:g} (got {value}).")
+            raise BadRequestError(f"{name} must be between {bounds[0]:g} and {bounds[1]:g} (got {_shown(value)}).")
 
     within("text_cfg", text_cfg, TEXT_CFG_RANGE)
     within("image_cfg", image_cfg, IMAGE_CFG_RANGE)

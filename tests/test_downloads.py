@@ -142,9 +142,9 @@ async def origins() -> AsyncIterator[tuple[Origin, Origin]]:
     good, other = Origin(), Origin()
     runners = []
     for origin, peer in ((good, other), (other, good)):
-        runner = web.AppRunner(_app(origin, peer), access_log=None)
+        runner = web.AppRunner(_app(origin, peer), access_log=None, shutdown_timeout=1)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0, shutdown_timeout=1)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         origin.port = runner.addresses[0][1]
         runners.append(runner)
