@@ -47,7 +47,8 @@ class MgieBot(commands.Bot):
         self.store = await Store.open(self.config.data_dir)
         # Models load in the background: the bot is online at once and queues early jobs.
         self.engine.start()
-        self.queue = JobQueue(self.engine.workers, on_event=self._on_job_event, max_total=self.config.max_queue)
+        self.queue = JobQueue(self.engine.workers, on_event=self._on_job_event, max_total=self.config.max_queue,
+                              stall_timeout=self.config.stall_timeout, replace_worker=self.engine.replace)
         self.jobs = JobManager(self, self.store, self.queue, self.engine, self.config.progress_interval)
         self.add_dynamic_items(JobButton)
         for name in COGS:

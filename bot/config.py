@@ -52,6 +52,7 @@ class BotConfig:
     max_queue: int
     progress_interval: float
     engine: EngineSettings
+    stall_timeout: float = 300.0  # a worker with jobs and no progress for this long is replaced
     # New jobs one user may start per minute, on top of the pending cap; 0 = no limit.
     user_jobs_per_minute: int = DEFAULT_USER_JOBS_PER_MINUTE
 
@@ -71,6 +72,7 @@ class BotConfig:
             message_content=_flag(env, "DISCORD_MESSAGE_CONTENT", False),
             max_queue=_int(env, "MGIE_MAX_QUEUE", 100, 1, 10_000),
             progress_interval=float(env.get("MGIE_PROGRESS_INTERVAL") or 2.0),
+            stall_timeout=float(_int(env, "MGIE_STALL_TIMEOUT", 300, 5, 86_400)),
             engine=EngineSettings.from_env(env),
             user_jobs_per_minute=_int(env, "MGIE_USER_JOBS_PER_MINUTE", DEFAULT_USER_JOBS_PER_MINUTE, 0, 1000),
         )

@@ -414,6 +414,15 @@ class WorkerPool:
     def info(self) -> list[dict[str, Any]]:
         return [w.info() for w in self.workers]
 
+    def replace(self, worker: LocalWorker) -> LocalWorker:
+        """A fresh worker (same device and settings) for one that stopped responding; it loads again."""
+        fresh = LocalWorker(worker.settings, name=f"{worker.name}+", loader=worker._loader,
+                            max_batch=worker.capacity)
+        fresh.fault_hook = None
+        self.workers[self.workers.index(worker)] = fresh
+        fresh.start()
+        return fresh
+
     def shutdown(self) -> None:
         for worker in self.workers:
             worker.shutdown()

@@ -1,0 +1,133 @@
+"""Faults while jobs run: the user always hears how their edit ended, and the bot keeps going."""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+
+import pytest
+from botharness import bot_running, make_config, png_bytes
+
+pytest_plugins = ["fakediscord.fixtures"]
+
+
+@pytest.fixture()
+def world(fake_endpoints):
+    fake = fake_endpoints
+    guild = fake.add_guild("Lab")
+    channel = fake.add_channel(guild, "edits")
+    alice = fake.add_user("alice")
+    fake.add_member(guild, alice)
+    return fake, guild, channel, alice
+
+
+async def edit(fake, user, channel, instruction="make it night", steps=3):
+    att = fake.upload_user_attachment(channel, "cat.png", png_bytes())
+    return await fake.slash(user, channel, "edit", {"image": att, "instruction": instruction, "steps": steps})
+
+
+def slow_steps(seconds: float):
+    def hook(stage, job_ids):
+        if stage == "step":
+            time.sleep(seconds)
+    return hook
+
+
+async def test_result_arrives_although_the_gateway_drops_and_the_session_is_invalidated(world, tmp_path, tiny_models):
+    fake, guild, channel, alice = world
+    async with bot_running(fake, make_config(fake, tmp_path / "data", [guild.id]), tiny_models) as bot:
+        bot.engine.workers[0].fault_hook = slow_steps(0.1)
+        inter = await edit(fake, alice, channel, steps=30)
+        await fake.wait_for(lambda: inter.original and "Painting" in (inter.original.content or ""), timeout=30)
+        await fake.drop_gateway(code=None)  # TCP cut, no close frame
+        msg = await fake.wait_for_original(inter, lambda m: m.attachments, timeout=60)
+        assert msg.attachments and fake.gateway.resume_count >= 1
+        second = await edit(fake, alice, channel)
+        await fake.invalidate_session(resumable=False)
+        assert (await fake.wait_for_original(second, lambda m: m.attachments, timeout=60)).attachments
+
+
+async def test_rate_limited_edits_are_retried_not_lost(world, tmp_path, tiny_models):
+    fake, guild, channel, alice = world
+    async with bot_running(fake, make_config(fake, tmp_path / "data", [guild.id]), tiny_models):
+        fake.inject_429("PATCH /webhooks/*", retry_after=0.3, times=3)
+        inter = await edit(fake, alice, channel)
+        msg = await fake.wait_for_original(inter, lambda m: m.attachments, timeout=60)
+        assert msg.attachments and fake.rate_limit_hits
+
+
+async def test_deleted_status_message_gets_the_result_as_a_new_message(world, tmp_path, tiny_models):
+    fake, guild, channel, alice = world
+    async with bot_running(fake, make_config(fake, tmp_path / "data", [guild.id]), tiny_models) as bot:
+        bot.engine.workers[0].fault_hook = slow_steps(0.1)
+        inter = await edit(fake, alice, channel, steps=20)
+        await fake.wait_for(lambda: inter.original and "Painting" in (inter.original.content or ""), timeout=30)
+        inter.original.deleted = True  # a moderator removed it (the fake now answers 404 Unknown Message)
+        late = await fake.wait_for(lambda: next((m for m in channel.messages if m.attachments and not m.deleted),
+                                                None), timeout=60)
+        assert f"<@{alice.id}>" in late.content
+
+
+async def test_disk_full_fails_the_job_cleanly_and_the_next_one_works(world, tmp_path, tiny_models):
+    fake, guild, channel, alice = world
+    async with bot_running(fake, make_config(fake, tmp_path / "data", [guild.id]), tiny_models) as bot:
+        real_save = bot.store.save_image
+        full = {"on": True}
+
+        async def save_image(job_id, kind, data, ext="png"):
+            if kind == "out" and full["on"]:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return await real_save(job_id, kind, data, ext)
+
+        bot.store.save_image = save_image
+        inter = await edit(fake, alice, channel)
+        await fake.wait_for(lambda: inter.original and "couldn't finish" in (inter.original.content or ""),
+                            timeout=60)
+        assert "disk" in inter.original.content
+        counts = await bot.store.counts_by_state()
+        assert counts["failed"] == 1 and counts["running"] == 0
+        full["on"] = False
+        assert (await fake.wait_for_original(await edit(fake, alice, channel), lambda m: m.attachments,
+                                             timeout=60)).attachments
+
+
+async def test_out_of_memory_tells_the_user_and_the_queue_goes_on(world, tmp_path, tiny_models):
+    fake, guild, channel, alice = world
+    async with bot_running(fake, make_config(fake, tmp_path / "data", [guild.id]), tiny_models) as bot:
+        def oom_for_first(stage, job_ids, seen=[]):  # noqa: B006 - remembers the first job across calls
+            if stage in ("step", "retry"):
+                seen.extend(j for j in job_ids if j not in seen)
+                if seen[0] in job_ids:
+                    raise RuntimeError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+        bot.engine.workers[0].fault_hook = oom_for_first
+        first = await edit(fake, alice, channel, instruction="a huge edit")
+        await fake.wait_for(lambda: first.original and "out of memory" in (first.original.content or ""), timeout=60)
+        after = await edit(fake, alice, channel)
+        assert (await fake.wait_for_original(after, lambda m: m.attachments, timeout=60)).attachments
+
+
+async def test_a_hung_worker_is_replaced_and_the_user_is_told(world, tmp_path, tiny_models):
+    fake, guild, channel, alice = world
+    release = threading.Event()
+    config = make_config(fake, tmp_path / "data", [guild.id], stall_timeout=1.0)
+    async with bot_running(fake, config, tiny_models) as bot:
+        stuck = bot.engine.workers[0]
+
+        def hang_mid_edit(stage, job_ids, steps=[]):  # noqa: B006
+            if stage == "step":
+                steps.append(1)
+                if len(steps) == 2:
+                    release.wait(60)
+
+        stuck.fault_hook = hang_mid_edit
+        try:
+            first = await edit(fake, alice, channel, instruction="this one hangs", steps=5)
+            await fake.wait_for(lambda: first.original and "stopped responding" in (first.original.content or ""),
+                                timeout=60)
+            second = await edit(fake, alice, channel)
+            assert (await fake.wait_for_original(second, lambda m: m.attachments, timeout=60)).attachments
+            assert bot.engine.workers[0] is not stuck
+        finally:
+            release.set()
