@@ -1,0 +1,114 @@
+"""Soak: 200 edits from 20 users through the fake Discord, with faults injected along the way.
+
+Faults: out-of-memory errors at random UNet steps (3% of calls, seeded), a dropped gateway, and a
+restart of the bot in the middle. Printed and checked: jobs submitted, completed, failed with a
+message, lost (must be 0), the longest heartbeat gap, the slowest first acknowledgement (under 3 s)
+and memory growth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import resource
+import threading
+
+import pytest
+from botharness import bot_running, make_config, png_bytes
+
+pytest_plugins = ["fakediscord.fixtures"]
+
+USERS, EDITS_PER_USER = 20, 10
+
+
+def _ended(inter) -> bool:
+    """What a user sees as the end of their request: the result, a failure line, or a private refusal."""
+    original = inter.original
+    if original is not None and (original.attachments or "couldn't finish" in (original.content or "")):
+        return True
+    return inter.failed or any(m.ephemeral for m in inter.messages)
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+@pytest.mark.slow
+async def test_soak(fake_endpoints, tmp_path, tiny_models):
+    fake = fake_endpoints
+    guild = fake.add_guild("Soak")
+    channel = fake.add_channel(guild, "edits")
+    users = [fake.add_user(f"user{i}") for i in range(USERS)]
+    for user in users:
+        fake.add_member(guild, user)
+    config = make_config(fake, tmp_path / "data", [guild.id], user_jobs_per_minute=0, max_queue=500)
+    rng = random.Random(1234)
+    lock = threading.Lock()
+
+    def random_oom(stage, job_ids):
+        if stage == "step":
+            with lock:
+                hit = rng.random() < 0.03
+            if hit:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    images = [png_bytes(32 + 8 * (i % 3), 32, i) for i in range(8)]
+    interactions, outcomes = [], {}
+    online = asyncio.Event()
+    online.set()
+    finished = 0
+
+    async def user_loop(index: int, user) -> None:
+        nonlocal finished
+        for n in range(EDITS_PER_USER):
+            await online.wait()
+            att = fake.upload_user_attachment(channel, "in.png", images[(index + n) % len(images)])
+            inter = await fake.slash(user, channel, "edit", {"image": att, "instruction": f"edit {n} of {user.username}",
+                                                            "steps": 2, "seed": index * 100 + n})
+            interactions.append(inter)
+            try:
+                await fake.wait_for(lambda inter=inter: _ended(inter), timeout=120)
+            except TimeoutError:
+                outcomes[inter.id] = "lost"
+                continue
+            if inter.failed:
+                outcomes[inter.id] = "lost"
+            elif inter.original and inter.original.attachments:
+                outcomes[inter.id] = "done"
+            else:
+                outcomes[inter.id] = "failed with message"
+            finished += 1
+
+    rss_before = None
+    async with bot_running(fake, config, tiny_models) as bot:
+        bot.engine.workers[0].fault_hook = random_oom
+        await bot.store.update_guild_settings(guild.id, user_pending_cap=20)
+        rss_before = _rss_mib()
+        tasks = [asyncio.create_task(user_loop(i, u)) for i, u in enumerate(users)]
+        await fake.wait_for(lambda: finished >= 50, timeout=300)
+        await fake.drop_gateway(code=None)
+        await fake.wait_for(lambda: finished >= 100, timeout=300)
+        online.clear()  # users pause while the bot restarts (a real outage: Discord shows it offline)
+        await asyncio.sleep(0.5)
+    async with bot_running(fake, config, tiny_models) as bot:
+        bot.engine.workers[0].fault_hook = random_oom
+        online.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=600)
+        counts = await bot.store.counts_by_state()
+    rss_after = _rss_mib()
+
+    submitted = len(interactions)
+    done = sum(v == "done" for v in outcomes.values())
+    failed = sum(v == "failed with message" for v in outcomes.values())
+    lost = sum(v == "lost" for v in outcomes.values())
+    max_ack = max(i.ack_delay for i in interactions if i.ack_delay is not None)
+    report = (f"soak: submitted {submitted}, completed {done}, failed with a message {failed}, lost {lost}, "
+              f"max heartbeat gap {fake.max_heartbeat_gap():.2f} s, max first acknowledgement {max_ack:.2f} s, "
+              f"memory {rss_before:.0f} -> {rss_after:.0f} MiB, store {counts}")
+    print(report)
+    assert submitted == USERS * EDITS_PER_USER
+    assert lost == 0 and done + failed == submitted and failed > 0  # the faults did happen, and were told
+    assert max_ack < 3.0
+    assert counts["queued"] == 0 and counts["running"] == 0
+    assert rss_after - rss_before < 600
