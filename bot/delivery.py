@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 TOKEN_LIFETIME = 15 * 60
 TOKEN_MARGIN = 30  # leave time for the request itself; Discord rejects a token at 15:00 sharp
 NO_PINGS = discord.AllowedMentions.none()
+MISSING_PERMISSIONS = ("I can't post the image here: I need the Attach Files and Embed Links permissions in this "
+                       "channel. Ask a moderator, or use /edit, whose replies work anyway.")
 
 
 def token_alive(job: JobRecord, now: float | None = None) -> bool:
@@ -90,6 +92,18 @@ class Delivery:
             kwargs["file"] = file
         if view:
             kwargs["view"] = view
-        message = await channel.send(**kwargs)
+        try:
+            message = await channel.send(**kwargs)
+        except discord.Forbidden as err:
+            if not (file or embed):
+                log.warning("job %s: no permission to post in channel %s (%s)", job.id, job.channel_id, err.code)
+                raise
+            # Missing Attach Files / Embed Links: say so in plain text, so the user is not left waiting.
+            log.warning("job %s: cannot attach files or embeds in channel %s (%s)", job.id, job.channel_id, err.code)
+            kwargs.pop("file", None)
+            kwargs.pop("view", None)
+            kwargs.update(embed=None, content=mention + content + "\n" + MISSING_PERMISSIONS)
+            message = await channel.send(**kwargs)
+            await self.store.update_job(job.id, error="could not post the image: missing Attach Files / Embed Links")
         return await self.store.update_job(job.id, status_message_id=message.id, interaction_token=None,
                                            application_id=None)

@@ -146,11 +146,22 @@ class JobManager:
             data, ext = await asyncio.to_thread(_smaller, data, live.upload_limit)
         filename = f"mgie-{job_id[:8]}.{ext}"
         embed = render.result_embed(record, filename, random_weights=self.engine.random_weights)
-        record = await self._show(job_id, render.result_content(record), embed=embed,
-                                  file=discord.File(_bytes_io(data), filename=filename),
+        content, file = render.result_content(record), discord.File(_bytes_io(data), filename=filename)
+        if outcome.flagged and not self._age_restricted(record.channel_id):
+            policy = (await self.store.guild_settings(record.guild_id)).flagged_outputs
+            embed.set_image(url=None)
+            if policy == "withhold":
+                content, file = render.WITHHELD, None
+            else:  # a spoiler attachment: shown blurred until clicked; embeds can't be blurred, so none there
+                content, file = render.SPOILERED, discord.File(_bytes_io(data), filename=filename, spoiler=True)
+        record = await self._show(job_id, content, embed=embed, file=file,
                                   view=result_view(job_id, can_undo=True), ping=True)
         await self.store.update_job(job_id, result_message_id=record.status_message_id)
         self._live.pop(job_id, None)
+
+    def _age_restricted(self, channel_id: int) -> bool:
+        channel = self.bot.get_channel(channel_id)
+        return bool(getattr(channel, "nsfw", False) or (hasattr(channel, "is_nsfw") and channel.is_nsfw()))
 
     async def _show(self, job_id: str, content: str, *, view, embed=None, file=None, ping: bool = False) -> JobRecord:
         record = await self.store.get_job(job_id)

@@ -73,6 +73,11 @@ def result_embed(job: JobRecord, filename: str, random_weights: bool = False) ->
     return embed
 
 
+SPOILERED = "✅ Done · the safety check flagged this result, so it is behind a spoiler."
+WITHHELD = ("✅ Done · the safety check flagged this result and this server withholds flagged results "
+            "outside age-restricted channels.")
+
+
 def result_content(job: JobRecord) -> str:
     """Text above the result embed; delivery adds a mention when the result arrives late."""
     return "✅ Done"

@@ -103,6 +103,7 @@ class GuildSettings:
     user_pending_cap: int = 3
     refine_depth: int = 3
     blocked_words: list[str] = dataclasses.field(default_factory=list)  # folded with fold_text; [] = none
+    flagged_outputs: str = "spoiler"  # flagged results outside age-restricted channels: spoiler | withhold
 
 
 _JOB_COLUMNS = tuple(f.name for f in dataclasses.fields(JobRecord))
@@ -118,7 +119,8 @@ _SETTING_LIMITS = {
     "user_pending_cap": (1, 20, "Pending jobs per user"),
     "refine_depth": (0, 10, "Refine depth"),
 }
-_SETTING_FIELDS = frozenset(_SETTING_LIMITS) | {"allowed_channel_ids", "blocked_words"}
+_SETTING_FIELDS = frozenset(_SETTING_LIMITS) | {"allowed_channel_ids", "blocked_words", "flagged_outputs"}
+FLAGGED_OUTPUT_CHOICES = ("spoiler", "withhold")
 MAX_BLOCKED_WORDS = 100  # one compiled pattern per server; keeps matching cheap and the settings reply short
 MAX_BLOCKED_WORD_CHARS = 60
 MAX_BAN_REASON_CHARS = 500
@@ -295,6 +297,11 @@ def _validate_settings(changes: dict[str, Any]) -> dict[str, Any]:
         if name == "blocked_words":
             clean[name] = _validate_blocked_words(value)
             continue
+        if name == "flagged_outputs":
+            if value not in FLAGGED_OUTPUT_CHOICES:
+                raise ValueError(f"Flagged outputs must be one of {', '.join(FLAGGED_OUTPUT_CHOICES)}.")
+            clean[name] = value
+            continue
         low, high, label = _SETTING_LIMITS[name]
         if not _is_int(value) or not low <= value <= high:
             raise ValueError(f"{label} must be a whole number from {low} to {high} (got {value!r}).")
@@ -352,6 +359,7 @@ def _settings_from_row(guild_id: int | None, row: sqlite3.Row | None) -> GuildSe
         user_pending_cap=row["user_pending_cap"],
         refine_depth=row["refine_depth"],
         blocked_words=[str(w) for w in json.loads(row["blocked_words"])],
+        flagged_outputs=row["flagged_outputs"],
     )
 
 
@@ -639,11 +647,12 @@ class Store:
                 settings = dataclasses.replace(_settings_from_row(guild_id, row), **clean)
                 conn.execute(
                     "INSERT INTO guild_settings"
-                    " (guild_id, allowed_channel_ids, max_steps, user_pending_cap, refine_depth, blocked_words)"
-                    " VALUES (?, ?, ?, ?, ?, ?)"
+                    " (guild_id, allowed_channel_ids, max_steps, user_pending_cap, refine_depth, blocked_words,"
+                    " flagged_outputs) VALUES (?, ?, ?, ?, ?, ?, ?)"
                     " ON CONFLICT (guild_id) DO UPDATE SET allowed_channel_ids = excluded.allowed_channel_ids,"
                     " max_steps = excluded.max_steps, user_pending_cap = excluded.user_pending_cap,"
-                    " refine_depth = excluded.refine_depth, blocked_words = excluded.blocked_words",
+                    " refine_depth = excluded.refine_depth, blocked_words = excluded.blocked_words,"
+                    " flagged_outputs = excluded.flagged_outputs",
                     (
                         guild_id,
                         json.dumps(settings.allowed_channel_ids),
@@ -651,6 +660,7 @@ class Store:
                         settings.user_pending_cap,
                         settings.refine_depth,
                         json.dumps(settings.blocked_words),
+                        settings.flagged_outputs,
                     ),
                 )
             return settings

@@ -45,13 +45,17 @@ class AdminCog(commands.GroupCog, group_name="mgie", name="Admin"):
                            user_pending_cap="Most edits one user may have waiting (1-20)",
                            refine_depth="Earlier turns put in the prompt when refining (0-10)",
                            blocked_words="Comma-separated words or phrases refused in instructions; "
-                                         "replaces the list ('none' clears it)")
+                                         "replaces the list ('none' clears it)",
+                           flagged_outputs="Results the safety check flags, outside age-restricted channels")
+    @app_commands.choices(flagged_outputs=[app_commands.Choice(name="send behind a spoiler", value="spoiler"),
+                                           app_commands.Choice(name="withhold", value="withhold")])
     @app_commands.guild_only()
     @app_commands.default_permissions(manage_guild=True)
     @app_commands.checks.has_permissions(manage_guild=True)
     async def settings(self, interaction: discord.Interaction, allowed_channels: str | None = None,
                        max_steps: int | None = None, user_pending_cap: int | None = None,
-                       refine_depth: int | None = None, blocked_words: str | None = None) -> None:
+                       refine_depth: int | None = None, blocked_words: str | None = None,
+                       flagged_outputs: str | None = None) -> None:
         changes: dict = {}
         if allowed_channels is not None:
             if allowed_channels.strip().lower() in ("all", "*", ""):
@@ -63,6 +67,8 @@ class AdminCog(commands.GroupCog, group_name="mgie", name="Admin"):
                                                             ephemeral=True)
                     return
                 changes["allowed_channel_ids"] = ids
+        if flagged_outputs is not None:
+            changes["flagged_outputs"] = flagged_outputs
         if blocked_words is not None:
             words = blocked_words.strip()
             changes["blocked_words"] = [] if words.lower() in _NONE else words.replace("\n", ",").split(",")
@@ -80,7 +86,7 @@ class AdminCog(commands.GroupCog, group_name="mgie", name="Admin"):
         await interaction.response.send_message(
             f"**MGIE settings**\nChannels: {channels}\nMax steps: {settings.max_steps}\n"
             f"Pending edits per user: {settings.user_pending_cap}\nRefine history depth: {settings.refine_depth}\n"
-            f"Blocked words: {_listed_words(settings)}",
+            f"Blocked words: {_listed_words(settings)}\nFlagged results: {settings.flagged_outputs}",
             ephemeral=True)
 
     @app_commands.command(name="ban", description="Stop a user from using MGIE in this server (managers only)")

@@ -37,6 +37,7 @@ class EngineSettings:
     max_side: int = 512
     max_batch: int = 8  # jobs whose denoising steps share one UNet call
     compile: bool = False  # torch.compile the UNet on CUDA (a minute of compiling at start, faster steps)
+    safety_checker: bool = False  # run instruct-pix2pix's NSFW checker on every output
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> EngineSettings:
@@ -56,6 +57,7 @@ class EngineSettings:
             max_side=max_side_int,
             max_batch=_positive_int(env, "MGIE_MAX_BATCH", 8),
             compile=(env.get("MGIE_COMPILE") or "").strip().lower() in ("1", "true", "yes", "on"),
+            safety_checker=(env.get("MGIE_SAFETY_CHECKER") or "").strip().lower() in ("1", "true", "yes", "on"),
         )
 
     def device_list(self) -> list[str]:

@@ -60,6 +60,7 @@ class EditOutcome:
     seconds: float
     timings: dict[str, float]
     llm_cached: bool
+    flagged: bool = False  # the optional safety check flagged the output
 
 
 ProgressCallback = Callable[[JobProgress], None]
@@ -78,6 +79,7 @@ class _Task:
     expressive: str = ""
     llm_seconds: float = 0.0
     state: Any = None
+    flagged: bool = False
 
 
 class LocalWorker:
@@ -103,6 +105,7 @@ class LocalWorker:
         self.loaded_at: float | None = None
         self.heartbeat = time.monotonic()  # last time the worker made progress; the queue's watchdog reads it
         self.fault_hook: Callable[[str, list[str]], None] | None = None
+        self.safety_check: Callable[[Any], bool] | None = None  # image -> flagged; set at load when enabled
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._main, name=f"mgie-{self.name}", daemon=True)
@@ -124,6 +127,10 @@ class LocalWorker:
         try:
             models = (self._loader or load_models)(self.settings)
             self.pipeline = MgiePipeline(models, max_side=self.settings.max_side, compile_unet=self.settings.compile)
+            if self.settings.safety_checker:
+                from .safety import load_safety_checker
+
+                self.safety_check = load_safety_checker(self.settings, models.device, models.dtype)
         except Exception as err:  # any load failure ends in a state the bot can report
             self.state, self.error = WorkerState.FAILED, str(err) if isinstance(err, MgieError) else repr(err)
             log.exception("worker %s failed to load the models", self.name)
@@ -334,6 +341,7 @@ class LocalWorker:
         try:
             task.progress("decode", 0, 1)
             image = self.pipeline.decode_latents(task.state.latents)
+            task.flagged = bool(self.safety_check(image)) if self.safety_check is not None else False
         except Exception as err:
             log.exception("decoding job %s failed", task.job.job_id)
             _fail(task, _user_error(err))
@@ -357,7 +365,7 @@ class LocalWorker:
             task.future.set_result(EditOutcome(
                 job_id=task.job.job_id, png=png, expressive_instruction=task.expressive, width=image.width,
                 height=image.height, seconds=seconds, timings={"llm": task.llm_seconds, "total": seconds},
-                llm_cached=task.llm_cached))
+                llm_cached=task.llm_cached, flagged=task.flagged))
 
     def info(self) -> dict[str, Any]:
         """Device and memory, for /mgie status."""

@@ -131,3 +131,46 @@ async def test_a_hung_worker_is_replaced_and_the_user_is_told(world, tmp_path, t
             assert bot.engine.workers[0] is not stuck
         finally:
             release.set()
+
+
+async def test_flagged_results_are_spoilered_or_withheld_outside_age_restricted_channels(fake_endpoints, tmp_path,
+                                                                                         tiny_models):
+    from fakediscord import permissions as perms
+
+    fake = fake_endpoints
+    guild = fake.add_guild("Lab")
+    channel = fake.add_channel(guild, "edits")
+    lounge = fake.add_channel(guild, "adults", nsfw=True)
+    alice, owner = fake.add_user("alice"), fake.add_user("owner")
+    fake.add_member(guild, alice)
+    fake.add_member(guild, owner, permissions=perms.MANAGE_GUILD)
+    async with bot_running(fake, make_config(fake, tmp_path / "data", [guild.id]), tiny_models) as bot:
+        bot.engine.workers[0].safety_check = lambda image: True  # flags everything
+
+        spoiled = await fake.wait_for_original(await edit(fake, alice, channel), lambda m: m.attachments, timeout=60)
+        assert spoiled.attachments[0].filename.startswith("SPOILER_") and "spoiler" in spoiled.content
+        assert not spoiled.embeds[0].get("image")
+
+        adult = await fake.wait_for_original(await edit(fake, alice, lounge), lambda m: m.attachments, timeout=60)
+        assert not adult.attachments[0].filename.startswith("SPOILER_")
+
+        changed = await fake.slash(owner, channel, "mgie settings", {"flagged_outputs": "withhold"})
+        await fake.wait_for(lambda: changed.callbacks)
+        held = await edit(fake, alice, channel)
+        await fake.wait_for(lambda: held.original and "withholds" in (held.original.content or ""), timeout=60)
+        assert not held.original.attachments
+
+
+async def test_missing_attach_permission_is_explained_in_text(world, tmp_path, tiny_models):
+    from fakediscord import permissions as perms
+
+    fake, guild, channel, alice = world
+    async with bot_running(fake, make_config(fake, tmp_path / "data", [guild.id]), tiny_models) as bot:
+        first = await fake.wait_for_original(await edit(fake, alice, channel), lambda m: m.attachments, timeout=60)
+        fake.set_overwrite(channel, fake.bot_user, deny=perms.ATTACH_FILES | perms.EMBED_LINKS)
+        await fake.send_message(alice, channel, "now make it snowy", reply_to=first)
+        note = await fake.wait_for(lambda: next((m for m in channel.messages
+                                                 if "Attach Files" in (m.content or "")), None), timeout=60)
+        assert f"<@{alice.id}>" in note.content and not note.attachments
+        jobs = await bot.store.recent_jobs(alice.id, 5)
+        assert "missing Attach Files" in (jobs[0].error or "")
