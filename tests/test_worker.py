@@ -7,6 +7,7 @@ import io
 import threading
 
 import numpy as np
+import pytest
 from conftest import make_image
 
 from mgie_engine.errors import BadImageError, JobCancelledError
@@ -191,7 +192,11 @@ async def test_a_cuda_error_fails_that_step_and_the_next_jobs_still_run(tiny_mod
     assert "went wrong on the GPU" in str(first[0]) and second.png.startswith(b"\x89PNG")
 
 
-async def _stuck_queue_run(tiny_models, hang_at_step: int):
+class _ThreadKiller(BaseException):
+    """Escapes every `except Exception`: the worker thread dies, as on a crash in native code."""
+
+
+async def _stuck_queue_run(tiny_models, hang_at_step: int, crash: bool = False):
     from bot.queue import JobQueue
 
     release = threading.Event()
@@ -203,6 +208,8 @@ async def _stuck_queue_run(tiny_models, hang_at_step: int):
         if stage == "step":
             steps_seen.append(job_ids)
             if len(steps_seen) > hang_at_step:
+                if crash:
+                    raise _ThreadKiller()
                 release.wait(60)  # a step that never returns (until the test ends)
 
     stuck.fault_hook = hang
@@ -247,3 +254,9 @@ async def test_a_worker_that_hangs_before_painting_gives_its_job_to_a_new_worker
 async def test_a_worker_that_hangs_mid_edit_fails_that_job_and_the_next_still_runs(tiny_models):
     kinds, fresh = await _stuck_queue_run(tiny_models, hang_at_step=1)
     assert fresh and ("a", "failed") in kinds and ("a", "done") not in kinds and ("b", "done") in kinds
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the crash we cause
+async def test_a_worker_thread_that_dies_is_replaced_too(tiny_models):
+    kinds, fresh = await _stuck_queue_run(tiny_models, hang_at_step=1, crash=True)
+    assert fresh and ("a", "failed") in kinds and ("b", "done") in kinds
