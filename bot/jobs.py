@@ -169,8 +169,8 @@ class JobManager:
 
     async def _refresh_positions(self) -> None:
         """Queue positions moved: tell waiting users, gently (only those whose status changed matters)."""
-        for entry in self.queue._queue.order()[:10]:
-            record = await self.store.get_job(entry.job.job_id)
+        for job_id in self.queue.waiting()[:10]:
+            record = await self.store.get_job(job_id)
             if record is not None and record.state == "queued":
                 try:
                     await self._show_queued(record)

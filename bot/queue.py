@@ -187,6 +187,10 @@ class JobQueue:
     def average_seconds(self) -> float:
         return sum(self._durations) / len(self._durations) if self._durations else self.default_seconds
 
+    def waiting(self) -> list[str]:
+        """Job ids in the order they will be served."""
+        return [entry.job.job_id for entry in self._queue.order()]
+
     @property
     def depth(self) -> int:
         return len(self._queue)

@@ -1,9 +1,9 @@
 """The MGIE edit, top to bottom: image -> expressive instruction + visual tokens -> edited image.
 
-One readable ``__call__`` in the spirit of diffusers' pipelines. Its denoising loop reproduces
-``StableDiffusionInstructPix2PixPipeline`` step for step (the parity test holds it to that), and its
-decoding loop reproduces ``generate`` with greedy search and ``no_repeat_ngram_size=3``, stopping as
-soon as the eight ``[IMG]`` tokens are out.
+One readable ``__call__`` in the spirit of diffusers' pipelines. Its denoising steps reproduce
+``StableDiffusionInstructPix2PixPipeline`` (the parity test holds them to it) and its language stage is
+the demo's ``generate`` call (greedy, ``no_repeat_ngram_size=3``), stopping as soon as the eight
+``[IMG]`` tokens are out. Both stages also run several jobs at once (see ``worker.py``).
 """
 
 from __future__ import annotations

@@ -104,6 +104,7 @@ class LocalWorker:
         self.pipeline: Any = None
         self.loaded_at: float | None = None
         self.heartbeat = time.monotonic()  # last time the worker made progress; the queue's watchdog reads it
+        self.jobs_run = 0
         self.fault_hook: Callable[[str, list[str]], None] | None = None
         self.safety_check: Callable[[Any], bool] | None = None  # image -> flagged; set at load when enabled
 
@@ -117,7 +118,6 @@ class LocalWorker:
             import torch
 
             torch.cuda.set_device(self.settings.torch_device())
-        self.jobs_run = 0
 
     def _load(self) -> None:
         from .models import load_models
@@ -270,7 +270,7 @@ class LocalWorker:
                 continue
             task.progress("language", 1, 1)
             admitted.append(task)
-            self.jobs_run = getattr(self, "jobs_run", 0) + 1
+            self.jobs_run += 1
         return admitted
 
     def _step(self, active: list[_Task]) -> list[_Task]:
