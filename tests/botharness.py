@@ -50,3 +50,12 @@ async def bot_running(fake, config: BotConfig, models, delay_ready=None):
     bot._connection.guild_ready_timeout = 0.1  # noqa: SLF001 - discord.py's own knob, set like its kwarg
     async with running_bot(bot, fake.token):
         yield bot
+
+
+def basic_world(fake):
+    """One server, one channel, one member: (fake, guild, channel, alice)."""
+    guild = fake.add_guild("Lab")
+    channel = fake.add_channel(guild, "edits")
+    alice = fake.add_user("alice")
+    fake.add_member(guild, alice)
+    return fake, guild, channel, alice

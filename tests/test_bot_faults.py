@@ -7,19 +7,14 @@ import threading
 import time
 
 import pytest
-from botharness import bot_running, make_config, png_bytes
+from botharness import basic_world, bot_running, make_config, png_bytes
 
 pytest_plugins = ["fakediscord.fixtures"]
 
 
 @pytest.fixture()
 def world(fake_endpoints):
-    fake = fake_endpoints
-    guild = fake.add_guild("Lab")
-    channel = fake.add_channel(guild, "edits")
-    alice = fake.add_user("alice")
-    fake.add_member(guild, alice)
-    return fake, guild, channel, alice
+    return basic_world(fake_endpoints)
 
 
 async def edit(fake, user, channel, instruction="make it night", steps=3):

@@ -10,19 +10,14 @@ import sqlite3
 import sys
 
 import pytest
-from botharness import png_bytes
+from botharness import basic_world, png_bytes
 
 pytest_plugins = ["fakediscord.fixtures"]
 
 
 @pytest.fixture()
 def world(fake_discord):
-    fake = fake_discord
-    guild = fake.add_guild("Lab")
-    channel = fake.add_channel(guild, "edits")
-    alice = fake.add_user("alice")
-    fake.add_member(guild, alice)
-    return fake, guild, channel, alice
+    return basic_world(fake_discord)
 
 
 async def _start(fake, guild, tiny_paths, data_dir):
