@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import threading
 import time
@@ -167,5 +168,9 @@ async def test_missing_attach_permission_is_explained_in_text(world, tmp_path, t
         note = await fake.wait_for(lambda: next((m for m in channel.messages
                                                  if "Attach Files" in (m.content or "")), None), timeout=60)
         assert f"<@{alice.id}>" in note.content and not note.attachments
-        jobs = await bot.store.recent_jobs(alice.id, 5)
+        for _ in range(100):  # the bot posts first, then records why
+            jobs = await bot.store.recent_jobs(alice.id, 5)
+            if jobs[0].error:
+                break
+            await asyncio.sleep(0.05)
         assert "missing Attach Files" in (jobs[0].error or "")
