@@ -17,7 +17,6 @@ so ``apply_endpoints(None, None)`` restores discord.py's defaults (useful in tes
 
 from __future__ import annotations
 
-import aiohttp
 import discord.gateway
 import discord.http
 import discord.webhook.async_
@@ -40,13 +39,3 @@ def apply_endpoints(api_base: str | None, gateway_url: str | None) -> None:
         webhook_route.BASE = base
     gateway = _DEFAULT_GATEWAY if not gateway_url else yarl.URL(gateway_url)
     discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = gateway
-
-
-async def fetch_gateway_url(api_base: str, token: str) -> str:
-    """Ask ``GET {api_base}/gateway/bot`` for the websocket URL (when only the API base is known)."""
-    headers = {"Authorization": f"Bot {token}"}
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"{api_base.rstrip('/')}/gateway/bot", headers=headers) as resp:
-            resp.raise_for_status()
-            data = await resp.json(content_type=None)
-    return str(data["url"])
