@@ -340,3 +340,18 @@ async def test_full_run_never_logs_the_token_and_never_pings_everyone(world, tmp
         assert msg.allowed_mentions.get("parse") == [] and not msg.allowed_mentions.get("roles")
         assert "@everyone" not in msg.embeds[0]["title"].replace("@\u200beveryone", "")
     assert caplog.records and fake.token not in caplog.text
+
+
+async def test_refine_of_a_result_whose_image_is_gone_is_refused_politely(world, tmp_path, tiny_models):
+    fake, guild, channel, alice, *_ = world
+    async with bot_running(fake, make_config(fake, tmp_path / "data", [guild.id]), tiny_models) as bot:
+        first = await finished(fake, await edit(fake, alice, channel))
+        job = await job_of(bot, first)
+        bot.store.image_path(job.output_image).unlink()  # pruned from disk, as an operator might
+        opened = await fake.click(alice, first, button(first, "refine"))
+        await fake.wait_for(lambda: opened.modal)
+        submitted = await fake.submit_modal(alice, opened, {"instruction": "now make it night"})
+        await fake.wait_for(lambda: submitted.callbacks, timeout=20)
+        assert submitted.ephemeral and "no longer stored" in submitted.callbacks[0].data["content"]
+        reroll = await fake.click(alice, first, button(first, "reroll"))  # its input is still there: works
+        assert (await finished(fake, reroll)).attachments
