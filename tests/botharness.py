@@ -59,3 +59,12 @@ def basic_world(fake):
     alice = fake.add_user("alice")
     fake.add_member(guild, alice)
     return fake, guild, channel, alice
+
+
+def team_world(fake, third: str, third_permissions: int):
+    """basic_world plus bob (a member) and a third user with the given permissions."""
+    fake, guild, channel, alice = basic_world(fake)
+    bob, other = fake.add_user("bob"), fake.add_user(third)
+    fake.add_member(guild, bob)
+    fake.add_member(guild, other, permissions=third_permissions)
+    return fake, guild, channel, alice, bob, other

@@ -10,7 +10,7 @@ import re
 import time
 
 import pytest
-from botharness import bot_running, make_config, png_bytes
+from botharness import bot_running, make_config, png_bytes, team_world
 from fakediscord import permissions as perms
 
 from bot.config import DEFAULT_USER_JOBS_PER_MINUTE, BotConfig, ConfigError
@@ -22,14 +22,7 @@ pytest_plugins = ["fakediscord.fixtures"]
 
 @pytest.fixture()
 def world(fake_endpoints):
-    fake = fake_endpoints
-    guild = fake.add_guild("Lab")
-    channel = fake.add_channel(guild, "edits")
-    alice, bob, owner = fake.add_user("alice"), fake.add_user("bob"), fake.add_user("owner")
-    for user in (alice, bob):
-        fake.add_member(guild, user)
-    fake.add_member(guild, owner, permissions=perms.MANAGE_GUILD)
-    return fake, guild, channel, alice, bob, owner
+    return team_world(fake_endpoints, "owner", perms.MANAGE_GUILD)
 
 
 def button(message, action: str) -> str:

@@ -10,7 +10,7 @@ import asyncio
 import threading
 
 import pytest
-from botharness import bot_running, make_config, png_bytes
+from botharness import bot_running, make_config, png_bytes, team_world
 from fakediscord import permissions as perms
 
 from mgie_engine.settings import EngineSettings
@@ -20,14 +20,7 @@ pytest_plugins = ["fakediscord.fixtures"]
 
 @pytest.fixture()
 def world(fake_endpoints):
-    fake = fake_endpoints
-    guild = fake.add_guild("Lab")
-    channel = fake.add_channel(guild, "edits")
-    alice, bob, mod = fake.add_user("alice"), fake.add_user("bob"), fake.add_user("mod")
-    for user in (alice, bob):
-        fake.add_member(guild, user)
-    fake.add_member(guild, mod, permissions=perms.MANAGE_MESSAGES)
-    return fake, guild, channel, alice, bob, mod
+    return team_world(fake_endpoints, "mod", perms.MANAGE_MESSAGES)
 
 
 def fields_of(message) -> dict[str, str]:

@@ -381,12 +381,18 @@ class Gateway:
             token = token[4:]
         return token == self.state.token
 
-    async def _identify(self, conn: GatewayConnection, data: dict[str, Any]) -> bool:
+    async def _authenticate(self, conn: GatewayConnection, data: dict[str, Any]) -> bool:
+        """IDENTIFY and RESUME both need a fresh connection and the right token; close it otherwise."""
         if conn.session is not None:
             await self._close(conn, 4005, "Already authenticated.")
             return False
         if not self._token_ok(data.get("token")):
             await self._close(conn, 4004, "Authentication failed.")
+            return False
+        return True
+
+    async def _identify(self, conn: GatewayConnection, data: dict[str, Any]) -> bool:
+        if not await self._authenticate(conn, data):
             return False
         requested = data.get("intents")
         if not isinstance(requested, int) or requested < 0 or requested >= 1 << 26:
@@ -436,11 +442,7 @@ class Gateway:
         }
 
     async def _resume(self, conn: GatewayConnection, data: dict[str, Any]) -> bool:
-        if conn.session is not None:
-            await self._close(conn, 4005, "Already authenticated.")
-            return False
-        if not self._token_ok(data.get("token")):
-            await self._close(conn, 4004, "Authentication failed.")
+        if not await self._authenticate(conn, data):
             return False
         session = self.sessions.get(str(data.get("session_id")))
         seq = data.get("seq")
