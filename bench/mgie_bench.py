@@ -138,6 +138,10 @@ def main() -> int:
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--only-burst", action="store_true", help="skip latency, refine and parity (multi-GPU scaling runs)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--offload", action="store_true",
+                   help="MGIE_OFFLOAD (the LLM and UNet/VAE take turns on the GPU): latency and peak memory only")
+    p.add_argument("--memory-cap-gib", type=float, default=None,
+                   help="cap this process's GPU memory, to stand in for a smaller card (e.g. 15 for a 16 GB one)")
     p.add_argument("--small", action="store_true", help="shrunken dims, for a dry run of the script on a CPU")
     args = p.parse_args()
 
@@ -153,6 +157,15 @@ def main() -> int:
                         "torch": torch.__version__, "python": platform.python_version(),
                         **{name: __import__(name).__version__ for name in ("transformers", "diffusers")}}}
 
+    tag = f"{'-compiled' if args.compile else ''}{'-offload' if args.offload else ''}"
+    out_path = args.out / f"{report['card'].replace(' ', '_')}-x{args.gpus}{tag}.json"
+
+    def save() -> None:
+        """After every section: a run cut short by its time limit still leaves what it measured."""
+        args.out.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(report, indent=2) + "\n")
+
+    report["complete"] = False
     # 1. Reference flow, one edit after another.
     ref_items = [item(i) for i in range(args.ref_runs + 1)]
     if not args.skip_reference:
@@ -161,10 +174,19 @@ def main() -> int:
         report["reference"] = {"latency_p50": pct(ref_times, 50), "latency_p90": pct(ref_times, 90),
                                "runs": len(ref_times), "new_tokens": len(ref_outs[0].new_token_ids)}
         print("reference", report["reference"], flush=True)
+        save()
 
     if not args.only_burst:
         # 2. Engine, one edit at a time (fresh images: no cache hits).
-        pipe = MgiePipeline(m0, max_side=512, compile_unet=args.compile)
+        pipe = MgiePipeline(m0, max_side=512, compile_unet=args.compile, offload=args.offload)
+        if cuda and args.memory_cap_gib:
+            torch.cuda.empty_cache()
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib * 2**30 / total)
+            report["memory_cap_gib"] = args.memory_cap_gib
+        if cuda:
+            report["allocated_gib_after_setup"] = torch.cuda.memory_allocated() / 2**30
+            print("allocated after setup (GiB)", report["allocated_gib_after_setup"], flush=True)
         warm = [item(100 + i) for i in range(2)]
         t0 = time.perf_counter()
         run_engine(pipe, warm, args.steps)
@@ -177,13 +199,17 @@ def main() -> int:
         report["engine"] = {"latency_p50": pct(eng_times, 50), "latency_p90": pct(eng_times, 90), "runs": len(eng_times),
                             "stage_medians": stages, "new_tokens": len(pipe.guidance(
                                 pipe_image(pipe, lat_items[0]), lat_items[0]["instruction"])[0].new_token_ids),
-                            "peak_memory_gib_batch1": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0}
+                            "peak_memory_gib_batch1": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+                            "peak_reserved_gib_batch1": torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0}
         print("engine", report["engine"], flush=True)
+        save()
 
         # 3. Refine: same image and instruction, new seed / CFG; the LLM output comes from the cache.
         ref_it = dict(lat_items[0], seed=99)
         refine_times, _ = run_engine(pipe, [ref_it, dict(ref_it, seed=100, text_cfg=8.5)], args.steps)
         report["refine_latency_p50"] = statistics.median(refine_times)
+        print("refine latency p50", report["refine_latency_p50"], flush=True)
+        save()
 
         # 4. Parity at full size: the engine's image against the reference flow's, same inputs.
         if not args.skip_reference:
@@ -192,6 +218,13 @@ def main() -> int:
             report["parity"] = {"max_pixel_diff": int(diff.max()), "mean_pixel_diff": float(diff.mean()),
                                 "same_tokens": _same_tokens(pipe, lat_items[0], ref_outs2[0])}
             print("parity", report["parity"], flush=True)
+            save()
+
+    if args.offload:  # a 16 GB card's question is latency and memory, not a 32-edit burst
+        report["complete"] = True
+        save()
+        print("wrote", out_path)
+        return 0
 
     # 5. Burst: N edits at once, batched, across all GPUs.
     workers = []
@@ -208,6 +241,7 @@ def main() -> int:
         t0 = time.perf_counter()
         asyncio.run(burst(pool, [item(400 + i) for i in range(args.burst)], 3))  # warm-up: compiles burst shapes
         warmup = time.perf_counter() - t0
+        print(f"burst warm-up on {len(pool)} GPU(s): {warmup:.0f} s", flush=True)
         elapsed = asyncio.run(burst(pool, burst_items, args.steps))
         key = "burst" if pool is workers else "burst_one_gpu"
         report[key] = {"edits": args.burst, "gpus": len(pool), "seconds": elapsed,
@@ -218,6 +252,7 @@ def main() -> int:
             report[key]["each_gpu_alone_seconds"] = [asyncio.run(burst([w], half, args.steps))
                                                      for w, half in zip(pool, halves, strict=True)]
         print(key, report[key], flush=True)
+        save()
     if "burst_one_gpu" in report:
         report["multi_gpu_scaling"] = report["burst"]["edits_per_second"] / report["burst_one_gpu"]["edits_per_second"]
     for w in workers:
@@ -234,10 +269,9 @@ def main() -> int:
                             "throughput_vs_reference_sequential": report["burst"]["edits_per_second"] * ref,
                             "refine_speedup": ref / report["refine_latency_p50"]}
     print_table(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = f"{report['card'].replace(' ', '_')}-x{args.gpus}{'-compiled' if args.compile else ''}.json"
-    (args.out / name).write_text(json.dumps(report, indent=2) + "\n")
-    print("wrote", args.out / name)
+    report["complete"] = True
+    save()
+    print("wrote", out_path)
     return 0
 
 

@@ -310,12 +310,14 @@ def load_models(settings: EngineSettings, progress: Progress | None = None) -> M
                               f"but the UNet attends over {unet.config.cross_attention_dim}.")
 
     say(f"moving to {device}")
+    # With offload the pipeline brings the LLM and the UNet/VAE to the GPU in turn; never both at once.
+    big = (lambda module: module) if settings.offload and device.type == "cuda" else (lambda module: module.to(device))
     models = MgieModels(
         tokenizer=tokenizer, add_bos=add_bos, token_ids=token_ids,
-        llm=llm.to(device), projector=projector.to(device), vision=vision.to(device),
+        llm=big(llm), projector=projector.to(device), vision=vision.to(device),
         vision_processor=processor, vision_select_layer=select_layer, num_patches=num_patches,
         edit_head=edit_head.to(device), img_embeds=img_embeds.to(device), null_embeds=torch.empty(0),
-        unet=unet.to(device), vae=vae.to(device),
+        unet=big(unet), vae=big(vae),
         scheduler_class=scheduler_class, scheduler_config=scheduler_config,
         vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),
         device=device, dtype=dtype,

@@ -21,18 +21,47 @@ import PIL.Image
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
-from transformers import StoppingCriteria
 
 from .conversation import build_edit_prompt
+from .decoding import GreedyDecoder
 from .errors import JobCancelledError
 from .images import prepare_image
 from .instructions import clean_expressive, normalize_instruction
 from .models import MgieModels
+from .offload import StageResidency
 from .options import DEFAULT_SEED, check_options
 
 MAX_NEW_TOKENS = 96
 NO_REPEAT_NGRAM = 3
 ROW_BUCKETS = (1, 3, 6, 12, 24, 48, 96, 192)  # UNet batch sizes that get their own CUDA graph
+JOB_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # job counts that get their own graph of the fused guided step
+_PAD_SCALARS = (500.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0)  # a harmless step for the rows that pad a bucket
+
+
+def guided_euler_ancestral_step(unet: torch.nn.Module, latents: torch.Tensor, image_latents: torch.Tensor,
+                                cond: torch.Tensor, scalars: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """One InstructPix2Pix step for n guided jobs at once: UNet, 3-way CFG and the Euler-ancestral update.
+
+    The same arithmetic as diffusers' pipeline + ``EulerAncestralDiscreteScheduler.step``, rounded to the
+    model dtype where they round, but with every job's timestep, sigmas and CFG scales as tensors, so one
+    call (and one CUDA graph) serves any mix of jobs and steps. ``scalars`` holds per job: timestep, input
+    scale denominator, sigma, dt, sigma_up, text CFG, image CFG; ``noise`` is the job's ancestral noise
+    for this step, drawn ahead from its own generator in the order the scheduler would draw it.
+    """
+    n, dtype = latents.shape[0], latents.dtype
+
+    def col(k: int) -> torch.Tensor:
+        return scalars[:, k].view(n, 1, 1, 1)
+
+    scaled = (latents.float() / col(1)).to(dtype).repeat_interleave(3, dim=0)  # rows: text, image, none
+    eps = unet(torch.cat([scaled, image_latents], dim=1), scalars[:, 0].repeat_interleave(3),
+               encoder_hidden_states=cond, return_dict=False)[0]
+    text, image, uncond = eps.view(n, 3, *eps.shape[1:]).unbind(1)
+    guided = (uncond + (col(5) * (text - image)).to(dtype)) + (col(6) * (image - uncond)).to(dtype)
+    sample = latents.float()
+    denoised = sample - (col(2) * guided).to(dtype)
+    moved = sample + (sample - denoised) / col(2) * col(3)
+    return (moved + (noise * col(4)).to(dtype)).to(dtype)
 
 
 class CancelToken(Protocol):
@@ -122,46 +151,45 @@ def _answer(tokens: list[int], eos: Sequence[int], img: Sequence[int]) -> tuple[
     return new, False
 
 
-class _VisualTokensDone(StoppingCriteria):
-    """A stopping criterion for generate: per row, stop once the visual tokens are complete."""
-
-    def __init__(self, img: Sequence[int], prompt_width: int, cancel: CancelToken | None) -> None:
-        self.img, self.width, self.cancel = tuple(img), prompt_width, cancel
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        rows = input_ids[:, self.width:].tolist()
-        done = [_visual_tokens_complete(row, self.img) for row in rows]
-        if self.cancel is not None and self.cancel.is_set():
-            done = [True] * len(rows)
-        return torch.tensor(done, device=input_ids.device)
-
-
 class MgiePipeline:
     """Runs edits on loaded models. Thread-safe for one caller at a time per GPU (the worker's job)."""
 
     def __init__(self, models: MgieModels, max_side: int = 512, guidance_cache_size: int = 64,
-                 compile_unet: bool = False) -> None:
+                 compile_unet: bool = False, offload: bool = False) -> None:
         self.models = models
         self.max_side = max_side
         self.unet = models.unet
-        self._graphs = compile_unet and models.device.type == "cuda"
+        self._graphs = compile_unet and models.device.type == "cuda" and not offload
         if models.device.type == "cuda":
             # Same math, faster kernels: NHWC convolutions, and optionally a compiled UNet replayed as
             # CUDA graphs (one per batch bucket: a UNet call at batch 3 is mostly launch overhead).
+            torch.backends.cudnn.benchmark = True  # UNet and VAE shapes repeat: pick the fastest conv kernels
             models.unet.to(memory_format=torch.channels_last)
             models.vae.to(memory_format=torch.channels_last)
             if self._graphs:
                 self.unet = torch.compile(models.unet, mode="reduce-overhead")
+        # Offload: the LLM and the UNet/VAE take turns on the GPU (StageResidency); the UNet then runs
+        # eagerly, since its CUDA graphs would hold the addresses of weights that come and go.
+        self._residency = StageResidency({"language": [models.llm], "diffusion": [models.unet, models.vae]},
+                                         models.device) if offload else None
+        unet = models.unet
+
+        def guided_step(*tensors: torch.Tensor) -> torch.Tensor:
+            return guided_euler_ancestral_step(unet, *tensors)
+
+        # The whole guided step (UNet, CFG, scheduler update) as one graph: per-job Python and the ~20
+        # small kernels of CFG and the update would otherwise run for every job at every step.
+        self._guided_step = torch.compile(guided_step, mode="reduce-overhead") if self._graphs else guided_step
         self.image_processor = VaeImageProcessor(vae_scale_factor=models.vae_scale_factor)
+        self._fusable = (models.scheduler_class.__name__ == "EulerAncestralDiscreteScheduler"
+                         and models.scheduler_config.get("prediction_type", "epsilon") == "epsilon")
         step_params = set(inspect.signature(models.scheduler_class.step).parameters)
         self._step_takes_generator = "generator" in step_params
         self._step_takes_eta = "eta" in step_params
         self._cache: OrderedDict[tuple, Guidance] = OrderedDict()
         self._cache_size = guidance_cache_size
         self._cache_lock = threading.Lock()
-        # transformers renamed `past_key_values` to `cache` in 5.2x; accept either release.
-        forward_params = inspect.signature(models.llm.model.forward).parameters
-        self._kv_kwarg = "cache" if "cache" in forward_params else "past_key_values"
+        self._decoder = GreedyDecoder(models.llm, NO_REPEAT_NGRAM, graphs=models.device.type == "cuda")
 
     # -- the whole edit ---------------------------------------------------------------------------
     def __call__(self, request: EditRequest, progress: ProgressFn | None = None,
@@ -227,18 +255,28 @@ class MgiePipeline:
     def prompt_inputs(self, image: PIL.Image.Image, instruction: str,
                       history: tuple[tuple[str, str], ...] = ()) -> tuple[list[int], torch.Tensor]:
         """Token ids and input embeddings with CLIP patch features in place of the <im_patch> tokens."""
+        return self.prompt_inputs_many([(image, instruction, history)])[0]
+
+    @torch.inference_mode()
+    def prompt_inputs_many(self, items: Sequence[tuple[PIL.Image.Image, str, tuple[tuple[str, str], ...]]]
+                           ) -> list[tuple[list[int], torch.Tensor]]:
+        """``prompt_inputs`` for several jobs, with one CLIP call for all their images."""
         m = self.models
-        pixels = m.vision_processor.preprocess(image, return_tensors="pt")["pixel_values"].to(m.device, m.dtype)
+        pixels = m.vision_processor.preprocess([image for image, _, _ in items],
+                                               return_tensors="pt")["pixel_values"].to(m.device, m.dtype)
         states = m.vision(pixels, output_hidden_states=True).hidden_states[m.vision_select_layer][:, 1:]
         features = m.projector(states.to(m.dtype))
-        ids = m.encode(build_edit_prompt(instruction, m.num_patches, history))
-        start = ids.index(m.token_ids.im_start)
-        if ids[start + m.num_patches + 1] != m.token_ids.im_end:
-            raise RuntimeError("the tokenizer split the image placeholder; check tokenizer.json")
-        ids_t = torch.tensor([ids], device=m.device)
-        embeds = m.llm.get_input_embeddings()(ids_t)
-        embeds[0, start + 1:start + 1 + m.num_patches] = features[0]
-        return ids, embeds
+        table = m.llm.get_input_embeddings()
+        prompts = []
+        for (_, instruction, history), feature in zip(items, features, strict=True):
+            ids = m.encode(build_edit_prompt(instruction, m.num_patches, history))
+            start = ids.index(m.token_ids.im_start)
+            if ids[start + m.num_patches + 1] != m.token_ids.im_end:
+                raise RuntimeError("the tokenizer split the image placeholder; check tokenizer.json")
+            embeds = table(torch.tensor([ids], device=m.device))
+            embeds[0, start + 1:start + 1 + m.num_patches] = feature
+            prompts.append((ids, embeds))
+        return prompts
 
     def run_language_model(self, image: PIL.Image.Image, instruction: str,
                            history: tuple[tuple[str, str], ...] = (), cancel: CancelToken | None = None) -> Guidance:
@@ -250,12 +288,13 @@ class MgiePipeline:
         """Greedy decoding of several prompts at once (left-padded), each stopping on its own.
 
         This is the demo's ``generate`` call (greedy, no_repeat_ngram_size=3, up to 96 new tokens) plus a
-        stopping rule that ends a sequence as soon as [IMG7] completes the eight visual tokens. On CUDA it
-        uses a static KV cache, which makes transformers compile the decoding step (CUDA graphs); prompts
-        are padded to a multiple of 64 tokens so a handful of shapes cover every request.
+        stopping rule that ends a sequence as soon as [IMG7] completes the eight visual tokens. On CUDA
+        each token is one CUDA graph replay (``decoding.py``); prompts are padded to a multiple of 64
+        tokens so a handful of shapes cover every request.
         """
         m = self.models
-        prompts = [self.prompt_inputs(*item) for item in items]
+        self._stage("language")
+        prompts = self.prompt_inputs_many(items)
         lengths = [len(ids) for ids, _ in prompts]
         cuda = m.device.type == "cuda"
         width = -(-max(lengths) // 64) * 64 if cuda else max(lengths)
@@ -267,35 +306,15 @@ class MgiePipeline:
             ids[i, width - lengths[i]:] = torch.tensor(prompt_ids, device=m.device)
             embeds[i, width - lengths[i]:] = emb[0]
             mask[i, width - lengths[i]:] = 1
-        stop = _VisualTokensDone(m.token_ids.img, width, cancel)
-        out = m.llm.generate(
-            input_ids=ids, inputs_embeds=embeds, attention_mask=mask, do_sample=False, num_beams=1,
-            max_new_tokens=MAX_NEW_TOKENS, no_repeat_ngram_size=NO_REPEAT_NGRAM, eos_token_id=list(m.token_ids.eos),
-            pad_token_id=pad, stopping_criteria=[stop], return_dict_in_generate=True,
-            cache_implementation="static" if cuda else None)
-        if cancel is not None and cancel.is_set():
-            raise JobCancelledError("The edit was cancelled.")
-        answers = [_answer(row, m.token_ids.eos, m.token_ids.img) for row in out.sequences[:, width:].tolist()]
-
-        # The last-layer states of every position but the last, from one causal pass over prompt + answer:
-        # the same states the incremental decode computed (it need not keep them, so its CUDA graphs can
-        # reuse their buffers). Left-padded like the prompts.
-        total = [lengths[i] + len(new) - 1 for i, (new, _) in enumerate(answers)]
-        full = max(total)
-        seq_embeds = torch.zeros(n, full, embeds.shape[-1], device=m.device, dtype=embeds.dtype)
-        seq_mask = torch.zeros(n, full, device=m.device, dtype=torch.long)
-        table = m.llm.get_input_embeddings()
-        for i, (new, _) in enumerate(answers):
-            answer = table(torch.tensor(new[:-1], device=m.device, dtype=torch.long))
-            row = torch.cat([prompts[i][1][0], answer])
-            seq_embeds[i, full - total[i]:] = row
-            seq_mask[i, full - total[i]:] = 1
-        states = m.llm.model(inputs_embeds=seq_embeds, attention_mask=seq_mask,
-                             position_ids=(seq_mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state
+        eos, img = m.token_ids.eos, m.token_ids.img
+        rows, states = self._decoder.decode(
+            ids, embeds, mask, MAX_NEW_TOKENS, lambda row: row[-1] in eos or _visual_tokens_complete(row, img), cancel)
         results = []
-        for i, ((prompt_ids, _), (new, early)) in enumerate(zip(prompts, answers, strict=True)):
-            seq = list(prompt_ids) + new
-            visual = select_visual_states(seq, states[i, full - total[i]:], m.token_ids.img[0], early)
+        for i, ((prompt_ids, _), row) in enumerate(zip(prompts, rows, strict=True)):
+            new, early = _answer(row, eos, img)
+            # One last-layer state per position but the last: the prompt's, then those the answer's tokens gave.
+            hidden = states[i, width - lengths[i]:width + len(new) - 1]
+            visual = select_visual_states(list(prompt_ids) + new, hidden, img[0], early)
             results.append(Guidance(expressive_instruction=clean_expressive(m.decode(new)), new_token_ids=tuple(new),
                                     prompt_embeds=m.edit_head(visual.unsqueeze(0), m.img_embeds),
                                     stopped_early=early))
@@ -307,6 +326,7 @@ class MgiePipeline:
                         image_cfg: float, steps: int, tag: object = None) -> DenoiseState:
         """Everything one job needs to take denoising steps, alone or batched with others."""
         m = self.models
+        self._stage("diffusion")
         scheduler = m.new_scheduler()
         scheduler.set_timesteps(steps, device=m.device)
         # As in diffusers: guidance is on only when text_cfg > 1 and image_cfg >= 1.
@@ -322,6 +342,13 @@ class MgiePipeline:
         generator = torch.Generator(device=m.device).manual_seed(seed)
         shape = (1, m.vae.config.latent_channels, *image_latents.shape[-2:])
         latents = randn_tensor(shape, generator=generator, device=m.device, dtype=m.dtype) * scheduler.init_noise_sigma
+        if guided and self._fusable:
+            # Every step's ancestral noise now, from the job's generator in the scheduler's order.
+            noise = torch.stack([randn_tensor(shape, generator=generator, device=m.device, dtype=m.dtype)
+                                 for _ in range(len(scheduler.timesteps))])
+            return DenoiseState(tag=tag, scheduler=scheduler, latents=latents, image_latents=image_latents,
+                                cond=cond, guided=True, text_cfg=text_cfg, image_cfg=image_cfg, step_kwargs={},
+                                noise=noise, scalars=self._step_scalars(scheduler, text_cfg, image_cfg))
         extra = {}
         if self._step_takes_generator:
             extra["generator"] = generator
@@ -330,13 +357,64 @@ class MgiePipeline:
         return DenoiseState(tag=tag, scheduler=scheduler, latents=latents, image_latents=image_latents, cond=cond,
                             guided=guided, text_cfg=text_cfg, image_cfg=image_cfg, step_kwargs=extra)
 
+    def _stage(self, group: str) -> None:
+        """With offload, bring this stage's models to the GPU (the decoder's graphs then point at
+        weights that moved, so it records new ones)."""
+        if self._residency is not None and self._residency.use(group) and group == "language":
+            self._decoder.forget_graphs()
+
+    def _step_scalars(self, scheduler, text_cfg: float, image_cfg: float) -> torch.Tensor:
+        """Per step: timestep, input scale, sigma, dt, sigma_up, CFGs (``guided_euler_ancestral_step``'s
+        ``scalars``), computed in float32 on the CPU as the scheduler computes them."""
+        sigma, sigma_to = scheduler.sigmas[:-1].float().cpu(), scheduler.sigmas[1:].float().cpu()
+        sigma_up = (sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2) ** 0.5
+        sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+        n = len(sigma)
+        return torch.stack([scheduler.timesteps.float().cpu(), (sigma**2 + 1) ** 0.5, sigma, sigma_down - sigma, sigma_up,
+                            torch.full((n,), float(text_cfg)), torch.full((n,), float(image_cfg))],
+                           dim=1).to(self.models.device)
+
     @torch.inference_mode()
     def denoise_step(self, states: Sequence[DenoiseState]) -> None:
-        """One denoising step for each state, with a single UNet call for all of them.
+        """One denoising step for each state: guided jobs in one fused call, any others in one UNet call.
 
-        States must share a latent size. Each keeps its own scheduler, generator, timestep and CFG
-        scales, so a job's result does not depend on what else is in the batch.
+        States must share a latent size. Each keeps its own generator, timestep and CFG scales, so a
+        job's result does not depend on what else is in the batch.
         """
+        self._stage("diffusion")
+        fused = [s for s in states if s.scalars is not None]
+        if fused:
+            self._fused_step(fused)
+        others = [s for s in states if s.scalars is None]
+        if others:
+            self._scheduler_step(others)
+
+    def _fused_step(self, states: Sequence[DenoiseState]) -> None:
+        n = len(states)
+        pad = next((b for b in JOB_BUCKETS if b >= n), n) - n if self._graphs else 0
+        first = states[0]
+        pads = ([], [], [], [], [])
+        if pad:
+            pads = ([first.latents.new_zeros(pad, *first.latents.shape[1:])],
+                    [first.image_latents.new_zeros(3 * pad, *first.image_latents.shape[1:])],
+                    [first.cond.new_zeros(3 * pad, *first.cond.shape[1:])],
+                    [first.scalars.new_tensor([_PAD_SCALARS] * pad)],
+                    [first.noise.new_zeros(pad, *first.noise.shape[2:])])
+        latents = torch.cat([s.latents for s in states] + pads[0])
+        image_latents = torch.cat([s.image_latents for s in states] + pads[1])
+        cond = torch.cat([s.cond for s in states] + pads[2])
+        scalars = torch.cat([s.scalars[s.index:s.index + 1] for s in states] + pads[3])
+        noise = torch.cat([s.noise[s.index] for s in states] + pads[4])
+        if self._graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        out = self._guided_step(latents, image_latents, cond, scalars, noise)
+        out = out[:n].clone() if self._graphs else out  # the graph's output buffer is reused by the next replay
+        for i, s in enumerate(states):
+            s.latents = out[i:i + 1]
+            s.index += 1
+
+    def _scheduler_step(self, states: Sequence[DenoiseState]) -> None:
+        """The general path: any scheduler, unguided jobs; one UNet call, then each job's own step."""
         rows, timesteps, conds, sizes = [], [], [], []
         for s in states:
             t = s.scheduler.timesteps[s.index]
@@ -383,9 +461,15 @@ class MgiePipeline:
                 raise JobCancelledError("The edit was cancelled.")
         return state.latents
 
+    def decode_many(self, latents: Sequence[torch.Tensor]) -> list[PIL.Image.Image]:
+        """Several jobs' latents (one size) through one VAE decode."""
+        images = self.decode_latents(torch.cat(list(latents)))
+        return images if isinstance(images, list) else [images]
+
     @torch.inference_mode()
     def decode_latents(self, latents: torch.Tensor) -> list[PIL.Image.Image] | PIL.Image.Image:
         """VAE decode; a batch of latents gives a list of images, a single one an image."""
+        self._stage("diffusion")
         vae = self.models.vae
         decoded = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
         images = self.image_processor.postprocess(decoded, output_type="pil")
@@ -406,6 +490,8 @@ class DenoiseState:
     image_cfg: float
     step_kwargs: dict
     index: int = 0
+    noise: torch.Tensor | None = None  # fused path: every step's ancestral noise, drawn ahead
+    scalars: torch.Tensor | None = None  # fused path: per-step timestep, sigmas and CFGs
 
     @property
     def total(self) -> int:
@@ -431,9 +517,12 @@ class _StageClock:
         return self
 
     def __enter__(self) -> None:
+        self.label = torch.profiler.record_function(self.stage)  # names the stage in any profile
+        self.label.__enter__()
         self.start = time.perf_counter()
 
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.timings[self.stage] = self.timings.get(self.stage, 0.0) + time.perf_counter() - self.start
+        self.label.__exit__(*exc)

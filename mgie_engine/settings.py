@@ -38,6 +38,7 @@ class EngineSettings:
     max_batch: int = 8  # jobs whose denoising steps share one UNet call
     compile: bool = False  # torch.compile the UNet on CUDA (a minute of compiling at start, faster steps)
     safety_checker: bool = False  # run instruct-pix2pix's NSFW checker on every output
+    offload: bool = False  # keep the LLM and the UNet/VAE on the GPU in turn (16 GB cards)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> EngineSettings:
@@ -58,6 +59,7 @@ class EngineSettings:
             max_batch=_positive_int(env, "MGIE_MAX_BATCH", 8),
             compile=(env.get("MGIE_COMPILE") or "").strip().lower() in ("1", "true", "yes", "on"),
             safety_checker=(env.get("MGIE_SAFETY_CHECKER") or "").strip().lower() in ("1", "true", "yes", "on"),
+            offload=(env.get("MGIE_OFFLOAD") or "").strip().lower() in ("1", "true", "yes", "on"),
         )
 
     def device_list(self) -> list[str]:

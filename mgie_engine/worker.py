@@ -65,6 +65,8 @@ class EditOutcome:
 
 ProgressCallback = Callable[[JobProgress], None]
 BATCH_WINDOW = 0.05  # seconds an idle worker waits for more jobs after the first arrives
+DECODE_BATCH = 4  # finished jobs whose latents share one VAE decode (~1 GB of activations each at 512)
+PROGRESS_EVERY = 20  # denoising progress events per job (the bot edits its message every 2 s anyway)
 
 
 @dataclasses.dataclass(eq=False)
@@ -126,7 +128,8 @@ class LocalWorker:
         started = time.perf_counter()
         try:
             models = (self._loader or load_models)(self.settings)
-            self.pipeline = MgiePipeline(models, max_side=self.settings.max_side, compile_unet=self.settings.compile)
+            self.pipeline = MgiePipeline(models, max_side=self.settings.max_side, compile_unet=self.settings.compile,
+                                         offload=self.settings.offload)
             if self.settings.safety_checker:
                 from .safety import load_safety_checker
 
@@ -286,13 +289,15 @@ class LocalWorker:
             groups.setdefault(task.state.size, []).append(task)
         running = []
         for group in groups.values():
+            finished = []
             for done_group in self._step_group(group):
                 for task in done_group:
-                    task.progress("denoise", task.state.index, task.state.total)
-                    if task.state.done:
-                        self._finish(task)
-                    else:
-                        running.append(task)
+                    index, total = task.state.index, task.state.total
+                    if index == total or index % max(1, total // PROGRESS_EVERY) == 0:
+                        task.progress("denoise", index, total)
+                    (finished if task.state.done else running).append(task)
+            for start in range(0, len(finished), DECODE_BATCH):
+                self._finish(finished[start:start + DECODE_BATCH])
         return running
 
     def _step_group(self, group: list[_Task]) -> list[list[_Task]]:
@@ -337,20 +342,35 @@ class LocalWorker:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _finish(self, task: _Task) -> None:
-        try:
+    def _finish(self, tasks: list[_Task]) -> None:
+        """VAE-decode finished jobs of one latent size together (alone, if that fails), then deliver."""
+        for task in tasks:
             task.progress("decode", 0, 1)
-            image = self.pipeline.decode_latents(task.state.latents)
-            task.flagged = bool(self.safety_check(image)) if self.safety_check is not None else False
-        except Exception as err:
-            log.exception("decoding job %s failed", task.job.job_id)
-            _fail(task, _user_error(err))
-            return
-        task.state = None  # free the latents now; the PNG is encoded off the GPU thread
         try:
-            self._cpu.submit(self._deliver, task, image)
-        except RuntimeError:  # shutting down: no pool any more, finish here
-            self._deliver(task, image)
+            self._fault("decode", tasks)
+            images = self.pipeline.decode_many([t.state.latents for t in tasks])
+        except Exception as err:
+            if len(tasks) > 1:
+                log.exception("decoding %d jobs together failed; decoding them one by one", len(tasks))
+                self._free_memory()
+                for task in tasks:
+                    self._finish([task])
+                return
+            log.exception("decoding job %s failed", tasks[0].job.job_id)
+            _fail(tasks[0], _user_error(err))
+            return
+        for task, image in zip(tasks, images, strict=True):
+            try:
+                task.flagged = bool(self.safety_check(image)) if self.safety_check is not None else False
+            except Exception as err:
+                log.exception("the safety check of job %s failed", task.job.job_id)
+                _fail(task, _user_error(err))
+                continue
+            task.state = None  # free the latents now; the PNG is encoded off the GPU thread
+            try:
+                self._cpu.submit(self._deliver, task, image)
+            except RuntimeError:  # shutting down: no pool any more, finish here
+                self._deliver(task, image)
 
     def _deliver(self, task: _Task, image: Any) -> None:
         from .images import encode_png

@@ -44,3 +44,20 @@ def test_batched_denoising_equals_one_at_a_time(tiny_models):
     for state, expected in zip(states, alone, strict=True):
         # Different GEMM shapes round differently: equal up to float32 noise, not bit for bit.
         torch.testing.assert_close(state.latents, expected, rtol=1e-3, atol=1e-4)
+
+
+def test_guided_jobs_take_the_fused_step_and_unguided_ones_the_scheduler(tiny_models):
+    """The fused path must be the one the parity test checks for guided jobs, and agree with the scheduler's."""
+    pipe = MgiePipeline(tiny_models, max_side=64)
+    image = prepare_image(make_image(64, 48, 9), 64)
+    embeds = pipe.run_language_model(image, "make it snowy").prompt_embeds
+    fused = pipe.start_denoising(image, embeds, 5, 7.5, 1.5, 6)
+    assert fused.scalars is not None and fused.noise.shape[0] == 6
+    assert pipe.start_denoising(image, embeds, 5, 8.5, 0.7, 6).scalars is None  # unguided: the scheduler's path
+
+    pipe._fusable = False  # the same job through the scheduler's own step
+    plain = pipe.start_denoising(image, embeds, 5, 7.5, 1.5, 6)
+    assert plain.scalars is None
+    while not fused.done:
+        pipe.denoise_step([fused, plain])
+    torch.testing.assert_close(fused.latents, plain.latents, rtol=1e-4, atol=1e-5)

@@ -47,7 +47,7 @@ async def test_concurrent_jobs_are_batched_and_match_single_runs(tiny_models):
     finally:
         tiny_models.unet.forward = original
         worker.shutdown()
-    assert max(calls) == 3 + 3 + 1  # guided, guided and unguided rows in one call
+    assert max(calls) == 3 + 3  # the two guided jobs share one fused step; the unguided one has its row
     assert len(calls) < sum(j.steps for j in jobs)  # fewer UNet calls than steps run
     pipe = MgiePipeline(tiny_models, max_side=64)
     for job, outcome in zip(jobs, outcomes, strict=True):
@@ -190,6 +190,30 @@ async def test_a_cuda_error_fails_that_step_and_the_next_jobs_still_run(tiny_mod
     finally:
         worker.shutdown()
     assert "went wrong on the GPU" in str(first[0]) and second.png.startswith(b"\x89PNG")
+
+
+async def test_jobs_finishing_together_share_a_vae_decode_and_fall_back_to_one_each(tiny_models):
+    """Three jobs end at the same step: one batched decode; when it fails, each is decoded alone, and
+    only a job whose own decode fails gets an error."""
+    worker = await _started_worker(tiny_models, max_batch=4)
+    decodes, broken = [], "d" * 32
+
+    def hook(stage, job_ids):
+        if stage == "decode":
+            decodes.append(list(job_ids))
+            if len(job_ids) > 1 or broken in job_ids:
+                raise _OOM()
+
+    worker.fault_hook = hook
+    try:
+        jobs = [_job("a" * 32, 1, steps=3), _job(broken, 2, steps=3), _job("b" * 32, 3, steps=3)]
+        results = await asyncio.gather(*(worker.run(j) for j in jobs), return_exceptions=True)
+    finally:
+        worker.shutdown()
+    assert sorted(decodes[0]) == sorted(j.job_id for j in jobs)  # one decode for all three first
+    assert sorted(map(tuple, decodes[1:])) == sorted((j.job_id,) for j in jobs)
+    assert results[0].png.startswith(b"\x89PNG") and results[2].png.startswith(b"\x89PNG")
+    assert "ran out of memory" in str(results[1])
 
 
 class _ThreadKiller(BaseException):

@@ -1,0 +1,213 @@
+"""Where an edit's GPU time goes: a profile of one edit plus UNet and LLM variants, full size, one GPU.
+
+    python3 bench/profile_engine.py --tokenizer-dir DIR [--out DIR] [--budget SECONDS]
+
+Prints, per stage, wall time against the time the GPU was busy (a gap means Python or launch
+overhead, not kernels), the heaviest kernels, and UNet call times at batch 3 and 96 for several
+variants (eager, CUDA graphs, cudnn autotuning, fused QKV, max-autotune). A tool for choosing the next
+lever; the numbers that count are mgie_bench.py's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
+from full_size import build  # noqa: E402
+from mgie_bench import item, pipe_image, run_engine, sync  # noqa: E402
+
+from mgie_engine.pipeline import MgiePipeline  # noqa: E402
+
+LOG: list[str] = []
+
+
+def say(*parts: object) -> None:
+    line = " ".join(str(p) for p in parts)
+    LOG.append(line)
+    print(line, flush=True)
+
+
+def gpu_time(fn, repeat: int = 10) -> float:
+    """Median milliseconds of fn() between CUDA events, after two warm-up calls."""
+    fn(), fn()
+    times = []
+    if not torch.cuda.is_available():  # a dry run of the script on a CPU
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1000)
+        return statistics.median(times)
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def busy_by_stage(trace: dict, stages: tuple[str, ...]) -> dict:
+    """Per stage window (a record_function range): wall ms, GPU-busy ms and the top kernels."""
+    events = trace["traceEvents"]
+    windows = {e["name"]: (e["ts"], e["ts"] + e["dur"]) for e in events
+               if e.get("ph") == "X" and e.get("name") in stages and e.get("cat") == "user_annotation"}
+    kernels = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+                     if e.get("ph") == "X" and e.get("cat") == "kernel")
+    out = {}
+    for stage, (lo, hi) in windows.items():
+        busy, cursor, names = 0.0, lo, collections.Counter()
+        for a, b, name in kernels:
+            a, b = max(a, lo), min(b, hi)
+            if b <= a:
+                continue
+            names[name[:90]] += b - a
+            if b > cursor:
+                busy += b - max(a, cursor)
+                cursor = b
+        out[stage] = {"wall_ms": (hi - lo) / 1000, "gpu_busy_ms": busy / 1000,
+                      "kernels": sum(1 for a, b, _ in kernels if lo <= a < hi),
+                      "top": [(n, round(t / 1000, 2)) for n, t in names.most_common(12)]}
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokenizer-dir", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=Path("/tmp"))
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--only-unet", action="store_true", help="just the UNet variants")
+    p.add_argument("--budget", type=float, default=480.0, help="seconds; later variants are skipped past it")
+    args = p.parse_args()
+    t_start = time.perf_counter()
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda:0" if cuda else "cpu")
+    dtype = torch.float16 if cuda else torch.float32
+    models = build(dev, dtype, args.tokenizer_dir, small=not cuda)
+    report: dict = {"card": torch.cuda.get_device_name(0) if cuda else "cpu (dry run, small dims)"}
+
+    pipe = MgiePipeline(models, compile_unet=True)
+    if not args.only_unet:
+        profile_stages(pipe, models, args, report)
+    unet_variants(models, dev, dtype, cuda, args, t_start, report)
+    report["seconds"] = time.perf_counter() - t_start
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "profile.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "profile.log").write_text("\n".join(LOG) + "\n")
+    return 0
+
+
+def profile_stages(pipe: MgiePipeline, models, args, report: dict) -> None:
+    cuda = models.device.type == "cuda"
+    mem = torch.cuda if cuda else None
+    # 1. One compiled edit, profiled.
+    run_engine(pipe, [item(100), item(101)], args.steps)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        _, outs = run_engine(pipe, [item(102)], args.steps)
+    prof.export_chrome_trace("/tmp/trace.json")
+    stages = busy_by_stage(json.loads(Path("/tmp/trace.json").read_text()), ("llm", "denoise", "vae_decode"))
+    report["profile"] = {"timings": outs[0].timings, "stages": stages}
+    for name, s in stages.items():
+        say(f"{name}: wall {s['wall_ms']:.1f} ms, GPU busy {s['gpu_busy_ms']:.1f} ms, {s['kernels']} kernels")
+        for k, t in s["top"][:8]:
+            say(f"    {t:8.2f} ms  {k}")
+
+    # 2. Stage peaks (what offloading the LLM would leave on the card).
+    if mem:
+        mem.reset_peak_memory_stats()
+    it = item(103)
+    image = pipe_image(pipe, it)
+    guidance, _ = pipe.guidance(image, it["instruction"])
+    report["peak_llm_gib"] = mem.max_memory_allocated() / 2**30 if mem else 0.0
+    if mem:
+        mem.reset_peak_memory_stats()
+    pipe.decode_latents(pipe.denoise(image, guidance.prompt_embeds, 1, 7.5, 1.5, args.steps))
+    report["peak_denoise_gib"] = mem.max_memory_allocated() / 2**30 if mem else 0.0
+    llm_bytes = sum(t.numel() * t.element_size() for t in models.llm.parameters())
+    report["llm_weights_gib"] = llm_bytes / 2**30
+    say(f"peak: llm stage {report['peak_llm_gib']:.1f} GiB, denoise stage {report['peak_denoise_gib']:.1f} GiB, "
+        f"LLM weights {report['llm_weights_gib']:.1f} GiB")
+
+    # 3. LLM stage at batch 1 and 32 (decode dominated).
+    items = [item(500 + i) for i in range(32)]
+    triples = [(pipe_image(pipe, x), x["instruction"], ()) for x in items]
+    for n in (1, 32):
+        pipe.run_language_models(triples[:n])
+        sync()
+        t0 = time.perf_counter()
+        pipe.run_language_models(triples[:n])
+        sync()
+        report[f"llm_batch{n}_s"] = time.perf_counter() - t0
+        say(f"LLM stage, batch {n}: {report[f'llm_batch{n}_s']:.3f} s")
+
+    # 4. Denoise step with 32 jobs (96 UNet rows), against the UNet call alone.
+    g = pipe.run_language_models(triples[:1])[0]
+    jobs = 32 if cuda else 2
+    states = [pipe.start_denoising(t[0], g.prompt_embeds, i, 7.5, 1.5, 100) for i, t in enumerate(triples[:jobs])]
+    report[f"denoise_step_{jobs}_jobs_ms"] = gpu_time(lambda: pipe.denoise_step(states))
+    say(f"denoise_step, {jobs} jobs: {report[f'denoise_step_{jobs}_jobs_ms']:.1f} ms")
+
+
+def unet_variants(models, dev, dtype, cuda: bool, args, t_start: float, report: dict) -> None:
+    unet = models.unet
+    variants: dict = {}
+    report["unet_ms"] = variants
+
+    side = 64 if cuda else 16
+
+    def inputs(rows: int):
+        return (torch.randn(rows, 8, side, side, device=dev, dtype=dtype).to(memory_format=torch.channels_last),
+                torch.full((rows,), 500.0, device=dev), torch.randn(rows, 77, 768, device=dev, dtype=dtype))
+
+    def measure(label: str, fn) -> None:
+        if time.perf_counter() - t_start > args.budget or (not cuda and "eager" not in label):
+            say(f"skip {label}: over budget, or compiled on a CPU (proves nothing)")
+            return
+        for rows in (3, 96) if cuda else (3,):
+            x, t, c = inputs(rows)
+
+            def call(x=x, t=t, c=c):
+                torch.compiler.cudagraph_mark_step_begin()
+                return fn(x, t, encoder_hidden_states=c, return_dict=False)[0]
+
+            try:
+                t0 = time.perf_counter()
+                ms = gpu_time(call)
+            except Exception as exc:  # a variant that does not build is reported, not fatal
+                say(f"{label} rows {rows}: failed: {exc!r}"[:300])
+                continue
+            variants[f"{label}/rows{rows}"] = ms
+            say(f"UNet {label:<28} rows {rows:>2}: {ms:7.2f} ms  "
+                f"({2.41 / 3 * rows / ms * 1000:.0f} TFLOP/s; incl. build {time.perf_counter() - t0:.0f} s)")
+
+    import torch._inductor.config as inductor
+
+    with torch.inference_mode():
+        if not args.only_unet:
+            measure("eager", unet)
+        torch.backends.cudnn.benchmark = True
+        torch._dynamo.reset()
+        measure("graphs+cudnn.benchmark", torch.compile(unet, mode="reduce-overhead"))
+        unet.fuse_qkv_projections()
+        torch._dynamo.reset()
+        measure("graphs+cudnn+fused_qkv", torch.compile(unet, mode="reduce-overhead"))
+        inductor.conv_1x1_as_mm = True
+        inductor.coordinate_descent_tuning = True
+        inductor.epilogue_fusion = False
+        torch._dynamo.reset()
+        measure("graphs+cudnn+qkv+inductor_cfg", torch.compile(unet, mode="reduce-overhead"))
+        torch._dynamo.reset()
+        measure("max-autotune+qkv+inductor_cfg", torch.compile(unet, mode="max-autotune"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

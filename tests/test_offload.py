@@ -1,0 +1,45 @@
+"""MGIE_OFFLOAD: the LLM and the UNet/VAE take turns on the device, and edits do not change."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from conftest import make_image, tiny_settings
+
+from mgie_engine.models import load_models
+from mgie_engine.offload import StageResidency
+from mgie_engine.pipeline import EditRequest, MgiePipeline
+from mgie_engine.settings import EngineSettings
+
+
+def test_only_the_active_group_has_device_copies_and_weights_never_change():
+    a, b = torch.nn.Linear(4, 4), torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.BatchNorm1d(2))
+    before = {id(t): t.detach().clone() for m in (a, b) for t in [*m.parameters(), *m.buffers()]}
+    residency = StageResidency({"a": [a], "b": [b]}, torch.device("cpu"))
+    host = {id(t): t.data_ptr() for m in (a, b) for t in [*m.parameters(), *m.buffers()]}
+
+    assert residency.use("a") and not residency.use("a")
+    assert all(t.data_ptr() != host[id(t)] for t in a.parameters())  # a fresh device copy
+    assert all(t.data_ptr() == host[id(t)] for t in [*b.parameters(), *b.buffers()])  # b is host-only
+    assert residency.use("b")
+    assert all(t.data_ptr() == host[id(t)] for t in a.parameters())
+    for m in (a, b):
+        for t in [*m.parameters(), *m.buffers()]:
+            assert torch.equal(t.detach(), before[id(t)])
+
+
+def test_the_setting_is_read_from_the_environment():
+    assert EngineSettings.from_env({"MGIE_OFFLOAD": "1"}).offload
+    assert not EngineSettings.from_env({}).offload
+
+
+def test_offloaded_edits_equal_resident_ones(tiny_paths, tiny_models):
+    offloaded = MgiePipeline(load_models(tiny_settings(tiny_paths, offload=True)), max_side=64, offload=True)
+    resident = MgiePipeline(tiny_models, max_side=64)
+    request = EditRequest(image=make_image(64, 48, 5), instruction="make it snowy", seed=3, steps=4)
+    for _ in range(2):  # language -> diffusion -> language again: the groups swap back and forth
+        got, want = offloaded(request), resident(request)
+        assert got.expressive_instruction == want.expressive_instruction
+        assert np.array_equal(np.asarray(got.image), np.asarray(want.image))
+        request = EditRequest(image=got.image, instruction="now add a moon", seed=4, steps=4)
+    assert offloaded._residency.active == "diffusion"
