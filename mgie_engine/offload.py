@@ -34,8 +34,11 @@ class StageResidency:
         """Make ``group`` resident (and every other group host-only); True if anything moved."""
         if group == self.active:
             return False
-        for name, pairs in self._host.items():
-            for tensor, host in pairs:
-                tensor.data = host.to(self.device, non_blocking=True, copy=True) if name == group else host
+        for name, pairs in self._host.items():  # free the leaving group's GPU copies before copying in:
+            if name != group:                    # both at once is exactly what does not fit
+                for tensor, host in pairs:
+                    tensor.data = host
+        for tensor, host in self._host[group]:
+            tensor.data = host.to(self.device, non_blocking=True, copy=True)
         self.active = group
         return True

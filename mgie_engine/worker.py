@@ -65,7 +65,7 @@ class EditOutcome:
 
 ProgressCallback = Callable[[JobProgress], None]
 BATCH_WINDOW = 0.05  # seconds an idle worker waits for more jobs after the first arrives
-DECODE_BATCH = 4  # finished jobs whose latents share one VAE decode (~1 GB of activations each at 512)
+DECODE_BATCH = 4  # finished jobs whose latents share one VAE decode (each adds its decoder activations)
 PROGRESS_EVERY = 20  # denoising progress events per job (the bot edits its message every 2 s anyway)
 
 

@@ -43,3 +43,22 @@ def test_offloaded_edits_equal_resident_ones(tiny_paths, tiny_models):
         assert np.array_equal(np.asarray(got.image), np.asarray(want.image))
         request = EditRequest(image=got.image, instruction="now add a moon", seed=4, steps=4)
     assert offloaded._residency.active == "diffusion"
+
+
+def test_the_leaving_group_is_freed_before_the_next_one_is_copied_in(monkeypatch):
+    """Both groups on the card at once is what a 16 GB card cannot hold (the first GPU run did that)."""
+    a, b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    residency = StageResidency({"a": [a], "b": [b]}, torch.device("cpu"))
+    host = {id(t): t.data_ptr() for m in (a, b) for t in m.parameters()}
+    residency.use("b")
+    seen = []
+    original = torch.Tensor.to
+
+    def watching(self, *args, **kwargs):
+        seen.append(all(t.data_ptr() == host[id(t)] for t in b.parameters()))  # b already host-only?
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", watching)
+    residency.use("a")  # the first group in order: copying it in first would overlap with b
+    monkeypatch.undo()
+    assert seen and all(seen)
