@@ -180,6 +180,7 @@ class MgiePipeline:
         # The whole guided step (UNet, CFG, scheduler update) as one graph: per-job Python and the ~20
         # small kernels of CFG and the update would otherwise run for every job at every step.
         self._guided_step = torch.compile(guided_step, mode="reduce-overhead") if self._graphs else guided_step
+        self._pads: dict[tuple, tuple[list[torch.Tensor], ...]] = {}
         self.image_processor = VaeImageProcessor(vae_scale_factor=models.vae_scale_factor)
         self._fusable = (models.scheduler_class.__name__ == "EulerAncestralDiscreteScheduler"
                          and models.scheduler_config.get("prediction_type", "epsilon") == "epsilon")
@@ -392,14 +393,7 @@ class MgiePipeline:
     def _fused_step(self, states: Sequence[DenoiseState]) -> None:
         n = len(states)
         pad = next((b for b in JOB_BUCKETS if b >= n), n) - n if self._graphs else 0
-        first = states[0]
-        pads = ([], [], [], [], [])
-        if pad:
-            pads = ([first.latents.new_zeros(pad, *first.latents.shape[1:])],
-                    [first.image_latents.new_zeros(3 * pad, *first.image_latents.shape[1:])],
-                    [first.cond.new_zeros(3 * pad, *first.cond.shape[1:])],
-                    [first.scalars.new_tensor([_PAD_SCALARS] * pad)],
-                    [first.noise.new_zeros(pad, *first.noise.shape[2:])])
+        pads = self._bucket_padding(states[0], pad) if pad else ([], [], [], [], [])
         latents = torch.cat([s.latents for s in states] + pads[0])
         image_latents = torch.cat([s.image_latents for s in states] + pads[1])
         cond = torch.cat([s.cond for s in states] + pads[2])
@@ -412,6 +406,17 @@ class MgiePipeline:
         for i, s in enumerate(states):
             s.latents = out[i:i + 1]
             s.index += 1
+
+    def _bucket_padding(self, first: DenoiseState, pad: int) -> tuple[list[torch.Tensor], ...]:
+        """Rows that fill a job bucket, made once per shape (never written to: torch.cat copies them)."""
+        key = (pad, tuple(first.latents.shape[1:]), tuple(first.cond.shape[1:]))
+        if key not in self._pads:
+            self._pads[key] = ([first.latents.new_zeros(pad, *first.latents.shape[1:])],
+                               [first.image_latents.new_zeros(3 * pad, *first.image_latents.shape[1:])],
+                               [first.cond.new_zeros(3 * pad, *first.cond.shape[1:])],
+                               [first.scalars.new_tensor([_PAD_SCALARS] * pad)],
+                               [first.noise.new_zeros(pad, *first.noise.shape[2:])])
+        return self._pads[key]
 
     def _scheduler_step(self, states: Sequence[DenoiseState]) -> None:
         """The general path: any scheduler, unguided jobs; one UNet call, then each job's own step."""

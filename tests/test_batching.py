@@ -61,3 +61,22 @@ def test_guided_jobs_take_the_fused_step_and_unguided_ones_the_scheduler(tiny_mo
     while not fused.done:
         pipe.denoise_step([fused, plain])
     torch.testing.assert_close(fused.latents, plain.latents, rtol=1e-4, atol=1e-5)
+
+
+def test_padding_a_job_bucket_leaves_the_jobs_results_alone(tiny_models):
+    """On CUDA the fused step pads 3 jobs to a bucket of 4 (one graph per bucket); the padding is inert."""
+    pipe = MgiePipeline(tiny_models, max_side=64)
+    image = prepare_image(make_image(64, 48, 4), 64)
+    embeds = pipe.run_language_model(image, "make it snowy").prompt_embeds
+    specs = [(1, 7.5, 1.5, 3), (2, 8.0, 1.2, 3), (3, 7.0, 2.0, 3)]
+    plain = [pipe.start_denoising(image, embeds, *spec) for spec in specs]
+    pipe._graphs = True  # bucket padding as on CUDA, with the step itself run eagerly
+    padded = [pipe.start_denoising(image, embeds, *spec) for spec in specs]
+    while not padded[0].done:
+        pipe.denoise_step(padded)
+    pipe._graphs = False
+    while not plain[0].done:
+        pipe.denoise_step(plain)
+    assert len(pipe._pads) == 1
+    for a, b in zip(padded, plain, strict=True):
+        torch.testing.assert_close(a.latents, b.latents, rtol=1e-4, atol=1e-5)
