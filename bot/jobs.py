@@ -27,6 +27,7 @@ from .views import cancel_view, result_view
 log = logging.getLogger(__name__)
 
 DEFAULT_UPLOAD_LIMIT = 10 * 2**20
+REDELIVERY_WINDOW = 3600.0  # seconds: a result older than this when the bot is back stays in /history only
 
 
 def new_seed() -> int:
@@ -140,14 +141,20 @@ class JobManager:
             await self._show(job_id, render.failed(record, record.error), view=None, ping=True)
             return
         record = await self.store.update_job(job_id, state="done", output_image=path, finished_at=time.time(),
-                                             expressive=outcome.expressive_instruction, llm_cached=outcome.llm_cached)
-        data, ext = outcome.png, "png"
+                                             expressive=outcome.expressive_instruction, llm_cached=outcome.llm_cached,
+                                             flagged=outcome.flagged)
+        await self._announce(record, outcome.png, live)
+
+    async def _announce(self, record: JobRecord, png: bytes, live: _Live) -> None:
+        """Post a stored result (with the guild's policy for flagged outputs) and remember its message."""
+        job_id = record.id
+        data, ext = png, "png"
         if len(data) > live.upload_limit:
             data, ext = await asyncio.to_thread(_smaller, data, live.upload_limit)
         filename = f"mgie-{job_id[:8]}.{ext}"
         embed = render.result_embed(record, filename, random_weights=self.engine.random_weights)
         content, file = render.result_content(record), discord.File(_bytes_io(data), filename=filename)
-        if outcome.flagged and not self._age_restricted(record.channel_id):
+        if record.flagged and not self._age_restricted(record.channel_id):
             policy = (await self.store.guild_settings(record.guild_id)).flagged_outputs
             embed.set_image(url=None)
             if policy == "withhold":
@@ -179,7 +186,8 @@ class JobManager:
 
     # -- restart recovery ---------------------------------------------------------------------------
     async def recover(self) -> tuple[int, int]:
-        """Requeue every job a previous run left queued or running; tell users of those that cannot be."""
+        """Requeue every job a previous run left queued or running, tell users of those that cannot be, and
+        post results that were stored but never delivered (a stop that came between the two)."""
         resumed = lost = 0
         for record in await self.store.unfinished_jobs():
             self._live[record.id] = _Live()
@@ -196,8 +204,17 @@ class JobManager:
                     await self.delivery.show(record, render.failed(record, reason), view=None, ping=True)
                 except discord.HTTPException as http_err:
                     log.warning("could not tell user of job %s: %s", record.id, http_err)
+        for record in await self.store.undelivered_results(since=time.time() - REDELIVERY_WINDOW):
+            png = await self.store.read_image(record.output_image)
+            try:
+                if png is None:
+                    raise FileNotFoundError(record.output_image)
+                await self._announce(record, png, _Live())
+                resumed += 1
+            except (OSError, discord.HTTPException) as err:
+                log.warning("could not deliver the stored result of job %s: %s", record.id, err)
         if resumed or lost:
-            log.info("restart recovery: %d job(s) resumed, %d could not be", resumed, lost)
+            log.info("restart recovery: %d job(s) resumed or delivered, %d could not be", resumed, lost)
         return resumed, lost
 
 

@@ -91,6 +91,7 @@ class JobRecord:
     reply_to_message_id: int | None = None  # for reply-refines: the user's message to reply to
     history_depth: int = 0  # how many earlier turns went into the prompt
     llm_cached: bool = False
+    flagged: bool = False  # the safety check flagged the output
 
 
 @dataclasses.dataclass
@@ -110,7 +111,7 @@ _JOB_COLUMNS = tuple(f.name for f in dataclasses.fields(JobRecord))
 _JOB_UPDATABLE = frozenset(_JOB_COLUMNS) - {"id"}
 _JOB_SELECT = f"SELECT {', '.join(_JOB_COLUMNS)} FROM jobs"
 _JOB_INSERT = f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS)}) VALUES ({', '.join('?' * len(_JOB_COLUMNS))})"
-_BOOL_COLUMNS = frozenset({"llm_cached"})
+_BOOL_COLUMNS = frozenset({"llm_cached", "flagged"})
 _UNFINISHED_SQL = "('queued', 'running')"
 
 # name -> (lowest, highest, how moderators see it)
@@ -542,6 +543,13 @@ class Store:
         """Queued and running jobs, oldest first: what a restarted bot must resume or report as lost."""
         return await self._select(
             f"{_JOB_SELECT} WHERE state IN {_UNFINISHED_SQL} ORDER BY created_at, rowid", ()
+        )
+
+    async def undelivered_results(self, since: float) -> list[JobRecord]:
+        """Jobs done since ``since`` whose result never reached Discord (a stop cut the delivery off)."""
+        return await self._select(
+            f"{_JOB_SELECT} WHERE state = 'done' AND result_message_id IS NULL AND output_image IS NOT NULL"
+            " AND finished_at >= ? ORDER BY finished_at, rowid", (since,)
         )
 
     async def pending_count(self, user_id: int) -> int:

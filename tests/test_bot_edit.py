@@ -13,6 +13,7 @@ import pytest
 from botharness import bot_running, make_config, png_bytes, team_world
 from fakediscord import permissions as perms
 
+from bot import render
 from mgie_engine.settings import EngineSettings
 
 pytest_plugins = ["fakediscord.fixtures"]
@@ -211,6 +212,24 @@ async def test_queued_job_survives_a_restart(world, tmp_path, tiny_models):
         msg = await finished(fake, inter)
         assert fields_of(msg)["Seed"] == "9"
         assert (await job_of(bot, msg)).state == "done"
+
+
+async def test_a_result_stored_but_not_delivered_before_a_stop_is_delivered_after_the_restart(world, tmp_path,
+                                                                                                 tiny_models):
+    """A stop can fall between storing a result and posting it (the soak test once hit this): the next
+    start posts it, with the same treatment of a flagged output."""
+    fake, guild, channel, alice, *_ = world
+    config = make_config(fake, tmp_path / "data", [guild.id])
+    async with bot_running(fake, config, tiny_models) as bot:
+        inter = await edit(fake, alice, channel)
+        job = await job_of(bot, await finished(fake, inter))
+        # What the cut-off delivery leaves: stored as done, never shown (and here, flagged by the checker).
+        await bot.store.update_job(job.id, result_message_id=None, flagged=True)
+        inter.original.attachments = []
+    async with bot_running(fake, config, tiny_models) as bot:
+        msg = await finished(fake, inter)
+        assert render.SPOILERED in msg.content and msg.attachments[0].filename.startswith("SPOILER_")
+        assert (await job_of(bot, msg)).result_message_id == msg.id
 
 
 async def test_late_result_is_posted_in_the_channel_mentioning_the_user(world, tmp_path, tiny_models):
