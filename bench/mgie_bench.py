@@ -137,6 +137,8 @@ def main() -> int:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--only-burst", action="store_true", help="skip latency, refine and parity (multi-GPU scaling runs)")
+    p.add_argument("--skip-burst", action="store_true", help="latency, refine and parity only (a call's time limit)")
+    p.add_argument("--vae-variants", action="store_true", help="also time VAE encode/decode, NHWC against NCHW")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--offload", action="store_true",
                    help="MGIE_OFFLOAD (the LLM and UNet/VAE take turns on the GPU): latency and peak memory only")
@@ -157,7 +159,8 @@ def main() -> int:
                         "torch": torch.__version__, "python": platform.python_version(),
                         **{name: __import__(name).__version__ for name in ("transformers", "diffusers")}}}
 
-    tag = f"{'-compiled' if args.compile else ''}{'-offload' if args.offload else ''}"
+    tag = (f"{'-compiled' if args.compile else ''}{'-offload' if args.offload else ''}"
+           f"{'-burst' if args.only_burst else ''}")
     out_path = args.out / f"{report['card'].replace(' ', '_')}-x{args.gpus}{tag}.json"
 
     def save() -> None:
@@ -220,8 +223,12 @@ def main() -> int:
             print("parity", report["parity"], flush=True)
             save()
 
-    if args.offload:  # a 16 GB card's question is latency and memory, not a 32-edit burst
-        report["complete"] = True
+    if args.vae_variants and cuda:
+        report["vae_ms"] = vae_variants(m0)
+        save()
+
+    if args.offload or args.skip_burst:  # a 16 GB card's question is latency and memory, not a 32-edit burst
+        finish(report, args)
         save()
         print("wrote", out_path)
         return 0
@@ -258,21 +265,53 @@ def main() -> int:
     for w in workers:
         w.shutdown()
 
-    # Ratios and the physical floor.
+    finish(report, args)
+    save()
+    print("wrote", out_path)
+    return 0
+
+
+def finish(report: dict, args) -> None:
+    """Ratios against the reference measured in this run, the physical floor, the table."""
     floor = args.steps * UNET_TFLOP_PER_CALL_B3 / PEAK_BF16_TFLOPS + 48 * 13.5 / 3000  # UNet math + reading weights
     report["floor_seconds"] = floor
     if "engine" in report:
         report["engine"]["floor_fraction"] = floor / report["engine"]["latency_p50"]
-    if "reference" in report and "engine" in report:
+    if "reference" in report:
         ref = report["reference"]["latency_p50"]
-        report["ratios"] = {"latency_speedup": ref / report["engine"]["latency_p50"],
-                            "throughput_vs_reference_sequential": report["burst"]["edits_per_second"] * ref,
-                            "refine_speedup": ref / report["refine_latency_p50"]}
+        ratios = {}
+        if "engine" in report:
+            ratios["latency_speedup"] = ref / report["engine"]["latency_p50"]
+            ratios["refine_speedup"] = ref / report["refine_latency_p50"]
+        if "burst" in report:
+            ratios["throughput_vs_reference_sequential"] = report["burst"]["edits_per_second"] * ref
+        report["ratios"] = ratios
     print_table(report)
     report["complete"] = True
-    save()
-    print("wrote", out_path)
-    return 0
+
+
+def vae_variants(models) -> dict:
+    """VAE decode (64x64 latents) and encode (512x512) in ms, NHWC (the engine's choice) against NCHW."""
+    vae, out = models.vae, {}
+    with torch.inference_mode():
+        for layout in (torch.channels_last, torch.contiguous_format):
+            vae.to(memory_format=layout)
+            name = "nhwc" if layout is torch.channels_last else "nchw"
+            for n in (1, 4, 8):
+                latents = torch.randn(n, 4, 64, 64, device=models.device, dtype=models.dtype)
+                pixels = torch.randn(n, 3, 512, 512, device=models.device, dtype=models.dtype)
+                for op, fn in (("decode", lambda x=latents: vae.decode(x, return_dict=False)[0]),
+                               ("encode", lambda x=pixels: vae.encode(x).latent_dist.mode())):
+                    fn(), fn()
+                    sync()
+                    t0 = time.perf_counter()
+                    for _ in range(5):
+                        fn()
+                    sync()
+                    out[f"{op}_{name}_batch{n}"] = (time.perf_counter() - t0) / 5 * 1000
+                    print(f"VAE {op} {name} batch {n}: {out[f'{op}_{name}_batch{n}']:.1f} ms", flush=True)
+        vae.to(memory_format=torch.channels_last)
+    return out
 
 
 def _same_tokens(pipe: MgiePipeline, it: dict, ref) -> bool:
@@ -294,18 +333,25 @@ def print_table(r: dict) -> None:
                  (f"burst on {r['gpus']} GPUs (edits/s)", f"{r['burst']['edits_per_second']:.2f}"),
                  ("multi-GPU scaling", f"{r['multi_gpu_scaling']:.2f}x")]
     if "engine" not in r:
+        if "reference" in r:
+            rows.append(("reference latency p50 (s)", f"{r['reference']['latency_p50']:.2f}"))
+        if "burst" in r and "multi_gpu_scaling" not in r:
+            rows.append((f"burst of {r['burst']['edits']} (edits/s)",
+                         f"{r['burst']['edits_per_second']:.2f} ({r['burst']['seconds']:.1f} s)"))
+        rows += [(k.replace("_", " "), f"{v:.2f}x") for k, v in r.get("ratios", {}).items()]
         for k, v in rows:
-            print(f"{k:<28}  {v}")
+            print(f"{k:<36}  {v}")
         return
     if "reference" in r:
         rows.append(("reference latency p50 / p90 (s)",
                      f"{r['reference']['latency_p50']:.2f} / {r['reference']['latency_p90']:.2f}"))
     rows += [("engine latency p50 / p90 (s)", f"{r['engine']['latency_p50']:.2f} / {r['engine']['latency_p90']:.2f}"),
              ("engine stages (median s)", ", ".join(f"{k} {v:.2f}" for k, v in r["engine"]["stage_medians"].items())),
-             ("refine latency p50 (s)", f"{r['refine_latency_p50']:.2f}"),
-             (f"burst of {r['burst']['edits']} (edits/s)", f"{r['burst']['edits_per_second']:.2f}"
-                                                        f" ({r['burst']['seconds']:.1f} s)"),
-             ("peak GPU memory, batch 1 (GiB)", f"{r['engine']['peak_memory_gib_batch1']:.1f}"),
+             ("refine latency p50 (s)", f"{r['refine_latency_p50']:.2f}")]
+    if "burst" in r:
+        rows.append((f"burst of {r['burst']['edits']} (edits/s)",
+                     f"{r['burst']['edits_per_second']:.2f} ({r['burst']['seconds']:.1f} s)"))
+    rows += [("peak GPU memory, batch 1 (GiB)", f"{r['engine']['peak_memory_gib_batch1']:.1f}"),
              ("physical floor (s) / fraction reached", f"{r['floor_seconds']:.2f} / {r['engine']['floor_fraction']:.2f}")]
     if "ratios" in r:
         rows += [(k.replace("_", " "), f"{v:.2f}x") for k, v in r["ratios"].items()]

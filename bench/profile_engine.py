@@ -85,6 +85,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("/tmp"))
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--only-unet", action="store_true", help="just the UNet variants")
+    p.add_argument("--only-llm", action="store_true", help="just the decoder: eager against compiled layers")
     p.add_argument("--budget", type=float, default=480.0, help="seconds; later variants are skipped past it")
     args = p.parse_args()
     t_start = time.perf_counter()
@@ -95,9 +96,12 @@ def main() -> int:
     report: dict = {"card": torch.cuda.get_device_name(0) if cuda else "cpu (dry run, small dims)"}
 
     pipe = MgiePipeline(models, compile_unet=True)
-    if not args.only_unet:
+    if args.only_llm:
+        decoder_variants(pipe, models, report)
+    elif not args.only_unet:
         profile_stages(pipe, models, args, report)
-    unet_variants(models, dev, dtype, cuda, args, t_start, report)
+    if not args.only_llm:
+        unet_variants(models, dev, dtype, cuda, args, t_start, report)
     report["seconds"] = time.perf_counter() - t_start
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -155,6 +159,80 @@ def profile_stages(pipe: MgiePipeline, models, args, report: dict) -> None:
     states = [pipe.start_denoising(t[0], g.prompt_embeds, i, 7.5, 1.5, 100) for i, t in enumerate(triples[:jobs])]
     report[f"denoise_step_{jobs}_jobs_ms"] = gpu_time(lambda: pipe.denoise_step(states))
     say(f"denoise_step, {jobs} jobs: {report[f'denoise_step_{jobs}_jobs_ms']:.1f} ms")
+
+
+def decoder_variants(pipe: MgiePipeline, models, report: dict) -> None:
+    """The LLM stage at batch 1 and 32 with eager layers, then compiled ones (same graphs otherwise)."""
+    from mgie_engine.decoding import GreedyDecoder
+    from mgie_engine.pipeline import NO_REPEAT_NGRAM
+
+    cuda = models.device.type == "cuda"
+    items = [item(500 + i) for i in range(32)]
+    triples = [(pipe_image(pipe, x), x["instruction"], ()) for x in items]
+    tokens = {}
+    for compiled in (False, True):
+        label = "compiled" if compiled else "eager"
+        pipe._decoder = GreedyDecoder(models.llm, NO_REPEAT_NGRAM, graphs=cuda, compile_layers=compiled and cuda)
+        for n in (1, 32):
+            t0 = time.perf_counter()
+            out = pipe.run_language_models(triples[:n])
+            sync()
+            first = time.perf_counter() - t0
+            runs = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                out = pipe.run_language_models(triples[:n])
+                sync()
+                runs.append(time.perf_counter() - t0)
+            new = sum(len(g.new_token_ids) for g in out) / n
+            tokens[(label, n)] = [g.new_token_ids for g in out]
+            report[f"llm_{label}_batch{n}_s"] = statistics.median(runs)
+            say(f"LLM stage {label:<8} batch {n:>2}: {statistics.median(runs):.3f} s median of 3 "
+                f"(first call {first:.1f} s), {new:.0f} new tokens per row, "
+                f"{statistics.median(runs) / new * 1000:.2f} ms per token step")
+    # Where one token step's GPU time goes (the step run without its graph, so kernels are named).
+    if cuda:
+        for n in (1, 32):
+            profile_decode_step(pipe, triples[:n], report)
+    for n in (1, 32):
+        same = tokens[("eager", n)] == tokens[("compiled", n)]
+        report[f"llm_same_tokens_batch{n}"] = same
+        say(f"batch {n}: compiled layers give the same tokens as eager: {same}")
+
+
+def profile_decode_step(pipe: MgiePipeline, triples, report: dict) -> None:
+    """Where the LLM stage's time goes at this batch: the whole stage (wall against GPU busy) and one
+    token step run without its graph, so its kernels are named."""
+    n, decoder = len(triples), pipe._decoder
+    pipe.run_language_models(triples)
+    sync()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        with torch.profiler.record_function("llm"):
+            pipe.run_language_models(triples)
+            sync()
+    prof.export_chrome_trace("/tmp/llm_trace.json")
+    stage = busy_by_stage(json.loads(Path("/tmp/llm_trace.json").read_text()), ("llm",))["llm"]
+    report[f"llm_stage_batch{n}"] = stage
+    say(f"LLM stage batch {n}: wall {stage['wall_ms']:.1f} ms, GPU busy {stage['gpu_busy_ms']:.1f} ms, "
+        f"{stage['kernels']} kernels")
+    for k, t in stage["top"][:10]:
+        say(f"    {t:8.2f} ms  {k}")
+    with torch.inference_mode():  # the decoder's buffers are inference tensors
+        b = next(reversed(decoder._shapes.values()))
+        for _ in range(3):
+            decoder._step(b)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                decoder._step(b)
+            torch.cuda.synchronize()
+    rows = sorted(((e.device_time_total / 5 / 1000, e.count // 5, e.key) for e in prof.key_averages()
+                   if e.device_time_total > 0), reverse=True)
+    report[f"decode_step_kernels_batch{n}"] = [(round(ms, 3), c, name[:100]) for ms, c, name in rows[:25]]
+    say(f"one token step (batch {n}, compiled layers, no graph): {sum(ms for ms, _, _ in rows):.2f} ms of kernels; "
+        f"top 12 of {len(rows)}:")
+    for ms, count, name in rows[:12]:
+        say(f"    {ms:7.3f} ms  x{count:<4} {name[:110]}")
 
 
 def unet_variants(models, dev, dtype, cuda: bool, args, t_start: float, report: dict) -> None:

@@ -35,6 +35,7 @@ MAX_NEW_TOKENS = 96
 NO_REPEAT_NGRAM = 3
 ROW_BUCKETS = (1, 3, 6, 12, 24, 48, 96, 192)  # UNet batch sizes that get their own CUDA graph
 JOB_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # job counts that get their own graph of the fused guided step
+ENCODE_BATCH = 8  # same-size images VAE-encoded in one call when a batch of jobs starts
 _PAD_SCALARS = (500.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0)  # a harmless step for the rows that pad a bucket
 
 
@@ -310,44 +311,62 @@ class MgiePipeline:
         eos, img = m.token_ids.eos, m.token_ids.img
         rows, states = self._decoder.decode(
             ids, embeds, mask, MAX_NEW_TOKENS, lambda row: row[-1] in eos or _visual_tokens_complete(row, img), cancel)
-        results = []
+        answers, visual = [], []
         for i, ((prompt_ids, _), row) in enumerate(zip(prompts, rows, strict=True)):
             new, early = _answer(row, eos, img)
             # One last-layer state per position but the last: the prompt's, then those the answer's tokens gave.
             hidden = states[i, width - lengths[i]:width + len(new) - 1]
-            visual = select_visual_states(list(prompt_ids) + new, hidden, img[0], early)
-            results.append(Guidance(expressive_instruction=clean_expressive(m.decode(new)), new_token_ids=tuple(new),
-                                    prompt_embeds=m.edit_head(visual.unsqueeze(0), m.img_embeds),
-                                    stopped_early=early))
-        return results
+            visual.append(select_visual_states(list(prompt_ids) + new, hidden, img[0], early))
+            answers.append((new, early))
+        embeds = m.edit_head(torch.stack(visual), m.img_embeds)  # one call for the batch, not one per job
+        return [Guidance(expressive_instruction=clean_expressive(m.decode(new)), new_token_ids=tuple(new),
+                         prompt_embeds=embeds[i:i + 1].clone(), stopped_early=early)
+                for i, (new, early) in enumerate(answers)]
 
     # -- stage 3: diffusion side ------------------------------------------------------------------
-    @torch.inference_mode()
     def start_denoising(self, image: PIL.Image.Image, prompt_embeds: torch.Tensor, seed: int, text_cfg: float,
                         image_cfg: float, steps: int, tag: object = None) -> DenoiseState:
         """Everything one job needs to take denoising steps, alone or batched with others."""
+        return self.start_denoising_many([DenoiseJob(image, prompt_embeds, seed, text_cfg, image_cfg, steps, tag)])[0]
+
+    @torch.inference_mode()
+    def start_denoising_many(self, jobs: Sequence[DenoiseJob]) -> list[DenoiseState]:
+        """``start_denoising`` for several jobs, VAE-encoding images of one size together (a burst's
+        encodes are otherwise 32 small launch-bound calls)."""
         m = self.models
         self._stage("diffusion")
-        scheduler = m.new_scheduler()
-        scheduler.set_timesteps(steps, device=m.device)
-        # As in diffusers: guidance is on only when text_cfg > 1 and image_cfg >= 1.
-        guided = text_cfg > 1.0 and image_cfg >= 1.0
+        latents_of: dict[int, torch.Tensor] = {}
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, job in enumerate(jobs):
+            by_size.setdefault(job.image.size, []).append(i)
+        for indices in by_size.values():
+            for start in range(0, len(indices), ENCODE_BATCH):
+                chunk = indices[start:start + ENCODE_BATCH]
+                pixels = self.image_processor.preprocess([jobs[i].image for i in chunk]).to(m.device, m.dtype)
+                for i, latents in zip(chunk, m.vae.encode(pixels).latent_dist.mode(), strict=True):
+                    latents_of[i] = latents.unsqueeze(0)
+        return [self._denoise_state(job, latents_of[i]) for i, job in enumerate(jobs)]
 
-        pixels = self.image_processor.preprocess(image).to(m.device, m.dtype)
-        image_latents = m.vae.encode(pixels).latent_dist.mode()
-        cond = prompt_embeds.to(m.dtype)
+    def _denoise_state(self, job: DenoiseJob, image_latents: torch.Tensor) -> DenoiseState:
+        m = self.models
+        scheduler = m.new_scheduler()
+        scheduler.set_timesteps(job.steps, device=m.device)
+        # As in diffusers: guidance is on only when text_cfg > 1 and image_cfg >= 1.
+        text_cfg, image_cfg = job.text_cfg, job.image_cfg
+        guided = text_cfg > 1.0 and image_cfg >= 1.0
+        cond = job.prompt_embeds.to(m.dtype)
         if guided:
             cond = torch.cat([cond, m.null_embeds, m.null_embeds])
             image_latents = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])
 
-        generator = torch.Generator(device=m.device).manual_seed(seed)
+        generator = torch.Generator(device=m.device).manual_seed(job.seed)
         shape = (1, m.vae.config.latent_channels, *image_latents.shape[-2:])
         latents = randn_tensor(shape, generator=generator, device=m.device, dtype=m.dtype) * scheduler.init_noise_sigma
         if guided and self._fusable:
             # Every step's ancestral noise now, from the job's generator in the scheduler's order.
             noise = torch.stack([randn_tensor(shape, generator=generator, device=m.device, dtype=m.dtype)
                                  for _ in range(len(scheduler.timesteps))])
-            return DenoiseState(tag=tag, scheduler=scheduler, latents=latents, image_latents=image_latents,
+            return DenoiseState(tag=job.tag, scheduler=scheduler, latents=latents, image_latents=image_latents,
                                 cond=cond, guided=True, text_cfg=text_cfg, image_cfg=image_cfg, step_kwargs={},
                                 noise=noise, scalars=self._step_scalars(scheduler, text_cfg, image_cfg))
         extra = {}
@@ -355,13 +374,13 @@ class MgiePipeline:
             extra["generator"] = generator
         if self._step_takes_eta:
             extra["eta"] = 0.0
-        return DenoiseState(tag=tag, scheduler=scheduler, latents=latents, image_latents=image_latents, cond=cond,
+        return DenoiseState(tag=job.tag, scheduler=scheduler, latents=latents, image_latents=image_latents, cond=cond,
                             guided=guided, text_cfg=text_cfg, image_cfg=image_cfg, step_kwargs=extra)
 
     def _stage(self, group: str) -> None:
-        """With offload, bring this stage's models to the GPU (the decoder's graphs then point at
-        weights that moved, so it records new ones)."""
-        if self._residency is not None and self._residency.use(group) and group == "language":
+        """With offload, bring this stage's models to the GPU. The decoder lets go of its graphs, cache
+        and packed weights at every move: they point at weights that moved, or would keep them on the card."""
+        if self._residency is not None and self._residency.use(group):
             self._decoder.forget_graphs()
 
     def _step_scalars(self, scheduler, text_cfg: float, image_cfg: float) -> torch.Tensor:
@@ -479,6 +498,19 @@ class MgiePipeline:
         decoded = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
         images = self.image_processor.postprocess(decoded, output_type="pil")
         return images if latents.shape[0] > 1 else images[0]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DenoiseJob:
+    """What ``start_denoising_many`` needs of one job."""
+
+    image: PIL.Image.Image
+    prompt_embeds: torch.Tensor
+    seed: int
+    text_cfg: float
+    image_cfg: float
+    steps: int
+    tag: object = None
 
 
 @dataclasses.dataclass(eq=False)

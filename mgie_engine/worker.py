@@ -226,7 +226,7 @@ class LocalWorker:
     def _admit(self, tasks: list[_Task]) -> list[_Task]:
         """Decode, run the language model for all new jobs at once, and set up their denoising."""
         from .images import load_image, prepare_image
-        from .pipeline import EditRequest, check_request
+        from .pipeline import DenoiseJob, EditRequest, check_request
 
         pipe, ready = self.pipeline, []
         for task in tasks:
@@ -261,16 +261,31 @@ class LocalWorker:
                 _fail(task, _user_error(err))
             return []
         llm_seconds = time.perf_counter() - started
-        admitted = []
+        jobs = []
         for task, (guidance, cached) in zip(ready, results, strict=True):
             task.expressive, task.llm_cached, task.llm_seconds = guidance.expressive_instruction, cached, llm_seconds
-            try:
-                task.state = pipe.start_denoising(task.image, guidance.prompt_embeds, task.job.seed, task.job.text_cfg,
-                                                  task.job.image_cfg, task.job.steps, tag=task)
-            except Exception as err:
-                log.exception("could not start denoising job %s", task.job.job_id)
-                _fail(task, _user_error(err))
+            jobs.append(DenoiseJob(task.image, guidance.prompt_embeds, task.job.seed, task.job.text_cfg,
+                                   task.job.image_cfg, task.job.steps, tag=task))
+        try:
+            self._fault("start", ready)
+            states = pipe.start_denoising_many(jobs)
+        except Exception:  # start them one by one, so only a job that fails alone fails
+            log.exception("starting %d jobs together failed on %s; starting them one by one", len(jobs), self.name)
+            self._free_memory()
+            states = []
+            for job in jobs:
+                try:
+                    self._fault("start", [job.tag])
+                    states.append(pipe.start_denoising_many([job])[0])
+                except Exception as err:
+                    log.exception("could not start denoising job %s", job.tag.job.job_id)
+                    _fail(job.tag, _user_error(err))
+                    states.append(None)
+        admitted = []
+        for task, state in zip(ready, states, strict=True):
+            if state is None:
                 continue
+            task.state = state
             task.progress("language", 1, 1)
             admitted.append(task)
             self.jobs_run += 1

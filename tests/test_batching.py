@@ -80,3 +80,21 @@ def test_padding_a_job_bucket_leaves_the_jobs_results_alone(tiny_models):
     assert len(pipe._pads) == 1
     for a, b in zip(padded, plain, strict=True):
         torch.testing.assert_close(a.latents, b.latents, rtol=1e-4, atol=1e-5)
+
+
+def test_starting_jobs_together_equals_starting_each_alone(tiny_models):
+    """Batched VAE encodes (grouped by image size) give each job the state it would get alone."""
+    from mgie_engine.pipeline import DenoiseJob
+
+    pipe = MgiePipeline(tiny_models, max_side=64)
+    images = [prepare_image(make_image(*size, seed), 64) for size, seed in (((64, 48), 1), ((40, 64), 2), ((64, 48), 3))]
+    embeds = pipe.run_language_model(images[0], "make it snowy").prompt_embeds
+    jobs = [DenoiseJob(image, embeds, seed, cfg, 1.5, 4, tag=seed) for seed, (image, cfg) in
+            enumerate(zip(images, (7.5, 1.0, 8.0), strict=True))]
+    together = pipe.start_denoising_many(jobs)
+    for job, state in zip(jobs, together, strict=True):
+        alone = pipe.start_denoising(job.image, job.prompt_embeds, job.seed, job.text_cfg, job.image_cfg, job.steps)
+        assert state.tag == job.tag and state.guided == alone.guided
+        torch.testing.assert_close(state.image_latents, alone.image_latents, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(state.latents, alone.latents, rtol=0, atol=0)
+    assert together[0].image_latents.shape != together[1].image_latents.shape  # two sizes, two encodes

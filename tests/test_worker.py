@@ -216,6 +216,30 @@ async def test_jobs_finishing_together_share_a_vae_decode_and_fall_back_to_one_e
     assert "ran out of memory" in str(results[1])
 
 
+async def test_jobs_admitted_together_start_in_one_call_and_fall_back_to_one_each(tiny_models):
+    """A batch's VAE encodes and set-up run as one call; when it fails, each job starts alone and only a
+    job whose own start fails gets an error."""
+    worker = await _started_worker(tiny_models, max_batch=4)
+    starts, broken = [], "d" * 32
+
+    def hook(stage, job_ids):
+        if stage == "start":
+            starts.append(list(job_ids))
+            if len(job_ids) > 1 or broken in job_ids:
+                raise _OOM()
+
+    worker.fault_hook = hook
+    try:
+        jobs = [_job("a" * 32, 1, steps=3), _job(broken, 2, steps=3), _job("b" * 32, 3, steps=3)]
+        results = await asyncio.gather(*(worker.run(j) for j in jobs), return_exceptions=True)
+    finally:
+        worker.shutdown()
+    assert sorted(starts[0]) == sorted(j.job_id for j in jobs)
+    assert sorted(map(tuple, starts[1:])) == sorted((j.job_id,) for j in jobs)
+    assert results[0].png.startswith(b"\x89PNG") and results[2].png.startswith(b"\x89PNG")
+    assert "ran out of memory" in str(results[1])
+
+
 class _ThreadKiller(BaseException):
     """Escapes every `except Exception`: the worker thread dies, as on a crash in native code."""
 
