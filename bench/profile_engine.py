@@ -86,6 +86,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--only-unet", action="store_true", help="just the UNet variants")
     p.add_argument("--only-llm", action="store_true", help="just the decoder: eager against compiled layers")
+    p.add_argument("--variants", default="graphs,conv1x1mm,coordinate",
+                   help="comma list of: eager, graphs, conv1x1mm, coordinate, fused_qkv, autotune")
+    p.add_argument("--rows", default="3,96", help="UNet batch sizes to time each variant at")
     p.add_argument("--budget", type=float, default=480.0, help="seconds; later variants are skipped past it")
     args = p.parse_args()
     t_start = time.perf_counter()
@@ -250,7 +253,7 @@ def unet_variants(models, dev, dtype, cuda: bool, args, t_start: float, report: 
         if time.perf_counter() - t_start > args.budget or (not cuda and "eager" not in label):
             say(f"skip {label}: over budget, or compiled on a CPU (proves nothing)")
             return
-        for rows in (3, 96) if cuda else (3,):
+        for rows in [int(r) for r in args.rows.split(",")] if cuda else (3,):
             x, t, c = inputs(rows)
 
             def call(x=x, t=t, c=c):
@@ -269,23 +272,30 @@ def unet_variants(models, dev, dtype, cuda: bool, args, t_start: float, report: 
 
     import torch._inductor.config as inductor
 
+    chosen = set(args.variants.split(","))
     with torch.inference_mode():
-        if not args.only_unet:
+        if "eager" in chosen:
             measure("eager", unet)
         torch.backends.cudnn.benchmark = True
-        torch._dynamo.reset()
-        measure("graphs+cudnn.benchmark", torch.compile(unet, mode="reduce-overhead"))
-        unet.fuse_qkv_projections()
-        torch._dynamo.reset()
-        measure("graphs+cudnn+fused_qkv", torch.compile(unet, mode="reduce-overhead"))
+        if "graphs" in chosen:
+            torch._dynamo.reset()
+            measure("graphs+cudnn.benchmark", torch.compile(unet, mode="reduce-overhead"))
         inductor.conv_1x1_as_mm = True
+        if "conv1x1mm" in chosen:
+            torch._dynamo.reset()
+            measure("graphs+conv_1x1_as_mm", torch.compile(unet, mode="reduce-overhead"))
         inductor.coordinate_descent_tuning = True
-        inductor.epilogue_fusion = False
-        torch._dynamo.reset()
-        measure("graphs+cudnn+qkv+inductor_cfg", torch.compile(unet, mode="reduce-overhead"))
-        torch._dynamo.reset()
-        measure("max-autotune+qkv+inductor_cfg", torch.compile(unet, mode="max-autotune"))
-
+        if "coordinate" in chosen:
+            torch._dynamo.reset()
+            measure("graphs+conv1x1mm+coord_descent", torch.compile(unet, mode="reduce-overhead"))
+        if "fused_qkv" in chosen:
+            unet.fuse_qkv_projections()
+            torch._dynamo.reset()
+            measure("graphs+conv1x1mm+coord+qkv", torch.compile(unet, mode="reduce-overhead"))
+        if "autotune" in chosen:
+            inductor.epilogue_fusion = False
+            torch._dynamo.reset()
+            measure("max-autotune+conv1x1mm+coord", torch.compile(unet, mode="max-autotune"))
 
 if __name__ == "__main__":
     sys.exit(main())
