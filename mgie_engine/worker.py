@@ -12,6 +12,7 @@ import concurrent.futures
 import dataclasses
 import enum
 import logging
+import os
 import queue
 import threading
 import time
@@ -65,6 +66,8 @@ class EditOutcome:
 
 ProgressCallback = Callable[[JobProgress], None]
 BATCH_WINDOW = 0.05  # seconds an idle worker waits for more jobs after the first arrives
+BATCH_WINDOW_MAX = 0.5  # ...and at most this long for jobs whose input is still being decoded
+CPU_THREADS = max(2, min(8, (os.cpu_count() or 2) // 2))  # input decoding and PNG encoding, beside the GPU thread
 DECODE_BATCH = 4  # finished jobs whose latents share one VAE decode (each adds its decoder activations)
 PROGRESS_EVERY = 20  # denoising progress events per job (the bot edits its message every 2 s anyway)
 
@@ -98,7 +101,9 @@ class LocalWorker:
         self._loader = loader
         self.capacity = max_batch or settings.max_batch
         self._inbox: queue.Queue[_Task | None] = queue.Queue()
-        self._cpu = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"mgie-{name}-cpu")
+        self._cpu = concurrent.futures.ThreadPoolExecutor(max_workers=CPU_THREADS, thread_name_prefix=f"mgie-{name}-cpu")
+        self._preparing = 0  # jobs handed to run() whose input is still being decoded
+        self._preparing_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self.state = WorkerState.LOADING
@@ -166,8 +171,14 @@ class LocalWorker:
         future: concurrent.futures.Future = concurrent.futures.Future()
         task = _Task(job=job, progress=progress, cancel=cancel, future=future)
         # Decoding and resizing the input is CPU work: do it here, beside the GPU thread, not on it.
-        task.image = await loop.run_in_executor(self._cpu, self._prepare_input, job)
-        self._inbox.put(task)
+        with self._preparing_lock:
+            self._preparing += 1
+        try:
+            task.image = await loop.run_in_executor(self._cpu, self._prepare_input, job)
+            self._inbox.put(task)
+        finally:
+            with self._preparing_lock:
+                self._preparing -= 1
         return await asyncio.wrap_future(future)
 
     def _prepare_input(self, job: EditJob) -> Any:
@@ -204,16 +215,25 @@ class LocalWorker:
 
     def _take(self, block: bool, room: int) -> list[_Task] | None:
         """New jobs for this loop. When idle, wait for one, then briefly for others that arrive with it,
-        so a burst starts as one batch instead of a job alone followed by the rest."""
+        so a burst starts as one batch instead of a job alone followed by the rest: BATCH_WINDOW after
+        the first, longer (up to BATCH_WINDOW_MAX) while jobs already submitted are still being decoded."""
         tasks: list[_Task] = []
-        deadline = None
+        first = None
         try:
             while len(tasks) < max(room, 0) or (block and not tasks):
                 if block and not tasks:
                     item = self._inbox.get()
-                    deadline = time.monotonic() + BATCH_WINDOW
-                elif deadline is not None:
-                    item = self._inbox.get(timeout=max(deadline - time.monotonic(), 0.0))
+                    first = time.monotonic()
+                elif first is not None:
+                    window = BATCH_WINDOW_MAX if self._preparing > 0 else BATCH_WINDOW
+                    remaining = first + window - time.monotonic()
+                    if remaining <= 0:  # the window is over: take what is already here, then go
+                        first = None
+                        continue
+                    try:
+                        item = self._inbox.get(timeout=min(remaining, 0.01))
+                    except queue.Empty:
+                        continue
                 else:
                     item = self._inbox.get_nowait()
                 if item is None:

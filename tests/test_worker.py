@@ -240,6 +240,34 @@ async def test_jobs_admitted_together_start_in_one_call_and_fall_back_to_one_eac
     assert "ran out of memory" in str(results[1])
 
 
+async def test_a_burst_whose_inputs_decode_slowly_still_starts_as_one_batch(tiny_models):
+    """Jobs submitted together are one language batch even when decoding their inputs outlasts the
+    50 ms window: the worker waits (up to half a second) for inputs it knows are on their way."""
+    import time
+
+    from mgie_engine import worker as worker_module
+
+    worker = await _started_worker(tiny_models, max_batch=8)
+    batches, decode = [], worker._prepare_input
+
+    def slow_decode(job):
+        time.sleep(0.04)
+        return decode(job)
+
+    def admit(tasks, original=worker._admit):
+        batches.append(len(tasks))
+        return original(tasks)
+
+    worker._prepare_input, worker._admit = slow_decode, admit
+    jobs = [_job(f"{i:032x}", i, steps=2) for i in range(3 * worker_module.CPU_THREADS)]
+    try:
+        outcomes = await asyncio.gather(*(worker.run(j) for j in jobs))
+    finally:
+        worker.shutdown()
+    assert batches[0] == len(jobs), batches  # three rounds of decoding: 120 ms, past BATCH_WINDOW
+    assert all(o.png.startswith(b"\x89PNG") for o in outcomes)
+
+
 class _ThreadKiller(BaseException):
     """Escapes every `except Exception`: the worker thread dies, as on a crash in native code."""
 
