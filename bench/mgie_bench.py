@@ -249,11 +249,15 @@ def main() -> int:
         asyncio.run(burst(pool, [item(400 + i) for i in range(args.burst)], 3))  # warm-up: compiles burst shapes
         warmup = time.perf_counter() - t0
         print(f"burst warm-up on {len(pool)} GPU(s): {warmup:.0f} s", flush=True)
+        clocks = [StageTimer(w.pipeline) for w in pool] if len(pool) == 1 else []
         elapsed = asyncio.run(burst(pool, burst_items, args.steps))
         key = "burst" if pool is workers else "burst_one_gpu"
         report[key] = {"edits": args.burst, "gpus": len(pool), "seconds": elapsed,
                        "edits_per_second": args.burst / elapsed, "warmup_seconds": warmup,
                        "jobs_per_worker_total": [getattr(w, "jobs_run", None) for w in pool]}
+        if clocks:  # where the burst's wall time went, on the worker thread
+            report[key]["stages"] = clocks[0].stop()
+            report[key]["stages"]["outside_these"] = elapsed - sum(v["seconds"] for v in report[key]["stages"].values())
         if len(pool) > 1:  # the same jobs on each GPU alone, one after the other: is anything serializing?
             halves = [burst_items[i::len(pool)] for i in range(len(pool))]
             report[key]["each_gpu_alone_seconds"] = [asyncio.run(burst([w], half, args.steps))
@@ -269,6 +273,35 @@ def main() -> int:
     save()
     print("wrote", out_path)
     return 0
+
+
+class StageTimer:
+    """Wraps a worker pipeline's batch methods to time them (CUDA synchronized at both ends), for a
+    breakdown of a burst; ``stop`` puts the methods back and returns calls and seconds per method."""
+
+    METHODS = ("guidance_many", "start_denoising_many", "denoise_step", "decode_many")
+
+    def __init__(self, pipe: MgiePipeline) -> None:
+        self.pipe, self.totals = pipe, {m: {"calls": 0, "seconds": 0.0} for m in self.METHODS}
+        for name in self.METHODS:
+            setattr(pipe, name, self._timed(name, getattr(pipe, name)))
+
+    def _timed(self, name: str, fn):
+        def run(*a, **kw):
+            sync()
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                sync()
+                self.totals[name]["calls"] += 1
+                self.totals[name]["seconds"] += time.perf_counter() - t0
+        return run
+
+    def stop(self) -> dict:
+        for name in self.METHODS:
+            delattr(self.pipe, name)
+        return self.totals
 
 
 def finish(report: dict, args) -> None:
