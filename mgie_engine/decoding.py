@@ -75,7 +75,7 @@ class GreedyDecoder:
         self._weights, self._fingerprint = [], ()
 
     # -- the model, layer by layer ----------------------------------------------------------------
-    def _pack(self) -> None:
+    def pack(self) -> None:
         """Point each layer's q/k/v and gate/up parameters into one matrix apiece (once per placement)."""
         params = [p for layer in self.model.layers for p in _layer_parameters(layer)]
         fingerprint = tuple(p.data_ptr() for p in params)
@@ -127,7 +127,7 @@ class GreedyDecoder:
         """New tokens per row (each up to where ``is_done`` said stop) and the last-layer states of
         every position (n, width + max_new, hidden; prompt columns left-padded as given)."""
         n, width = ids.shape
-        self._pack()
+        self.pack()
         b = self._buffers(n, width, max_new)
         self._prefill(b, ids, embeds, mask)
         use_graph = self.graphs and max_new > 1
@@ -229,10 +229,29 @@ def _layer_parameters(layer: nn.Module) -> list[torch.Tensor]:
     return [p for m in linears for p in (m.weight, m.bias) if p is not None]
 
 
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensor that ``parts`` are consecutive row blocks of, if they are (no copy); else None."""
+    first = parts[0]
+    offset = first.storage_offset()
+    for t in parts:
+        if (not t.is_contiguous() or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or t.storage_offset() != offset or t.shape[1:] != first.shape[1:]):
+            return None
+        offset += t.numel()
+    rows = sum(t.shape[0] for t in parts)
+    return first.detach().new_empty(0).set_(first.untyped_storage(), first.storage_offset(),
+                                            (rows, *first.shape[1:]), first.stride())
+
+
 def _pack_into_one(linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One weight (and bias) for several linears fed the same input; theirs become views of it."""
-    weight = torch.cat([m.weight for m in linears])
+    """One weight (and bias) for several linears fed the same input; theirs become views of it.
+    Already packed (or moved as one block by ``offload.StageResidency``): just the view."""
     has_bias = linears[0].bias is not None
+    weight = _joined([m.weight for m in linears])
+    bias = _joined([m.bias for m in linears]) if has_bias else None
+    if weight is not None and (bias is not None or not has_bias):
+        return weight, bias
+    weight = torch.cat([m.weight for m in linears])
     bias = torch.cat([m.bias for m in linears]) if has_bias else None
     row = 0
     for m in linears:

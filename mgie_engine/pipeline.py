@@ -175,6 +175,8 @@ class MgiePipeline:
                 self.unet = torch.compile(models.unet, options=UNET_COMPILE_OPTIONS)
         # Offload: the LLM and the UNet/VAE take turns on the GPU (StageResidency); the UNet then runs
         # eagerly, since its CUDA graphs would hold the addresses of weights that come and go.
+        self._decoder = GreedyDecoder(models.llm, NO_REPEAT_NGRAM, graphs=models.device.type == "cuda")
+        self._decoder.pack()  # before the residency takes its host copies, so packed blocks move as one
         self._residency = StageResidency({"language": [models.llm], "diffusion": [models.unet, models.vae]},
                                          models.device) if offload else None
         unet = models.unet
@@ -195,7 +197,6 @@ class MgiePipeline:
         self._cache: OrderedDict[tuple, Guidance] = OrderedDict()
         self._cache_size = guidance_cache_size
         self._cache_lock = threading.Lock()
-        self._decoder = GreedyDecoder(models.llm, NO_REPEAT_NGRAM, graphs=models.device.type == "cuda")
 
     # -- the whole edit ---------------------------------------------------------------------------
     def __call__(self, request: EditRequest, progress: ProgressFn | None = None,

@@ -21,7 +21,7 @@ def test_packing_makes_the_modules_weights_views_and_keeps_stock_forward(tiny_mo
     with torch.no_grad():
         before = llm(input_ids=ids).logits
     decoder = GreedyDecoder(llm, NO_REPEAT_NGRAM, graphs=False)
-    decoder._pack()
+    decoder.pack()
     for layer, weights in zip(llm.model.layers, decoder._weights, strict=True):
         attn, mlp = layer.self_attn, layer.mlp
         wqkv, wgu = weights[1], weights[6]
@@ -36,12 +36,12 @@ def test_packing_makes_the_modules_weights_views_and_keeps_stock_forward(tiny_mo
 def test_weights_that_moved_are_packed_again_and_graphs_dropped(tiny_models):
     llm = tiny_models.llm
     decoder = GreedyDecoder(llm, NO_REPEAT_NGRAM, graphs=False)
-    decoder._pack()
+    decoder.pack()
     decoder._buffers(1, 8, 4)
     packed = decoder._weights[0][1]
     q = llm.model.layers[0].self_attn.q_proj
     q.weight.data = q.weight.data.clone()  # what a move between host and card does to a parameter
-    decoder._pack()
+    decoder.pack()
     assert not decoder._shapes
     assert decoder._weights[0][1] is not packed
     assert _storage(q.weight) == _storage(decoder._weights[0][1])

@@ -62,3 +62,30 @@ def test_the_leaving_group_is_freed_before_the_next_one_is_copied_in(monkeypatch
     residency.use("a")  # the first group in order: copying it in first would overlap with b
     monkeypatch.undo()
     assert seen and all(seen)
+
+
+def test_packed_weights_move_as_one_block_and_need_no_repack(tiny_paths):
+    """The decoder's packed q/k/v stay views of one block across moves, so packing again is only a view."""
+    models = load_models(tiny_settings(tiny_paths, offload=True))
+    pipe = MgiePipeline(models, max_side=64, offload=True)
+    attn = models.llm.model.layers[0].self_attn
+    for group in ("language", "diffusion", "language"):
+        pipe._residency.use(group)
+        storages = {p.untyped_storage().data_ptr() for p in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)}
+        assert len(storages) == 1
+    before = attn.q_proj.weight.data_ptr()
+    pipe._decoder.pack()
+    assert attn.q_proj.weight.data_ptr() == before  # nothing was copied
+    assert pipe._decoder._weights[0][1].data_ptr() == before
+    torch.testing.assert_close(pipe._decoder._weights[0][1][:attn.q_proj.out_features], attn.q_proj.weight)
+
+
+def test_views_of_one_storage_stay_views_of_one_copy():
+    block = torch.arange(24.0).reshape(6, 4)
+    a, b = torch.nn.Linear(4, 2, bias=False), torch.nn.Linear(4, 4, bias=False)
+    a.weight.data, b.weight.data = block[:2], block[2:]
+    residency = StageResidency({"x": [a, b], "y": [torch.nn.Linear(2, 2)]}, torch.device("cpu"))
+    residency.use("x")
+    assert a.weight.untyped_storage().data_ptr() == b.weight.untyped_storage().data_ptr()
+    assert b.weight.storage_offset() == 8
+    assert torch.equal(torch.cat([a.weight, b.weight]), block)
