@@ -192,15 +192,16 @@ async def test_a_cuda_error_fails_that_step_and_the_next_jobs_still_run(tiny_mod
     assert "went wrong on the GPU" in str(first[0]) and second.png.startswith(b"\x89PNG")
 
 
-async def test_jobs_finishing_together_share_a_vae_decode_and_fall_back_to_one_each(tiny_models):
-    """Three jobs end at the same step: one batched decode; when it fails, each is decoded alone, and
-    only a job whose own decode fails gets an error."""
+@pytest.mark.parametrize("batched_stage", ["start", "decode"])
+async def test_a_batched_stage_that_fails_falls_back_to_one_job_each(tiny_models, batched_stage):
+    """Three jobs admitted and finishing together share one start (VAE encodes, set-up) and one VAE
+    decode; when that call fails, each job goes alone, and only a job that fails alone gets an error."""
     worker = await _started_worker(tiny_models, max_batch=4)
-    decodes, broken = [], "d" * 32
+    calls, broken = [], "d" * 32
 
     def hook(stage, job_ids):
-        if stage == "decode":
-            decodes.append(list(job_ids))
+        if stage == batched_stage:
+            calls.append(list(job_ids))
             if len(job_ids) > 1 or broken in job_ids:
                 raise _OOM()
 
@@ -210,32 +211,8 @@ async def test_jobs_finishing_together_share_a_vae_decode_and_fall_back_to_one_e
         results = await asyncio.gather(*(worker.run(j) for j in jobs), return_exceptions=True)
     finally:
         worker.shutdown()
-    assert sorted(decodes[0]) == sorted(j.job_id for j in jobs)  # one decode for all three first
-    assert sorted(map(tuple, decodes[1:])) == sorted((j.job_id,) for j in jobs)
-    assert results[0].png.startswith(b"\x89PNG") and results[2].png.startswith(b"\x89PNG")
-    assert "ran out of memory" in str(results[1])
-
-
-async def test_jobs_admitted_together_start_in_one_call_and_fall_back_to_one_each(tiny_models):
-    """A batch's VAE encodes and set-up run as one call; when it fails, each job starts alone and only a
-    job whose own start fails gets an error."""
-    worker = await _started_worker(tiny_models, max_batch=4)
-    starts, broken = [], "d" * 32
-
-    def hook(stage, job_ids):
-        if stage == "start":
-            starts.append(list(job_ids))
-            if len(job_ids) > 1 or broken in job_ids:
-                raise _OOM()
-
-    worker.fault_hook = hook
-    try:
-        jobs = [_job("a" * 32, 1, steps=3), _job(broken, 2, steps=3), _job("b" * 32, 3, steps=3)]
-        results = await asyncio.gather(*(worker.run(j) for j in jobs), return_exceptions=True)
-    finally:
-        worker.shutdown()
-    assert sorted(starts[0]) == sorted(j.job_id for j in jobs)
-    assert sorted(map(tuple, starts[1:])) == sorted((j.job_id,) for j in jobs)
+    assert sorted(calls[0]) == sorted(j.job_id for j in jobs)  # one call for all three first
+    assert sorted(map(tuple, calls[1:])) == sorted((j.job_id,) for j in jobs)
     assert results[0].png.startswith(b"\x89PNG") and results[2].png.startswith(b"\x89PNG")
     assert "ran out of memory" in str(results[1])
 
