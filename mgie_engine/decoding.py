@@ -8,8 +8,9 @@ to stop. The arithmetic is ``generate(do_sample=False, no_repeat_ngram_size=N)``
 batch, layer by layer with the model's own weights; the parity test holds it to the stock call.
 
 A 7B decode step reads ~13 GB of weights, ~4 ms on an H100; in eager mode a layer is also ~30 small
-kernels (norms, rotary, cache writes, residuals), ~1000 per token at a few microseconds each. So on
-CUDA one layer is a compiled function (norms, rotary and residuals fused around cuBLAS matmuls), and
+kernels (norms, rotary, cache writes, residuals), ~1000 per token at a few microseconds each. So with
+MGIE_COMPILE on CUDA one layer is a compiled function (norms, rotary and residuals fused around cuBLAS
+matmuls; H100: 5.8 ms of kernels per token, the LLM stage 0.44 -> 0.35 s). In any case
 each layer's q/k/v and gate/up weights are packed into one matrix apiece: the modules' own
 parameters become views of it, so nothing is stored twice and stock ``forward`` still works.
 """
@@ -135,8 +136,9 @@ class GreedyDecoder:
             try:
                 self._capture(b)
             except Exception:  # never worse than eager: log once, decode without graphs from now on
-                log.exception("could not capture the decode step as a CUDA graph; decoding eagerly")
+                log.exception("could not compile or capture the decode step; decoding eagerly")
                 self.graphs = use_graph = False
+                self._step_layer = self._layer
                 self._shapes.clear()
                 b = self._buffers(n, width, max_new)
                 self._prefill(b, ids, embeds, mask)

@@ -175,7 +175,8 @@ class MgiePipeline:
                 self.unet = torch.compile(models.unet, options=UNET_COMPILE_OPTIONS)
         # Offload: the LLM and the UNet/VAE take turns on the GPU (StageResidency); the UNet then runs
         # eagerly, since its CUDA graphs would hold the addresses of weights that come and go.
-        self._decoder = GreedyDecoder(models.llm, NO_REPEAT_NGRAM, graphs=models.device.type == "cuda")
+        self._decoder = GreedyDecoder(models.llm, NO_REPEAT_NGRAM, graphs=models.device.type == "cuda",
+                                      compile_layers=compile_unet and models.device.type == "cuda")
         self._decoder.pack()  # before the residency takes its host copies, so packed blocks move as one
         self._residency = StageResidency({"language": [models.llm], "diffusion": [models.unet, models.vae]},
                                          models.device) if offload else None
@@ -197,6 +198,31 @@ class MgiePipeline:
         self._cache: OrderedDict[tuple, Guidance] = OrderedDict()
         self._cache_size = guidance_cache_size
         self._cache_lock = threading.Lock()
+
+    @property
+    def compiles(self) -> bool:
+        """True when steps run compiled CUDA graphs, whose first use of a shape compiles or records."""
+        return self._graphs
+
+    def warm_up(self) -> None:
+        """Two throwaway batches (one square job; two jobs at 4:3) of two steps each.
+
+        The first call of a compiled function compiles it for that shape. A second, different shape
+        compiles it once more, with the batch and image sizes symbolic. After that, new shapes only record
+        CUDA graphs (about a second), so no user's edit waits a minute for a compile.
+        """
+        from .images import prepare_image
+
+        side = self.max_side
+        for count, size in ((1, (side, side)), (2, (side, side * 3 // 4))):
+            images = [prepare_image(PIL.Image.new("RGB", size, (40 * i, 90, 160)), side, self.models.vae_scale_factor)
+                      for i in range(count)]
+            guidance = self.run_language_models([(image, "make it brighter", ()) for image in images])
+            states = self.start_denoising_many([DenoiseJob(image, g.prompt_embeds, i, 7.5, 1.5, 2)
+                                                for i, (image, g) in enumerate(zip(images, guidance, strict=True))])
+            while not states[0].done:
+                self.denoise_step(states)
+            self.decode_many([s.latents for s in states])
 
     # -- the whole edit ---------------------------------------------------------------------------
     def __call__(self, request: EditRequest, progress: ProgressFn | None = None,

@@ -37,6 +37,7 @@ class EngineSettings:
     max_side: int = 512
     max_batch: int = 8  # jobs whose denoising steps share one UNet call
     compile: bool = False  # torch.compile the UNet on CUDA (a minute of compiling at start, faster steps)
+    compile_cache_dir: str | None = None  # where compiled kernels persist across restarts (else torch's /tmp)
     safety_checker: bool = False  # run instruct-pix2pix's NSFW checker on every output
     offload: bool = False  # keep the LLM and the UNet/VAE on the GPU in turn (16 GB cards)
 
@@ -58,6 +59,7 @@ class EngineSettings:
             max_side=max_side_int,
             max_batch=_positive_int(env, "MGIE_MAX_BATCH", 8),
             compile=(env.get("MGIE_COMPILE") or "").strip().lower() in ("1", "true", "yes", "on"),
+            compile_cache_dir=env.get("MGIE_COMPILE_CACHE_DIR") or None,
             safety_checker=(env.get("MGIE_SAFETY_CHECKER") or "").strip().lower() in ("1", "true", "yes", "on"),
             offload=(env.get("MGIE_OFFLOAD") or "").strip().lower() in ("1", "true", "yes", "on"),
         )

@@ -132,9 +132,19 @@ class LocalWorker:
 
         started = time.perf_counter()
         try:
+            if self.settings.compile and self.settings.compile_cache_dir:
+                # Read by inductor when it compiles: kernels compiled before a restart are reused after it.
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(self.settings.compile_cache_dir)
             models = (self._loader or load_models)(self.settings)
             self.pipeline = MgiePipeline(models, max_side=self.settings.max_side, compile_unet=self.settings.compile,
                                          offload=self.settings.offload)
+            if self.pipeline.compiles:
+                # Compile now, while the bot says "warming up", not in the first users' edits.
+                log.info("worker %s: compiling for the common shapes (minutes the first time; "
+                         "MGIE_COMPILE_CACHE_DIR keeps them across restarts)", self.name)
+                warm = time.perf_counter()
+                self.pipeline.warm_up()
+                log.info("worker %s: compiled in %.0f s", self.name, time.perf_counter() - warm)
             if self.settings.safety_checker:
                 from .safety import load_safety_checker
 

@@ -62,3 +62,26 @@ def test_compiled_step_decodes_like_stock_generate(tiny_models_babbling):
     assert list(guidance.new_token_ids) == seq[len(ids):len(ids) + 96]
     torch.testing.assert_close(guidance.prompt_embeds, models.edit_head(states.unsqueeze(0), models.img_embeds),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_a_step_that_cannot_be_compiled_or_captured_falls_back_to_eager(tiny_models_babbling, caplog):
+    """No CUDA graph here (a CPU) and a compiled layer that fails: the decode still ends, eagerly, with
+    generate's tokens, and says so once in the log."""
+    models = tiny_models_babbling
+    pipe = MgiePipeline(models, max_side=64)
+    decoder = GreedyDecoder(models.llm, NO_REPEAT_NGRAM, graphs=True)
+
+    def broken(*args):
+        raise RuntimeError("inductor is not available here")
+
+    decoder._step_layer = broken
+    pipe._decoder = decoder
+    image = prepare_image(make_image(64, 48, 4), 64, models.vae_scale_factor)
+    with caplog.at_level("ERROR", logger="mgie_engine.decoding"):
+        guidance = pipe.run_language_model(image, "make it night")
+        again = pipe.run_language_model(image, "make it day")
+    ids, embeds = pipe.prompt_inputs(image, "make it night")
+    seq, _ = reference_generate(models, ids, embeds)
+    assert list(guidance.new_token_ids) == seq[len(ids):len(ids) + len(guidance.new_token_ids)]
+    assert again.new_token_ids and not decoder.graphs
+    assert sum("decoding eagerly" in r.message for r in caplog.records) == 1

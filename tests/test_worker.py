@@ -245,6 +245,48 @@ async def test_a_burst_whose_inputs_decode_slowly_still_starts_as_one_batch(tiny
     assert all(o.png.startswith(b"\x89PNG") for o in outcomes)
 
 
+async def test_a_compiling_worker_warms_up_before_it_is_ready_and_keeps_its_kernels(tiny_models, tmp_path,
+                                                                                   monkeypatch):
+    """With compiled steps (CUDA), the first shapes are compiled at load, while the bot says "warming
+    up", in the cache folder the self-hoster chose; the warm-up leaves nothing behind in the LLM cache."""
+    import os
+
+    monkeypatch.setattr(MgiePipeline, "compiles", property(lambda self: True))  # as on a GPU with MGIE_COMPILE=1
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    batches, original = [], MgiePipeline.run_language_models
+
+    def counting(self, items, cancel=None):
+        batches.append([image.size for image, _, _ in items])
+        return original(self, items, cancel)
+
+    monkeypatch.setattr(MgiePipeline, "run_language_models", counting)
+    settings = EngineSettings(device="cpu", max_side=64, compile=True, compile_cache_dir=str(tmp_path / "kernels"))
+    worker = LocalWorker(settings, loader=lambda _s: tiny_models, max_batch=4)
+    worker.start()
+    try:
+        await worker.wait_ready()
+        assert batches == [[(64, 64)], [(64, 48), (64, 48)]]  # one square job, then two at another size
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "kernels")
+        assert not worker.pipeline._cache  # throwaway prompts are not cached as anyone's edit
+        outcome = await worker.run(_job("a" * 32, 1, steps=2))
+    finally:
+        worker.shutdown()
+        monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert outcome.png.startswith(b"\x89PNG")
+
+
+async def test_a_worker_that_does_not_compile_skips_the_warm_up(tiny_models, monkeypatch):
+    calls = []
+    monkeypatch.setattr(MgiePipeline, "warm_up", lambda self: calls.append(1))
+    worker = LocalWorker(EngineSettings(device="cpu", max_side=64, compile=True), loader=lambda _s: tiny_models)
+    worker.start()
+    try:
+        await worker.wait_ready()
+    finally:
+        worker.shutdown()
+    assert not calls  # on a CPU nothing is compiled, so there is nothing to warm
+
+
 class _ThreadKiller(BaseException):
     """Escapes every `except Exception`: the worker thread dies, as on a crash in native code."""
 
