@@ -173,11 +173,11 @@ class MgiePipeline:
             # would copy NHWC activations to NCHW and back (H100: decode 22.7 against 28.3 ms, encode 11.9 against 14.8)
             if self._graphs:
                 self.unet = torch.compile(models.unet, options=UNET_COMPILE_OPTIONS)
-        # Offload: the LLM and the UNet/VAE take turns on the GPU (StageResidency); the UNet then runs
-        # eagerly, since its CUDA graphs would hold the addresses of weights that come and go.
         self._decoder = GreedyDecoder(models.llm, NO_REPEAT_NGRAM, graphs=models.device.type == "cuda",
                                       compile_layers=compile_unet and models.device.type == "cuda")
         self._decoder.pack()  # before the residency takes its host copies, so packed blocks move as one
+        # Offload: the LLM and the UNet/VAE take turns on the GPU (StageResidency); the UNet then runs
+        # eagerly, since its CUDA graphs would hold the addresses of weights that come and go.
         self._residency = StageResidency({"language": [models.llm], "diffusion": [models.unet, models.vae]},
                                          models.device) if offload else None
         unet = models.unet
