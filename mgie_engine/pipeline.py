@@ -8,6 +8,7 @@ the demo's ``generate`` call (greedy, ``no_repeat_ngram_size=3``), stopping as s
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import inspect
@@ -15,7 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import PIL.Image
 import torch
@@ -189,6 +190,7 @@ class MgiePipeline:
         # small kernels of CFG and the update would otherwise run for every job at every step.
         self._guided_step = torch.compile(guided_step, options=UNET_COMPILE_OPTIONS) if self._graphs else guided_step
         self._pads: dict[tuple, tuple[list[torch.Tensor], ...]] = {}
+        self._schedulers: dict[int, Any] = {}
         self.image_processor = VaeImageProcessor(vae_scale_factor=models.vae_scale_factor)
         self._fusable = (models.scheduler_class.__name__ == "EulerAncestralDiscreteScheduler"
                          and models.scheduler_config.get("prediction_type", "epsilon") == "epsilon")
@@ -380,8 +382,7 @@ class MgiePipeline:
 
     def _denoise_state(self, job: DenoiseJob, image_latents: torch.Tensor) -> DenoiseState:
         m = self.models
-        scheduler = m.new_scheduler()
-        scheduler.set_timesteps(job.steps, device=m.device)
+        scheduler = self._scheduler_for(job.steps)
         # As in diffusers: guidance is on only when text_cfg > 1 and image_cfg >= 1.
         text_cfg, image_cfg = job.text_cfg, job.image_cfg
         guided = text_cfg > 1.0 and image_cfg >= 1.0
@@ -394,8 +395,9 @@ class MgiePipeline:
         shape = (1, m.vae.config.latent_channels, *image_latents.shape[-2:])
         latents = randn_tensor(shape, generator=generator, device=m.device, dtype=m.dtype) * scheduler.init_noise_sigma
         if guided and self._fusable:
-            # Every step's ancestral noise now, from the job's generator in the scheduler's order.
-            noise = torch.stack([randn_tensor(shape, generator=generator, device=m.device, dtype=m.dtype)
+            # Every step's ancestral noise now, from the job's generator in the scheduler's order
+            # (torch.randn is what randn_tensor calls for one generator on the job's device).
+            noise = torch.stack([torch.randn(shape, generator=generator, device=m.device, dtype=m.dtype)
                                  for _ in range(len(scheduler.timesteps))])
             return DenoiseState(tag=job.tag, scheduler=scheduler, latents=latents, image_latents=image_latents,
                                 cond=cond, guided=True, text_cfg=text_cfg, image_cfg=image_cfg, step_kwargs={},
@@ -407,6 +409,16 @@ class MgiePipeline:
             extra["eta"] = 0.0
         return DenoiseState(tag=job.tag, scheduler=scheduler, latents=latents, image_latents=image_latents, cond=cond,
                             guided=guided, text_cfg=text_cfg, image_cfg=image_cfg, step_kwargs=extra)
+
+    def _scheduler_for(self, steps: int) -> Any:
+        """A fresh scheduler set to ``steps``: a copy of one configured per step count, since building
+        one from its config (signature inspection) costs milliseconds a job, and a burst starts 32."""
+        template = self._schedulers.get(steps)
+        if template is None:
+            template = self.models.new_scheduler()
+            template.set_timesteps(steps, device=self.models.device)
+            self._schedulers[steps] = template
+        return copy.deepcopy(template)
 
     def _stage(self, group: str) -> None:
         """With offload, bring this stage's models to the GPU. The decoder lets go of its graphs, cache
