@@ -139,12 +139,7 @@ class LocalWorker:
             self.pipeline = MgiePipeline(models, max_side=self.settings.max_side, compile_unet=self.settings.compile,
                                          offload=self.settings.offload)
             if self.pipeline.compiles:
-                # Compile now, while the bot says "warming up", not in the first users' edits.
-                log.info("worker %s: compiling for the common shapes (minutes the first time; "
-                         "MGIE_COMPILE_CACHE_DIR keeps them across restarts)", self.name)
-                warm = time.perf_counter()
-                self.pipeline.warm_up()
-                log.info("worker %s: compiled in %.0f s", self.name, time.perf_counter() - warm)
+                self._warm_up(models)
             if self.settings.safety_checker:
                 from .safety import load_safety_checker
 
@@ -157,6 +152,24 @@ class LocalWorker:
             log.info("worker %s ready on %s in %.1f s", self.name, models.device, time.perf_counter() - started)
         finally:
             self._ready.set()
+
+    def _warm_up(self, models: Any) -> None:
+        """Compile now, while the bot says "warming up", not in the first users' edits. A compiler that
+        fails here would fail every job: run uncompiled instead (slower), and say so."""
+        from .pipeline import MgiePipeline
+
+        log.info("worker %s: compiling for the common shapes (minutes the first time; "
+                 "MGIE_COMPILE_CACHE_DIR keeps them across restarts)", self.name)
+        started = time.perf_counter()
+        try:
+            self.pipeline.warm_up()
+        except Exception:
+            log.exception("worker %s: compiling failed; running without compiled steps (slower)", self.name)
+            self._free_memory()
+            self.pipeline = MgiePipeline(models, max_side=self.settings.max_side, compile_unet=False,
+                                         offload=self.settings.offload)
+        else:
+            log.info("worker %s: compiled in %.0f s", self.name, time.perf_counter() - started)
 
     async def wait_ready(self) -> WorkerState:
         await asyncio.get_running_loop().run_in_executor(None, self._ready.wait)

@@ -14,7 +14,7 @@ from mgie_engine.errors import BadImageError, JobCancelledError
 from mgie_engine.images import load_image
 from mgie_engine.pipeline import EditRequest, MgiePipeline
 from mgie_engine.settings import EngineSettings
-from mgie_engine.worker import EditJob, LocalWorker
+from mgie_engine.worker import EditJob, LocalWorker, WorkerState
 
 
 def _png(image) -> bytes:
@@ -272,6 +272,34 @@ async def test_a_compiling_worker_warms_up_before_it_is_ready_and_keeps_its_kern
     finally:
         worker.shutdown()
         monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert outcome.png.startswith(b"\x89PNG")
+
+
+async def test_a_worker_whose_compiler_fails_runs_uncompiled(tiny_models, monkeypatch, caplog):
+    """A broken compiler (no triton, an inductor bug) must not take the worker down, nor fail every job."""
+    built = []
+    init = MgiePipeline.__init__
+
+    def recording(self, models, **kw):
+        built.append(kw["compile_unet"])
+        init(self, models, **kw)
+
+    def broken(self):
+        raise RuntimeError("triton is not installed")
+
+    monkeypatch.setattr(MgiePipeline, "__init__", recording)
+    monkeypatch.setattr(MgiePipeline, "compiles", property(lambda self: built[-1]))  # what a GPU reports
+    monkeypatch.setattr(MgiePipeline, "warm_up", broken)
+    worker = LocalWorker(EngineSettings(device="cpu", max_side=64, compile=True), loader=lambda _s: tiny_models)
+    worker.start()
+    try:
+        with caplog.at_level("ERROR", logger="mgie_engine.worker"):
+            assert await worker.wait_ready() is WorkerState.READY
+        outcome = await worker.run(_job("a" * 32, 1, steps=2))
+    finally:
+        worker.shutdown()
+    assert built == [True, False]
+    assert any("running without compiled steps" in r.message for r in caplog.records)
     assert outcome.png.startswith(b"\x89PNG")
 
 
