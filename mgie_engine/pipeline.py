@@ -165,8 +165,9 @@ class MgiePipeline:
         self.models = models
         self.max_side = max_side
         self.unet = models.unet
-        self._graphs = compile_unet and models.device.type == "cuda" and not offload
-        if models.device.type == "cuda":
+        cuda = models.device.type == "cuda"
+        self._graphs = compile_unet and cuda and not offload
+        if cuda:
             # Same math, faster kernels: NHWC convolutions, and optionally a compiled UNet replayed as
             # CUDA graphs (one per batch bucket: a UNet call at batch 3 is mostly launch overhead).
             torch.backends.cudnn.benchmark = True  # UNet and VAE shapes repeat: pick the fastest conv kernels
@@ -174,8 +175,7 @@ class MgiePipeline:
             # would copy NHWC activations to NCHW and back (H100: decode 22.7 against 28.3 ms, encode 11.9 against 14.8)
             if self._graphs:
                 self.unet = torch.compile(models.unet, options=UNET_COMPILE_OPTIONS)
-        self._decoder = GreedyDecoder(models.llm, NO_REPEAT_NGRAM, graphs=models.device.type == "cuda",
-                                      compile_layers=compile_unet and models.device.type == "cuda")
+        self._decoder = GreedyDecoder(models.llm, NO_REPEAT_NGRAM, graphs=cuda, compile_layers=compile_unet and cuda)
         self._decoder.pack()  # before the residency takes its host copies, so packed blocks move as one
         # Offload: the LLM and the UNet/VAE take turns on the GPU (StageResidency); the UNet then runs
         # eagerly, since its CUDA graphs would hold the addresses of weights that come and go.
@@ -213,8 +213,6 @@ class MgiePipeline:
         compiles it once more, with the batch and image sizes symbolic. After that, new shapes only record
         CUDA graphs (about a second), so no user's edit waits a minute for a compile.
         """
-        from .images import prepare_image
-
         side = self.max_side
         for count, size in ((1, (side, side)), (2, (side, side * 3 // 4))):
             images = [prepare_image(PIL.Image.new("RGB", size, (40 * i, 90, 160)), side, self.models.vae_scale_factor)

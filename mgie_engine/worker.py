@@ -128,7 +128,6 @@ class LocalWorker:
 
     def _load(self) -> None:
         from .models import load_models
-        from .pipeline import MgiePipeline
 
         started = time.perf_counter()
         try:
@@ -136,8 +135,7 @@ class LocalWorker:
                 # Read by inductor when it compiles: kernels compiled before a restart are reused after it.
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(self.settings.compile_cache_dir)
             models = (self._loader or load_models)(self.settings)
-            self.pipeline = MgiePipeline(models, max_side=self.settings.max_side, compile_unet=self.settings.compile,
-                                         offload=self.settings.offload)
+            self.pipeline = self._new_pipeline(models, compile_unet=self.settings.compile)
             if self.pipeline.compiles:
                 self._warm_up(models)
             if self.settings.safety_checker:
@@ -153,11 +151,15 @@ class LocalWorker:
         finally:
             self._ready.set()
 
+    def _new_pipeline(self, models: Any, compile_unet: bool) -> Any:
+        from .pipeline import MgiePipeline
+
+        return MgiePipeline(models, max_side=self.settings.max_side, compile_unet=compile_unet,
+                            offload=self.settings.offload)
+
     def _warm_up(self, models: Any) -> None:
         """Compile now, while the bot says "warming up", not in the first users' edits. A compiler that
         fails here would fail every job: run uncompiled instead (slower), and say so."""
-        from .pipeline import MgiePipeline
-
         log.info("worker %s: compiling for the common shapes (minutes the first time; "
                  "MGIE_COMPILE_CACHE_DIR keeps them across restarts)", self.name)
         started = time.perf_counter()
@@ -166,8 +168,7 @@ class LocalWorker:
         except Exception:
             log.exception("worker %s: compiling failed; running without compiled steps (slower)", self.name)
             self._free_memory()
-            self.pipeline = MgiePipeline(models, max_side=self.settings.max_side, compile_unet=False,
-                                         offload=self.settings.offload)
+            self.pipeline = self._new_pipeline(models, compile_unet=False)
         else:
             log.info("worker %s: compiled in %.0f s", self.name, time.perf_counter() - started)
 

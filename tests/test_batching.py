@@ -10,6 +10,13 @@ from mgie_engine.images import prepare_image
 from mgie_engine.pipeline import MgiePipeline
 
 
+def _pipe_image_embeds(models, seed: int) -> tuple[MgiePipeline, object, torch.Tensor]:
+    """A pipeline, a 64x48 image and the prompt embeddings the LLM gives it: what a denoising test starts from."""
+    pipe = MgiePipeline(models, max_side=64)
+    image = prepare_image(make_image(64, 48, seed), 64)
+    return pipe, image, pipe.run_language_model(image, "make it snowy").prompt_embeds
+
+
 @pytest.mark.parametrize("models_fixture", ["tiny_models", "tiny_models_babbling"])
 def test_batched_decoding_equals_one_at_a_time(request, models_fixture):
     models = request.getfixturevalue(models_fixture)
@@ -30,9 +37,7 @@ def test_batched_decoding_equals_one_at_a_time(request, models_fixture):
 
 def test_batched_denoising_equals_one_at_a_time(tiny_models):
     """Jobs with their own seeds, CFGs (guided and not) and step counts, joining at different steps."""
-    pipe = MgiePipeline(tiny_models, max_side=64)
-    image = prepare_image(make_image(64, 48, 7), 64)
-    embeds = pipe.run_language_model(image, "make it snowy").prompt_embeds
+    pipe, image, embeds = _pipe_image_embeds(tiny_models, 7)
     specs = [(1, 7.5, 1.5, 6), (2, 8.5, 0.7, 4), (3, 7.0, 2.0, 5)]
     alone = [pipe.denoise(image, embeds, *spec) for spec in specs]
 
@@ -48,9 +53,7 @@ def test_batched_denoising_equals_one_at_a_time(tiny_models):
 
 def test_guided_jobs_take_the_fused_step_and_unguided_ones_the_scheduler(tiny_models):
     """The fused path must be the one the parity test checks for guided jobs, and agree with the scheduler's."""
-    pipe = MgiePipeline(tiny_models, max_side=64)
-    image = prepare_image(make_image(64, 48, 9), 64)
-    embeds = pipe.run_language_model(image, "make it snowy").prompt_embeds
+    pipe, image, embeds = _pipe_image_embeds(tiny_models, 9)
     fused = pipe.start_denoising(image, embeds, 5, 7.5, 1.5, 6)
     assert fused.scalars is not None and fused.noise.shape[0] == 6
     assert pipe.start_denoising(image, embeds, 5, 8.5, 0.7, 6).scalars is None  # unguided: the scheduler's path
@@ -65,9 +68,7 @@ def test_guided_jobs_take_the_fused_step_and_unguided_ones_the_scheduler(tiny_mo
 
 def test_padding_a_job_bucket_leaves_the_jobs_results_alone(tiny_models):
     """On CUDA the fused step pads 3 jobs to a bucket of 4 (one graph per bucket); the padding is inert."""
-    pipe = MgiePipeline(tiny_models, max_side=64)
-    image = prepare_image(make_image(64, 48, 4), 64)
-    embeds = pipe.run_language_model(image, "make it snowy").prompt_embeds
+    pipe, image, embeds = _pipe_image_embeds(tiny_models, 4)
     specs = [(1, 7.5, 1.5, 3), (2, 8.0, 1.2, 3), (3, 7.0, 2.0, 3)]
     plain = [pipe.start_denoising(image, embeds, *spec) for spec in specs]
     pipe._graphs = True  # bucket padding as on CUDA, with the step itself run eagerly
