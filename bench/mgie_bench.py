@@ -138,7 +138,6 @@ def main() -> int:
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--only-burst", action="store_true", help="skip latency, refine and parity (multi-GPU scaling runs)")
     p.add_argument("--skip-burst", action="store_true", help="latency, refine and parity only (a call's time limit)")
-    p.add_argument("--vae-variants", action="store_true", help="also time VAE encode/decode, NHWC against NCHW")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--offload", action="store_true",
                    help="MGIE_OFFLOAD (the LLM and UNet/VAE take turns on the GPU): latency and peak memory only")
@@ -224,10 +223,6 @@ def main() -> int:
                                 "same_tokens": _same_tokens(pipe, lat_items[0], ref_outs2[0])}
             print("parity", report["parity"], flush=True)
             save()
-
-    if args.vae_variants and cuda:
-        report["vae_ms"] = vae_variants(m0)
-        save()
 
     if args.offload or args.skip_burst:  # a 16 GB card's question is latency and memory, not a 32-edit burst
         finish(report, args)
@@ -323,30 +318,6 @@ def finish(report: dict, args) -> None:
         report["ratios"] = ratios
     print_table(report)
     report["complete"] = True
-
-
-def vae_variants(models) -> dict:
-    """VAE decode (64x64 latents) and encode (512x512) in ms, NHWC (the engine's choice) against NCHW."""
-    vae, out = models.vae, {}
-    with torch.inference_mode():
-        for layout in (torch.channels_last, torch.contiguous_format):
-            vae.to(memory_format=layout)
-            name = "nhwc" if layout is torch.channels_last else "nchw"
-            for n in (1, 4, 8):
-                latents = torch.randn(n, 4, 64, 64, device=models.device, dtype=models.dtype)
-                pixels = torch.randn(n, 3, 512, 512, device=models.device, dtype=models.dtype)
-                for op, fn in (("decode", lambda x=latents: vae.decode(x, return_dict=False)[0]),
-                               ("encode", lambda x=pixels: vae.encode(x).latent_dist.mode())):
-                    fn(), fn()
-                    sync()
-                    t0 = time.perf_counter()
-                    for _ in range(5):
-                        fn()
-                    sync()
-                    out[f"{op}_{name}_batch{n}"] = (time.perf_counter() - t0) / 5 * 1000
-                    print(f"VAE {op} {name} batch {n}: {out[f'{op}_{name}_batch{n}']:.1f} ms", flush=True)
-        vae.to(memory_format=torch.channels_last)
-    return out
 
 
 def _same_tokens(pipe: MgiePipeline, it: dict, ref) -> bool:

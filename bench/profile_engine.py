@@ -86,6 +86,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--only-unet", action="store_true", help="just the UNet variants")
     p.add_argument("--only-llm", action="store_true", help="just the decoder: eager against compiled layers")
+    p.add_argument("--only-vae", action="store_true", help="just the VAE: eager against compiled, NCHW and NHWC")
     p.add_argument("--variants", default="graphs,conv1x1mm,coordinate",
                    help="comma list of: eager, graphs, conv1x1mm, coordinate, fused_qkv, autotune")
     p.add_argument("--rows", default="3,96", help="UNet batch sizes to time each variant at")
@@ -98,6 +99,9 @@ def main() -> int:
     models = build(dev, dtype, args.tokenizer_dir, small=not cuda)
     report: dict = {"card": torch.cuda.get_device_name(0) if cuda else "cpu (dry run, small dims)"}
 
+    if args.only_vae:
+        vae_variants(models, report)
+        return finish(args, t_start, report)
     pipe = MgiePipeline(models, compile_unet=True)
     if args.only_llm:
         decoder_variants(pipe, models, report)
@@ -105,11 +109,41 @@ def main() -> int:
         profile_stages(pipe, models, args, report)
     if not args.only_llm:
         unet_variants(models, dev, dtype, cuda, args, t_start, report)
+    return finish(args, t_start, report)
+
+
+def finish(args, t_start: float, report: dict) -> int:
     report["seconds"] = time.perf_counter() - t_start
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "profile.log").write_text("\n".join(LOG) + "\n")
     return 0
+
+
+def vae_variants(models, report: dict) -> None:
+    """VAE decode (64x64 latents) and encode (512x512 pixels), ms per call: eager NCHW (the engine's
+    choice uncompiled), compiled NCHW (the engine's choice compiled), compiled NHWC."""
+    from mgie_engine.pipeline import vae_functions
+
+    vae, out, cuda = models.vae, {}, models.device.type == "cuda"
+    report["vae_ms"] = out
+    side = 64 if cuda else 16
+    with torch.inference_mode():
+        for name, layout, compiled in (("eager_nchw", torch.contiguous_format, False),
+                                       ("compiled_nchw", torch.contiguous_format, True),
+                                       ("compiled_nhwc", torch.channels_last, True)):
+            torch._dynamo.reset()
+            vae.to(memory_format=layout)
+            encode, decode = vae_functions(vae, compiled=compiled)
+            for n in (1, 4, 8):
+                latents = torch.randn(n, 4, side, side, device=models.device, dtype=models.dtype)
+                pixels = torch.randn(n, 3, side * 8, side * 8, device=models.device, dtype=models.dtype)
+                for op, fn, x in (("decode", decode, latents), ("encode", encode, pixels)):
+                    t0 = time.perf_counter()
+                    ms = gpu_time(lambda fn=fn, x=x: fn(x), repeat=5)
+                    out[f"{op}_{name}_batch{n}"] = ms
+                    say(f"VAE {op} {name} batch {n}: {ms:.1f} ms (incl. build {time.perf_counter() - t0:.0f} s)")
+        vae.to(memory_format=torch.contiguous_format)
 
 
 def profile_stages(pipe: MgiePipeline, models, args, report: dict) -> None:
@@ -284,18 +318,18 @@ def unet_variants(models, dev, dtype, cuda: bool, args, t_start: float, report: 
         if "conv1x1mm" in chosen:
             torch._dynamo.reset()
             measure("graphs+conv_1x1_as_mm", torch.compile(unet, mode="reduce-overhead"))
-        inductor.coordinate_descent_tuning = True
         if "coordinate" in chosen:
+            inductor.coordinate_descent_tuning = True
             torch._dynamo.reset()
             measure("graphs+conv1x1mm+coord_descent", torch.compile(unet, mode="reduce-overhead"))
+            inductor.coordinate_descent_tuning = False
+        if "autotune" in chosen:  # Triton GEMM/conv templates benchmarked against cuBLAS/cuDNN per shape
+            torch._dynamo.reset()
+            measure("max-autotune+conv1x1mm", torch.compile(unet, mode="max-autotune"))
         if "fused_qkv" in chosen:
             unet.fuse_qkv_projections()
             torch._dynamo.reset()
-            measure("graphs+conv1x1mm+coord+qkv", torch.compile(unet, mode="reduce-overhead"))
-        if "autotune" in chosen:
-            inductor.epilogue_fusion = False
-            torch._dynamo.reset()
-            measure("max-autotune+conv1x1mm+coord", torch.compile(unet, mode="max-autotune"))
+            measure("graphs+conv1x1mm+qkv", torch.compile(unet, mode="reduce-overhead"))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -44,6 +44,23 @@ ENCODE_BATCH = 8  # same-size images VAE-encoded in one call when a batch of job
 _PAD_SCALARS = (500.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0)  # a harmless step for the rows that pad a bucket
 
 
+def vae_functions(vae: torch.nn.Module, compiled: bool) -> tuple[Callable[[torch.Tensor], torch.Tensor], ...]:
+    """The VAE's encode (pixels -> latent mode) and decode (latents -> pixels), compiled or not.
+
+    Compiled, each GroupNorm becomes a split reduction fused with its SiLU: eager runs one CUDA block
+    per group and image, which left the H100 mostly idle (22 of a 512x512 decode's 28 ms GPU time were
+    GroupNorm); compiled, the decode takes 9.7 against 25.0 ms, the encode 4.4 against 12.1 ms. No CUDA
+    graphs: decode batches and sizes vary and their activations are large.
+    """
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        return vae.encode(pixels).latent_dist.mode()
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        return vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+
+    return (torch.compile(encode), torch.compile(decode)) if compiled else (encode, decode)
+
+
 def guided_euler_ancestral_step(unet: torch.nn.Module, latents: torch.Tensor, image_latents: torch.Tensor,
                                 cond: torch.Tensor, scalars: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """One InstructPix2Pix step for n guided jobs at once: UNet, 3-way CFG and the Euler-ancestral update.
@@ -157,6 +174,35 @@ def _answer(tokens: list[int], eos: Sequence[int], img: Sequence[int]) -> tuple[
     return new, False
 
 
+def always_pass_upsample_size(unet: torch.nn.Module) -> None:
+    """Make diffusers' UNet give every upsampler its skip connection's size, as it already does whenever a
+    latent side is not a multiple of ``2**num_upsamplers``. For other sizes the result is the same (nearest
+    neighbour, exactly twice the size), but the choice is a shape guard: compiled, each divisibility class
+    of the height and width would compile again. No side is a multiple of 2**62."""
+    unet.num_upsamplers = 62
+
+
+def mark_sizes_dynamic(*tensors: torch.Tensor) -> None:
+    """Compile for any batch and image size on first sight, rather than once per shape until dynamo notices
+    (no effect outside ``torch.compile``).
+
+    Every dim but the channels. A batch of one stays specialised (its own compile): dynamo never lets a
+    symbolic size stand for 1, so the warm-up runs one job and then several (``MgiePipeline.warm_up``).
+    """
+    for t in tensors:
+        dims = [d for d in range(t.dim()) if d != 1 and t.shape[d] > 1]
+        if dims:
+            torch._dynamo.maybe_mark_dynamic(t, dims)
+
+
+def warm_up_batches(side: int, max_jobs: int) -> tuple[tuple[int, tuple[int, int]], ...]:
+    """(job count, image size) of ``MgiePipeline.warm_up``'s batches: one square job, two non-square ones,
+    then the most jobs a step will take, at a small size (a UNet batch of 64 rows or more takes other
+    code in diffusers' upsampler, a guard of its own)."""
+    batches = [(1, (side, side)), (2, (side * 3 // 4 // 8 * 8, side * 5 // 8 // 8 * 8)), (max_jobs, (64, 64))]
+    return tuple(batches[:1] if max_jobs == 1 else batches[:2] if max_jobs == 2 else batches)
+
+
 class MgiePipeline:
     """Runs edits on loaded models. Thread-safe for one caller at a time per GPU (the worker's job)."""
 
@@ -171,16 +217,23 @@ class MgiePipeline:
             # Same math, faster kernels: NHWC convolutions, and optionally a compiled UNet replayed as
             # CUDA graphs (one per batch bucket: a UNet call at batch 3 is mostly launch overhead).
             torch.backends.cudnn.benchmark = True  # UNet and VAE shapes repeat: pick the fastest conv kernels
-            models.unet.to(memory_format=torch.channels_last)  # the VAE stays NCHW: its eager GroupNorms
-            # would copy NHWC activations to NCHW and back (H100: decode 22.7 against 28.3 ms, encode 11.9 against 14.8)
+            models.unet.to(memory_format=torch.channels_last)
             if self._graphs:
                 self.unet = torch.compile(models.unet, options=UNET_COMPILE_OPTIONS)
+                always_pass_upsample_size(models.unet)
+                # The VAE goes NHWC only compiled: eager GroupNorms copy NHWC activations to NCHW and back.
+                # H100, 512x512 decode at batch 1 / 4 / 8: eager NCHW 25.0 / 68.2 / 122.3 ms, compiled NCHW
+                # 10.2 / 42.1 / 81.8, compiled NHWC 9.7 / 37.2 / 72.6 (bench/results/NVIDIA_H100-x1-vae.log).
+                models.vae.to(memory_format=torch.channels_last)
         self._decoder = GreedyDecoder(models.llm, NO_REPEAT_NGRAM, graphs=cuda, compile_layers=compile_unet and cuda)
         self._decoder.pack()  # before the residency takes its host copies, so packed blocks move as one
         # Offload: the LLM and the UNet/VAE take turns on the GPU (StageResidency); the UNet then runs
         # eagerly, since its CUDA graphs would hold the addresses of weights that come and go.
-        self._residency = StageResidency({"language": [models.llm], "diffusion": [models.unet, models.vae]},
-                                         models.device) if offload else None
+        self._residency = None
+        if offload:
+            self._residency = StageResidency({"language": [models.llm], "diffusion": [models.unet, models.vae]},
+                                             models.device)
+            self._decoder.forget_graphs()  # its packed weights are the GPU copies the residency just let go
         unet = models.unet
 
         def guided_step(*tensors: torch.Tensor) -> torch.Tensor:
@@ -189,6 +242,7 @@ class MgiePipeline:
         # The whole guided step (UNet, CFG, scheduler update) as one graph: per-job Python and the ~20
         # small kernels of CFG and the update would otherwise run for every job at every step.
         self._guided_step = torch.compile(guided_step, options=UNET_COMPILE_OPTIONS) if self._graphs else guided_step
+        self._vae_encode, self._vae_decode = vae_functions(models.vae, compiled=self._graphs)
         self._pads: dict[tuple, tuple[list[torch.Tensor], ...]] = {}
         self._schedulers: dict[int, Any] = {}
         self.image_processor = VaeImageProcessor(vae_scale_factor=models.vae_scale_factor)
@@ -206,16 +260,13 @@ class MgiePipeline:
         """True when steps run compiled CUDA graphs, whose first use of a shape compiles or records."""
         return self._graphs
 
-    def warm_up(self) -> None:
-        """Two throwaway batches (one square job; two jobs at 4:3) of two steps each.
-
-        The first call of a compiled function compiles it for that shape. A second, different shape
-        compiles it once more, with the batch and image sizes symbolic. After that, new shapes only record
-        CUDA graphs (about a second), so no user's edit waits a minute for a compile.
-        """
-        side = self.max_side
-        for count, size in ((1, (side, side)), (2, (side, side * 3 // 4))):
-            images = [prepare_image(PIL.Image.new("RGB", size, (40 * i, 90, 160)), side, self.models.vae_scale_factor)
+    def warm_up(self, max_jobs: int = 1) -> None:
+        """Throwaway batches of two steps each (``warm_up_batches``) that compile every class of shape a
+        worker taking up to ``max_jobs`` jobs a step will meet. After it, new shapes only record CUDA graphs
+        (about a second), and no user's edit waits minutes for a compile (tests/test_warm_up.py)."""
+        for count, size in warm_up_batches(self.max_side, max_jobs):
+            images = [prepare_image(PIL.Image.new("RGB", size, (40 * i, 90, 160)), self.max_side,
+                                    self.models.vae_scale_factor)
                       for i in range(count)]
             guidance = self.run_language_models([(image, "make it brighter", ()) for image in images])
             states = self.start_denoising_many([DenoiseJob(image, g.prompt_embeds, i, 7.5, 1.5, 2)
@@ -374,7 +425,8 @@ class MgiePipeline:
             for start in range(0, len(indices), ENCODE_BATCH):
                 chunk = indices[start:start + ENCODE_BATCH]
                 pixels = self.image_processor.preprocess([jobs[i].image for i in chunk]).to(m.device, m.dtype)
-                for i, latents in zip(chunk, m.vae.encode(pixels).latent_dist.mode(), strict=True):
+                mark_sizes_dynamic(pixels)
+                for i, latents in zip(chunk, self._vae_encode(pixels), strict=True):
                     latents_of[i] = latents.unsqueeze(0)
         return [self._denoise_state(job, latents_of[i]) for i, job in enumerate(jobs)]
 
@@ -420,9 +472,11 @@ class MgiePipeline:
 
     def _stage(self, group: str) -> None:
         """With offload, bring this stage's models to the GPU. The decoder lets go of its graphs, cache
-        and packed weights at every move: they point at weights that moved, or would keep them on the card."""
-        if self._residency is not None and self._residency.use(group):
+        and packed weights first: they point at the copies about to leave, and would keep them on the card
+        (9 GiB of the LLM, next to the copy coming in: out of memory on a 16 GB card)."""
+        if self._residency is not None and self._residency.active != group:
             self._decoder.forget_graphs()
+            self._residency.use(group)
 
     def _step_scalars(self, scheduler, text_cfg: float, image_cfg: float) -> torch.Tensor:
         """Per step: timestep, input scale, sigma, dt, sigma_up, CFGs (``guided_euler_ancestral_step``'s
@@ -459,6 +513,7 @@ class MgiePipeline:
         cond = torch.cat([s.cond for s in states] + pads[2])
         scalars = torch.cat([s.scalars[s.index:s.index + 1] for s in states] + pads[3])
         noise = torch.cat([s.noise[s.index] for s in states] + pads[4])
+        mark_sizes_dynamic(latents, image_latents, cond, scalars, noise)
         if self._graphs:
             torch.compiler.cudagraph_mark_step_begin()
         out = self._guided_step(latents, image_latents, cond, scalars, noise)
@@ -510,6 +565,7 @@ class MgiePipeline:
             sample = torch.cat([sample, sample.new_zeros(extra, *sample.shape[1:])])
             timestep = torch.cat([timestep, timestep.new_zeros(extra)])
             cond = torch.cat([cond, cond.new_zeros(extra, *cond.shape[1:])])
+        mark_sizes_dynamic(sample, timestep, cond)
         torch.compiler.cudagraph_mark_step_begin()
         out = self.unet(sample, timestep, encoder_hidden_states=cond, return_dict=False)[0]
         return out[:rows].clone()  # the graph's output buffer is reused by the next replay
@@ -535,8 +591,8 @@ class MgiePipeline:
     def decode_latents(self, latents: torch.Tensor) -> list[PIL.Image.Image] | PIL.Image.Image:
         """VAE decode; a batch of latents gives a list of images, a single one an image."""
         self._stage("diffusion")
-        vae = self.models.vae
-        decoded = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        mark_sizes_dynamic(latents)
+        decoded = self._vae_decode(latents)
         images = self.image_processor.postprocess(decoded, output_type="pil")
         return images if latents.shape[0] > 1 else images[0]
 

@@ -164,7 +164,7 @@ class LocalWorker:
                  "MGIE_COMPILE_CACHE_DIR keeps them across restarts)", self.name)
         started = time.perf_counter()
         try:
-            self.pipeline.warm_up()
+            self.pipeline.warm_up(self.capacity)
         except Exception:
             log.exception("worker %s: compiling failed; running without compiled steps (slower)", self.name)
             self._free_memory()

@@ -89,3 +89,23 @@ def test_views_of_one_storage_stay_views_of_one_copy():
     assert a.weight.untyped_storage().data_ptr() == b.weight.untyped_storage().data_ptr()
     assert b.weight.storage_offset() == 8
     assert torch.equal(torch.cat([a.weight, b.weight]), block)
+
+
+def test_the_decoder_lets_go_of_the_leaving_copies_before_a_move(tiny_paths):
+    """Its packed weights are views of the LLM's device copies: held across a move, they would keep the
+    LLM on the card next to the group coming in (the second GPU run: out of memory under a 15 GiB cap)."""
+    pipe = MgiePipeline(load_models(tiny_settings(tiny_paths, offload=True)), max_side=64, offload=True)
+    assert pipe._decoder._weights == []  # the residency took the weights to the host at start
+    held_at_moves = []
+    use = pipe._residency.use
+
+    def recording(group):
+        held_at_moves.append((group, len(pipe._decoder._weights)))
+        return use(group)
+
+    pipe._residency.use = recording
+    request = EditRequest(image=make_image(64, 48, 5), instruction="make it snowy", seed=3, steps=2)
+    pipe(request)
+    pipe(EditRequest(image=make_image(48, 64, 6), instruction="now add a moon", seed=4, steps=2))
+    assert [g for g, _ in held_at_moves] == ["language", "diffusion", "language", "diffusion"]
+    assert all(held == 0 for _, held in held_at_moves)

@@ -265,7 +265,8 @@ async def test_a_compiling_worker_warms_up_before_it_is_ready_and_keeps_its_kern
     worker.start()
     try:
         await worker.wait_ready()
-        assert batches == [[(64, 64)], [(64, 48), (64, 48)]]  # one square job, then two at another size
+        # one square job, two at another size, then as many jobs as a step takes
+        assert batches == [[(64, 64)], [(48, 40)] * 2, [(64, 64)] * 4]
         assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "kernels")
         assert not worker.pipeline._cache  # throwaway prompts are not cached as anyone's edit
         outcome = await worker.run(_job("a" * 32, 1, steps=2))
@@ -284,7 +285,7 @@ async def test_a_worker_whose_compiler_fails_runs_uncompiled(tiny_models, monkey
         built.append(kw["compile_unet"])
         init(self, models, **kw)
 
-    def broken(self):
+    def broken(self, max_jobs):
         raise RuntimeError("triton is not installed")
 
     monkeypatch.setattr(MgiePipeline, "__init__", recording)
@@ -305,7 +306,7 @@ async def test_a_worker_whose_compiler_fails_runs_uncompiled(tiny_models, monkey
 
 async def test_a_worker_that_does_not_compile_skips_the_warm_up(tiny_models, monkeypatch):
     calls = []
-    monkeypatch.setattr(MgiePipeline, "warm_up", lambda self: calls.append(1))
+    monkeypatch.setattr(MgiePipeline, "warm_up", lambda self, max_jobs: calls.append(1))
     worker = LocalWorker(EngineSettings(device="cpu", max_side=64, compile=True), loader=lambda _s: tiny_models)
     worker.start()
     try:

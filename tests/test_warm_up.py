@@ -1,0 +1,82 @@
+"""A compiling worker warms up at load so that no user's edit waits a minute for a compile."""
+
+from __future__ import annotations
+
+import torch
+import torch._dynamo
+from conftest import make_image
+from torch._dynamo.testing import CompileCounter
+
+from mgie_engine.images import prepare_image
+from mgie_engine.pipeline import DenoiseJob, MgiePipeline, always_pass_upsample_size, vae_functions
+
+COMPILED = ("_guided_step", "_vae_encode", "_vae_decode")
+
+
+def _edit_batch(pipe: MgiePipeline, count: int, size: tuple[int, int]) -> None:
+    images = [prepare_image(make_image(*size, seed=i), pipe.max_side) for i in range(count)]
+    guidance = pipe.run_language_models([(image, "make it snowy", ()) for image in images])
+    states = pipe.start_denoising_many([DenoiseJob(image, g.prompt_embeds, i, 7.5, 1.5, 2)
+                                        for i, (image, g) in enumerate(zip(images, guidance, strict=True))])
+    while not states[0].done:
+        pipe.denoise_step(states)
+    pipe.decode_many([s.latents for s in states])
+
+
+def test_after_the_warm_up_no_users_shape_compiles_again(tiny_models):
+    """Counts dynamo's compiles of the pipeline's own step and VAE functions (a counting backend in place
+    of inductor): the warm-up compiles each, and later job counts and image sizes compile nothing.
+
+    Without oneDNN: on a CPU it is picked for convolutions by batch and image size, guards that CUDA's
+    cuDNN convolutions do not have."""
+    torch._dynamo.reset()
+    pipe = MgiePipeline(tiny_models, max_side=128)
+    counters = {name: CompileCounter() for name in COMPILED}
+    for name, counter in counters.items():
+        setattr(pipe, name, torch.compile(getattr(pipe, name), backend=counter))
+    upsamplers = tiny_models.unet.num_upsamplers
+    always_pass_upsample_size(tiny_models.unet)
+    try:
+        with torch.backends.mkldnn.flags(enabled=False):
+            pipe.warm_up(max_jobs=24)
+            after_warm_up = {name: c.frame_count for name, c in counters.items()}
+            assert all(after_warm_up.values()), after_warm_up
+            for count, size in ((1, (128, 128)), (1, (96, 128)), (1, (128, 72)), (3, (128, 72)), (2, (64, 128)),
+                                (22, (72, 64)), (1, (56, 120)), (4, (24, 40))):
+                _edit_batch(pipe, count, size)
+                assert {name: c.frame_count for name, c in counters.items()} == after_warm_up, (count, size)
+    finally:
+        tiny_models.unet.num_upsamplers = upsamplers
+        torch._dynamo.reset()
+
+
+def test_passing_the_upsample_size_always_changes_no_output(tiny_models):
+    unet = tiny_models.unet
+    before = unet.num_upsamplers
+    try:
+        for height, width in ((8, 8), (8, 6), (5, 7)):  # latents; the tiny UNet upsamples once (factor 2)
+            sample = torch.randn(3, unet.config.in_channels, height, width)
+            t, cond = torch.full((3,), 500.0), torch.randn(3, 77, unet.config.cross_attention_dim)
+            with torch.inference_mode():
+                unet.num_upsamplers = before
+                stock = unet(sample, t, encoder_hidden_states=cond, return_dict=False)[0]
+                always_pass_upsample_size(unet)
+                passed = unet(sample, t, encoder_hidden_states=cond, return_dict=False)[0]
+            assert torch.equal(stock, passed)
+    finally:
+        unet.num_upsamplers = before
+
+
+def test_compiled_vae_functions_match_eager(tiny_models):
+    vae = tiny_models.vae
+    eager_encode, eager_decode = vae_functions(vae, compiled=False)
+    encode, decode = vae_functions(vae, compiled=True)
+    torch._dynamo.reset()
+    try:
+        with torch.inference_mode():
+            pixels = torch.rand(2, 3, 64, 48) * 2 - 1
+            latents = eager_encode(pixels)
+            torch.testing.assert_close(encode(pixels), latents, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(decode(latents), eager_decode(latents), rtol=1e-4, atol=1e-4)
+    finally:
+        torch._dynamo.reset()
