@@ -26,7 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .conversation import build_edit_prompt
 from .decoding import GreedyDecoder
 from .errors import JobCancelledError
-from .images import prepare_image
+from .images import fit_size, prepare_image
 from .instructions import clean_expressive, normalize_instruction
 from .models import MgieModels
 from .offload import StageResidency
@@ -40,7 +40,13 @@ JOB_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # job counts that get their own graph of
 # fuse. H100, one UNet call: 9.9 against 11.0 ms at batch 3, 195.9 against 203.4 ms at batch 96
 # (bench/results/NVIDIA_H100-x1-unet-variants.log; coordinate-descent tuning gained nothing for 3 more minutes).
 UNET_COMPILE_OPTIONS = {"triton.cudagraphs": True, "conv_1x1_as_mm": True}
+# Sizes are symbolic (``mark_sizes_dynamic``): without these, inductor must assume any size, so its kernels
+# index in 64 bits and load unaligned, and one edit's denoising took 1.03 s against 0.88 s static (H100).
+# Every tensor here stays far below 2**31 elements (a decode of 4 images peaks at 2**28), and every input
+# is a fresh allocation (aligned; inductor copies one that is not).
+DYNAMIC_SIZE_OPTIONS = {"assume_32bit_indexing": True, "assume_aligned_inputs": True}
 ENCODE_BATCH = 8  # same-size images VAE-encoded in one call when a batch of jobs starts
+DECODE_BATCH = 4  # finished jobs whose latents share one VAE decode (each adds its decoder activations)
 _PAD_SCALARS = (500.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0)  # a harmless step for the rows that pad a bucket
 
 
@@ -58,7 +64,9 @@ def vae_functions(vae: torch.nn.Module, compiled: bool) -> tuple[Callable[[torch
     def decode(latents: torch.Tensor) -> torch.Tensor:
         return vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
 
-    return (torch.compile(encode), torch.compile(decode)) if compiled else (encode, decode)
+    if not compiled:
+        return encode, decode
+    return torch.compile(encode, options=DYNAMIC_SIZE_OPTIONS), torch.compile(decode, options=DYNAMIC_SIZE_OPTIONS)
 
 
 def guided_euler_ancestral_step(unet: torch.nn.Module, latents: torch.Tensor, image_latents: torch.Tensor,
@@ -186,21 +194,27 @@ def mark_sizes_dynamic(*tensors: torch.Tensor) -> None:
     """Compile for any batch and image size on first sight, rather than once per shape until dynamo notices
     (no effect outside ``torch.compile``).
 
-    Every dim but the channels. A batch of one stays specialised (its own compile): dynamo never lets a
-    symbolic size stand for 1, so the warm-up runs one job and then several (``MgiePipeline.warm_up``).
+    The batch dim, and a latent's or image's height and width. A batch of one stays specialised (its own
+    compile): dynamo never lets a symbolic size stand for 1, so the warm-up runs one job and then several.
     """
     for t in tensors:
-        dims = [d for d in range(t.dim()) if d != 1 and t.shape[d] > 1]
+        dims = [d for d in ((0, 2, 3) if t.dim() == 4 else (0,)) if t.shape[d] > 1]
         if dims:
             torch._dynamo.maybe_mark_dynamic(t, dims)
 
 
-def warm_up_batches(side: int, max_jobs: int) -> tuple[tuple[int, tuple[int, int]], ...]:
-    """(job count, image size) of ``MgiePipeline.warm_up``'s batches: one square job, two non-square ones,
-    then the most jobs a step will take, at a small size (a UNet batch of 64 rows or more takes other
-    code in diffusers' upsampler, a guard of its own)."""
-    batches = [(1, (side, side)), (2, (side * 3 // 4 // 8 * 8, side * 5 // 8 // 8 * 8)), (max_jobs, (64, 64))]
-    return tuple(batches[:1] if max_jobs == 1 else batches[:2] if max_jobs == 2 else batches)
+def warm_up_batches(side: int, max_jobs: int) -> list[tuple[int, tuple[int, int]]]:
+    """(job count, image size) of ``MgiePipeline.warm_up``'s batches.
+
+    The home shape (a ``side`` square) alone and at ``max_jobs``, for the static step; then, for the
+    symbolic one, two and one jobs at another size (a symbolic size never stands for 1), and ``max_jobs``
+    at a small size (a UNet batch of 64 rows or more takes other code in diffusers' upsampler: a guard).
+    """
+    square, other = (side, side), (side * 3 // 4 // 8 * 8, side * 5 // 8 // 8 * 8)
+    batches = [(1, square), (max_jobs, square), (2, other), (1, other), (max_jobs, (64, 64))]
+    if max_jobs > 2:
+        return batches
+    return [(1, square), (2, square), (2, other), (1, other)] if max_jobs == 2 else [(1, square), (1, other)]
 
 
 class MgiePipeline:
@@ -219,7 +233,7 @@ class MgiePipeline:
             torch.backends.cudnn.benchmark = True  # UNet and VAE shapes repeat: pick the fastest conv kernels
             models.unet.to(memory_format=torch.channels_last)
             if self._graphs:
-                self.unet = torch.compile(models.unet, options=UNET_COMPILE_OPTIONS)
+                self.unet = torch.compile(models.unet, options=UNET_COMPILE_OPTIONS | DYNAMIC_SIZE_OPTIONS)
                 always_pass_upsample_size(models.unet)
                 # The VAE goes NHWC only compiled: eager GroupNorms copy NHWC activations to NCHW and back.
                 # H100, 512x512 decode at batch 1 / 4 / 8: eager NCHW 25.0 / 68.2 / 122.3 ms, compiled NCHW
@@ -239,9 +253,22 @@ class MgiePipeline:
         def guided_step(*tensors: torch.Tensor) -> torch.Tensor:
             return guided_euler_ancestral_step(unet, *tensors)
 
+        def home_step(*tensors: torch.Tensor) -> torch.Tensor:  # its own code object, so its own compiled cache
+            return guided_euler_ancestral_step(unet, *tensors)
+
         # The whole guided step (UNet, CFG, scheduler update) as one graph: per-job Python and the ~20
-        # small kernels of CFG and the update would otherwise run for every job at every step.
-        self._guided_step = torch.compile(guided_step, options=UNET_COMPILE_OPTIONS) if self._graphs else guided_step
+        # small kernels of CFG and the update would otherwise run for every job at every step. Compiled
+        # twice: with symbolic sizes for any shape, and with static ones for the home shape (a max-side
+        # square) at the job counts the warm-up ran. Static kernels are faster: one edit's 100 steps took
+        # 0.88 s static and 1.03 s symbolic (H100). Dynamo tries its newest entry first, so one compiled
+        # function would run the home shape on the symbolic graph once that exists.
+        self._guided_step = (torch.compile(guided_step, options=UNET_COMPILE_OPTIONS | DYNAMIC_SIZE_OPTIONS)
+                             if self._graphs else guided_step)
+        self._home_step = torch.compile(home_step, options=UNET_COMPILE_OPTIONS, dynamic=False) if self._graphs \
+            else home_step
+        side = fit_size(max_side, max_side, max_side, models.vae_scale_factor)[0] // models.vae_scale_factor
+        self._home_latents = (side, side)
+        self._home_jobs: set[int] = set()  # padded job counts the static step serves (set by warm_up)
         self._vae_encode, self._vae_decode = vae_functions(models.vae, compiled=self._graphs)
         self._pads: dict[tuple, tuple[list[torch.Tensor], ...]] = {}
         self._schedulers: dict[int, Any] = {}
@@ -264,6 +291,7 @@ class MgiePipeline:
         """Throwaway batches of two steps each (``warm_up_batches``) that compile every class of shape a
         worker taking up to ``max_jobs`` jobs a step will meet. After it, new shapes only record CUDA graphs
         (about a second), and no user's edit waits minutes for a compile (tests/test_warm_up.py)."""
+        self._home_jobs = {1, self._padded(max_jobs)}
         for count, size in warm_up_batches(self.max_side, max_jobs):
             images = [prepare_image(PIL.Image.new("RGB", size, (40 * i, 90, 160)), self.max_side,
                                     self.models.vae_scale_factor)
@@ -273,7 +301,8 @@ class MgiePipeline:
                                                 for i, (image, g) in enumerate(zip(images, guidance, strict=True))])
             while not states[0].done:
                 self.denoise_step(states)
-            self.decode_many([s.latents for s in states])
+            for start in range(0, count, DECODE_BATCH):
+                self.decode_many([s.latents for s in states[start:start + DECODE_BATCH]])
 
     # -- the whole edit ---------------------------------------------------------------------------
     def __call__(self, request: EditRequest, progress: ProgressFn | None = None,
@@ -504,19 +533,25 @@ class MgiePipeline:
         if others:
             self._scheduler_step(others)
 
+    def _padded(self, jobs: int) -> int:
+        """The job count a fused step runs ``jobs`` at: compiled, the next bucket (one CUDA graph each)."""
+        return next((b for b in JOB_BUCKETS if b >= jobs), jobs) if self._graphs else jobs
+
     def _fused_step(self, states: Sequence[DenoiseState]) -> None:
         n = len(states)
-        pad = next((b for b in JOB_BUCKETS if b >= n), n) - n if self._graphs else 0
+        pad = self._padded(n) - n
         pads = self._bucket_padding(states[0], pad) if pad else ([], [], [], [], [])
         latents = torch.cat([s.latents for s in states] + pads[0])
         image_latents = torch.cat([s.image_latents for s in states] + pads[1])
         cond = torch.cat([s.cond for s in states] + pads[2])
         scalars = torch.cat([s.scalars[s.index:s.index + 1] for s in states] + pads[3])
         noise = torch.cat([s.noise[s.index] for s in states] + pads[4])
-        mark_sizes_dynamic(latents, image_latents, cond, scalars, noise)
+        home = n + pad in self._home_jobs and tuple(latents.shape[-2:]) == self._home_latents
+        if not home:
+            mark_sizes_dynamic(latents, image_latents, cond, scalars, noise)
         if self._graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        out = self._guided_step(latents, image_latents, cond, scalars, noise)
+        out = (self._home_step if home else self._guided_step)(latents, image_latents, cond, scalars, noise)
         out = out[:n].clone() if self._graphs else out  # the graph's output buffer is reused by the next replay
         for i, s in enumerate(states):
             s.latents = out[i:i + 1]

@@ -68,7 +68,6 @@ ProgressCallback = Callable[[JobProgress], None]
 BATCH_WINDOW = 0.05  # seconds an idle worker waits for more jobs after the first arrives
 BATCH_WINDOW_MAX = 0.5  # ...and at most this long for jobs whose input is still being decoded
 CPU_THREADS = max(2, min(8, (os.cpu_count() or 2) // 2))  # input decoding and PNG encoding, beside the GPU thread
-DECODE_BATCH = 4  # finished jobs whose latents share one VAE decode (each adds its decoder activations)
 PROGRESS_EVERY = 20  # denoising progress events per job (the bot edits its message every 2 s anyway)
 
 
@@ -337,6 +336,7 @@ class LocalWorker:
 
     def _step(self, active: list[_Task]) -> list[_Task]:
         """One denoising step for every running job; returns those still running."""
+        from .pipeline import DECODE_BATCH
         still = []
         for task in active:
             if task.cancel is not None and task.cancel.is_set():
