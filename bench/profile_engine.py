@@ -1,11 +1,13 @@
-"""Where an edit's GPU time goes: a profile of one edit plus UNet and LLM variants, full size, one GPU.
+"""Where an edit's GPU time goes: a profile of one edit plus UNet, LLM and VAE variants, full size, one GPU.
 
     python3 bench/profile_engine.py --tokenizer-dir DIR [--out DIR] [--budget SECONDS]
+        [--only-unet [--variants LIST] [--rows 3,96] | --only-llm | --only-vae]
 
 Prints, per stage, wall time against the time the GPU was busy (a gap means Python or launch
 overhead, not kernels), the heaviest kernels, and UNet call times at batch 3 and 96 for several
-variants (eager, CUDA graphs, cudnn autotuning, fused QKV, max-autotune). A tool for choosing the next
-lever; the numbers that count are mgie_bench.py's.
+variants (eager, CUDA graphs, cudnn autotuning, fused QKV, max-autotune); the decoder eager against
+compiled; the VAE eager against compiled. A tool for choosing the next lever; the numbers that count
+are mgie_bench.py's.
 """
 
 from __future__ import annotations
