@@ -40,11 +40,6 @@ JOB_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # job counts that get their own graph of
 # fuse. H100, one UNet call: 9.9 against 11.0 ms at batch 3, 195.9 against 203.4 ms at batch 96
 # (bench/results/NVIDIA_H100-x1-unet-variants.log; coordinate-descent tuning gained nothing for 3 more minutes).
 UNET_COMPILE_OPTIONS = {"triton.cudagraphs": True, "conv_1x1_as_mm": True}
-# Sizes are symbolic (``mark_sizes_dynamic``): without these, inductor must assume any size, so its kernels
-# index in 64 bits and load unaligned, and one edit's denoising took 1.03 s against 0.88 s static (H100).
-# Every tensor here stays far below 2**31 elements (a decode of 4 images peaks at 2**28), and every input
-# is a fresh allocation (aligned; inductor copies one that is not).
-DYNAMIC_SIZE_OPTIONS = {"assume_32bit_indexing": True, "assume_aligned_inputs": True}
 ENCODE_BATCH = 8  # same-size images VAE-encoded in one call when a batch of jobs starts
 DECODE_BATCH = 4  # finished jobs whose latents share one VAE decode (each adds its decoder activations)
 _PAD_SCALARS = (500.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0)  # a harmless step for the rows that pad a bucket
@@ -64,9 +59,7 @@ def vae_functions(vae: torch.nn.Module, compiled: bool) -> tuple[Callable[[torch
     def decode(latents: torch.Tensor) -> torch.Tensor:
         return vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
 
-    if not compiled:
-        return encode, decode
-    return torch.compile(encode, options=DYNAMIC_SIZE_OPTIONS), torch.compile(decode, options=DYNAMIC_SIZE_OPTIONS)
+    return (torch.compile(encode), torch.compile(decode)) if compiled else (encode, decode)
 
 
 def guided_euler_ancestral_step(unet: torch.nn.Module, latents: torch.Tensor, image_latents: torch.Tensor,
@@ -203,18 +196,22 @@ def mark_sizes_dynamic(*tensors: torch.Tensor) -> None:
             torch._dynamo.maybe_mark_dynamic(t, dims)
 
 
-def warm_up_batches(side: int, max_jobs: int) -> list[tuple[int, tuple[int, int]]]:
-    """(job count, image size) of ``MgiePipeline.warm_up``'s batches.
+def warm_up_batches(side: int, max_jobs: int) -> list[tuple[int, tuple[int, int], bool]]:
+    """(job count, image size, guided) of ``MgiePipeline.warm_up``'s batches.
 
-    The home shape (a ``side`` square) alone and at ``max_jobs``, for the static step; then, for the
-    symbolic one, two and one jobs at another size (a symbolic size never stands for 1), and ``max_jobs``
-    at a small size (a UNet batch of 64 rows or more takes other code in diffusers' upsampler: a guard).
+    Guided jobs (the fused step): the home shape (a ``side`` square) alone and at ``max_jobs``, for the
+    static step; then, for the symbolic one, two and one jobs at another size (a symbolic size never
+    stands for 1), and ``max_jobs`` at a small size (a UNet batch of 64 rows or more takes other code in
+    diffusers' upsampler: a guard). Unguided jobs (a CFG of 1, or an image CFG below 1) take the plain
+    UNet call: two jobs, then one.
     """
     square, other = (side, side), (side * 3 // 4 // 8 * 8, side * 5 // 8 // 8 * 8)
-    batches = [(1, square), (max_jobs, square), (2, other), (1, other), (max_jobs, (64, 64))]
-    if max_jobs > 2:
-        return batches
-    return [(1, square), (2, square), (2, other), (1, other)] if max_jobs == 2 else [(1, square), (1, other)]
+    if max_jobs == 1:
+        guided, plain = [(1, square), (1, other)], [(1, other)]
+    else:
+        guided = [(1, square), (max_jobs, square), (2, other), (1, other)] + [(max_jobs, (64, 64))] * (max_jobs > 2)
+        plain = [(2, other), (1, other)]
+    return [(n, size, True) for n, size in guided] + [(n, size, False) for n, size in plain]
 
 
 class MgiePipeline:
@@ -233,7 +230,7 @@ class MgiePipeline:
             torch.backends.cudnn.benchmark = True  # UNet and VAE shapes repeat: pick the fastest conv kernels
             models.unet.to(memory_format=torch.channels_last)
             if self._graphs:
-                self.unet = torch.compile(models.unet, options=UNET_COMPILE_OPTIONS | DYNAMIC_SIZE_OPTIONS)
+                self.unet = torch.compile(models.unet, options=UNET_COMPILE_OPTIONS)
                 always_pass_upsample_size(models.unet)
                 # The VAE goes NHWC only compiled: eager GroupNorms copy NHWC activations to NCHW and back.
                 # H100, 512x512 decode at batch 1 / 4 / 8: eager NCHW 25.0 / 68.2 / 122.3 ms, compiled NCHW
@@ -262,8 +259,7 @@ class MgiePipeline:
         # square) at the job counts the warm-up ran. Static kernels are faster: one edit's 100 steps took
         # 0.88 s static and 1.03 s symbolic (H100). Dynamo tries its newest entry first, so one compiled
         # function would run the home shape on the symbolic graph once that exists.
-        self._guided_step = (torch.compile(guided_step, options=UNET_COMPILE_OPTIONS | DYNAMIC_SIZE_OPTIONS)
-                             if self._graphs else guided_step)
+        self._guided_step = torch.compile(guided_step, options=UNET_COMPILE_OPTIONS) if self._graphs else guided_step
         self._home_step = torch.compile(home_step, options=UNET_COMPILE_OPTIONS, dynamic=False) if self._graphs \
             else home_step
         side = fit_size(max_side, max_side, max_side, models.vae_scale_factor)[0] // models.vae_scale_factor
@@ -292,12 +288,12 @@ class MgiePipeline:
         worker taking up to ``max_jobs`` jobs a step will meet. After it, new shapes only record CUDA graphs
         (about a second), and no user's edit waits minutes for a compile (tests/test_warm_up.py)."""
         self._home_jobs = {1, self._padded(max_jobs)}
-        for count, size in warm_up_batches(self.max_side, max_jobs):
+        for count, size, guided in warm_up_batches(self.max_side, max_jobs):
             images = [prepare_image(PIL.Image.new("RGB", size, (40 * i, 90, 160)), self.max_side,
                                     self.models.vae_scale_factor)
                       for i in range(count)]
             guidance = self.run_language_models([(image, "make it brighter", ()) for image in images])
-            states = self.start_denoising_many([DenoiseJob(image, g.prompt_embeds, i, 7.5, 1.5, 2)
+            states = self.start_denoising_many([DenoiseJob(image, g.prompt_embeds, i, 7.5 if guided else 1.0, 1.5, 2)
                                                 for i, (image, g) in enumerate(zip(images, guidance, strict=True))])
             while not states[0].done:
                 self.denoise_step(states)
@@ -578,11 +574,7 @@ class MgiePipeline:
             timesteps.append(t.reshape(1).expand(x.shape[0]))
             conds.append(s.cond)
             sizes.append(x.shape[0])
-        sample, timestep, cond = torch.cat(rows), torch.cat(timesteps), torch.cat(conds)
-        if self._graphs:
-            noise = self._unet_graphed(sample, timestep, cond)
-        else:
-            noise = self.unet(sample, timestep, encoder_hidden_states=cond, return_dict=False)[0]
+        noise = self._unet_call(torch.cat(rows), torch.cat(timesteps), torch.cat(conds))
         for s, pred in zip(states, noise.split(sizes), strict=True):
             if s.guided:
                 text, img, uncond = pred.chunk(3)
@@ -591,9 +583,13 @@ class MgiePipeline:
             s.latents = s.scheduler.step(pred, t, s.latents, **s.step_kwargs, return_dict=False)[0]
             s.index += 1
 
-    def _unet_graphed(self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Pad the batch to a bucket so a few recorded CUDA graphs serve every batch size."""
+    def _unet_call(self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """One UNet call; compiled, the batch is padded to a bucket so a few recorded CUDA graphs serve
+        every batch size."""
         rows = sample.shape[0]
+        if not self._graphs:
+            mark_sizes_dynamic(sample, timestep, cond)
+            return self.unet(sample, timestep, encoder_hidden_states=cond, return_dict=False)[0]
         bucket = next((b for b in ROW_BUCKETS if b >= rows), rows)
         if bucket > rows:
             extra = bucket - rows

@@ -17,13 +17,13 @@ from mgie_engine.pipeline import (
     vae_functions,
 )
 
-COMPILED = ("_guided_step", "_home_step", "_vae_encode", "_vae_decode")
+COMPILED = ("_guided_step", "_home_step", "unet", "_vae_encode", "_vae_decode")  # unet: unguided jobs' calls
 
 
-def _edit_batch(pipe: MgiePipeline, count: int, size: tuple[int, int]) -> None:
+def _edit_batch(pipe: MgiePipeline, count: int, size: tuple[int, int], guided: bool = True) -> None:
     images = [prepare_image(make_image(*size, seed=i), pipe.max_side) for i in range(count)]
     guidance = pipe.run_language_models([(image, "make it snowy", ()) for image in images])
-    states = pipe.start_denoising_many([DenoiseJob(image, g.prompt_embeds, i, 7.5, 1.5, 2)
+    states = pipe.start_denoising_many([DenoiseJob(image, g.prompt_embeds, i, 7.5, 1.5 if guided else 0.5, 2)
                                         for i, (image, g) in enumerate(zip(images, guidance, strict=True))])
     while not states[0].done:
         pipe.denoise_step(states)
@@ -61,6 +61,9 @@ def test_after_the_warm_up_no_users_shape_compiles_again(tiny_models):
                 assert {name: c.frame_count for name, c in counters.items()} == after_warm_up, (count, size)
                 # the home shape at a job count the warm-up ran takes the static step; all else the symbolic one
                 assert bool(home_calls) == (size == (128, 128) and count in (1, 24)), (count, size)
+            for count, size in ((1, (128, 128)), (3, (96, 128)), (1, (72, 128)), (2, (128, 128))):
+                _edit_batch(pipe, count, size, guided=False)
+                assert {name: c.frame_count for name, c in counters.items()} == after_warm_up, (count, size)
     finally:
         tiny_models.unet.num_upsamplers = upsamplers
         torch._dynamo.reset()
