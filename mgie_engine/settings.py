@@ -36,7 +36,7 @@ class EngineSettings:
     dtype: str = "auto"
     max_side: int = 512
     max_batch: int = 8  # jobs whose denoising steps share one UNet call
-    compile: bool = False  # torch.compile the UNet on CUDA (a minute of compiling at start, faster steps)
+    compile: bool = False  # torch.compile the UNet, VAE and decoder on CUDA (minutes of warm-up, faster steps)
     compile_cache_dir: str | None = None  # where compiled kernels persist across restarts (else torch's /tmp)
     safety_checker: bool = False  # run instruct-pix2pix's NSFW checker on every output
     offload: bool = False  # keep the LLM and the UNet/VAE on the GPU in turn (16 GB cards)
