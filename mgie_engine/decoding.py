@@ -13,13 +13,18 @@ MGIE_COMPILE on CUDA one layer is a compiled function (norms, rotary and residua
 matmuls; H100: 5.8 ms of kernels per token, the LLM stage 0.44 -> 0.35 s). In any case
 each layer's q/k/v and gate/up weights are packed into one matrix apiece: the modules' own
 parameters become views of it, so nothing is stored twice and stock ``forward`` still works.
+
+A trained MGIE ends its answer with the run [IMG0]..[IMG7]. Once a row is inside that run, the rest
+is checked in one pass (``_verify``: the guessed tokens fed at once, each position's greedy pick
+compared with the next guess), which reads the weights once instead of six times. Only picks that
+the model itself makes are kept, so the tokens are generate's whether or not the guess holds.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +41,7 @@ IsDone = Callable[[list[int]], bool]
 class _Buffers:
     """What one (batch, prompt width) shape decodes in: KV cache, tokens, states, its graph."""
 
-    def __init__(self, llm, n: int, width: int, max_new: int) -> None:
+    def __init__(self, llm, n: int, width: int, max_new: int, checked: int = 0) -> None:
         cfg, p = llm.config, next(llm.parameters())
         self.n, self.width, self.length = n, width, width + max_new
         heads = cfg.num_key_value_heads
@@ -51,6 +56,13 @@ class _Buffers:
         self.column = torch.zeros((), device=p.device, dtype=torch.long)  # cache column it goes to
         self.token = torch.zeros(n, device=p.device, dtype=torch.long)  # the step's output
         self.graph: torch.cuda.CUDAGraph | None = None
+        # The run check: a real token plus ``checked - 1`` guesses fed in one pass, a pick per position.
+        self.checked = checked
+        self.guesses = torch.zeros(n, max(checked - 1, 0), device=p.device, dtype=torch.long)
+        self.picks = torch.zeros(n, checked, device=p.device, dtype=torch.long)
+        self.offsets = torch.arange(checked, device=p.device)
+        self.columns = torch.arange(self.length, device=p.device)
+        self.verify_graph: torch.cuda.CUDAGraph | None = None
 
 
 class GreedyDecoder:
@@ -69,6 +81,14 @@ class GreedyDecoder:
         # Precision casts are kept as eager rounds them, so the tokens stay those of the stock model.
         self._step_layer = torch.compile(self._layer, fullgraph=True, options={"emulate_precision_casts": True}) \
             if compile_layers else self._layer
+        layer = self._layer
+
+        def run_check_layer(*args):  # its own code object, so the run check's width is its own compile
+            return layer(*args)
+
+        self._check_layer = torch.compile(run_check_layer, fullgraph=True, options={"emulate_precision_casts": True}) \
+            if compile_layers else layer
+        self._checks = True  # False once checking a run failed to compile or record
 
     def forget_graphs(self) -> None:
         """Drop recorded graphs, buffers and packed weights (the weights they read have moved)."""
@@ -96,8 +116,10 @@ class GreedyDecoder:
         return self.model.norm(x)
 
     def _next_token(self, b: _Buffers, state: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        return self._pick(b, self.llm.lm_head(state).float(), count)
+
+    def _pick(self, b: _Buffers, scores: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         """Greedy pick after banning every token that would repeat an n-gram of ids[:, :count]."""
-        scores = self.llm.lm_head(state).float()
         n, size = b.n, self.ngram
         if b.width >= size:
             hits = torch.arange(b.length - size + 1, device=scores.device) <= count - size
@@ -122,14 +144,40 @@ class GreedyDecoder:
         b.position.add_(1)
         b.column.add_(1)
 
+    def _verify(self, b: _Buffers) -> None:
+        """Feed ids[:, column] and the guesses after it in one pass; ``picks[:, j]`` is the greedy token
+        after position column + j given everything before it. Moves nothing: the host keeps what holds."""
+        cols = b.column + b.offsets
+        b.ids.index_copy_(1, cols[1:], b.guesses)
+        tokens = b.ids.index_select(1, cols)
+        b.key_ok.index_fill_(1, cols, True)
+        mask = b.key_ok[:, None, None, :] & (b.columns[None, :] <= cols[:, None])[None, None]
+        positions = b.position[:, None] + b.offsets[None, :]
+        state = self._forward(b, self.model.embed_tokens(tokens), positions, cols, mask, self._check_layer)
+        b.states.index_copy_(1, cols, state)
+        scores = self.llm.lm_head(state).float()
+        for j in range(b.checked):
+            b.picks[:, j] = self._pick(b, scores[:, j], b.column + j + 1)
+
+    def _accept(self, b: _Buffers, advance: int) -> None:
+        """Keep the first ``advance`` picks of the last check, as that many steps would have left things."""
+        c = int(b.column)
+        b.ids[:, c + 1:c + 1 + advance] = b.picks[:, :advance]
+        b.key_ok[:, c + advance:c + b.checked] = False
+        b.token.copy_(b.picks[:, advance - 1])
+        b.position.add_(advance)
+        b.column.add_(advance)
+
     # -- one batch ----------------------------------------------------------------------------------
     def decode(self, ids: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor, max_new: int, is_done: IsDone,
-               cancel=None) -> tuple[list[list[int]], torch.Tensor]:
+               cancel=None, run: Sequence[int] = ()) -> tuple[list[list[int]], torch.Tensor]:
         """New tokens per row (each up to where ``is_done`` said stop) and the last-layer states of
-        every position (n, width + max_new, hidden; prompt columns left-padded as given)."""
+        every position (n, width + max_new, hidden; prompt columns left-padded as given). ``run``: tokens
+        that, once a row writes one, follow in order (MGIE's [IMG0]..[IMG7]); they are checked in one pass."""
         n, width = ids.shape
+        checked = len(run) - 2 if len(run) >= 4 else 0
         self.pack()
-        b = self._buffers(n, width, max_new)
+        b = self._buffers(n, width, max_new, checked)
         self._prefill(b, ids, embeds, mask)
         use_graph = self.graphs and max_new > 1
         if use_graph and b.graph is None:
@@ -138,52 +186,94 @@ class GreedyDecoder:
             except Exception:  # never worse than eager: log once, decode without graphs from now on
                 log.exception("could not compile or capture the decode step; decoding eagerly")
                 self.graphs = use_graph = False
-                self._step_layer = self._layer
+                self._step_layer = self._check_layer = self._layer
                 self._shapes.clear()
-                b = self._buffers(n, width, max_new)
+                b = self._buffers(n, width, max_new, checked)
                 self._prefill(b, ids, embeds, mask)
         rows: list[list[int]] = [[] for _ in range(n)]
         done = [False] * n
         cuda = b.token.device.type == "cuda"
         host = torch.empty(max_new, n, dtype=torch.long, pin_memory=cuda)
-        events = []
+        events: dict[int, torch.cuda.Event] = {}
 
         def fetch(k: int) -> None:
             host[k].copy_(b.token, non_blocking=cuda)
             if cuda:
-                events.append(torch.cuda.Event())
-                events[-1].record()
+                events[k] = torch.cuda.Event()
+                events[k].record()
+
+        def take(k: int) -> None:
+            if cuda:
+                events[k].synchronize()
+            for r, token in enumerate(host[k].tolist()):
+                if not done[r]:
+                    rows[r].append(token)
+                    done[r] = is_done(rows[r])
 
         fetch(0)
-        for k in range(1, max_new + 1):
-            if k < max_new:  # queue token k before reading token k - 1: the GPU never waits for Python
+        queued, taken = 1, 0  # tokens asked of the GPU, tokens read back
+        checks_left = 2  # run checks this decode may try; one that fails costs a pass
+        while True:
+            if queued < max_new:  # queue the next token before reading the last: the GPU never waits for Python
                 if use_graph:
                     b.graph.replay()
                 else:
                     self._step(b)
-                fetch(k)
-            if cuda:
-                events[k - 1].synchronize()
-            for r, token in enumerate(host[k - 1].tolist()):
-                if not done[r]:
-                    rows[r].append(token)
-                    done[r] = is_done(rows[r])
+                fetch(queued)
+                queued += 1
+            if taken == queued:
+                break
+            take(taken)
+            taken += 1
             if all(done):
                 break
             if cancel is not None and cancel.is_set():
                 raise JobCancelledError("The edit was cancelled.")
+            guesses = _run_guesses(rows, done, run, checked) \
+                if checks_left and self._checks and queued == taken + 1 and queued + checked <= max_new else None
+            if guesses is None or not self._queue_check(b, guesses):
+                continue
+            checks_left -= 1
+            take(taken)  # the token in flight, which the check's first pick follows
+            taken += 1
+            picks = b.picks.tolist()
+            if all(done):
+                break
+            advance = _keep_checked(rows, done, guesses, picks, is_done)
+            if all(done):
+                break
+            self._accept(b, advance)
+            queued = taken = taken + advance
         if cuda:
             torch.cuda.current_stream().synchronize()
         return rows, b.states
 
-    def _buffers(self, n: int, width: int, max_new: int) -> _Buffers:
-        key = (n, width, max_new)
+    def _queue_check(self, b: _Buffers, guesses: list[list[int]]) -> bool:
+        """Queue ``_verify`` with these guesses (recorded as a graph on CUDA); False if it cannot run."""
+        b.guesses.copy_(torch.tensor(guesses, dtype=torch.long))
+        saved = b.key_ok.clone()
+        try:
+            if self.graphs:
+                if b.verify_graph is None:
+                    self._capture(b, check=True)
+                b.verify_graph.replay()
+            else:
+                self._verify(b)
+            return True
+        except Exception:  # never worse than token by token: log once and stop checking runs
+            log.exception("could not compile or record the run check; decoding token by token")
+            self._checks = False
+            b.key_ok.copy_(saved)
+            return False
+
+    def _buffers(self, n: int, width: int, max_new: int, checked: int = 0) -> _Buffers:
+        key = (n, width, max_new, checked)
         if key in self._shapes:
             self._shapes.move_to_end(key)
             return self._shapes[key]
         while len(self._shapes) >= self._keep:
             self._shapes.popitem(last=False)
-        self._shapes[key] = _Buffers(self.llm, n, width, max_new)
+        self._shapes[key] = _Buffers(self.llm, n, width, max_new, checked)
         return self._shapes[key]
 
     def _prefill(self, b: _Buffers, ids: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor) -> None:
@@ -208,20 +298,79 @@ class GreedyDecoder:
         b.position.copy_(positions[:, -1] + 1)
         b.column.fill_(width)
 
-    def _capture(self, b: _Buffers) -> None:
-        """Record one step as a CUDA graph (after a warm-up step whose effects are put back)."""
-        saved = (b.position.clone(), b.column.clone(), b.key_ok.clone(), b.ids.clone(), b.token.clone())
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._step(b)
-        torch.cuda.current_stream().wait_stream(side)
-        for buf, value in zip((b.position, b.column, b.key_ok, b.ids, b.token), saved, strict=True):
-            buf.copy_(value)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._step(b)
-        b.graph = graph
+    def _capture(self, b: _Buffers, check: bool = False) -> None:
+        """Record one step (or the run check) as a CUDA graph, after a warm-up call whose effects are put
+        back; the K/V and states it wrote lie past the current column, where nothing reads yet."""
+        work = self._verify if check else self._step
+        buffers = (b.position, b.column, b.key_ok, b.ids, b.token)
+        saved = [buf.clone() for buf in buffers]
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                work(b)
+            torch.cuda.current_stream().wait_stream(side)
+            for buf, value in zip(buffers, saved, strict=True):
+                buf.copy_(value)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                work(b)
+        finally:
+            for buf, value in zip(buffers, saved, strict=True):
+                buf.copy_(value)
+        if check:
+            b.verify_graph = graph
+        else:
+            b.graph = graph
+
+
+def _run_guesses(rows: list[list[int]], done: list[bool], run: Sequence[int], checked: int) -> list[list[int]] | None:
+    """Per row, the ``checked - 1`` tokens the run says come after the one in flight; None unless every
+    unfinished row's last token is inside the run and at least one has guesses left to check."""
+    if not checked:
+        return None
+    filler = run[-1]
+    guesses, useful = [], False
+    for row, finished in zip(rows, done, strict=True):
+        if finished:
+            guesses.append([filler] * (checked - 1))
+            continue
+        if not row or row[-1] not in run[:-1]:
+            return None
+        at = list(run).index(row[-1])
+        rest = list(run[at + 2:at + 1 + checked])
+        useful = useful or bool(rest)
+        guesses.append(rest + [filler] * (checked - 1 - len(rest)))
+    return guesses if useful else None
+
+
+def _keep_checked(rows: list[list[int]], done: list[bool], guesses: list[list[int]], picks: list[list[int]],
+                  is_done: IsDone) -> int:
+    """Add each unfinished row's picks that hold (the first always does; the next only while the guess fed
+    there equals the pick before it). Rows that stay unfinished all move by the same count, the least any
+    of them holds, since the cache's columns are shared; that count is returned (0 when all are done)."""
+    held: dict[int, tuple[list[int], int | None]] = {}
+    for r, row in enumerate(rows):
+        if done[r]:
+            continue
+        good = [picks[r][0]]
+        for j in range(1, len(picks[r])):
+            if guesses[r][j - 1] != picks[r][j - 1]:
+                break
+            good.append(picks[r][j])
+        trial, ends = list(row), None
+        for i, token in enumerate(good):
+            trial.append(token)
+            if is_done(trial):
+                ends = i + 1
+                break
+        held[r] = (good, ends)
+    going = [len(good) for good, ends in held.values() if ends is None]
+    advance = min(going) if going else 0
+    for r, (good, ends) in held.items():
+        rows[r].extend(good[:ends] if ends is not None else good[:advance])
+        done[r] = ends is not None
+    return advance
 
 
 # -- one decoder layer as a function of tensors ------------------------------------------------------

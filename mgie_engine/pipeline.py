@@ -417,7 +417,8 @@ class MgiePipeline:
             mask[i, width - lengths[i]:] = 1
         eos, img = m.token_ids.eos, m.token_ids.img
         rows, states = self._decoder.decode(
-            ids, embeds, mask, MAX_NEW_TOKENS, lambda row: row[-1] in eos or _visual_tokens_complete(row, img), cancel)
+            ids, embeds, mask, MAX_NEW_TOKENS, lambda row: row[-1] in eos or _visual_tokens_complete(row, img), cancel,
+            run=img)
         answers, visual = [], []
         for i, ((prompt_ids, _), row) in enumerate(zip(prompts, rows, strict=True)):
             new, early = _answer(row, eos, img)

@@ -6,7 +6,7 @@ import torch
 from conftest import make_image
 from reference import reference_generate
 
-from mgie_engine.decoding import GreedyDecoder
+from mgie_engine.decoding import GreedyDecoder, _keep_checked, _run_guesses
 from mgie_engine.images import prepare_image
 from mgie_engine.pipeline import NO_REPEAT_NGRAM, MgiePipeline
 
@@ -85,3 +85,122 @@ def test_a_step_that_cannot_be_compiled_or_captured_falls_back_to_eager(tiny_mod
     assert list(guidance.new_token_ids) == seq[len(ids):len(ids) + len(guidance.new_token_ids)]
     assert again.new_token_ids and not decoder.graphs
     assert sum("decoding eagerly" in r.message for r in caplog.records) == 1
+
+
+def _counted(decoder: GreedyDecoder) -> dict[str, int]:
+    """Count the decoder's one-token steps and run checks (each a pass over the weights)."""
+    calls = {"step": 0, "check": 0}
+    step, verify = decoder._step, decoder._verify
+
+    def counted_step(b):
+        calls["step"] += 1
+        step(b)
+
+    def counted_verify(b):
+        calls["check"] += 1
+        verify(b)
+
+    decoder._step, decoder._verify = counted_step, counted_verify
+    return calls
+
+
+def _babble(models, max_new: int, run=()):
+    """Decode one prompt of the babbling model for ``max_new`` tokens: rows, states and pass counts."""
+    pipe = MgiePipeline(models, max_side=64)
+    image = prepare_image(make_image(64, 48, 5), 64, models.vae_scale_factor)
+    ids, embeds = pipe.prompt_inputs(image, "make the lake frozen")
+    decoder = GreedyDecoder(models.llm, NO_REPEAT_NGRAM, graphs=False)
+    calls = _counted(decoder)
+    with torch.inference_mode():
+        rows, states = decoder.decode(torch.tensor([ids]), embeds, torch.ones(1, len(ids), dtype=torch.long),
+                                      max_new, lambda row: False, run=run)
+    return rows[0], states[0, :len(ids) + max_new - 1].clone(), calls
+
+
+def test_a_run_that_holds_is_checked_in_one_pass_with_generates_tokens(tiny_models_babbling):
+    """Once a row writes the run's first token, the next six are checked at once: six steps become one
+    pass, and the tokens and states are those of decoding token by token."""
+    plain, plain_states, plain_calls = _babble(tiny_models_babbling, 40)
+    assert plain_calls == {"step": 39, "check": 0}
+    run = plain[10:18]
+    assert not set(run[:-1]) & set(plain[:10])  # the run starts at token 10, as [IMG0] does in an answer
+    rows, states, calls = _babble(tiny_models_babbling, 40, run=run)
+    assert rows == plain
+    assert calls == {"step": 33, "check": 1}
+    torch.testing.assert_close(states, plain_states, rtol=1e-4, atol=1e-5)
+
+
+def test_a_run_the_model_leaves_keeps_only_the_models_own_picks(tiny_models_babbling):
+    """Guesses that stop matching what the model picks: the picks up to there are kept, the rest comes
+    token by token, and the answer is still generate's."""
+    plain, plain_states, _ = _babble(tiny_models_babbling, 40)
+    wrong = [t for t in range(5, 200) if t not in plain][:5]
+    run = plain[10:13] + wrong  # the model writes run[0..2], then not run[3]
+    rows, states, calls = _babble(tiny_models_babbling, 40, run=run)
+    assert rows == plain
+    assert calls == {"step": 37, "check": 1}  # the check kept two tokens: the in-flight one's pick and the next
+    torch.testing.assert_close(states, plain_states, rtol=1e-4, atol=1e-5)
+
+
+def test_the_visual_tokens_of_an_answer_are_checked_in_one_pass(tiny_models):
+    """The planted answer ends in [IMG0]..[IMG7]: the engine checks [IMG2]..[IMG7] in one pass and its
+    guidance equals stock generate's (tests/test_parity.py holds the images to the reference)."""
+    models = tiny_models
+    pipe = MgiePipeline(models, max_side=64)
+    calls = _counted(pipe._decoder)
+    image = prepare_image(make_image(64, 48, 3), 64, models.vae_scale_factor)
+    guidance = pipe.run_language_model(image, "make it night")
+    ids, embeds = pipe.prompt_inputs(image, "make it night")
+    seq, states = reference_generate(models, ids, embeds)
+    new = list(guidance.new_token_ids)
+    assert new == seq[len(ids):len(ids) + len(new)] and new[-8:] == list(models.token_ids.img)
+    assert calls["check"] == 1 and calls["step"] == len(new) - 1 - 6
+    torch.testing.assert_close(guidance.prompt_embeds, models.edit_head(states.unsqueeze(0), models.img_embeds),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_rows_of_a_batch_move_together_by_what_every_unfinished_row_holds():
+    """Guesses per row from where it is in the run, and the shared advance after a check."""
+    run = [90, 91, 92, 93, 94, 95, 96, 97]
+    rows = [[5, 90], [5, 6], [90, 91, 92, 93]]
+    assert _run_guesses(rows, [False, False, False], run, 6) is None  # row 1 is not in the run
+    guesses = _run_guesses(rows, [False, True, False], run, 6)
+    assert guesses == [[92, 93, 94, 95, 96], [97] * 5, [95, 96, 97, 97, 97]]
+    # Row 0 (91 in flight) holds all six picks; row 2 (94 in flight) ends at 97 after three.
+    picks = [[92, 93, 94, 95, 96, 97], [1, 2, 3, 4, 5, 6], [95, 96, 97, 2, 2, 2]]
+    rows = [[5, 90, 91], [5, 6], [90, 91, 92, 93, 94]]
+    done = [False, True, False]
+    assert _keep_checked(rows, done, guesses, picks, lambda row: row[-1] == 97) == 0  # both end inside it
+    assert rows == [[5, 90, 91, 92, 93, 94, 95, 96, 97], [5, 6], [90, 91, 92, 93, 94, 95, 96, 97]]
+    assert done == [True, True, True]
+    # Nothing ends: row 0's guess fails at its third pick, so both rows move by three.
+    picks = [[92, 93, 50, 51, 52, 53], [0] * 6, [95, 96, 97, 60, 61, 62]]
+    rows = [[5, 90, 91], [5, 6], [90, 91, 92, 93, 94]]
+    done = [False, True, False]
+    assert _keep_checked(rows, done, guesses, picks, lambda row: False) == 3
+    assert rows == [[5, 90, 91, 92, 93, 50], [5, 6], [90, 91, 92, 93, 94, 95, 96, 97]]
+
+
+def test_a_run_check_that_cannot_run_falls_back_to_token_by_token(tiny_models, caplog):
+    """The run check's compiled layer fails: the answer is still generate's, decoded step by step, the
+    cache mask is put back, and the log says so once."""
+    models = tiny_models
+    pipe = MgiePipeline(models, max_side=64)
+
+    def broken(*args):
+        raise RuntimeError("inductor is not available here")
+
+    pipe._decoder._check_layer = broken
+    calls = _counted(pipe._decoder)
+    image = prepare_image(make_image(64, 48, 3), 64, models.vae_scale_factor)
+    with caplog.at_level("ERROR", logger="mgie_engine.decoding"):
+        guidance = pipe.run_language_model(image, "make it night")
+        pipe.run_language_model(image, "make it day")
+    ids, embeds = pipe.prompt_inputs(image, "make it night")
+    seq, states = reference_generate(models, ids, embeds)
+    new = list(guidance.new_token_ids)
+    assert new == seq[len(ids):len(ids) + len(new)] and new[-8:] == list(models.token_ids.img)
+    assert calls["check"] == 1 and not pipe._decoder._checks
+    torch.testing.assert_close(guidance.prompt_embeds, models.edit_head(states.unsqueeze(0), models.img_embeds),
+                               rtol=1e-4, atol=1e-5)
+    assert sum("run check" in r.message for r in caplog.records) == 1
