@@ -6,8 +6,9 @@
 Prints, per stage, wall time against the time the GPU was busy (a gap means Python or launch
 overhead, not kernels), the heaviest kernels, and UNet call times at batch 3 and 96 for several
 variants (eager, CUDA graphs, cudnn autotuning, fused QKV, max-autotune); the decoder eager against
-compiled; the VAE eager against compiled. A tool for choosing the next lever; the numbers that count
-are mgie_bench.py's.
+compiled, and with the [IMG] run checked in one pass or not; the VAE eager against compiled. Kernel
+time is also split by kind (convolution, matmul, attention, inductor's fused kernels). A tool for
+choosing the next lever; the numbers that count are mgie_bench.py's.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 from full_size import build  # noqa: E402
-from mgie_bench import item, pipe_image, run_engine, sync  # noqa: E402
+from mgie_bench import item, pipe_image, run_engine, sync, warm_up_home_shape_only  # noqa: E402
 
 from mgie_engine.pipeline import MgiePipeline  # noqa: E402
 
@@ -66,19 +67,34 @@ def busy_by_stage(trace: dict, stages: tuple[str, ...]) -> dict:
                      if e.get("ph") == "X" and e.get("cat") == "kernel")
     out = {}
     for stage, (lo, hi) in windows.items():
-        busy, cursor, names = 0.0, lo, collections.Counter()
+        busy, cursor, names, kinds = 0.0, lo, collections.Counter(), collections.Counter()
         for a, b, name in kernels:
             a, b = max(a, lo), min(b, hi)
             if b <= a:
                 continue
             names[name[:90]] += b - a
+            kinds[kernel_kind(name)] += b - a
             if b > cursor:
                 busy += b - max(a, cursor)
                 cursor = b
         out[stage] = {"wall_ms": (hi - lo) / 1000, "gpu_busy_ms": busy / 1000,
                       "kernels": sum(1 for a, b, _ in kernels if lo <= a < hi),
-                      "top": [(n, round(t / 1000, 2)) for n, t in names.most_common(12)]}
+                      "top": [(n, round(t / 1000, 2)) for n, t in names.most_common(12)],
+                      "kinds": {k: round(t / 1000, 2) for k, t in kinds.most_common()}}
     return out
+
+
+def kernel_kind(name: str) -> str:
+    """A kernel's family, to see whether a step's time is in convolutions, matmuls, attention or the
+    fused elementwise and norm kernels inductor writes."""
+    lowered = name.lower()
+    for kind, marks in (("attention", ("sdpa", "flash", "fmha", "attention")),
+                        ("convolution", ("fprop", "conv", "implicit_gemm")),
+                        ("matmul", ("nvjet", "gemm", "gemv", "cublas", "splitk")),
+                        ("inductor", ("triton",))):
+        if any(m in lowered for m in marks):
+            return kind
+    return "other"
 
 
 def main() -> int:
@@ -151,7 +167,9 @@ def vae_variants(models, report: dict) -> None:
 def profile_stages(pipe: MgiePipeline, models, args, report: dict) -> None:
     cuda = models.device.type == "cuda"
     mem = torch.cuda if cuda else None
-    # 1. One compiled edit, profiled.
+    # 1. One compiled edit, profiled, on the static kernels a worker runs a square edit on.
+    warm_up_home_shape_only()
+    pipe.warm_up(32 if cuda else 2)
     run_engine(pipe, [item(100), item(101)], args.steps)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -160,7 +178,8 @@ def profile_stages(pipe: MgiePipeline, models, args, report: dict) -> None:
     stages = busy_by_stage(json.loads(Path("/tmp/trace.json").read_text()), ("llm", "denoise", "vae_decode"))
     report["profile"] = {"timings": outs[0].timings, "stages": stages}
     for name, s in stages.items():
-        say(f"{name}: wall {s['wall_ms']:.1f} ms, GPU busy {s['gpu_busy_ms']:.1f} ms, {s['kernels']} kernels")
+        say(f"{name}: wall {s['wall_ms']:.1f} ms, GPU busy {s['gpu_busy_ms']:.1f} ms, {s['kernels']} kernels; by kind: "
+            + ", ".join(f"{k} {v:.1f} ms" for k, v in s["kinds"].items()))
         for k, t in s["top"][:8]:
             say(f"    {t:8.2f} ms  {k}")
 
@@ -198,6 +217,19 @@ def profile_stages(pipe: MgiePipeline, models, args, report: dict) -> None:
     states = [pipe.start_denoising(t[0], g.prompt_embeds, i, 7.5, 1.5, 100) for i, t in enumerate(triples[:jobs])]
     report[f"denoise_step_{jobs}_jobs_ms"] = gpu_time(lambda: pipe.denoise_step(states))
     say(f"denoise_step, {jobs} jobs: {report[f'denoise_step_{jobs}_jobs_ms']:.1f} ms")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        with torch.profiler.record_function("burst_step"):
+            for _ in range(3):
+                pipe.denoise_step(states)
+            sync()
+    prof.export_chrome_trace("/tmp/burst_trace.json")
+    step = busy_by_stage(json.loads(Path("/tmp/burst_trace.json").read_text()), ("burst_step",))["burst_step"]
+    report["burst_step_profile"] = step
+    say(f"3 steps of {jobs} jobs: wall {step['wall_ms']:.1f} ms, GPU busy {step['gpu_busy_ms']:.1f} ms; by kind: "
+        + ", ".join(f"{k} {v:.1f} ms" for k, v in step["kinds"].items()))
+    for k, t in step["top"][:8]:
+        say(f"    {t:8.2f} ms  {k}")
 
 
 def decoder_variants(pipe: MgiePipeline, models, report: dict) -> None:
@@ -209,9 +241,10 @@ def decoder_variants(pipe: MgiePipeline, models, report: dict) -> None:
     items = [item(500 + i) for i in range(32)]
     triples = [(pipe_image(pipe, x), x["instruction"], ()) for x in items]
     tokens = {}
-    for compiled in (False, True):
-        label = "compiled" if compiled else "eager"
+    for label, compiled, checks in (("eager", False, True), ("no-check", True, False), ("compiled", True, True)):
+        # "no-check": compiled layers, but [IMG1]..[IMG7] decoded token by token instead of checked in one pass
         pipe._decoder = GreedyDecoder(models.llm, NO_REPEAT_NGRAM, graphs=cuda, compile_layers=compiled and cuda)
+        pipe._decoder._checks = checks
         for n in (1, 32):
             t0 = time.perf_counter()
             out = pipe.run_language_models(triples[:n])
@@ -234,9 +267,9 @@ def decoder_variants(pipe: MgiePipeline, models, report: dict) -> None:
         for n in (1, 32):
             profile_decode_step(pipe, triples[:n], report)
     for n in (1, 32):
-        same = tokens[("eager", n)] == tokens[("compiled", n)]
+        same = tokens[("eager", n)] == tokens[("compiled", n)] == tokens[("no-check", n)]
         report[f"llm_same_tokens_batch{n}"] = same
-        say(f"batch {n}: compiled layers give the same tokens as eager: {same}")
+        say(f"batch {n}: eager, compiled and run-checked decoding give the same tokens: {same}")
 
 
 def profile_decode_step(pipe: MgiePipeline, triples, report: dict) -> None:
