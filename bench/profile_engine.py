@@ -106,7 +106,7 @@ def main() -> int:
     p.add_argument("--only-llm", action="store_true", help="just the decoder: eager against compiled layers")
     p.add_argument("--only-vae", action="store_true", help="just the VAE: eager against compiled, NCHW and NHWC")
     p.add_argument("--variants", default="graphs,conv1x1mm,coordinate",
-                   help="comma list of: eager, graphs, conv1x1mm, coordinate, fused_qkv, autotune")
+                   help="comma list of: eager, graphs, conv1x1mm, coordinate, combo, aggressive, fused_qkv, autotune")
     p.add_argument("--rows", default="3,96", help="UNet batch sizes to time each variant at")
     p.add_argument("--budget", type=float, default=480.0, help="seconds; later variants are skipped past it")
     args = p.parse_args()
@@ -358,6 +358,13 @@ def unet_variants(models, dev, dtype, cuda: bool, args, t_start: float, report: 
             torch._dynamo.reset()
             measure("graphs+conv1x1mm+coord_descent", torch.compile(unet, mode="reduce-overhead"))
             inductor.coordinate_descent_tuning = False
+        # Fewer, larger kernels: at 3 rows most of a step's ~650 kernels are small norm and elementwise ones.
+        for name, option in (("combo", "combo_kernels"), ("aggressive", "aggressive_fusion")):
+            if name in chosen:
+                setattr(inductor, option, True)
+                torch._dynamo.reset()
+                measure(f"graphs+conv1x1mm+{name}", torch.compile(unet, mode="reduce-overhead"))
+                setattr(inductor, option, False)
         if "autotune" in chosen:  # Triton GEMM/conv templates benchmarked against cuBLAS/cuDNN per shape
             torch._dynamo.reset()
             measure("max-autotune+conv1x1mm", torch.compile(unet, mode="max-autotune"))
