@@ -146,7 +146,8 @@ class GreedyDecoder:
 
     def _verify(self, b: _Buffers) -> None:
         """Feed ids[:, column] and the guesses after it in one pass; ``picks[:, j]`` is the greedy token
-        after position column + j given everything before it. Moves nothing: the host keeps what holds."""
+        after position column + j given everything before it. The column and positions stay: the host
+        decides what holds and ``_accept`` moves them past it."""
         cols = b.column + b.offsets
         b.ids.index_copy_(1, cols[1:], b.guesses)
         tokens = b.ids.index_select(1, cols)
