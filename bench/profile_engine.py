@@ -106,7 +106,8 @@ def main() -> int:
     p.add_argument("--only-llm", action="store_true", help="just the decoder: eager against compiled layers")
     p.add_argument("--only-vae", action="store_true", help="just the VAE: eager against compiled, NCHW and NHWC")
     p.add_argument("--variants", default="graphs,conv1x1mm,coordinate",
-                   help="comma list of: eager, graphs, conv1x1mm, coordinate, combo, aggressive, fused_qkv, autotune")
+                   help="comma list of: eager, graphs, conv1x1mm, coordinate, combo, aggressive, symbolic, fused_qkv, "
+                        "autotune")
     p.add_argument("--rows", default="3,96", help="UNet batch sizes to time each variant at")
     p.add_argument("--budget", type=float, default=480.0, help="seconds; later variants are skipped past it")
     args = p.parse_args()
@@ -314,16 +315,16 @@ def unet_variants(models, dev, dtype, cuda: bool, args, t_start: float, report: 
 
     side = 64 if cuda else 16
 
-    def inputs(rows: int):
-        return (torch.randn(rows, 8, side, side, device=dev, dtype=dtype).to(memory_format=torch.channels_last),
+    def inputs(rows: int, size: tuple[int, int]):
+        return (torch.randn(rows, 8, *size, device=dev, dtype=dtype).to(memory_format=torch.channels_last),
                 torch.full((rows,), 500.0, device=dev), torch.randn(rows, 77, 768, device=dev, dtype=dtype))
 
-    def measure(label: str, fn) -> None:
+    def measure(label: str, fn, size: tuple[int, int] = (side, side)) -> None:
         if time.perf_counter() - t_start > args.budget or (not cuda and "eager" not in label):
             say(f"skip {label}: over budget, or compiled on a CPU (proves nothing)")
             return
         for rows in [int(r) for r in args.rows.split(",")] if cuda else (3,):
-            x, t, c = inputs(rows)
+            x, t, c = inputs(rows, size)
 
             def call(x=x, t=t, c=c):
                 torch.compiler.cudagraph_mark_step_begin()
@@ -365,6 +366,19 @@ def unet_variants(models, dev, dtype, cuda: bool, args, t_start: float, report: 
                 torch._dynamo.reset()
                 measure(f"graphs+conv1x1mm+{name}", torch.compile(unet, mode="reduce-overhead"))
                 setattr(inductor, option, False)
+        if "symbolic" in chosen:
+            # Why symbolic sizes cost ~17% a step: inductor turns its layout optimization (activations kept
+            # channels-last between convolutions) off when a convolution's input has symbolic sizes
+            # (torch/_inductor/graph.py, decide_layout_opt). Same 4:3 input (a 512x384 image), three ways.
+            four_three = (side * 3 // 4, side)
+            torch._dynamo.reset()
+            measure("static 4:3", torch.compile(unet, mode="reduce-overhead"), four_three)
+            torch._dynamo.reset()
+            measure("symbolic 4:3", torch.compile(unet, mode="reduce-overhead", dynamic=True), four_three)
+            inductor.force_layout_optimization = True
+            torch._dynamo.reset()
+            measure("symbolic 4:3 + layout opt", torch.compile(unet, mode="reduce-overhead", dynamic=True), four_three)
+            inductor.force_layout_optimization = False
         if "autotune" in chosen:  # Triton GEMM/conv templates benchmarked against cuBLAS/cuDNN per shape
             torch._dynamo.reset()
             measure("max-autotune+conv1x1mm", torch.compile(unet, mode="max-autotune"))
