@@ -196,6 +196,18 @@ def mark_sizes_dynamic(*tensors: torch.Tensor) -> None:
             torch._dynamo.maybe_mark_dynamic(t, dims)
 
 
+# The warm-up's prompts: a short one, and (second batch) one over 64 tokens longer, a full-length instruction
+# after an earlier turn. On CUDA prompts are padded to a multiple of 64 tokens, so the decoder's compiled
+# layers meet a second prompt width during the warm-up and not at a user's first long prompt.
+_WARM_UP_PROMPTS = (
+    ("make it brighter", ()),
+    ("replace the grey winter sky behind the old stone bridge with a warm orange and pink sunset, add soft "
+     "golden light on the water, keep the people walking on the bridge and the trees on both banks as they "
+     "are, and make the lamps along the railing glow as if evening has just begun", (
+         ("make it brighter", "The photo is brighter, with more light on the bridge and the water."),)),
+)
+
+
 def warm_up_batches(side: int, max_jobs: int) -> list[tuple[int, tuple[int, int], bool]]:
     """(job count, image size, guided) of ``MgiePipeline.warm_up``'s batches.
 
@@ -288,11 +300,12 @@ class MgiePipeline:
         worker taking up to ``max_jobs`` jobs a step will meet. After it, new shapes only record CUDA graphs
         (about a second), and no user's edit waits minutes for a compile (tests/test_warm_up.py)."""
         self._home_jobs = {1, self._padded(max_jobs)}
-        for count, size, guided in warm_up_batches(self.max_side, max_jobs):
+        for k, (count, size, guided) in enumerate(warm_up_batches(self.max_side, max_jobs)):
             images = [prepare_image(PIL.Image.new("RGB", size, (40 * i, 90, 160)), self.max_side,
                                     self.models.vae_scale_factor)
                       for i in range(count)]
-            guidance = self.run_language_models([(image, "make it brighter", ()) for image in images])
+            instruction, history = _WARM_UP_PROMPTS[k == 1]
+            guidance = self.run_language_models([(image, instruction, history) for image in images])
             states = self.start_denoising_many([DenoiseJob(image, g.prompt_embeds, i, 7.5 if guided else 1.0, 1.5, 2)
                                                 for i, (image, g) in enumerate(zip(images, guidance, strict=True))])
             while not states[0].done:

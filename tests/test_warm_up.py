@@ -46,6 +46,9 @@ def test_after_the_warm_up_no_users_shape_compiles_again(tiny_models):
     home_calls = []
     home_step = pipe._home_step
     pipe._home_step = lambda *tensors: home_calls.append(tuple(tensors[0].shape)) or home_step(*tensors)
+    widths = []  # prompt widths the decoder sees (unpadded here; CUDA pads them to a multiple of 64)
+    decode = pipe._decoder.decode
+    pipe._decoder.decode = lambda ids, *args, **kwargs: widths.append(ids.shape[1]) or decode(ids, *args, **kwargs)
     upsamplers = tiny_models.unet.num_upsamplers
     always_pass_upsample_size(tiny_models.unet)
     try:
@@ -54,6 +57,8 @@ def test_after_the_warm_up_no_users_shape_compiles_again(tiny_models):
             after_warm_up = {name: c.frame_count for name, c in counters.items()}
             assert all(after_warm_up.values()), after_warm_up
             assert after_warm_up["_home_step"] == 2  # one job and 24, each static
+            # The decoder's compiled layers (CUDA only) meet two 64-token width buckets during the warm-up.
+            assert max(widths) - min(widths) >= 64, widths
             for count, size in ((1, (128, 128)), (1, (96, 128)), (1, (128, 72)), (3, (128, 72)), (2, (64, 128)),
                                 (22, (72, 64)), (1, (56, 120)), (4, (24, 40)), (24, (128, 128)), (3, (128, 128))):
                 home_calls.clear()
