@@ -204,3 +204,15 @@ def test_a_run_check_that_cannot_run_falls_back_to_token_by_token(tiny_models, c
     torch.testing.assert_close(guidance.prompt_embeds, models.edit_head(states.unsqueeze(0), models.img_embeds),
                                rtol=1e-4, atol=1e-5)
     assert sum("run check" in r.message for r in caplog.records) == 1
+
+
+def test_a_run_check_never_reaches_past_the_token_limit(tiny_models_babbling):
+    """A check only runs when all its picks fall within ``max_new``: at the last place it fits it still
+    runs and ends the answer exactly at the limit; one token later it does not run."""
+    plain, plain_states, _ = _babble(tiny_models_babbling, 18)
+    assert not set(plain[10:17]) & set(plain[:10])  # nothing triggers a check before the run starts
+    rows, states, calls = _babble(tiny_models_babbling, 18, run=plain[10:18])
+    assert rows == plain and calls == {"step": 11, "check": 1}  # its picks are tokens 12..17, the last ones
+    torch.testing.assert_close(states, plain_states, rtol=1e-4, atol=1e-5)
+    rows, _, calls = _babble(tiny_models_babbling, 18, run=plain[11:18] + [0])
+    assert rows == plain and calls == {"step": 17, "check": 0}
