@@ -5,10 +5,11 @@
 
 Prints, per stage, wall time against the time the GPU was busy (a gap means Python or launch
 overhead, not kernels), the heaviest kernels, and UNet call times at batch 3 and 96 for several
-variants (eager, CUDA graphs, cudnn autotuning, fused QKV, max-autotune); the decoder eager against
-compiled, and with the [IMG] run checked in one pass or not; the VAE eager against compiled. Kernel
-time is also split by kind (convolution, matmul, attention, inductor's fused kernels). A tool for
-choosing the next lever; the numbers that count are mgie_bench.py's.
+variants (eager, CUDA graphs, cudnn autotuning, fused QKV, max-autotune, symbolic sizes); the
+decoder eager against compiled, with the [IMG] run checked in one pass or not, and after a second
+prompt width; the VAE eager against compiled. Kernel time is also split by kind (convolution,
+matmul, attention, inductor's fused kernels). A tool for choosing the next lever; the numbers that
+count are mgie_bench.py's.
 """
 
 from __future__ import annotations
@@ -236,16 +237,23 @@ def profile_stages(pipe: MgiePipeline, models, args, report: dict) -> None:
 def decoder_variants(pipe: MgiePipeline, models, report: dict) -> None:
     """The LLM stage at batch 1 and 32 with eager layers, then compiled ones (same graphs otherwise)."""
     from mgie_engine.decoding import GreedyDecoder
-    from mgie_engine.pipeline import NO_REPEAT_NGRAM
+    from mgie_engine.pipeline import _WARM_UP_PROMPTS, NO_REPEAT_NGRAM
 
     cuda = models.device.type == "cuda"
     items = [item(500 + i) for i in range(32)]
     triples = [(pipe_image(pipe, x), x["instruction"], ()) for x in items]
     tokens = {}
-    for label, compiled, checks in (("eager", False, True), ("no-check", True, False), ("compiled", True, True)):
-        # "no-check": compiled layers, but [IMG1]..[IMG7] decoded token by token instead of checked in one pass
-        pipe._decoder = GreedyDecoder(models.llm, NO_REPEAT_NGRAM, graphs=cuda, compile_layers=compiled and cuda)
-        pipe._decoder._checks = checks
+    long_prompt = _WARM_UP_PROMPTS[1]
+    for label, compiled, checks in (("eager", False, True), ("no-check", True, False), ("compiled", True, True),
+                                    ("2 widths", True, True)):
+        # "no-check": compiled layers, but [IMG1]..[IMG7] decoded token by token instead of checked in one pass.
+        # "2 widths": the compiled layers after a prompt of another width (the warm-up's long one), which
+        # leaves dynamo a graph with a symbolic cache length, as a worker has after its warm-up.
+        if label == "2 widths":
+            pipe.run_language_models([(triples[0][0], *long_prompt)])
+        else:
+            pipe._decoder = GreedyDecoder(models.llm, NO_REPEAT_NGRAM, graphs=cuda, compile_layers=compiled and cuda)
+            pipe._decoder._checks = checks
         for n in (1, 32):
             t0 = time.perf_counter()
             out = pipe.run_language_models(triples[:n])
@@ -260,7 +268,7 @@ def decoder_variants(pipe: MgiePipeline, models, report: dict) -> None:
             new = sum(len(g.new_token_ids) for g in out) / n
             tokens[(label, n)] = [g.new_token_ids for g in out]
             report[f"llm_{label}_batch{n}_s"] = statistics.median(runs)
-            say(f"LLM stage {label:<8} batch {n:>2}: {statistics.median(runs):.3f} s median of 3 "
+            say(f"LLM stage {label:<9} batch {n:>2}: {statistics.median(runs):.3f} s median of 3 "
                 f"(first call {first:.1f} s), {new:.0f} new tokens per row, "
                 f"{statistics.median(runs) / new * 1000:.2f} ms per token step")
     # Where one token step's GPU time goes (the step run without its graph, so kernels are named).
@@ -268,7 +276,7 @@ def decoder_variants(pipe: MgiePipeline, models, report: dict) -> None:
         for n in (1, 32):
             profile_decode_step(pipe, triples[:n], report)
     for n in (1, 32):
-        same = tokens[("eager", n)] == tokens[("compiled", n)] == tokens[("no-check", n)]
+        same = tokens[("eager", n)] == tokens[("compiled", n)] == tokens[("no-check", n)] == tokens[("2 widths", n)]
         report[f"llm_same_tokens_batch{n}"] = same
         say(f"batch {n}: eager, compiled and run-checked decoding give the same tokens: {same}")
 
