@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import hashlib
 import inspect
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -31,6 +32,8 @@ from .instructions import clean_expressive, normalize_instruction
 from .models import MgieModels
 from .offload import StageResidency
 from .options import DEFAULT_SEED, check_options
+
+log = logging.getLogger(__name__)
 
 MAX_NEW_TOKENS = 96
 NO_REPEAT_NGRAM = 3
@@ -300,7 +303,9 @@ class MgiePipeline:
         worker taking up to ``max_jobs`` jobs a step will meet. After it, new shapes only record CUDA graphs
         (about a second), and no user's edit waits minutes for a compile (tests/test_warm_up.py)."""
         self._home_jobs = {1, self._padded(max_jobs)}
-        for k, (count, size, guided) in enumerate(warm_up_batches(self.max_side, max_jobs)):
+        batches = warm_up_batches(self.max_side, max_jobs)
+        for k, (count, size, guided) in enumerate(batches):
+            started = time.perf_counter()
             images = [prepare_image(PIL.Image.new("RGB", size, (40 * i, 90, 160)), self.max_side,
                                     self.models.vae_scale_factor)
                       for i in range(count)]
@@ -312,6 +317,9 @@ class MgiePipeline:
                 self.denoise_step(states)
             for start in range(0, count, DECODE_BATCH):
                 self.decode_many([s.latents for s in states[start:start + DECODE_BATCH]])
+            # A self-hoster watches minutes of this on a first start: say how far it is.
+            log.info("warm-up %d/%d: %d %s job(s) at %dx%d in %.0f s", k + 1, len(batches), count,
+                     "guided" if guided else "unguided", *size, time.perf_counter() - started)
 
     # -- the whole edit ---------------------------------------------------------------------------
     def __call__(self, request: EditRequest, progress: ProgressFn | None = None,

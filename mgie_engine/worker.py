@@ -159,8 +159,8 @@ class LocalWorker:
     def _warm_up(self, models: Any) -> None:
         """Compile now, while the bot says "warming up", not in the first users' edits. A compiler that
         fails here would fail every job: run uncompiled instead (slower), and say so."""
-        log.info("worker %s: compiling for the common shapes (minutes the first time; "
-                 "MGIE_COMPILE_CACHE_DIR keeps them across restarts)", self.name)
+        log.info("worker %s: compiling for every class of shape (8 minutes or more the first time on an H100; "
+                 "MGIE_COMPILE_CACHE_DIR keeps the kernels across restarts)", self.name)
         started = time.perf_counter()
         try:
             self.pipeline.warm_up(self.capacity)

@@ -246,9 +246,10 @@ async def test_a_burst_whose_inputs_decode_slowly_still_starts_as_one_batch(tiny
 
 
 async def test_a_compiling_worker_warms_up_before_it_is_ready_and_keeps_its_kernels(tiny_models, tmp_path,
-                                                                                   monkeypatch):
+                                                                                   monkeypatch, caplog):
     """With compiled steps (CUDA), the first shapes are compiled at load, while the bot says "warming
-    up", in the cache folder the self-hoster chose; the warm-up leaves nothing behind in the LLM cache."""
+    up", in the cache folder the self-hoster chose, and the log says how far it is; the warm-up leaves
+    nothing behind in the LLM cache."""
     import os
 
     monkeypatch.setattr(MgiePipeline, "compiles", property(lambda self: True))  # as on a GPU with MGIE_COMPILE=1
@@ -264,11 +265,15 @@ async def test_a_compiling_worker_warms_up_before_it_is_ready_and_keeps_its_kern
     worker = LocalWorker(settings, loader=lambda _s: tiny_models, max_batch=4)
     worker.start()
     try:
-        await worker.wait_ready()
+        with caplog.at_level("INFO", logger="mgie_engine.pipeline"):
+            await worker.wait_ready()
         # guided: the home square alone and at the batch limit; two jobs, then one, at another size; the
         # limit small. Unguided: two jobs, then one.
         assert batches == [[(64, 64)], [(64, 64)] * 4, [(48, 40)] * 2, [(48, 40)], [(64, 64)] * 4,
                            [(48, 40)] * 2, [(48, 40)]]
+        progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("warm-up ")]
+        assert [line.split(":")[0] for line in progress] == [f"warm-up {k}/7" for k in range(1, 8)]
+        assert progress[-1].startswith("warm-up 7/7: 1 unguided job(s) at 48x40 in ")
         assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "kernels")
         assert not worker.pipeline._cache  # throwaway prompts are not cached as anyone's edit
         outcome = await worker.run(_job("a" * 32, 1, steps=2))
