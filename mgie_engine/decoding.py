@@ -311,14 +311,12 @@ class GreedyDecoder:
             with torch.cuda.stream(side):
                 work(b)
             torch.cuda.current_stream().wait_stream(side)
+        finally:  # recording runs nothing, so only this warm-up call has effects to put back
             for buf, value in zip(buffers, saved, strict=True):
                 buf.copy_(value)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                work(b)
-        finally:
-            for buf, value in zip(buffers, saved, strict=True):
-                buf.copy_(value)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            work(b)
         if check:
             b.verify_graph = graph
         else:
