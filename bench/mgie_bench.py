@@ -60,27 +60,39 @@ def pct(values: list[float], q: float) -> float:
 
 
 def run_reference(models, items: list[dict], steps: int) -> tuple[list[float], list]:
+    """The reference flow per edit, end to end as a user gets it: the uploaded PNG decoded, the edit, the
+    result encoded as PNG (the same codec calls as the engine's, so both pay the same for them)."""
     from reference import reference_edit
+
+    from mgie_engine.images import encode_png, load_image
 
     times, outs = [], []
     for it in items:
+        data = encode(it["image"])
         sync()
         start = time.perf_counter()
-        out = reference_edit(models, it["image"], it["instruction"], it["seed"], it["text_cfg"], it["image_cfg"], steps)
+        out = reference_edit(models, load_image(data), it["instruction"], it["seed"], it["text_cfg"], it["image_cfg"],
+                             steps)
         sync()
+        encode_png(out.image)
         times.append(time.perf_counter() - start)
         outs.append(out)
     return times, outs
 
 
 def run_engine(pipe: MgiePipeline, items: list[dict], steps: int) -> tuple[list[float], list]:
+    """The engine's pipeline per edit, in this thread, end to end as ``run_reference`` (no queue or worker:
+    ``worker_latency`` adds those)."""
+    from mgie_engine.images import encode_png, load_image
+
     times, outs = [], []
     for it in items:
+        data = encode(it["image"])
         sync()
         start = time.perf_counter()
-        result = pipe(EditRequest(image=it["image"], instruction=it["instruction"], seed=it["seed"],
+        result = pipe(EditRequest(image=load_image(data), instruction=it["instruction"], seed=it["seed"],
                                   text_cfg=it["text_cfg"], image_cfg=it["image_cfg"], steps=steps))
-        sync()
+        encode_png(result.image)
         times.append(time.perf_counter() - start)
         outs.append(result)
     return times, outs
@@ -151,6 +163,8 @@ def main() -> int:
     p.add_argument("--home-warm-up", action="store_true",
                    help="burst workers warm up the home shape only (same static kernels as the burst's; a whole "
                         "warm-up of every shape class outlasts a device call)")
+    p.add_argument("--worker-latency", type=int, default=0, metavar="N",
+                   help="before the burst, time N single edits through the queue and the burst's worker")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--offload", action="store_true",
                    help="MGIE_OFFLOAD (the LLM and UNet/VAE take turns on the GPU): latency and peak memory only")
@@ -262,6 +276,14 @@ def main() -> int:
         asyncio.run(burst(pool, [item(400 + i) for i in range(args.burst)], 3))  # warm-up: compiles burst shapes
         warmup = time.perf_counter() - t0
         print(f"burst warm-up on {len(pool)} GPU(s): {warmup:.0f} s", flush=True)
+        if len(pool) == 1 and args.worker_latency:
+            # One edit at a time through the bot's queue and a worker that batches: what a user waits for,
+            # from the uploaded PNG to the result's PNG.
+            single = [asyncio.run(burst(pool, [item(600 + i)], args.steps)) for i in range(args.worker_latency)]
+            report["worker_latency"] = {"latency_p50": pct(single, 50), "latency_p90": pct(single, 90),
+                                        "runs": len(single)}
+            print("worker latency", report["worker_latency"], flush=True)
+            save()
         clocks = [StageTimer(w.pipeline) for w in pool] if len(pool) == 1 else []
         elapsed = asyncio.run(burst(pool, burst_items, args.steps))
         key = "burst" if pool is workers else "burst_one_gpu"
@@ -329,6 +351,8 @@ def finish(report: dict, args) -> None:
         if "engine" in report:
             ratios["latency_speedup"] = ref / report["engine"]["latency_p50"]
             ratios["refine_speedup"] = ref / report["refine_latency_p50"]
+        if "worker_latency" in report:
+            ratios["worker_latency_speedup"] = ref / report["worker_latency"]["latency_p50"]
         if "burst" in report:
             ratios["throughput_vs_reference_sequential"] = report["burst"]["edits_per_second"] * ref
         report["ratios"] = ratios
@@ -357,12 +381,15 @@ def print_table(r: dict) -> None:
     if "engine" not in r:
         if "reference" in r:
             rows.append(("reference latency p50 (s)", f"{r['reference']['latency_p50']:.2f}"))
+        if "worker_latency" in r:
+            rows.append(("latency through the worker p50 / p90 (s)",
+                         f"{r['worker_latency']['latency_p50']:.3f} / {r['worker_latency']['latency_p90']:.3f}"))
         if "burst" in r and "multi_gpu_scaling" not in r:
             rows.append((f"burst of {r['burst']['edits']} (edits/s)",
                          f"{r['burst']['edits_per_second']:.2f} ({r['burst']['seconds']:.1f} s)"))
         rows += [(k.replace("_", " "), f"{v:.2f}x") for k, v in r.get("ratios", {}).items()]
         for k, v in rows:
-            print(f"{k:<36}  {v}")
+            print(f"{k:<40}  {v}")
         return
     if "reference" in r:
         rows.append(("reference latency p50 / p90 (s)",

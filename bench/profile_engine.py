@@ -5,7 +5,7 @@
 
 Prints, per stage, wall time against the time the GPU was busy (a gap means Python or launch
 overhead, not kernels), the heaviest kernels, and UNet call times at batch 3 and 96 for several
-variants (eager, CUDA graphs, cudnn autotuning, fused QKV, max-autotune, symbolic sizes); the
+variants (eager, CUDA graphs, cudnn autotuning, fused QKV, max-autotune, static against symbolic sizes); the
 decoder eager against compiled, with the [IMG] run checked in one pass or not, and after a second
 prompt width; the VAE eager against compiled. Kernel time is also split by kind (convolution,
 matmul, attention, inductor's fused kernels). A tool for choosing the next lever; the numbers that
@@ -28,7 +28,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 from full_size import build  # noqa: E402
 from mgie_bench import item, pipe_image, run_engine, sync, warm_up_home_shape_only  # noqa: E402
 
-from mgie_engine.pipeline import MgiePipeline  # noqa: E402
+from mgie_engine.pipeline import UNET_COMPILE_OPTIONS, MgiePipeline  # noqa: E402
 
 LOG: list[str] = []
 
@@ -107,9 +107,11 @@ def main() -> int:
     p.add_argument("--only-llm", action="store_true", help="just the decoder: eager against compiled layers")
     p.add_argument("--only-vae", action="store_true", help="just the VAE: eager against compiled, NCHW and NHWC")
     p.add_argument("--variants", default="graphs,conv1x1mm,coordinate",
-                   help="comma list of: eager, graphs, conv1x1mm, coordinate, combo, aggressive, symbolic, fused_qkv, "
+                   help="comma list of: eager, graphs, conv1x1mm, coordinate, combo, aggressive, layout (or one of its static, nolayout, symbolic, forced), fused_qkv, "
                         "autotune")
     p.add_argument("--rows", default="3,96", help="UNet batch sizes to time each variant at")
+    p.add_argument("--layout-off", action="store_true", help="combo and aggressive without layout optimization")
+    p.add_argument("--sustain", type=int, default=0, help="also time this many back-to-back calls at 32+ rows")
     p.add_argument("--budget", type=float, default=480.0, help="seconds; later variants are skipped past it")
     args = p.parse_args()
     t_start = time.perf_counter()
@@ -327,11 +329,11 @@ def unet_variants(models, dev, dtype, cuda: bool, args, t_start: float, report: 
         return (torch.randn(rows, 8, *size, device=dev, dtype=dtype).to(memory_format=torch.channels_last),
                 torch.full((rows,), 500.0, device=dev), torch.randn(rows, 77, 768, device=dev, dtype=dtype))
 
-    def measure(label: str, fn, size: tuple[int, int] = (side, side)) -> None:
+    def measure(label: str, fn, size: tuple[int, int] = (side, side), only_rows: int | None = None) -> None:
         if time.perf_counter() - t_start > args.budget or (not cuda and "eager" not in label):
             say(f"skip {label}: over budget, or compiled on a CPU (proves nothing)")
             return
-        for rows in [int(r) for r in args.rows.split(",")] if cuda else (3,):
+        for rows in [int(r) for r in args.rows.split(",") if only_rows in (None, int(r))] if cuda else (3,):
             x, t, c = inputs(rows, size)
 
             def call(x=x, t=t, c=c):
@@ -347,6 +349,16 @@ def unet_variants(models, dev, dtype, cuda: bool, args, t_start: float, report: 
             variants[f"{label}/rows{rows}"] = ms
             say(f"UNet {label:<28} rows {rows:>2}: {ms:7.2f} ms  "
                 f"({2.41 / 3 * rows / ms * 1000:.0f} TFLOP/s; incl. build {time.perf_counter() - t0:.0f} s)")
+            if args.sustain and rows >= 32 and cuda:  # a burst's 100 calls back to back: does the card hold its clock?
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(args.sustain):
+                    call()
+                end.record()
+                end.synchronize()
+                held = start.elapsed_time(end) / args.sustain
+                variants[f"{label}/rows{rows}/sustained{args.sustain}"] = held
+                say(f"UNet {label:<28} rows {rows:>2}: {held:7.2f} ms a call over {args.sustain} calls back to back")
 
     import torch._inductor.config as inductor
 
@@ -368,25 +380,32 @@ def unet_variants(models, dev, dtype, cuda: bool, args, t_start: float, report: 
             measure("graphs+conv1x1mm+coord_descent", torch.compile(unet, mode="reduce-overhead"))
             inductor.coordinate_descent_tuning = False
         # Fewer, larger kernels: at 3 rows most of a step's ~650 kernels are small norm and elementwise ones.
-        for name, option in (("combo", "combo_kernels"), ("aggressive", "aggressive_fusion")):
+        # Static (as the home step), on top of the engine's options.
+        base = {**UNET_COMPILE_OPTIONS, **({"layout_optimization": False} if args.layout_off else {})}
+        for name, extra in (("combo", {"combo_kernels": True}), ("aggressive", {"aggressive_fusion": True})):
             if name in chosen:
-                setattr(inductor, option, True)
                 torch._dynamo.reset()
-                measure(f"graphs+conv1x1mm+{name}", torch.compile(unet, mode="reduce-overhead"))
-                setattr(inductor, option, False)
-        if "symbolic" in chosen:
-            # Why symbolic sizes cost ~17% a step: inductor turns its layout optimization (activations kept
-            # channels-last between convolutions) off when a convolution's input has symbolic sizes
-            # (torch/_inductor/graph.py, decide_layout_opt). Same 4:3 input (a 512x384 image), three ways.
-            four_three = (side * 3 // 4, side)
-            torch._dynamo.reset()
-            measure("static 4:3", torch.compile(unet, mode="reduce-overhead"), four_three)
-            torch._dynamo.reset()
-            measure("symbolic 4:3", torch.compile(unet, mode="reduce-overhead", dynamic=True), four_three)
-            inductor.force_layout_optimization = True
-            torch._dynamo.reset()
-            measure("symbolic 4:3 + layout opt", torch.compile(unet, mode="reduce-overhead", dynamic=True), four_three)
-            inductor.force_layout_optimization = False
+                label = f"static{', layout opt off' if args.layout_off else ''}+{name}"
+                measure(label, torch.compile(unet, dynamic=False, options={**base, **extra}))
+        if chosen & {"layout", "static", "nolayout", "symbolic", "forced"}:
+            # Inductor keeps activations channels-last between convolutions ("layout optimization") only when
+            # no convolution input has symbolic sizes (decide_layout_opt in torch/_inductor/graph.py;
+            # pytorch#102670). The home step is static, every other shape symbolic (~17% slower at 3 rows),
+            # and a 96-row call timed with a symbolic batch beat the static home step of the burst. So: the
+            # home square, static with layout optimization (the engine's home step) and without, symbolic,
+            # and symbolic with layout optimization forced; a static compile per row count (without layout
+            # optimization only at the largest, the burst's question).
+            base = {"triton.cudagraphs": True, "conv_1x1_as_mm": True}
+            most = max(int(r) for r in args.rows.split(","))
+            for key, label, dynamic, extra, only in (
+                    ("static", "static", False, {}, None),
+                    ("nolayout", "static, layout opt off", False, {"layout_optimization": False}, most),
+                    ("symbolic", "symbolic", True, {}, None),
+                    ("forced", "symbolic, layout opt forced", True, {"force_layout_optimization": True}, None)):
+                if not chosen & {"layout", key}:
+                    continue
+                torch._dynamo.reset()
+                measure(label, torch.compile(unet, dynamic=dynamic, options={**base, **extra}), only_rows=only)
         if "autotune" in chosen:  # Triton GEMM/conv templates benchmarked against cuBLAS/cuDNN per shape
             torch._dynamo.reset()
             measure("max-autotune+conv1x1mm", torch.compile(unet, mode="max-autotune"))

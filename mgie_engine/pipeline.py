@@ -42,7 +42,13 @@ JOB_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # job counts that get their own graph of
 # mode="reduce-overhead" (CUDA graphs) plus 1x1 convolutions as matmuls, whose epilogues inductor can
 # fuse. H100, one UNet call: 9.9 against 11.0 ms at batch 3, 195.9 against 203.4 ms at batch 96
 # (bench/results/NVIDIA_H100-x1-unet-variants.log; coordinate-descent tuning gained nothing for 3 more minutes).
-UNET_COMPILE_OPTIONS = {"triton.cudagraphs": True, "conv_1x1_as_mm": True}
+# Without inductor's layout optimization (which it only ever applies to static shapes): static, one call
+# took 9.65 against 9.88 ms at batch 3 and 194.8 against 204.3 ms at batch 96, where the card runs at its
+# 700 W cap (bench/results/NVIDIA_H100-x1-unet-layout*.log).
+UNET_COMPILE_OPTIONS = {"triton.cudagraphs": True, "conv_1x1_as_mm": True, "layout_optimization": False}
+# The static home step also groups independent small kernels into combined launches: 9.51 against 9.65 ms
+# at batch 3, where most of a call's ~650 kernels are small (no gain at 96 rows).
+HOME_STEP_OPTIONS = {**UNET_COMPILE_OPTIONS, "combo_kernels": True}
 ENCODE_BATCH = 8  # same-size images VAE-encoded in one call when a batch of jobs starts
 DECODE_BATCH = 4  # finished jobs whose latents share one VAE decode (each adds its decoder activations)
 _PAD_SCALARS = (500.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0)  # a harmless step for the rows that pad a bucket
@@ -275,7 +281,7 @@ class MgiePipeline:
         # 0.88 s static and 1.03 s symbolic (H100). Dynamo tries its newest entry first, so one compiled
         # function would run the home shape on the symbolic graph once that exists.
         self._guided_step = torch.compile(guided_step, options=UNET_COMPILE_OPTIONS) if self._graphs else guided_step
-        self._home_step = torch.compile(home_step, options=UNET_COMPILE_OPTIONS, dynamic=False) if self._graphs \
+        self._home_step = torch.compile(home_step, options=HOME_STEP_OPTIONS, dynamic=False) if self._graphs \
             else home_step
         side = fit_size(max_side, max_side, max_side, models.vae_scale_factor)[0] // models.vae_scale_factor
         self._home_latents = (side, side)

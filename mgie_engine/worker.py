@@ -65,8 +65,7 @@ class EditOutcome:
 
 
 ProgressCallback = Callable[[JobProgress], None]
-BATCH_WINDOW = 0.05  # seconds an idle worker waits for more jobs after the first arrives
-BATCH_WINDOW_MAX = 0.5  # ...and at most this long for jobs whose input is still being decoded
+BATCH_WINDOW = 0.5  # at most this long an idle worker waits for jobs whose input is still being decoded
 CPU_THREADS = max(2, min(8, (os.cpu_count() or 2) // 2))  # input decoding and PNG encoding, beside the GPU thread
 PROGRESS_EVERY = 20  # denoising progress events per job (the bot edits its message every 2 s anyway)
 
@@ -198,10 +197,13 @@ class LocalWorker:
             self._preparing += 1
         try:
             task.image = await loop.run_in_executor(self._cpu, self._prepare_input, job)
-            self._inbox.put(task)
-        finally:
+        except BaseException:
             with self._preparing_lock:
                 self._preparing -= 1
+            raise
+        with self._preparing_lock:  # at once, so the worker never sees it neither preparing nor queued
+            self._inbox.put(task)
+            self._preparing -= 1
         return await asyncio.wrap_future(future)
 
     def _prepare_input(self, job: EditJob) -> Any:
@@ -237,33 +239,34 @@ class LocalWorker:
             _fail(task, JobCancelledError("The worker stopped."))
 
     def _take(self, block: bool, room: int) -> list[_Task] | None:
-        """New jobs for this loop. When idle, wait for one, then briefly for others that arrive with it,
-        so a burst starts as one batch instead of a job alone followed by the rest: BATCH_WINDOW after
-        the first, longer (up to BATCH_WINDOW_MAX) while jobs already submitted are still being decoded."""
+        """New jobs for this loop: those queued, and when idle, first a wait for one. A job alone starts at
+        once; but while jobs already submitted are still being decoded, the worker waits for them (up to
+        BATCH_WINDOW), so a burst starts as one batch instead of a job alone followed by the rest."""
         tasks: list[_Task] = []
-        first = None
-        try:
-            while len(tasks) < max(room, 0) or (block and not tasks):
-                if block and not tasks:
-                    item = self._inbox.get()
-                    first = time.monotonic()
-                elif first is not None:
-                    window = BATCH_WINDOW_MAX if self._preparing > 0 else BATCH_WINDOW
-                    remaining = first + window - time.monotonic()
-                    if remaining <= 0:  # the window is over: take what is already here, then go
-                        first = None
-                        continue
-                    try:
-                        item = self._inbox.get(timeout=min(remaining, 0.01))
-                    except queue.Empty:
-                        continue
-                else:
-                    item = self._inbox.get_nowait()
-                if item is None:
-                    return None
-                tasks.append(item)
-        except queue.Empty:
-            pass
+        if block:
+            item = self._inbox.get()
+            if item is None:
+                return None
+            tasks.append(item)
+        deadline = time.monotonic() + BATCH_WINDOW
+        while len(tasks) < room:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                with self._preparing_lock:
+                    coming = self._preparing > 0 and self._inbox.empty()
+                remaining = deadline - time.monotonic()
+                if not (block and coming and remaining > 0):
+                    break
+                try:
+                    item = self._inbox.get(timeout=min(remaining, 0.01))
+                except queue.Empty:
+                    continue
+            if item is None:  # shutting down: the jobs taken with it won't run
+                for task in tasks:
+                    _fail(task, JobCancelledError("The worker stopped."))
+                return None
+            tasks.append(item)
         return tasks
 
     def _admit(self, tasks: list[_Task]) -> list[_Task]:

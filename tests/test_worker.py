@@ -245,6 +245,50 @@ async def test_a_burst_whose_inputs_decode_slowly_still_starts_as_one_batch(tiny
     assert all(o.png.startswith(b"\x89PNG") for o in outcomes)
 
 
+async def test_a_job_alone_starts_without_waiting_for_company(tiny_models):
+    """Nothing else submitted: the worker does not hold a lone job back in the hope of a batch (the old
+    fixed 50 ms window was a cost every quiet server's users paid on every edit)."""
+    worker = await _started_worker(tiny_models, max_batch=8)
+    waits, get = [], worker._inbox.get
+
+    def watched_get(block=True, timeout=None):
+        if timeout is not None:
+            waits.append(timeout)
+        return get(block, timeout)
+
+    worker._inbox.get = watched_get
+    try:
+        for i in range(2):
+            outcome = await worker.run(_job(f"{i:032x}", i, steps=2))
+            assert outcome.png.startswith(b"\x89PNG")
+    finally:
+        worker.shutdown()
+    assert waits == []
+
+
+async def test_jobs_taken_with_the_stop_signal_are_failed_not_lost(tiny_models):
+    worker = LocalWorker(EngineSettings(device="cpu", max_side=64), loader=lambda _s: tiny_models)
+    task_one, task_two = (_queued_task(worker, i) for i in range(2))
+    worker._inbox.put(task_one)
+    worker._inbox.put(None)
+    assert worker._take(block=True, room=4) is None
+    worker._inbox.put(task_two)
+    worker._inbox.put(None)
+    assert worker._take(block=False, room=4) is None
+    for task in (task_one, task_two):
+        with pytest.raises(JobCancelledError):
+            task.future.result(timeout=0)
+
+
+def _queued_task(worker: LocalWorker, i: int):
+    import concurrent.futures
+
+    from mgie_engine.worker import _Task
+
+    return _Task(job=_job(f"{i:032x}", i), progress=lambda *a: None, cancel=None,
+                 future=concurrent.futures.Future())
+
+
 async def test_a_compiling_worker_warms_up_before_it_is_ready_and_keeps_its_kernels(tiny_models, tmp_path,
                                                                                    monkeypatch, caplog):
     """With compiled steps (CUDA), the first shapes are compiled at load, while the bot says "warming
