@@ -207,12 +207,14 @@ class LocalWorker:
         return await asyncio.wrap_future(future)
 
     def _prepare_input(self, job: EditJob) -> Any:
+        """Decode and fit the input, then do both stages' CPU preprocessing (``MgiePipeline.prepare``)."""
         from .images import load_image, prepare_image
 
         try:
             image = load_image(job.image)
             if self.pipeline is not None:
-                return prepare_image(image, self.pipeline.max_side, self.pipeline.models.vae_scale_factor)
+                pipe = self.pipeline
+                return pipe.prepare(prepare_image(image, pipe.max_side, pipe.models.vae_scale_factor))
             return image
         except MgieError as err:
             return err
@@ -272,7 +274,7 @@ class LocalWorker:
     def _admit(self, tasks: list[_Task]) -> list[_Task]:
         """Decode, run the language model for all new jobs at once, and set up their denoising."""
         from .images import load_image, prepare_image
-        from .pipeline import DenoiseJob, EditRequest, check_request
+        from .pipeline import DenoiseJob, EditRequest, PreparedImage, check_request
 
         pipe, ready = self.pipeline, []
         for task in tasks:
@@ -285,8 +287,9 @@ class LocalWorker:
                 request = check_request(EditRequest(image=None, instruction=task.job.instruction, seed=task.job.seed,
                                                     text_cfg=task.job.text_cfg, image_cfg=task.job.image_cfg,
                                                     steps=task.job.steps, history=task.job.history))
-                task.image = prepare_image(task.image or load_image(task.job.image), pipe.max_side,
-                                           pipe.models.vae_scale_factor)
+                if not isinstance(task.image, PreparedImage):  # decoded before the model was loaded
+                    task.image = pipe.prepare(prepare_image(task.image or load_image(task.job.image), pipe.max_side,
+                                                            pipe.models.vae_scale_factor))
                 task.job = dataclasses.replace(task.job, instruction=request.instruction, history=request.history)
             except MgieError as err:
                 _fail(task, err)

@@ -99,3 +99,21 @@ def test_starting_jobs_together_equals_starting_each_alone(tiny_models):
         torch.testing.assert_close(state.image_latents, alone.image_latents, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(state.latents, alone.latents, rtol=0, atol=0)
     assert together[0].image_latents.shape != together[1].image_latents.shape  # two sizes, two encodes
+
+
+def test_images_prepared_alone_on_other_threads_give_the_stages_what_batch_preprocessing_gives(tiny_models):
+    """A worker prepares each input on its CPU threads (``MgiePipeline.prepare``); the pixels and the cache
+    key must be exactly those the stages would compute from the images themselves."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pipe = MgiePipeline(tiny_models, max_side=64)
+    images = [prepare_image(make_image(64, 48, seed), 64) for seed in range(3)]
+    with ThreadPoolExecutor(3) as pool:
+        prepared = list(pool.map(pipe.prepare, images))
+    clip = tiny_models.vision_processor.preprocess(images, return_tensors="pt")["pixel_values"]
+    assert torch.equal(torch.stack([p.clip_pixels for p in prepared]), clip)
+    assert torch.equal(torch.stack([p.vae_pixels for p in prepared]), pipe.image_processor.preprocess(images))
+    assert len({p.key for p in prepared}) == 3
+    first, cached = pipe.guidance(images[0], "make it snowy")
+    again, cached_again = pipe.guidance(prepared[0], "make it snowy")
+    assert (cached, cached_again) == (False, True) and again is first
