@@ -179,7 +179,8 @@ class GreedyDecoder:
         checked = len(run) - 2 if len(run) >= 4 else 0
         self.pack()
         b = self._buffers(n, width, max_new, checked)
-        self._prefill(b, ids, embeds, mask)
+        with torch.profiler.record_function("llm.prefill"):
+            self._prefill(b, ids, embeds, mask)
         use_graph = self.graphs and max_new > 1
         if use_graph and b.graph is None:
             try:

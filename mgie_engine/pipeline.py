@@ -456,30 +456,32 @@ class MgiePipeline:
         """
         m = self.models
         self._stage("language")
-        prompts = self.prompt_inputs_many(items)
-        lengths = [len(ids) for ids, _ in prompts]
-        cuda = m.device.type == "cuda"
-        width = -(-max(lengths) // 64) * 64 if cuda else max(lengths)
-        n, pad = len(prompts), m.llm.config.pad_token_id or 0
-        ids = torch.full((n, width), pad, device=m.device, dtype=torch.long)
-        embeds = torch.zeros(n, width, prompts[0][1].shape[-1], device=m.device, dtype=prompts[0][1].dtype)
-        mask = torch.zeros(n, width, device=m.device, dtype=torch.long)
-        for i, (prompt_ids, emb) in enumerate(prompts):
-            ids[i, width - lengths[i]:] = torch.tensor(prompt_ids, device=m.device)
-            embeds[i, width - lengths[i]:] = emb[0]
-            mask[i, width - lengths[i]:] = 1
+        with torch.profiler.record_function("llm.prompt"):  # sub-stages are named for bench/profile_engine.py
+            prompts = self.prompt_inputs_many(items)
+            lengths = [len(ids) for ids, _ in prompts]
+            cuda = m.device.type == "cuda"
+            width = -(-max(lengths) // 64) * 64 if cuda else max(lengths)
+            n, pad = len(prompts), m.llm.config.pad_token_id or 0
+            ids = torch.full((n, width), pad, device=m.device, dtype=torch.long)
+            embeds = torch.zeros(n, width, prompts[0][1].shape[-1], device=m.device, dtype=prompts[0][1].dtype)
+            mask = torch.zeros(n, width, device=m.device, dtype=torch.long)
+            for i, (prompt_ids, emb) in enumerate(prompts):
+                ids[i, width - lengths[i]:] = torch.tensor(prompt_ids, device=m.device)
+                embeds[i, width - lengths[i]:] = emb[0]
+                mask[i, width - lengths[i]:] = 1
         eos, img = m.token_ids.eos, m.token_ids.img
         rows, states = self._decoder.decode(
             ids, embeds, mask, MAX_NEW_TOKENS, lambda row: row[-1] in eos or _visual_tokens_complete(row, img), cancel,
             run=img)
         answers, visual = [], []
-        for i, ((prompt_ids, _), row) in enumerate(zip(prompts, rows, strict=True)):
-            new, early = _answer(row, eos, img)
-            # One last-layer state per position but the last: the prompt's, then those the answer's tokens gave.
-            hidden = states[i, width - lengths[i]:width + len(new) - 1]
-            visual.append(select_visual_states(list(prompt_ids) + new, hidden, img[0], early))
-            answers.append((new, early))
-        embeds = m.edit_head(torch.stack(visual), m.img_embeds)  # one call for the batch, not one per job
+        with torch.profiler.record_function("llm.edit_head"):
+            for i, ((prompt_ids, _), row) in enumerate(zip(prompts, rows, strict=True)):
+                new, early = _answer(row, eos, img)
+                # One last-layer state per position but the last: the prompt's, then those its answer gave.
+                hidden = states[i, width - lengths[i]:width + len(new) - 1]
+                visual.append(select_visual_states(list(prompt_ids) + new, hidden, img[0], early))
+                answers.append((new, early))
+            embeds = m.edit_head(torch.stack(visual), m.img_embeds)  # one call for the batch, not one per job
         return [Guidance(expressive_instruction=clean_expressive(m.decode(new)), new_token_ids=tuple(new),
                          prompt_embeds=embeds[i:i + 1].clone(), stopped_early=early)
                 for i, (new, early) in enumerate(answers)]
