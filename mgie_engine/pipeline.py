@@ -681,7 +681,10 @@ class MgiePipeline:
         self._stage("diffusion")
         mark_sizes_dynamic(latents)
         decoded = self._vae_decode(latents)
-        images = self.image_processor.postprocess(decoded, output_type="pil")
+        # diffusers' postprocess (denormalize, x255 in float32, round half to even, uint8) done on the GPU,
+        # so only bytes cross to the CPU and the GPU thread skips ~3 ms of numpy per 512x512 image.
+        pixels = (self.image_processor.denormalize(decoded).float() * 255).round().to(torch.uint8)
+        images = [PIL.Image.fromarray(a) for a in pixels.permute(0, 2, 3, 1).cpu().numpy()]
         return images if latents.shape[0] > 1 else images[0]
 
 

@@ -332,6 +332,7 @@ class LocalWorker:
                     states.append(None)
         admitted = []
         for task, state in zip(ready, states, strict=True):
+            task.image = None  # its prepared pixels (megabytes a job) are no longer needed
             if state is None:
                 continue
             task.state = state

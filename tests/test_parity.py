@@ -120,3 +120,17 @@ def test_a_cancelled_decode_stops_with_the_cancel_error(tiny_models_babbling):
     pipe = MgiePipeline(tiny_models_babbling, max_side=64)
     with pytest.raises(JobCancelledError):
         pipe.run_language_model(make_image(64, 64, 2), "make it night", cancel=cancel)
+
+
+def test_decoded_pixels_are_exactly_diffusers_postprocess(tiny_models):
+    """The engine turns decoded pixels into bytes on the device; the bytes must be diffusers' own."""
+    pipe = MgiePipeline(tiny_models, max_side=64)
+    latents = torch.randn(3, 4, 6, 8, generator=torch.Generator().manual_seed(0)) * 3  # values past [-1, 1] too
+    images = pipe.decode_latents(latents)
+    with torch.inference_mode():
+        decoded = tiny_models.vae.decode(latents / tiny_models.vae.config.scaling_factor, return_dict=False)[0]
+    expected = pipe.image_processor.postprocess(decoded, output_type="pil")
+    assert [im.size for im in images] == [(64, 48)] * 3
+    for ours, theirs in zip(images, expected, strict=True):
+        assert ours.mode == theirs.mode == "RGB"
+        assert np.array_equal(np.asarray(ours), np.asarray(theirs))
