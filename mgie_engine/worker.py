@@ -256,9 +256,11 @@ class LocalWorker:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 with self._preparing_lock:
-                    coming = self._preparing > 0 and self._inbox.empty()
+                    preparing, arrived = self._preparing, not self._inbox.empty()
+                if arrived:  # came in just now
+                    continue
                 remaining = deadline - time.monotonic()
-                if not (block and coming and remaining > 0):
+                if not (block and preparing and remaining > 0):
                     break
                 try:
                     item = self._inbox.get(timeout=min(remaining, 0.01))
