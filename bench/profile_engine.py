@@ -107,8 +107,8 @@ def main() -> int:
     p.add_argument("--only-llm", action="store_true", help="just the decoder: eager against compiled layers")
     p.add_argument("--only-vae", action="store_true", help="just the VAE: eager against compiled, NCHW and NHWC")
     p.add_argument("--variants", default="graphs,conv1x1mm,coordinate",
-                   help="comma list of: eager, graphs, conv1x1mm, coordinate, combo, aggressive, layout (or one of its static, nolayout, symbolic, forced), fused_qkv, "
-                        "autotune")
+                   help="comma list of: eager, graphs, conv1x1mm, coordinate, combo, aggressive, fused_qkv, autotune, "
+                        "layout (or one of its parts: static, nolayout, symbolic, forced)")
     p.add_argument("--rows", default="3,96", help="UNet batch sizes to time each variant at")
     p.add_argument("--layout-off", action="store_true", help="combo and aggressive without layout optimization")
     p.add_argument("--sustain", type=int, default=0, help="also time this many back-to-back calls at 32+ rows")

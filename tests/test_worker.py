@@ -218,8 +218,8 @@ async def test_a_batched_stage_that_fails_falls_back_to_one_job_each(tiny_models
 
 
 async def test_a_burst_whose_inputs_decode_slowly_still_starts_as_one_batch(tiny_models):
-    """Jobs submitted together are one language batch even when decoding their inputs outlasts the
-    50 ms window: the worker waits (up to half a second) for inputs it knows are on their way."""
+    """Jobs submitted together are one language batch even when their inputs take several rounds of the
+    CPU threads to decode: the worker waits (up to BATCH_WINDOW) for inputs it knows are on their way."""
     import time
 
     from mgie_engine import worker as worker_module
@@ -241,7 +241,7 @@ async def test_a_burst_whose_inputs_decode_slowly_still_starts_as_one_batch(tiny
         outcomes = await asyncio.gather(*(worker.run(j) for j in jobs))
     finally:
         worker.shutdown()
-    assert batches[0] == len(jobs), batches  # three rounds of decoding: 120 ms, past BATCH_WINDOW
+    assert batches[0] == len(jobs), batches  # three rounds of decoding, 120 ms
     assert all(o.png.startswith(b"\x89PNG") for o in outcomes)
 
 
