@@ -108,6 +108,7 @@ def main() -> int:
     p.add_argument("--only-vae", action="store_true", help="just the VAE: eager against compiled, NCHW and NHWC")
     p.add_argument("--variants", default="graphs,conv1x1mm,coordinate",
                    help="comma list of: eager, graphs, conv1x1mm, coordinate, combo, aggressive, fused_qkv, autotune, "
+                        "engine (static, the engine's options), flash, efficient (the attention kernel), "
                         "layout (or one of its parts: static, nolayout, symbolic, forced)")
     p.add_argument("--rows", default="3,96", help="UNet batch sizes to time each variant at")
     p.add_argument("--layout-off", action="store_true", help="combo and aggressive without layout optimization")
@@ -242,7 +243,7 @@ def profile_stages(pipe: MgiePipeline, models, args, report: dict) -> None:
 
 def decoder_variants(pipe: MgiePipeline, models, report: dict) -> None:
     """The LLM stage at batch 1 and 32 with eager layers, then compiled ones (same graphs otherwise)."""
-    from mgie_engine.decoding import GreedyDecoder
+    from mgie_engine import decoding
     from mgie_engine.pipeline import _WARM_UP_PROMPTS, NO_REPEAT_NGRAM
 
     cuda = models.device.type == "cuda"
@@ -250,15 +251,22 @@ def decoder_variants(pipe: MgiePipeline, models, report: dict) -> None:
     triples = [(pipe_image(pipe, x), x["instruction"], ()) for x in items]
     tokens = {}
     long_prompt = _WARM_UP_PROMPTS[1]
+    engine_options = decoding.LAYER_COMPILE_OPTIONS
     for label, compiled, checks in (("eager", False, True), ("no-check", True, False), ("compiled", True, True),
-                                    ("2 widths", True, True)):
+                                    ("2 widths", True, True), ("autotune", True, True)):
         # "no-check": compiled layers, but [IMG1]..[IMG7] decoded token by token instead of checked in one pass.
         # "2 widths": the compiled layers after a prompt of another width (the warm-up's long one), which
         # leaves dynamo a graph with a symbolic cache length, as a worker has after its warm-up.
+        # "autotune": the layers' matmuls tuned against Triton templates (the GEMVs of a batch-1 step run at
+        # ~2.8 TB/s in cuBLAS, short of the card's ~3.35).
         if label == "2 widths":
             pipe.run_language_models([(triples[0][0], *long_prompt)])
+            engine_decoder = pipe._decoder
         else:
-            pipe._decoder = GreedyDecoder(models.llm, NO_REPEAT_NGRAM, graphs=cuda, compile_layers=compiled and cuda)
+            decoding.LAYER_COMPILE_OPTIONS = {**engine_options, **({"max_autotune": True} if label == "autotune" else {})}
+            pipe._decoder = decoding.GreedyDecoder(models.llm, NO_REPEAT_NGRAM, graphs=cuda,
+                                                   compile_layers=compiled and cuda)
+            decoding.LAYER_COMPILE_OPTIONS = engine_options
             pipe._decoder._checks = checks
         for n in (1, 32):
             t0 = time.perf_counter()
@@ -277,14 +285,17 @@ def decoder_variants(pipe: MgiePipeline, models, report: dict) -> None:
             say(f"LLM stage {label:<9} batch {n:>2}: {statistics.median(runs):.3f} s median of 3 "
                 f"(first call {first:.1f} s), {new:.0f} new tokens per row, "
                 f"{statistics.median(runs) / new * 1000:.2f} ms per token step")
-    # Where one token step's GPU time goes (the step run without its graph, so kernels are named).
+    # Where one token step's GPU time goes (the engine's step run without its graph, so kernels are named).
+    pipe._decoder = engine_decoder
     if cuda:
         for n in (1, 32):
             profile_decode_step(pipe, triples[:n], report)
     for n in (1, 32):
         same = tokens[("eager", n)] == tokens[("compiled", n)] == tokens[("no-check", n)] == tokens[("2 widths", n)]
         report[f"llm_same_tokens_batch{n}"] = same
-        say(f"batch {n}: eager, compiled and run-checked decoding give the same tokens: {same}")
+        report[f"llm_autotune_same_tokens_batch{n}"] = tokens[("autotune", n)] == tokens[("eager", n)]
+        say(f"batch {n}: eager, compiled and run-checked decoding give the same tokens: {same}; "
+            f"autotuned: {report[f'llm_autotune_same_tokens_batch{n}']}")
 
 
 def profile_decode_step(pipe: MgiePipeline, triples, report: dict) -> None:
@@ -391,6 +402,21 @@ def unet_variants(models, dev, dtype, cuda: bool, args, t_start: float, report: 
                 torch._dynamo.reset()
                 label = f"static{', layout opt off' if args.layout_off else ''}+{name}"
                 measure(label, torch.compile(unet, dynamic=False, options={**base, **extra}))
+        if "engine" in chosen:  # the engine's options, static: the baseline for the variants below
+            torch._dynamo.reset()
+            measure("static, engine's options", torch.compile(unet, dynamic=False, options=UNET_COMPILE_OPTIONS))
+        # The attention kernel: cuDNN's is chosen by default on an H100; the UNet's heads are 40 wide at 64x64
+        # latents (4096 tokens), which flash attention pads to 64. Static with the engine's options.
+        for name, keep in (("flash", "flash"), ("efficient", "mem_efficient")):
+            if name in chosen:
+                toggles = ("cudnn", "flash", "mem_efficient")
+                saved = {t: getattr(torch.backends.cuda, f"{t}_sdp_enabled")() for t in toggles}
+                for t in toggles:
+                    getattr(torch.backends.cuda, f"enable_{t}_sdp")(t == keep)
+                torch._dynamo.reset()
+                measure(f"static, {name} attention", torch.compile(unet, dynamic=False, options=UNET_COMPILE_OPTIONS))
+                for t, on in saved.items():
+                    getattr(torch.backends.cuda, f"enable_{t}_sdp")(on)
         if chosen & {"layout", "static", "nolayout", "symbolic", "forced"}:
             # Inductor keeps activations channels-last between convolutions ("layout optimization") only when
             # no convolution input has symbolic sizes (decide_layout_opt in torch/_inductor/graph.py;

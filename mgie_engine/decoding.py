@@ -36,6 +36,8 @@ from .errors import JobCancelledError
 log = logging.getLogger(__name__)
 
 IsDone = Callable[[list[int]], bool]
+# Precision casts kept as eager rounds them, so the tokens stay those of the stock model.
+LAYER_COMPILE_OPTIONS = {"emulate_precision_casts": True}
 
 
 class _Buffers:
@@ -78,15 +80,14 @@ class GreedyDecoder:
         self._layer = _layer_function(llm)
         compile_layers = graphs if compile_layers is None else compile_layers
         # Compiled for the one-token step only; the prefill's width changes per batch and is GEMM bound.
-        # Precision casts are kept as eager rounds them, so the tokens stay those of the stock model.
-        self._step_layer = torch.compile(self._layer, fullgraph=True, options={"emulate_precision_casts": True}) \
+        self._step_layer = torch.compile(self._layer, fullgraph=True, options=LAYER_COMPILE_OPTIONS) \
             if compile_layers else self._layer
         layer = self._layer
 
         def run_check_layer(*args):  # its own code object, so the run check's width is its own compile
             return layer(*args)
 
-        self._check_layer = torch.compile(run_check_layer, fullgraph=True, options={"emulate_precision_casts": True}) \
+        self._check_layer = torch.compile(run_check_layer, fullgraph=True, options=LAYER_COMPILE_OPTIONS) \
             if compile_layers else layer
         self._checks = True  # False once checking a run failed to compile or record
 
