@@ -340,16 +340,16 @@ def unet_variants(models, dev, dtype, cuda: bool, args, t_start: float, report: 
 
     side = 64 if cuda else 16
 
-    def inputs(rows: int, size: tuple[int, int]):
-        return (torch.randn(rows, 8, *size, device=dev, dtype=dtype).to(memory_format=torch.channels_last),
+    def inputs(rows: int):
+        return (torch.randn(rows, 8, side, side, device=dev, dtype=dtype).to(memory_format=torch.channels_last),
                 torch.full((rows,), 500.0, device=dev), torch.randn(rows, 77, 768, device=dev, dtype=dtype))
 
-    def measure(label: str, fn, size: tuple[int, int] = (side, side), only_rows: int | None = None) -> None:
+    def measure(label: str, fn, only_rows: int | None = None) -> None:
         if time.perf_counter() - t_start > args.budget or (not cuda and "eager" not in label):
             say(f"skip {label}: over budget, or compiled on a CPU (proves nothing)")
             return
         for rows in [int(r) for r in args.rows.split(",") if only_rows in (None, int(r))] if cuda else (3,):
-            x, t, c = inputs(rows, size)
+            x, t, c = inputs(rows)
 
             def call(x=x, t=t, c=c):
                 torch.compiler.cudagraph_mark_step_begin()

@@ -330,6 +330,10 @@ class MgiePipeline:
             clip_pixels=self.models.vision_processor.preprocess([image], return_tensors="pt")["pixel_values"][0],
             vae_pixels=self.image_processor.preprocess([image])[0])
 
+    def fit_and_prepare(self, image: PIL.Image.Image) -> PreparedImage:
+        """Any input image, fitted to this pipeline's size (``images.prepare_image``), then ``prepare``d."""
+        return self.prepare(prepare_image(image, self.max_side, self.models.vae_scale_factor))
+
     def _as_prepared(self, image: ImageInput) -> PreparedImage:
         return image if isinstance(image, PreparedImage) else self.prepare(image)
 
@@ -341,9 +345,7 @@ class MgiePipeline:
         batches = warm_up_batches(self.max_side, max_jobs)
         for k, (count, size, guided) in enumerate(batches):
             started = time.perf_counter()
-            images = [self.prepare(prepare_image(PIL.Image.new("RGB", size, (40 * i, 90, 160)), self.max_side,
-                                                 self.models.vae_scale_factor))
-                      for i in range(count)]
+            images = [self.fit_and_prepare(PIL.Image.new("RGB", size, (40 * i, 90, 160))) for i in range(count)]
             instruction, history = _WARM_UP_PROMPTS[k == 1]
             guidance = self.run_language_models([(image, instruction, history) for image in images])
             states = self.start_denoising_many([DenoiseJob(image, g.prompt_embeds, i, 7.5 if guided else 1.0, 1.5, 2)
@@ -366,7 +368,7 @@ class MgiePipeline:
         # 1. Check the options and fit the image (aspect ratio kept, sides a multiple of the VAE factor).
         request = check_request(request)
         with clock("preprocess"):
-            image = self.prepare(prepare_image(request.image, self.max_side, self.models.vae_scale_factor))
+            image = self.fit_and_prepare(request.image)
 
         # 2. CLIP + LLaVA write the expressive instruction; the edit head turns it into UNet conditioning.
         progress("language", 0, 1)

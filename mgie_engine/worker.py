@@ -208,14 +208,11 @@ class LocalWorker:
 
     def _prepare_input(self, job: EditJob) -> Any:
         """Decode and fit the input, then do both stages' CPU preprocessing (``MgiePipeline.prepare``)."""
-        from .images import load_image, prepare_image
+        from .images import load_image
 
         try:
             image = load_image(job.image)
-            if self.pipeline is not None:
-                pipe = self.pipeline
-                return pipe.prepare(prepare_image(image, pipe.max_side, pipe.models.vae_scale_factor))
-            return image
+            return self.pipeline.fit_and_prepare(image) if self.pipeline is not None else image
         except MgieError as err:
             return err
 
@@ -275,7 +272,7 @@ class LocalWorker:
 
     def _admit(self, tasks: list[_Task]) -> list[_Task]:
         """Decode, run the language model for all new jobs at once, and set up their denoising."""
-        from .images import load_image, prepare_image
+        from .images import load_image
         from .pipeline import DenoiseJob, EditRequest, PreparedImage, check_request
 
         pipe, ready = self.pipeline, []
@@ -290,8 +287,7 @@ class LocalWorker:
                                                     text_cfg=task.job.text_cfg, image_cfg=task.job.image_cfg,
                                                     steps=task.job.steps, history=task.job.history))
                 if not isinstance(task.image, PreparedImage):  # decoded before the model was loaded
-                    task.image = pipe.prepare(prepare_image(task.image or load_image(task.job.image), pipe.max_side,
-                                                            pipe.models.vae_scale_factor))
+                    task.image = pipe.fit_and_prepare(task.image or load_image(task.job.image))
                 task.job = dataclasses.replace(task.job, instruction=request.instruction, history=request.history)
             except MgieError as err:
                 _fail(task, err)
