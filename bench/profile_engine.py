@@ -1,7 +1,7 @@
 """Where an edit's GPU time goes: a profile of one edit plus UNet, LLM and VAE variants, full size, one GPU.
 
     python3 bench/profile_engine.py --tokenizer-dir DIR [--out DIR] [--budget SECONDS]
-        [--only-unet [--variants LIST] [--rows 3,96] | --only-llm | --only-vae]
+        [--only-unet [--variants LIST] [--rows 3,96] | --only-llm | --only-vae | --only-kernels]
 
 Prints, per stage, wall time against the time the GPU was busy (a gap means Python or launch
 overhead, not kernels), the heaviest kernels, and UNet call times at batch 3 and 96 for several
@@ -106,6 +106,9 @@ def main() -> int:
     p.add_argument("--only-unet", action="store_true", help="just the UNet variants")
     p.add_argument("--only-llm", action="store_true", help="just the decoder: eager against compiled layers")
     p.add_argument("--only-vae", action="store_true", help="just the VAE: eager against compiled, NCHW and NHWC")
+    p.add_argument("--only-kernels", action="store_true",
+                   help="just kernel choices, no models: attention backends at the UNet's and decoder's shapes, "
+                        "the decoder's batch-1 matmuls in cuBLAS against autotuned ones")
     p.add_argument("--variants", default="graphs,conv1x1mm,coordinate",
                    help="comma list of: eager, graphs, conv1x1mm, coordinate, combo, aggressive, fused_qkv, autotune, "
                         "engine (static, the engine's options), flash, efficient (the attention kernel), "
@@ -119,6 +122,10 @@ def main() -> int:
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda:0" if cuda else "cpu")
     dtype = torch.float16 if cuda else torch.float32
+    if args.only_kernels:
+        report = {"card": torch.cuda.get_device_name(0) if cuda else "cpu (dry run, small dims)"}
+        kernel_variants(dev, dtype, report)
+        return finish(args, t_start, report)
     models = build(dev, dtype, args.tokenizer_dir, small=not cuda)
     report: dict = {"card": torch.cuda.get_device_name(0) if cuda else "cpu (dry run, small dims)"}
 
@@ -167,6 +174,92 @@ def vae_variants(models, report: dict) -> None:
                     out[f"{op}_{name}_batch{n}"] = ms
                     say(f"VAE {op} {name} batch {n}: {ms:.1f} ms (incl. build {time.perf_counter() - t0:.0f} s)")
         vae.to(memory_format=torch.contiguous_format)
+
+
+# SD-1.5's UNet on 64x64 latents: (tokens, heads, head dim, transformer blocks) per resolution; each block has
+# a self-attention over its tokens and a cross-attention over the 77 conditioning states.
+UNET_ATTENTION = ((4096, 8, 40, 5), (1024, 8, 80, 5), (256, 8, 160, 5), (64, 8, 160, 1))
+SDP_BACKENDS = ("cudnn", "flash", "efficient")
+
+
+def sdpa_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, mask: torch.Tensor | None = None
+            ) -> float | None:
+    """One attention call's GPU time with only ``backend`` allowed; None where it cannot run the shape."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    chosen = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+              "efficient": SDPBackend.EFFICIENT_ATTENTION}[backend]
+    try:
+        with sdpa_kernel([chosen]):
+            return gpu_time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    except RuntimeError:
+        return None
+
+
+def kernel_variants(dev: torch.device, dtype: torch.dtype, report: dict) -> None:
+    """Kernel choices timed alone (seconds, not a compile each): which attention backend is fastest at the
+    UNet's shapes (one edit's 3 rows, a burst's 96) and at the decoder's token step with its cache mask,
+    and how close the batch-1 token step's matmuls come to the card's bandwidth in cuBLAS and autotuned."""
+    cuda = dev.type == "cuda"
+    out: dict = {}
+    report["kernels"] = out
+    scale = 1 if cuda else 16  # a dry run on a CPU shrinks every size
+    with torch.inference_mode():
+        for rows in (3, 96) if cuda else (3,):
+            totals = dict.fromkeys(SDP_BACKENDS, 0.0)
+            for tokens, heads, dim, blocks in UNET_ATTENTION:
+                tokens = max(1, tokens // scale)
+                # As diffusers' attention processor hands them over: (rows, tokens, heads, dim) transposed.
+                q = torch.randn(rows, tokens, heads, dim, device=dev, dtype=dtype).transpose(1, 2)
+                ctx = torch.randn(rows, 77, heads, dim, device=dev, dtype=dtype).transpose(1, 2)
+                line = []
+                for backend in SDP_BACKENDS:
+                    self_ms, cross_ms = sdpa_ms(q, q, q, backend), sdpa_ms(q, ctx, ctx, backend)
+                    out[f"unet_rows{rows}_{tokens}x{dim}_{backend}"] = (self_ms, cross_ms)
+                    if self_ms is None or cross_ms is None or totals[backend] is None:
+                        totals[backend] = None
+                    else:
+                        totals[backend] += blocks * (self_ms + cross_ms)
+                    line.append(f"{backend} " + ("n/a" if self_ms is None or cross_ms is None
+                                                 else f"{self_ms:.3f}+{cross_ms:.3f}"))
+                say(f"UNet attention, {rows} rows, {tokens} tokens x {heads} heads x {dim} (self+cross ms): "
+                    + ", ".join(line))
+            out[f"unet_rows{rows}_total_ms"] = totals
+            say(f"UNet attention, {rows} rows, one call's 16 blocks: " + ", ".join(
+                f"{b} {'n/a' if t is None else f'{t:.2f} ms'}" for b, t in totals.items()))
+        # The decoder's token step: one query per row against the whole cache (480 columns), boolean mask.
+        for n in (1, 32):
+            q = torch.randn(n, 32 // (scale if not cuda else 1), 1, 128 // scale, device=dev, dtype=dtype)
+            kv = torch.randn(n, q.shape[1], 480 // scale, q.shape[3], device=dev, dtype=dtype)
+            mask = torch.ones(n, 1, 1, kv.shape[2], device=dev, dtype=torch.bool)
+            mask[..., kv.shape[2] * 9 // 10:] = False
+            line = []
+            for backend in SDP_BACKENDS:
+                ms = sdpa_ms(q, kv, kv, backend, mask)
+                out[f"decode_batch{n}_{backend}"] = ms
+                line.append(f"{backend} " + ("n/a" if ms is None else f"{ms * 1000:.1f} us"))
+            say(f"decoder attention, batch {n}, one layer: " + ", ".join(line))
+        # The batch-1 token step's matmuls (LLaMA-7B: q/k/v packed, o, gate/up packed, down, lm_head).
+        hidden = 4096 // scale
+        shapes = {"qkv": (3 * hidden, hidden), "o": (hidden, hidden), "gate_up": (2 * 11008 // scale, hidden),
+                  "down": (hidden, 11008 // scale), "lm_head": (32000 // scale, hidden)}
+        tuned = torch.compile(torch.nn.functional.linear, mode="max-autotune-no-cudagraphs") if cuda else None
+        for name, (rows_out, cols) in shapes.items():
+            w = torch.randn(rows_out, cols, device=dev, dtype=dtype)
+            x = torch.randn(1, 1, cols, device=dev, dtype=dtype)
+            gbytes = w.numel() * w.element_size() / 1e9
+            ms = gpu_time(lambda w=w, x=x: torch.nn.functional.linear(x, w), repeat=50)
+            line = f"cuBLAS {ms * 1000:.1f} us ({gbytes / ms:.2f} TB/s)"
+            out[f"gemv_{name}_cublas_ms"] = ms
+            if tuned is not None:
+                try:
+                    t_ms = gpu_time(lambda w=w, x=x: tuned(x, w), repeat=50)
+                    same = torch.equal(tuned(x, w), torch.nn.functional.linear(x, w))
+                    out[f"gemv_{name}_autotuned_ms"] = t_ms
+                    line += f", autotuned {t_ms * 1000:.1f} us ({gbytes / t_ms:.2f} TB/s, same result: {same})"
+                except Exception as exc:  # reported, not fatal
+                    line += f", autotuned failed: {exc!r}"[:200]
+            say(f"token step matmul {name} {rows_out}x{cols}: {line}")
 
 
 def profile_stages(pipe: MgiePipeline, models, args, report: dict) -> None:

@@ -57,3 +57,11 @@ def test_profile_script_runs_its_stage_profile_decoder_and_unet_variants(tokeniz
     log = _run("profile_engine.py", "--tokenizer-dir", str(tokenizer_dir), "--only-unet", "--out", str(tmp_path / "unet"),
                "--variants", "eager,engine,combo,aggressive,flash,efficient,layout", "--sustain", "2")
     assert "UNet eager" in log and log.count("skip ") == 9
+
+
+def test_kernel_choices_script_times_every_backend_and_matmul(tmp_path):
+    _run("profile_engine.py", "--tokenizer-dir", str(tmp_path), "--only-kernels", "--out", str(tmp_path))
+    kernels = json.loads((tmp_path / "profile.json").read_text())["kernels"]
+    assert kernels["unet_rows3_total_ms"]["flash"] > 0 or kernels["unet_rows3_total_ms"]["cudnn"] > 0
+    assert {f"gemv_{name}_cublas_ms" for name in ("qkv", "o", "gate_up", "down", "lm_head")} <= set(kernels)
+    assert {"decode_batch1_cudnn", "decode_batch32_efficient"} <= set(kernels)
