@@ -8,11 +8,13 @@ the demo's ``generate`` call (greedy, ``no_repeat_ngram_size=3``), stopping as s
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import dataclasses
 import hashlib
 import inspect
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -27,6 +29,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .conversation import build_edit_prompt
 from .decoding import GreedyDecoder
 from .errors import JobCancelledError
+from .graphs import GraphedCall
 from .images import fit_size, prepare_image
 from .instructions import clean_expressive, normalize_instruction
 from .models import MgieModels
@@ -119,16 +122,34 @@ class EditRequest:
 class PreparedImage:
     """A fitted input image with the CPU work both stages need done ahead: the LLM cache's key, CLIP's
     pixels and the VAE's. ``MgiePipeline.prepare`` makes it on any thread, so a worker does it beside its
-    GPU thread (~15 ms a job on a small CPU: for a burst of 32, half a second the GPU would wait for)."""
+    GPU thread (~15 ms a job on a small CPU: for a burst of 32, half a second the GPU would wait for).
+    The VAE's pixels, needed only after the language stage, are made on another thread meanwhile."""
 
     image: PIL.Image.Image
     key: str  # sha256 of the pixels
     clip_pixels: torch.Tensor  # (3, h, w) float32: the vision processor's output
-    vae_pixels: torch.Tensor  # (3, H, W) float32 in [-1, 1]: the VAE image processor's output
+    vae_batch: concurrent.futures.Future  # of (1, 3, H, W) float32 in [-1, 1]: the VAE image processor's output
+
+    @property
+    def vae_pixels(self) -> torch.Tensor:
+        return self.vae_batch.result()[0]
 
     @property
     def size(self) -> tuple[int, int]:
         return self.image.size
+
+
+_vae_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_vae_pool_lock = threading.Lock()
+
+
+def _vae_preprocessing() -> concurrent.futures.ThreadPoolExecutor:
+    global _vae_pool
+    with _vae_pool_lock:
+        if _vae_pool is None:
+            _vae_pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                                                              thread_name_prefix="mgie-vae-pixels")
+        return _vae_pool
 
 
 ImageInput = PIL.Image.Image | PreparedImage
@@ -306,8 +327,31 @@ class MgiePipeline:
         self._home_latents = (side, side)
         self._home_jobs: set[int] = set()  # padded job counts the static step serves (set by warm_up)
         self._vae_encode, self._vae_decode = vae_functions(models.vae, compiled=self._graphs)
+        # The small eager parts of an edit replayed as CUDA graphs (graphs.py): CLIP and its projector,
+        # the edit head, and one job's VAE encode and decode (larger batches keep the GPU busy as they are).
+        # Not under offload, where the weights they read come and go.
+        recorded = cuda and not offload
+
+        def vision_features(pixels: torch.Tensor) -> torch.Tensor:
+            states = models.vision(pixels, output_hidden_states=True).hidden_states[models.vision_select_layer]
+            return models.projector(states[:, 1:].to(models.dtype))
+
+        def decode_to_bytes(latents: torch.Tensor) -> torch.Tensor:
+            # diffusers' postprocess (denormalize, x255 in float32, round half to even, uint8) on the GPU,
+            # so only bytes cross to the CPU and the GPU thread skips ~3 ms of numpy per 512x512 image.
+            decoded = self._vae_decode(latents)
+            return (self.image_processor.denormalize(decoded).float() * 255).round().to(torch.uint8)
+
+        self._vision_features = GraphedCall(vision_features, "CLIP", enabled=recorded)
+        self._edit_head = GraphedCall(lambda hidden: models.edit_head(hidden, models.img_embeds), "edit head",
+                                      enabled=recorded)
+        self._decode_bytes = decode_to_bytes
+        self._decode_one = GraphedCall(decode_to_bytes, "VAE decode", keep=4, enabled=recorded, mark=mark_sizes_dynamic)
+        self._encode_one = GraphedCall(self._vae_encode, "VAE encode", keep=4, enabled=recorded,
+                                       mark=mark_sizes_dynamic)
         self._pads: dict[tuple, tuple[list[torch.Tensor], ...]] = {}
         self._schedulers: dict[int, Any] = {}
+        self._schedules: dict[int, torch.Tensor] = {}  # step count -> _step_scalars' first five columns
         self.image_processor = VaeImageProcessor(vae_scale_factor=models.vae_scale_factor)
         self._fusable = (models.scheduler_class.__name__ == "EulerAncestralDiscreteScheduler"
                          and models.scheduler_config.get("prediction_type", "epsilon") == "epsilon")
@@ -325,10 +369,11 @@ class MgiePipeline:
 
     def prepare(self, image: PIL.Image.Image) -> PreparedImage:
         """The CPU side of both stages for an image already fitted (``images.prepare_image``); thread-safe."""
+        vae_batch = _vae_preprocessing().submit(self.image_processor.preprocess, [image])
         return PreparedImage(
             image=image, key=hashlib.sha256(image.tobytes()).hexdigest(),
             clip_pixels=self.models.vision_processor.preprocess([image], return_tensors="pt")["pixel_values"][0],
-            vae_pixels=self.image_processor.preprocess([image])[0])
+            vae_batch=vae_batch)
 
     def fit_and_prepare(self, image: PIL.Image.Image) -> PreparedImage:
         """Any input image, fitted to this pipeline's size (``images.prepare_image``), then ``prepare``d."""
@@ -428,8 +473,7 @@ class MgiePipeline:
         """``prompt_inputs`` for several jobs, with one CLIP call for all their images."""
         m = self.models
         pixels = torch.stack([self._as_prepared(image).clip_pixels for image, _, _ in items]).to(m.device, m.dtype)
-        states = m.vision(pixels, output_hidden_states=True).hidden_states[m.vision_select_layer][:, 1:]
-        features = m.projector(states.to(m.dtype))
+        features = self._vision_features(pixels)
         table = m.llm.get_input_embeddings()
         prompts = []
         for (_, instruction, history), feature in zip(items, features, strict=True):
@@ -483,7 +527,7 @@ class MgiePipeline:
                 hidden = states[i, width - lengths[i]:width + len(new) - 1]
                 visual.append(select_visual_states(list(prompt_ids) + new, hidden, img[0], early))
                 answers.append((new, early))
-            embeds = m.edit_head(torch.stack(visual), m.img_embeds)  # one call for the batch, not one per job
+            embeds = self._edit_head(torch.stack(visual))  # one call for the batch, not one per job
         return [Guidance(expressive_instruction=clean_expressive(m.decode(new)), new_token_ids=tuple(new),
                          prompt_embeds=embeds[i:i + 1].clone(), stopped_early=early)
                 for i, (new, early) in enumerate(answers)]
@@ -510,7 +554,8 @@ class MgiePipeline:
                 chunk = indices[start:start + ENCODE_BATCH]
                 pixels = torch.stack([images[i].vae_pixels for i in chunk]).to(m.device, m.dtype)
                 mark_sizes_dynamic(pixels)
-                for i, latents in zip(chunk, self._vae_encode(pixels), strict=True):
+                encode = self._encode_one if len(chunk) == 1 else self._vae_encode
+                for i, latents in zip(chunk, encode(pixels), strict=True):
                     latents_of[i] = latents.unsqueeze(0)
         return [self._denoise_state(job, latents_of[i]) for i, job in enumerate(jobs)]
 
@@ -564,14 +609,19 @@ class MgiePipeline:
 
     def _step_scalars(self, scheduler, text_cfg: float, image_cfg: float) -> torch.Tensor:
         """Per step: timestep, input scale, sigma, dt, sigma_up, CFGs (``guided_euler_ancestral_step``'s
-        ``scalars``), computed in float32 on the CPU as the scheduler computes them."""
-        sigma, sigma_to = scheduler.sigmas[:-1].float().cpu(), scheduler.sigmas[1:].float().cpu()
-        sigma_up = (sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2) ** 0.5
-        sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
-        n = len(sigma)
-        return torch.stack([scheduler.timesteps.float().cpu(), (sigma**2 + 1) ** 0.5, sigma, sigma_down - sigma, sigma_up,
-                            torch.full((n,), float(text_cfg)), torch.full((n,), float(image_cfg))],
-                           dim=1).to(self.models.device)
+        ``scalars``), computed in float32 on the CPU as the scheduler computes them, once per step count (reading
+        the scheduler's sigmas back from the GPU would wait for all queued work)."""
+        steps = len(scheduler.timesteps)
+        schedule = self._schedules.get(steps)
+        if schedule is None:
+            sigma, sigma_to = scheduler.sigmas[:-1].float().cpu(), scheduler.sigmas[1:].float().cpu()
+            sigma_up = (sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2) ** 0.5
+            sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+            schedule = torch.stack([scheduler.timesteps.float().cpu(), (sigma**2 + 1) ** 0.5, sigma, sigma_down - sigma,
+                                    sigma_up], dim=1)
+            self._schedules[steps] = schedule
+        cfgs = torch.tensor([[float(text_cfg), float(image_cfg)]]).expand(steps, 2)
+        return torch.cat([schedule, cfgs], dim=1).to(self.models.device)
 
     @torch.inference_mode()
     def denoise_step(self, states: Sequence[DenoiseState]) -> None:
@@ -682,10 +732,7 @@ class MgiePipeline:
         """VAE decode; a batch of latents gives a list of images, a single one an image."""
         self._stage("diffusion")
         mark_sizes_dynamic(latents)
-        decoded = self._vae_decode(latents)
-        # diffusers' postprocess (denormalize, x255 in float32, round half to even, uint8) done on the GPU,
-        # so only bytes cross to the CPU and the GPU thread skips ~3 ms of numpy per 512x512 image.
-        pixels = (self.image_processor.denormalize(decoded).float() * 255).round().to(torch.uint8)
+        pixels = (self._decode_one if latents.shape[0] == 1 else self._decode_bytes)(latents)
         images = [PIL.Image.fromarray(a) for a in pixels.permute(0, 2, 3, 1).cpu().numpy()]
         return images if latents.shape[0] > 1 else images[0]
 

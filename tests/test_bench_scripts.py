@@ -39,6 +39,7 @@ def test_speed_benchmark_runs_every_section(tokenizer_dir, tmp_path):
     assert report["complete"], out
     assert report["parity"]["same_tokens"] and report["parity"]["max_pixel_diff"] <= 1
     assert report["burst"]["edits"] == 2 and report["worker_latency"]["runs"] == 1
+    assert report["worker_parity"]["max_pixel_diff"] <= 1 and report["worker_parity"]["same_expressive_instruction"]
     assert {"latency_speedup", "refine_speedup", "worker_latency_speedup",
             "throughput_vs_reference_sequential"} <= set(report["ratios"])
     assert "burst of 2 (edits/s)" in out
