@@ -321,12 +321,33 @@ class StageTimer:
     """Wraps a worker pipeline's batch methods to time them (CUDA synchronized at both ends), for a
     breakdown of a burst; ``stop`` puts the methods back and returns calls and seconds per method."""
 
-    METHODS = ("guidance_many", "start_denoising_many", "denoise_step", "decode_many")
+    METHODS = ("guidance_many", "start_denoising_many", "denoise_step", "decode_queued")
 
     def __init__(self, pipe: MgiePipeline) -> None:
         self.pipe, self.totals = pipe, {m: {"calls": 0, "seconds": 0.0} for m in self.METHODS}
-        for name in self.METHODS:
+        for name in self.METHODS[:-1]:
             setattr(pipe, name, self._timed(name, getattr(pipe, name)))
+        pipe.decode_queued = self._timed_queue(pipe.decode_queued)
+
+    def _timed_queue(self, fn):
+        """Decodes are queued ahead of their collection (the worker overlaps them), so no synchronizing here:
+        a decode's time is its queueing plus the wait in its collect."""
+        totals = self.totals["decode_queued"]
+
+        def run(*a, **kw):
+            t0 = time.perf_counter()
+            collect = fn(*a, **kw)
+            queued = time.perf_counter() - t0
+
+            def timed_collect():
+                t1 = time.perf_counter()
+                try:
+                    return collect()
+                finally:
+                    totals["calls"] += 1
+                    totals["seconds"] += queued + time.perf_counter() - t1
+            return timed_collect
+        return run
 
     def _timed(self, name: str, fn):
         def run(*a, **kw):

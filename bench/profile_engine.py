@@ -28,7 +28,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 from full_size import build  # noqa: E402
 from mgie_bench import item, pipe_image, run_engine, sync, warm_up_home_shape_only  # noqa: E402
 
-from mgie_engine.pipeline import UNET_COMPILE_OPTIONS, MgiePipeline  # noqa: E402
+from mgie_engine.pipeline import HOME_STEP_OPTIONS, UNET_COMPILE_OPTIONS, MgiePipeline  # noqa: E402
 
 LOG: list[str] = []
 
@@ -111,7 +111,8 @@ def main() -> int:
                         "the decoder's batch-1 matmuls in cuBLAS against autotuned ones")
     p.add_argument("--variants", default="graphs,conv1x1mm,coordinate",
                    help="comma list of: eager, graphs, conv1x1mm, coordinate, combo, aggressive, fused_qkv, autotune, "
-                        "engine (static, the engine's options), flash, efficient (the attention kernel), "
+                        "engine (static, the engine's options), home (the home step's), pdl, homepdl (programmatic "
+                        "dependent launch), flash, efficient (the attention kernel), "
                         "layout (or one of its parts: static, nolayout, symbolic, forced)")
     p.add_argument("--rows", default="3,96", help="UNet batch sizes to time each variant at")
     p.add_argument("--layout-off", action="store_true", help="combo and aggressive without layout optimization")
@@ -498,6 +499,14 @@ def unet_variants(models, dev, dtype, cuda: bool, args, t_start: float, report: 
         if "engine" in chosen:  # the engine's options, static: the baseline for the variants below
             torch._dynamo.reset()
             measure("static, engine's options", torch.compile(unet, dynamic=False, options=UNET_COMPILE_OPTIONS))
+        # The home step's options (combo kernels on top), and programmatic dependent launch: on Hopper a Triton
+        # kernel may start while the one before it finishes. At 3 rows a step's ~650 kernels leave the GPU idle
+        # ~1 ms between them inside the graph (7.96 ms busy of 8.92, results/NVIDIA_H100-x1-profile-idle.log).
+        for name, options in (("home", HOME_STEP_OPTIONS), ("pdl", {**UNET_COMPILE_OPTIONS, "triton.enable_pdl": True}),
+                              ("homepdl", {**HOME_STEP_OPTIONS, "triton.enable_pdl": True})):
+            if name in chosen:
+                torch._dynamo.reset()
+                measure(f"static, {name}", torch.compile(unet, dynamic=False, options=options))
         # The attention kernel: cuDNN's is chosen by default on an H100; the UNet's heads are 40 wide at 64x64
         # latents (4096 tokens), which flash attention pads to 64. Static with the engine's options.
         for name, keep in (("flash", "flash"), ("efficient", "mem_efficient")):

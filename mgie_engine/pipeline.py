@@ -224,6 +224,11 @@ def _answer(tokens: list[int], eos: Sequence[int], img: Sequence[int]) -> tuple[
     return new, False
 
 
+def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat, without the copy for a lone tensor (a lone job's step inputs, 100 steps an edit)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
 def always_pass_upsample_size(unet: torch.nn.Module) -> None:
     """Make diffusers' UNet give every upsampler its skip connection's size, as it already does whenever a
     latent side is not a multiple of ``2**num_upsamplers``. For other sizes the result is the same (nearest
@@ -350,6 +355,8 @@ class MgiePipeline:
         self._encode_one = GraphedCall(self._vae_encode, "VAE encode", keep=4, enabled=recorded,
                                        mark=mark_sizes_dynamic)
         self._pads: dict[tuple, tuple[list[torch.Tensor], ...]] = {}
+        self._side_stream = torch.cuda.Stream(models.device) if cuda else None
+        self._side_encodes: torch.cuda.Event | None = None  # the last side-stream encodes, not yet waited for
         self._schedulers: dict[int, Any] = {}
         self._schedules: dict[int, torch.Tensor] = {}  # step count -> _step_scalars' first five columns
         self.image_processor = VaeImageProcessor(vae_scale_factor=models.vae_scale_factor)
@@ -442,8 +449,11 @@ class MgiePipeline:
         return self.guidance_many([(image, instruction, history)], cancel)[0]
 
     def guidance_many(self, items: Sequence[tuple[ImageInput, str, tuple[tuple[str, str], ...]]],
-                      cancel: CancelToken | None = None) -> list[tuple[Guidance, bool]]:
-        """Several jobs' LLM outputs: cached ones looked up, the rest decoded together in one batch."""
+                      cancel: CancelToken | None = None, alongside: Callable[[], None] | None = None,
+                      ) -> list[tuple[Guidance, bool]]:
+        """Several jobs' LLM outputs: cached ones looked up, the rest decoded together in one batch.
+        ``alongside`` is called once: as soon as the prompts' prefill is queued (so the GPU work it queues
+        runs beside the token steps), or at once if every output was cached."""
         items = [(self._as_prepared(image), instruction, history) for image, instruction, history in items]
         keys = [(image.key, image.size, instruction, history) for image, instruction, history in items]
         found: dict[tuple, Guidance] = {}
@@ -453,7 +463,10 @@ class MgiePipeline:
                     self._cache.move_to_end(key)
                     found[key] = self._cache[key]
         todo = {key: item for key, item in zip(keys, items, strict=True) if key not in found}
-        fresh = dict(zip(todo, self.run_language_models(list(todo.values()), cancel), strict=True)) if todo else {}
+        if not todo and alongside is not None:
+            alongside()
+        fresh = dict(zip(todo, self.run_language_models(list(todo.values()), cancel, alongside),
+                         strict=True)) if todo else {}
         with self._cache_lock:
             for key, result in fresh.items():
                 self._cache[key] = result
@@ -492,7 +505,8 @@ class MgiePipeline:
 
     @torch.inference_mode()
     def run_language_models(self, items: Sequence[tuple[ImageInput, str, tuple[tuple[str, str], ...]]],
-                            cancel: CancelToken | None = None) -> list[Guidance]:
+                            cancel: CancelToken | None = None, after_prefill: Callable[[], None] | None = None,
+                            ) -> list[Guidance]:
         """Greedy decoding of several prompts at once (left-padded), each stopping on its own.
 
         This is the demo's ``generate`` call (greedy, no_repeat_ngram_size=3, up to 96 new tokens) plus a
@@ -518,7 +532,7 @@ class MgiePipeline:
         eos, img = m.token_ids.eos, m.token_ids.img
         rows, states = self._decoder.decode(
             ids, embeds, mask, MAX_NEW_TOKENS, lambda row: row[-1] in eos or _visual_tokens_complete(row, img), cancel,
-            run=img)
+            run=img, after_prefill=after_prefill)
         answers, visual = [], []
         with torch.profiler.record_function("llm.edit_head"):
             for i, ((prompt_ids, _), row) in enumerate(zip(prompts, rows, strict=True)):
@@ -541,10 +555,42 @@ class MgiePipeline:
     @torch.inference_mode()
     def start_denoising_many(self, jobs: Sequence[DenoiseJob]) -> list[DenoiseState]:
         """``start_denoising`` for several jobs, VAE-encoding images of one size together (a burst's
-        encodes are otherwise 32 small launch-bound calls)."""
-        m = self.models
+        encodes are otherwise 32 small launch-bound calls), unless a job brings its latents
+        (``encode_images``)."""
         self._stage("diffusion")
-        images = [self._as_prepared(job.image) for job in jobs]
+        if self._side_encodes is not None:  # latents queued on the side stream are used from here on
+            torch.cuda.current_stream(self.models.device).wait_event(self._side_encodes)
+            self._side_encodes = None
+        todo = [i for i, job in enumerate(jobs) if job.image_latents is None]
+        encoded = dict(zip(todo, self._encode([jobs[i].image for i in todo]), strict=True))
+        return [self._denoise_state(job, job.image_latents if job.image_latents is not None else encoded[i])
+                for i, job in enumerate(jobs)]
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[ImageInput], side_stream: bool = False) -> list[torch.Tensor]:
+        """Each image's VAE latents (the distribution's mode), for ``DenoiseJob.image_latents``.
+
+        With ``side_stream`` on CUDA the encodes are queued on a second stream, and the current one waits for
+        them only in ``start_denoising_many``: a worker queues them while the language model decodes, whose
+        token steps are bound by memory bandwidth and leave the SMs room (a burst's 32 encodes took ~0.15 s
+        of GPU time on their own). Not under offload, where the VAE is off the GPU while the LLM runs.
+        """
+        if not (side_stream and self.models.device.type == "cuda" and self._residency is None):
+            self._stage("diffusion")
+            return self._encode(images)
+        main, side = torch.cuda.current_stream(self.models.device), self._side_stream
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            latents = self._encode(images)
+        for t in latents:
+            t.record_stream(main)  # freed later from the main stream's point of view
+        self._side_encodes = side.record_event()
+        return latents
+
+    def _encode(self, images: Sequence[ImageInput]) -> list[torch.Tensor]:
+        """VAE encodes on the current stream, same-size images ``ENCODE_BATCH`` at a time; (1, C, h, w) each."""
+        m = self.models
+        images = [self._as_prepared(image) for image in images]
         latents_of: dict[int, torch.Tensor] = {}
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, image in enumerate(images):
@@ -557,7 +603,7 @@ class MgiePipeline:
                 encode = self._encode_one if len(chunk) == 1 else self._vae_encode
                 for i, latents in zip(chunk, encode(pixels), strict=True):
                     latents_of[i] = latents.unsqueeze(0)
-        return [self._denoise_state(job, latents_of[i]) for i, job in enumerate(jobs)]
+        return [latents_of[i] for i in range(len(images))]
 
     def _denoise_state(self, job: DenoiseJob, image_latents: torch.Tensor) -> DenoiseState:
         m = self.models
@@ -574,13 +620,11 @@ class MgiePipeline:
         shape = (1, m.vae.config.latent_channels, *image_latents.shape[-2:])
         latents = randn_tensor(shape, generator=generator, device=m.device, dtype=m.dtype) * scheduler.init_noise_sigma
         if guided and self._fusable:
-            # Every step's ancestral noise now, from the job's generator in the scheduler's order
-            # (torch.randn is what randn_tensor calls for one generator on the job's device).
-            noise = torch.stack([torch.randn(shape, generator=generator, device=m.device, dtype=m.dtype)
-                                 for _ in range(len(scheduler.timesteps))])
+            # Each step draws its ancestral noise from the job's generator (``_fused_step``), in the order the
+            # scheduler would: drawn here ahead, a burst's start would launch 3200 of them at once.
             return DenoiseState(tag=job.tag, scheduler=scheduler, latents=latents, image_latents=image_latents,
                                 cond=cond, guided=True, text_cfg=text_cfg, image_cfg=image_cfg, step_kwargs={},
-                                noise=noise, scalars=self._step_scalars(scheduler, text_cfg, image_cfg))
+                                generator=generator, scalars=self._step_scalars(scheduler, text_cfg, image_cfg))
         extra = {}
         if self._step_takes_generator:
             extra["generator"] = generator
@@ -646,11 +690,14 @@ class MgiePipeline:
         n = len(states)
         pad = self._padded(n) - n
         pads = self._bucket_padding(states[0], pad) if pad else ([], [], [], [], [])
-        latents = torch.cat([s.latents for s in states] + pads[0])
-        image_latents = torch.cat([s.image_latents for s in states] + pads[1])
-        cond = torch.cat([s.cond for s in states] + pads[2])
+        latents = _joined([s.latents for s in states] + pads[0])
+        image_latents = _joined([s.image_latents for s in states] + pads[1])
+        cond = _joined([s.cond for s in states] + pads[2])
+        # Always a fresh tensor: a row of a job's table sits at an unaligned offset, a new input to the compiler.
         scalars = torch.cat([s.scalars[s.index:s.index + 1] for s in states] + pads[3])
-        noise = torch.cat([s.noise[s.index] for s in states] + pads[4])
+        # torch.randn is what randn_tensor (the scheduler's draw) calls for one generator on the job's device.
+        noise = _joined([torch.randn(s.latents.shape, generator=s.generator, device=s.latents.device,
+                                     dtype=s.latents.dtype) for s in states] + pads[4])
         home = n + pad in self._home_jobs and tuple(latents.shape[-2:]) == self._home_latents
         if not home:
             mark_sizes_dynamic(latents, image_latents, cond, scalars, noise)
@@ -670,7 +717,7 @@ class MgiePipeline:
                                [first.image_latents.new_zeros(3 * pad, *first.image_latents.shape[1:])],
                                [first.cond.new_zeros(3 * pad, *first.cond.shape[1:])],
                                [first.scalars.new_tensor([_PAD_SCALARS] * pad)],
-                               [first.noise.new_zeros(pad, *first.noise.shape[2:])])
+                               [first.latents.new_zeros(pad, *first.latents.shape[1:])])
         return self._pads[key]
 
     def _scheduler_step(self, states: Sequence[DenoiseState]) -> None:
@@ -724,17 +771,34 @@ class MgiePipeline:
 
     def decode_many(self, latents: Sequence[torch.Tensor]) -> list[PIL.Image.Image]:
         """Several jobs' latents (one size) through one VAE decode."""
-        images = self.decode_latents(torch.cat(list(latents)))
-        return images if isinstance(images, list) else [images]
+        return self.decode_queued(latents)()
 
-    @torch.inference_mode()
     def decode_latents(self, latents: torch.Tensor) -> list[PIL.Image.Image] | PIL.Image.Image:
         """VAE decode; a batch of latents gives a list of images, a single one an image."""
-        self._stage("diffusion")
-        mark_sizes_dynamic(latents)
-        pixels = (self._decode_one if latents.shape[0] == 1 else self._decode_bytes)(latents)
-        images = [PIL.Image.fromarray(a) for a in pixels.permute(0, 2, 3, 1).cpu().numpy()]
+        images = self.decode_queued([latents])()
         return images if latents.shape[0] > 1 else images[0]
+
+    @torch.inference_mode()
+    def decode_queued(self, latents: Sequence[torch.Tensor]) -> Callable[[], list[PIL.Image.Image]]:
+        """Queue one VAE decode of several jobs' latents (one size) without waiting for it; the function
+        returned waits and gives the images. A worker queues the next group's decode before it collects
+        this one, so the GPU does not wait while the CPU launches a decode's ~230 kernels and builds the
+        images of the one before (a burst's 32 results are 8 decodes)."""
+        self._stage("diffusion")
+        batch = torch.cat(list(latents))
+        mark_sizes_dynamic(batch)
+        pixels = (self._decode_one if batch.shape[0] == 1 else self._decode_bytes)(batch).permute(0, 2, 3, 1)
+        if pixels.device.type != "cuda":
+            return lambda: [PIL.Image.fromarray(a) for a in pixels.numpy()]
+        host = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
+        host.copy_(pixels, non_blocking=True)
+        copied = torch.cuda.current_stream(pixels.device).record_event()
+
+        def collect() -> list[PIL.Image.Image]:
+            copied.synchronize()
+            return [PIL.Image.fromarray(a) for a in host.numpy()]
+
+        return collect
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -748,6 +812,7 @@ class DenoiseJob:
     image_cfg: float
     steps: int
     tag: object = None
+    image_latents: torch.Tensor | None = None  # from ``encode_images``; encoded at the start when None
 
 
 @dataclasses.dataclass(eq=False)
@@ -764,7 +829,7 @@ class DenoiseState:
     image_cfg: float
     step_kwargs: dict
     index: int = 0
-    noise: torch.Tensor | None = None  # fused path: every step's ancestral noise, drawn ahead
+    generator: torch.Generator | None = None  # fused path: the job's, for each step's ancestral noise
     scalars: torch.Tensor | None = None  # fused path: per-step timestep, sigmas and CFGs
 
     @property

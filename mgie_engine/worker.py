@@ -66,7 +66,10 @@ class EditOutcome:
 
 ProgressCallback = Callable[[JobProgress], None]
 BATCH_WINDOW = 0.5  # at most this long an idle worker waits for jobs whose input is still being decoded
-CPU_THREADS = max(2, min(8, (os.cpu_count() or 2) // 2))  # input decoding and PNG encoding, beside the GPU thread
+# Input decoding and preprocessing, PNG encoding, beside the GPU thread (most of it in C that drops the GIL):
+# a burst's 32 inputs must be ready before its language batch starts. Two cores stay for the GPU thread and
+# the event loop.
+CPU_THREADS = max(2, min(12, (os.cpu_count() or 2) - 2))
 PROGRESS_EVERY = 20  # denoising progress events per job (the bot edits its message every 2 s anyway)
 
 
@@ -296,10 +299,20 @@ class LocalWorker:
             ready.append(task)
         if not ready:
             return []
+        encoded: list[Any] = []
+
+        def encode_alongside() -> None:
+            """The VAE encodes, queued beside the language model's token steps (``encode_images``)."""
+            try:
+                encoded.extend(pipe.encode_images([t.image for t in ready], side_stream=True))
+            except Exception:  # they are encoded at the start instead, where a failure fails only its job
+                log.exception("encoding %d images beside the language model failed on %s", len(ready), self.name)
+
         started = time.perf_counter()
         try:
             self._fault("language", ready)
-            results = pipe.guidance_many([(t.image, t.job.instruction, t.job.history) for t in ready])
+            results = pipe.guidance_many([(t.image, t.job.instruction, t.job.history) for t in ready],
+                                         alongside=encode_alongside)
             self.heartbeat = time.monotonic()
         except Exception as err:
             self._free_memory()
@@ -309,10 +322,11 @@ class LocalWorker:
             return []
         llm_seconds = time.perf_counter() - started
         jobs = []
-        for task, (guidance, cached) in zip(ready, results, strict=True):
+        latents = encoded if len(encoded) == len(ready) else [None] * len(ready)
+        for task, (guidance, cached), image_latents in zip(ready, results, latents, strict=True):
             task.expressive, task.llm_cached, task.llm_seconds = guidance.expressive_instruction, cached, llm_seconds
             jobs.append(DenoiseJob(task.image, guidance.prompt_embeds, task.job.seed, task.job.text_cfg,
-                                   task.job.image_cfg, task.job.steps, tag=task))
+                                   task.job.image_cfg, task.job.steps, tag=task, image_latents=image_latents))
         try:
             self._fault("start", ready)
             states = pipe.start_denoising_many(jobs)
@@ -342,6 +356,7 @@ class LocalWorker:
     def _step(self, active: list[_Task]) -> list[_Task]:
         """One denoising step for every running job; returns those still running."""
         from .pipeline import DECODE_BATCH
+
         still = []
         for task in active:
             if task.cancel is not None and task.cancel.is_set():
@@ -360,9 +375,45 @@ class LocalWorker:
                     if index == total or index % max(1, total // PROGRESS_EVERY) == 0:
                         task.progress("denoise", index, total)
                     (finished if task.state.done else running).append(task)
-            for start in range(0, len(finished), DECODE_BATCH):
-                self._finish(finished[start:start + DECODE_BATCH])
+            self._finish_groups([finished[k:k + DECODE_BATCH] for k in range(0, len(finished), DECODE_BATCH)])
         return running
+
+    def _finish_groups(self, groups: list[list[_Task]]) -> None:
+        """VAE-decode groups of finished jobs, each group's decode queued before the one before it is
+        collected (``decode_queued``); a group that fails is decoded again one job at a time."""
+        queued: list[tuple[list[_Task], Callable[[], list[Any]]]] = []
+        for group in groups:
+            for task in group:
+                task.progress("decode", 0, 1)
+            try:
+                self._fault("decode", group)
+                queued.append((group, self.pipeline.decode_queued([t.state.latents for t in group])))
+            except Exception as err:
+                self._decode_failed(group, err)
+                continue
+            if len(queued) > 1:
+                self._collect(*queued.pop(0))
+        for group, collect in queued:
+            self._collect(group, collect)
+
+    def _collect(self, group: list[_Task], collect: Callable[[], list[Any]]) -> None:
+        try:
+            images = collect()
+        except Exception as err:
+            self._decode_failed(group, err)
+            return
+        self._hand_over(group, images)
+
+    def _decode_failed(self, group: list[_Task], err: Exception) -> None:
+        """A group's decode failed: a job alone gets the error; several are decoded again one by one."""
+        if len(group) == 1:
+            log.exception("decoding job %s failed", group[0].job.job_id)
+            _fail(group[0], _user_error(err))
+            return
+        log.exception("decoding %d jobs together failed; decoding them one by one", len(group))
+        self._free_memory()
+        for task in group:
+            self._finish_alone(task)
 
     def _step_group(self, group: list[_Task]) -> list[list[_Task]]:
         """One UNet call for the group. Out of memory: free what we can and retry each job alone once,
@@ -406,23 +457,19 @@ class LocalWorker:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _finish(self, tasks: list[_Task]) -> None:
-        """VAE-decode finished jobs of one latent size together (alone, if that fails), then deliver."""
-        for task in tasks:
-            task.progress("decode", 0, 1)
+    def _finish_alone(self, task: _Task) -> None:
+        """Decode one job whose group failed; if it fails alone too, it gets the error."""
         try:
-            self._fault("decode", tasks)
-            images = self.pipeline.decode_many([t.state.latents for t in tasks])
+            self._fault("decode", [task])
+            images = self.pipeline.decode_many([task.state.latents])
         except Exception as err:
-            if len(tasks) > 1:
-                log.exception("decoding %d jobs together failed; decoding them one by one", len(tasks))
-                self._free_memory()
-                for task in tasks:
-                    self._finish([task])
-                return
-            log.exception("decoding job %s failed", tasks[0].job.job_id)
-            _fail(tasks[0], _user_error(err))
+            log.exception("decoding job %s failed", task.job.job_id)
+            _fail(task, _user_error(err))
             return
+        self._hand_over([task], images)
+
+    def _hand_over(self, tasks: list[_Task], images: list[Any]) -> None:
+        """The optional safety check, then each result's PNG encoded and delivered off the GPU thread."""
         for task, image in zip(tasks, images, strict=True):
             try:
                 task.flagged = bool(self.safety_check(image)) if self.safety_check is not None else False

@@ -56,8 +56,8 @@ def test_profile_script_runs_its_stage_profile_decoder_and_unet_variants(tokeniz
     assert llm["llm_same_tokens_batch1"] and llm["llm_same_tokens_batch32"]
     # On a CPU the compiled variants are skipped once built; the code around each still runs.
     log = _run("profile_engine.py", "--tokenizer-dir", str(tokenizer_dir), "--only-unet", "--out", str(tmp_path / "unet"),
-               "--variants", "eager,engine,combo,aggressive,flash,efficient,layout", "--sustain", "2")
-    assert "UNet eager" in log and log.count("skip ") == 9
+               "--variants", "eager,engine,home,pdl,homepdl,combo,aggressive,flash,efficient,layout", "--sustain", "2")
+    assert "UNet eager" in log and log.count("skip ") == 12
 
 
 def test_kernel_choices_script_times_every_backend_and_matmul(tmp_path):
