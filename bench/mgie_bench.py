@@ -318,53 +318,43 @@ def main() -> int:
 
 
 class StageTimer:
-    """Wraps a worker pipeline's batch methods to time them (CUDA synchronized at both ends), for a
-    breakdown of a burst; ``stop`` puts the methods back and returns calls and seconds per method."""
+    """A breakdown of a burst: wraps a worker pipeline's batch methods and records CUDA events around each
+    call, so the GPU time each method's work spanned is known afterwards without synchronizing (a
+    synchronized breakdown made the GPU wait at every step while the worker's Python caught up: it slowed
+    the very burst it timed). On a CPU, wall time. ``stop`` puts the methods back and returns calls and
+    seconds per method."""
 
     METHODS = ("guidance_many", "start_denoising_many", "denoise_step", "decode_queued")
 
     def __init__(self, pipe: MgiePipeline) -> None:
-        self.pipe, self.totals = pipe, {m: {"calls": 0, "seconds": 0.0} for m in self.METHODS}
-        for name in self.METHODS[:-1]:
+        self.pipe, self.spans = pipe, {m: [] for m in self.METHODS}
+        self.cuda = pipe.models.device.type == "cuda"
+        for name in self.METHODS:
             setattr(pipe, name, self._timed(name, getattr(pipe, name)))
-        pipe.decode_queued = self._timed_queue(pipe.decode_queued)
 
-    def _timed_queue(self, fn):
-        """Decodes are queued ahead of their collection (the worker overlaps them), so no synchronizing here:
-        a decode's time is its queueing plus the wait in its collect."""
-        totals = self.totals["decode_queued"]
-
-        def run(*a, **kw):
-            t0 = time.perf_counter()
-            collect = fn(*a, **kw)
-            queued = time.perf_counter() - t0
-
-            def timed_collect():
-                t1 = time.perf_counter()
-                try:
-                    return collect()
-                finally:
-                    totals["calls"] += 1
-                    totals["seconds"] += queued + time.perf_counter() - t1
-            return timed_collect
-        return run
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def _timed(self, name: str, fn):
         def run(*a, **kw):
-            sync()
-            t0 = time.perf_counter()
+            start = self._mark()
             try:
-                return fn(*a, **kw)
+                return fn(*a, **kw)  # decode_queued: the decode's GPU work is queued by the time it returns
             finally:
-                sync()
-                self.totals[name]["calls"] += 1
-                self.totals[name]["seconds"] += time.perf_counter() - t0
+                self.spans[name].append((start, self._mark()))
         return run
 
     def stop(self) -> dict:
         for name in self.METHODS:
             delattr(self.pipe, name)
-        return self.totals
+        sync()
+        seconds = (lambda a, b: a.elapsed_time(b) / 1000) if self.cuda else (lambda a, b: b - a)
+        return {name: {"calls": len(spans), "seconds": sum(seconds(a, b) for a, b in spans)}
+                for name, spans in self.spans.items()}
 
 
 def finish(report: dict, args) -> None:

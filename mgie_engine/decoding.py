@@ -181,12 +181,10 @@ class GreedyDecoder:
 
     # -- one batch ----------------------------------------------------------------------------------
     def decode(self, ids: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor, max_new: int, is_done: IsDone,
-               cancel=None, run: Sequence[int] = (), after_prefill: Callable[[], None] | None = None,
-               ) -> tuple[list[list[int]], torch.Tensor]:
+               cancel=None, run: Sequence[int] = ()) -> tuple[list[list[int]], torch.Tensor]:
         """New tokens per row (each up to where ``is_done`` said stop) and the last-layer states of
         every position (n, width + max_new, hidden; prompt columns left-padded as given). ``run``: tokens
-        that, once a row writes one, follow in order (MGIE's [IMG0]..[IMG7]); they are checked in one pass.
-        ``after_prefill`` is called once the prefill is queued, before the first token step."""
+        that, once a row writes one, follow in order (MGIE's [IMG0]..[IMG7]); they are checked in one pass."""
         n, width = ids.shape
         checked = len(run) - 2 if len(run) >= 4 else 0
         self.pack()
@@ -207,8 +205,6 @@ class GreedyDecoder:
                 self._shapes.clear()
                 b = self._buffers(n, width, max_new, checked)
                 self._prefill(b, ids, embeds, mask)
-        if after_prefill is not None:
-            after_prefill()
         rows: list[list[int]] = [[] for _ in range(n)]
         done = [False] * n
         cuda = b.token.device.type == "cuda"

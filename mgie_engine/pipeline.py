@@ -355,8 +355,6 @@ class MgiePipeline:
         self._encode_one = GraphedCall(self._vae_encode, "VAE encode", keep=4, enabled=recorded,
                                        mark=mark_sizes_dynamic)
         self._pads: dict[tuple, tuple[list[torch.Tensor], ...]] = {}
-        self._side_stream = torch.cuda.Stream(models.device) if cuda else None
-        self._side_encodes: torch.cuda.Event | None = None  # the last side-stream encodes, not yet waited for
         self._schedulers: dict[int, Any] = {}
         self._schedules: dict[int, torch.Tensor] = {}  # step count -> _step_scalars' first five columns
         self.image_processor = VaeImageProcessor(vae_scale_factor=models.vae_scale_factor)
@@ -449,11 +447,8 @@ class MgiePipeline:
         return self.guidance_many([(image, instruction, history)], cancel)[0]
 
     def guidance_many(self, items: Sequence[tuple[ImageInput, str, tuple[tuple[str, str], ...]]],
-                      cancel: CancelToken | None = None, alongside: Callable[[], None] | None = None,
-                      ) -> list[tuple[Guidance, bool]]:
-        """Several jobs' LLM outputs: cached ones looked up, the rest decoded together in one batch.
-        ``alongside`` is called once: as soon as the prompts' prefill is queued (so the GPU work it queues
-        runs beside the token steps), or at once if every output was cached."""
+                      cancel: CancelToken | None = None) -> list[tuple[Guidance, bool]]:
+        """Several jobs' LLM outputs: cached ones looked up, the rest decoded together in one batch."""
         items = [(self._as_prepared(image), instruction, history) for image, instruction, history in items]
         keys = [(image.key, image.size, instruction, history) for image, instruction, history in items]
         found: dict[tuple, Guidance] = {}
@@ -463,10 +458,7 @@ class MgiePipeline:
                     self._cache.move_to_end(key)
                     found[key] = self._cache[key]
         todo = {key: item for key, item in zip(keys, items, strict=True) if key not in found}
-        if not todo and alongside is not None:
-            alongside()
-        fresh = dict(zip(todo, self.run_language_models(list(todo.values()), cancel, alongside),
-                         strict=True)) if todo else {}
+        fresh = dict(zip(todo, self.run_language_models(list(todo.values()), cancel), strict=True)) if todo else {}
         with self._cache_lock:
             for key, result in fresh.items():
                 self._cache[key] = result
@@ -505,8 +497,7 @@ class MgiePipeline:
 
     @torch.inference_mode()
     def run_language_models(self, items: Sequence[tuple[ImageInput, str, tuple[tuple[str, str], ...]]],
-                            cancel: CancelToken | None = None, after_prefill: Callable[[], None] | None = None,
-                            ) -> list[Guidance]:
+                            cancel: CancelToken | None = None) -> list[Guidance]:
         """Greedy decoding of several prompts at once (left-padded), each stopping on its own.
 
         This is the demo's ``generate`` call (greedy, no_repeat_ngram_size=3, up to 96 new tokens) plus a
@@ -532,7 +523,7 @@ class MgiePipeline:
         eos, img = m.token_ids.eos, m.token_ids.img
         rows, states = self._decoder.decode(
             ids, embeds, mask, MAX_NEW_TOKENS, lambda row: row[-1] in eos or _visual_tokens_complete(row, img), cancel,
-            run=img, after_prefill=after_prefill)
+            run=img)
         answers, visual = [], []
         with torch.profiler.record_function("llm.edit_head"):
             for i, ((prompt_ids, _), row) in enumerate(zip(prompts, rows, strict=True)):
@@ -555,42 +546,10 @@ class MgiePipeline:
     @torch.inference_mode()
     def start_denoising_many(self, jobs: Sequence[DenoiseJob]) -> list[DenoiseState]:
         """``start_denoising`` for several jobs, VAE-encoding images of one size together (a burst's
-        encodes are otherwise 32 small launch-bound calls), unless a job brings its latents
-        (``encode_images``)."""
-        self._stage("diffusion")
-        if self._side_encodes is not None:  # latents queued on the side stream are used from here on
-            torch.cuda.current_stream(self.models.device).wait_event(self._side_encodes)
-            self._side_encodes = None
-        todo = [i for i, job in enumerate(jobs) if job.image_latents is None]
-        encoded = dict(zip(todo, self._encode([jobs[i].image for i in todo]), strict=True))
-        return [self._denoise_state(job, job.image_latents if job.image_latents is not None else encoded[i])
-                for i, job in enumerate(jobs)]
-
-    @torch.inference_mode()
-    def encode_images(self, images: Sequence[ImageInput], side_stream: bool = False) -> list[torch.Tensor]:
-        """Each image's VAE latents (the distribution's mode), for ``DenoiseJob.image_latents``.
-
-        With ``side_stream`` on CUDA the encodes are queued on a second stream, and the current one waits for
-        them only in ``start_denoising_many``: a worker queues them while the language model decodes, whose
-        token steps are bound by memory bandwidth and leave the SMs room (a burst's 32 encodes took ~0.15 s
-        of GPU time on their own). Not under offload, where the VAE is off the GPU while the LLM runs.
-        """
-        if not (side_stream and self.models.device.type == "cuda" and self._residency is None):
-            self._stage("diffusion")
-            return self._encode(images)
-        main, side = torch.cuda.current_stream(self.models.device), self._side_stream
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            latents = self._encode(images)
-        for t in latents:
-            t.record_stream(main)  # freed later from the main stream's point of view
-        self._side_encodes = side.record_event()
-        return latents
-
-    def _encode(self, images: Sequence[ImageInput]) -> list[torch.Tensor]:
-        """VAE encodes on the current stream, same-size images ``ENCODE_BATCH`` at a time; (1, C, h, w) each."""
+        encodes are otherwise 32 small launch-bound calls)."""
         m = self.models
-        images = [self._as_prepared(image) for image in images]
+        self._stage("diffusion")
+        images = [self._as_prepared(job.image) for job in jobs]
         latents_of: dict[int, torch.Tensor] = {}
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, image in enumerate(images):
@@ -603,7 +562,7 @@ class MgiePipeline:
                 encode = self._encode_one if len(chunk) == 1 else self._vae_encode
                 for i, latents in zip(chunk, encode(pixels), strict=True):
                     latents_of[i] = latents.unsqueeze(0)
-        return [latents_of[i] for i in range(len(images))]
+        return [self._denoise_state(job, latents_of[i]) for i, job in enumerate(jobs)]
 
     def _denoise_state(self, job: DenoiseJob, image_latents: torch.Tensor) -> DenoiseState:
         m = self.models
@@ -812,7 +771,6 @@ class DenoiseJob:
     image_cfg: float
     steps: int
     tag: object = None
-    image_latents: torch.Tensor | None = None  # from ``encode_images``; encoded at the start when None
 
 
 @dataclasses.dataclass(eq=False)

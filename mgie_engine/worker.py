@@ -299,20 +299,10 @@ class LocalWorker:
             ready.append(task)
         if not ready:
             return []
-        encoded: list[Any] = []
-
-        def encode_alongside() -> None:
-            """The VAE encodes, queued beside the language model's token steps (``encode_images``)."""
-            try:
-                encoded.extend(pipe.encode_images([t.image for t in ready], side_stream=True))
-            except Exception:  # they are encoded at the start instead, where a failure fails only its job
-                log.exception("encoding %d images beside the language model failed on %s", len(ready), self.name)
-
         started = time.perf_counter()
         try:
             self._fault("language", ready)
-            results = pipe.guidance_many([(t.image, t.job.instruction, t.job.history) for t in ready],
-                                         alongside=encode_alongside)
+            results = pipe.guidance_many([(t.image, t.job.instruction, t.job.history) for t in ready])
             self.heartbeat = time.monotonic()
         except Exception as err:
             self._free_memory()
@@ -322,11 +312,10 @@ class LocalWorker:
             return []
         llm_seconds = time.perf_counter() - started
         jobs = []
-        latents = encoded if len(encoded) == len(ready) else [None] * len(ready)
-        for task, (guidance, cached), image_latents in zip(ready, results, latents, strict=True):
+        for task, (guidance, cached) in zip(ready, results, strict=True):
             task.expressive, task.llm_cached, task.llm_seconds = guidance.expressive_instruction, cached, llm_seconds
             jobs.append(DenoiseJob(task.image, guidance.prompt_embeds, task.job.seed, task.job.text_cfg,
-                                   task.job.image_cfg, task.job.steps, tag=task, image_latents=image_latents))
+                                   task.job.image_cfg, task.job.steps, tag=task))
         try:
             self._fault("start", ready)
             states = pipe.start_denoising_many(jobs)

@@ -118,36 +118,3 @@ def test_images_prepared_alone_on_other_threads_give_the_stages_what_batch_prepr
     again, cached_again = pipe.guidance(prepared[0], "make it snowy")
     assert (cached, cached_again) == (False, True) and again is first
 
-
-def test_work_alongside_the_language_model_is_queued_after_the_prefill_once(tiny_models):
-    """A worker queues the VAE encodes while the LLM decodes (``guidance_many(alongside=...)``): after the
-    prefill, before the first token step, exactly once; and at once when every output comes from the cache."""
-    pipe = MgiePipeline(tiny_models, max_side=64)
-    image = prepare_image(make_image(64, 48, 5), 64)
-    order: list[str] = []
-    decoder = pipe._decoder
-    prefill, step = decoder._prefill, decoder._step
-    decoder._prefill = lambda *a: (order.append("prefill"), prefill(*a))[1]
-    decoder._step = lambda *a: (order.append("step"), step(*a))[1]
-    pipe.guidance_many([(image, "make it snowy", ())], alongside=lambda: order.append("alongside"))
-    assert order[:3] == ["prefill", "alongside", "step"] and order.count("alongside") == 1
-    order.clear()
-    (_, cached), = pipe.guidance_many([(image, "make it snowy", ())], alongside=lambda: order.append("alongside"))
-    assert cached and order == ["alongside"]
-
-
-def test_images_encoded_ahead_start_the_same_denoising(tiny_models):
-    """Latents from ``encode_images`` (queued on a side stream on CUDA) give the job exactly the steps it
-    would take when the start encodes its image itself."""
-    from mgie_engine.pipeline import DenoiseJob
-
-    pipe, image, embeds = _pipe_image_embeds(tiny_models, 6)
-    other = prepare_image(make_image(40, 64, 8), 64)
-    ahead = pipe.encode_images([image, other], side_stream=True)
-    assert [tuple(t.shape[-2:]) for t in ahead] == [(6, 8), (8, 5)]
-    given = pipe.start_denoising_many([DenoiseJob(image, embeds, 3, 7.5, 1.5, 4, image_latents=ahead[0])])[0]
-    plain = pipe.start_denoising(image, embeds, 3, 7.5, 1.5, 4)
-    while not plain.done:
-        pipe.denoise_step([given])
-        pipe.denoise_step([plain])
-    assert torch.equal(given.image_latents, plain.image_latents) and torch.equal(given.latents, plain.latents)

@@ -300,9 +300,9 @@ async def test_a_compiling_worker_warms_up_before_it_is_ready_and_keeps_its_kern
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     batches, original = [], MgiePipeline.run_language_models
 
-    def counting(self, items, cancel=None, after_prefill=None):
+    def counting(self, items, cancel=None):
         batches.append([image.size for image, _, _ in items])
-        return original(self, items, cancel, after_prefill)
+        return original(self, items, cancel)
 
     monkeypatch.setattr(MgiePipeline, "run_language_models", counting)
     settings = EngineSettings(device="cpu", max_side=64, compile=True, compile_cache_dir=str(tmp_path / "kernels"))
@@ -435,20 +435,6 @@ async def test_a_worker_that_hangs_mid_edit_fails_that_job_and_the_next_still_ru
 async def test_a_worker_thread_that_dies_is_replaced_too(tiny_models):
     kinds, fresh = await _stuck_queue_run(tiny_models, hang_at_step=1, crash=True)
     assert fresh and ("a", "failed") in kinds and ("b", "done") in kinds
-
-
-async def test_images_that_fail_to_encode_beside_the_language_model_are_encoded_at_the_start(tiny_models, caplog):
-    worker = await _started_worker(tiny_models, max_batch=4)
-
-    def broken(images, side_stream=False):
-        raise RuntimeError("CUDA error: an illegal memory access")
-
-    worker.pipeline.encode_images = broken
-    try:
-        outcome = await worker.run(_job("a" * 32, 1, steps=3))
-    finally:
-        worker.shutdown()
-    assert outcome.png.startswith(b"\x89PNG") and "encoding 1 images beside the language model failed" in caplog.text
 
 
 async def test_the_next_decode_is_queued_before_the_last_is_collected_and_a_late_failure_falls_back(tiny_models):
