@@ -6,17 +6,16 @@ that can be shown as it is; PIL's own exceptions never escape :func:`load_image`
 
 from __future__ import annotations
 
-import concurrent.futures
 import io
 import math
 import os
 import struct
-import threading
 import zlib
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
+from .cpu_pools import cpu_pool
 from .errors import BadImageError
 
 __all__ = [
@@ -239,20 +238,6 @@ work for 2 or 4 threads. Set by size, not core count, so an image always gives t
 strip boundary costs a few bytes (sync flush, fresh match state); under ~48 KB there is one strip."""
 _ADLER_MOD = 65521
 
-_pool: concurrent.futures.ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _strip_pool() -> concurrent.futures.ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = concurrent.futures.ThreadPoolExecutor(
-                max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="png-deflate"
-            )
-        return _pool
-
-
 def _paeth_filter(rows: np.ndarray, prior: np.ndarray, bpp: int) -> np.ndarray:
     """PNG filter type 4 on (height, width * bpp) uint8 ``rows``; ``prior`` is the raw row above the first.
 
@@ -326,7 +311,7 @@ def _encode_png_fast(image: Image.Image, colour_type: int, bpp: int) -> bytes:
     if len(jobs) == 1:
         parts = [_deflate_strip(*jobs[0])]
     else:
-        parts = list(_strip_pool().map(_deflate_strip, *zip(*jobs, strict=True)))
+        parts = list(cpu_pool("png-deflate").map(_deflate_strip, *zip(*jobs, strict=True)))
     checksum = parts[0][1]
     for _, adler, size in parts[1:]:
         checksum = _adler32_combine(checksum, adler, size)

@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import inspect
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -27,6 +26,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from .conversation import build_edit_prompt
+from .cpu_pools import cpu_pool
 from .decoding import GreedyDecoder
 from .errors import JobCancelledError
 from .graphs import GraphedCall
@@ -137,19 +137,6 @@ class PreparedImage:
     @property
     def size(self) -> tuple[int, int]:
         return self.image.size
-
-
-_vae_pool: concurrent.futures.ThreadPoolExecutor | None = None
-_vae_pool_lock = threading.Lock()
-
-
-def _vae_preprocessing() -> concurrent.futures.ThreadPoolExecutor:
-    global _vae_pool
-    with _vae_pool_lock:
-        if _vae_pool is None:
-            _vae_pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
-                                                              thread_name_prefix="mgie-vae-pixels")
-        return _vae_pool
 
 
 ImageInput = PIL.Image.Image | PreparedImage
@@ -374,7 +361,7 @@ class MgiePipeline:
 
     def prepare(self, image: PIL.Image.Image) -> PreparedImage:
         """The CPU side of both stages for an image already fitted (``images.prepare_image``); thread-safe."""
-        vae_batch = _vae_preprocessing().submit(self.image_processor.preprocess, [image])
+        vae_batch = cpu_pool("vae-pixels").submit(self.image_processor.preprocess, [image])
         return PreparedImage(
             image=image, key=hashlib.sha256(image.tobytes()).hexdigest(),
             clip_pixels=self.models.vision_processor.preprocess([image], return_tensors="pt")["pixel_values"][0],

@@ -697,7 +697,7 @@ def test_encode_png_output_does_not_depend_on_thread_count(monkeypatch: pytest.M
     source = bench_like_image(size=256)
     default = encode_png(source)
     with ThreadPoolExecutor(max_workers=1) as single:
-        monkeypatch.setattr(images, "_pool", single)
+        monkeypatch.setattr(images, "cpu_pool", lambda name: single)
         assert encode_png(source) == default
 
 
