@@ -238,6 +238,7 @@ work for 2 or 4 threads. Set by size, not core count, so an image always gives t
 strip boundary costs a few bytes (sync flush, fresh match state); under ~48 KB there is one strip."""
 _ADLER_MOD = 65521
 
+
 def _paeth_filter(rows: np.ndarray, prior: np.ndarray, bpp: int) -> np.ndarray:
     """PNG filter type 4 on (height, width * bpp) uint8 ``rows``; ``prior`` is the raw row above the first.
 
