@@ -516,7 +516,11 @@ def unet_variants(models, dev, dtype, cuda: bool, args, t_start: float, report: 
                 for t in toggles:
                     getattr(torch.backends.cuda, f"enable_{t}_sdp")(t == keep)
                 torch._dynamo.reset()
-                measure(f"static, {name} attention", torch.compile(unet, dynamic=False, options=UNET_COMPILE_OPTIONS))
+                # The kernel is chosen when the graph is lowered, and the toggles are not part of inductor's
+                # cache key: a cached graph would bring back the default's choice (stop 12's first try).
+                with inductor.patch(fx_graph_cache=False):
+                    measure(f"static, {name} attention",
+                            torch.compile(unet, dynamic=False, options=UNET_COMPILE_OPTIONS))
                 for t, on in saved.items():
                     getattr(torch.backends.cuda, f"enable_{t}_sdp")(on)
         if chosen & {"layout", "static", "nolayout", "symbolic", "forced"}:

@@ -364,6 +364,8 @@ class LocalWorker:
                     if index == total or index % max(1, total // PROGRESS_EVERY) == 0:
                         task.progress("denoise", index, total)
                     (finished if task.state.done else running).append(task)
+            for task in finished:
+                task.progress("decode", 0, 1)
             self._finish_groups([finished[k:k + DECODE_BATCH] for k in range(0, len(finished), DECODE_BATCH)])
         return running
 
@@ -372,8 +374,6 @@ class LocalWorker:
         collected (``decode_queued``); a group that fails is decoded again one job at a time."""
         queued: list[tuple[list[_Task], Callable[[], list[Any]]]] = []
         for group in groups:
-            for task in group:
-                task.progress("decode", 0, 1)
             try:
                 self._fault("decode", group)
                 queued.append((group, self.pipeline.decode_queued([t.state.latents for t in group])))
@@ -402,7 +402,7 @@ class LocalWorker:
         log.exception("decoding %d jobs together failed; decoding them one by one", len(group))
         self._free_memory()
         for task in group:
-            self._finish_alone(task)
+            self._finish_groups([[task]])
 
     def _step_group(self, group: list[_Task]) -> list[list[_Task]]:
         """One UNet call for the group. Out of memory: free what we can and retry each job alone once,
@@ -445,17 +445,6 @@ class LocalWorker:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-    def _finish_alone(self, task: _Task) -> None:
-        """Decode one job whose group failed; if it fails alone too, it gets the error."""
-        try:
-            self._fault("decode", [task])
-            images = self.pipeline.decode_many([task.state.latents])
-        except Exception as err:
-            log.exception("decoding job %s failed", task.job.job_id)
-            _fail(task, _user_error(err))
-            return
-        self._hand_over([task], images)
 
     def _hand_over(self, tasks: list[_Task], images: list[Any]) -> None:
         """The optional safety check, then each result's PNG encoded and delivered off the GPU thread."""
