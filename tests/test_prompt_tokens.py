@@ -125,3 +125,23 @@ def test_encoder_leaves_the_shared_tokenizer_alone(tiny_models):
     ids = tiny_models.encode_prompt(["<im_start>", UserText("<im_start>")])
     assert ids[:2] == [tiny_models.token_ids.bos, tiny_models.token_ids.im_start]
     assert tiny_models.token_ids.im_start not in ids[2:]
+
+
+@pytest.mark.parametrize("early", [True, False])
+def test_visual_states_are_read_from_the_answer_never_the_prompt(early):
+    """An [IMG0] id in the prompt (which the encoder no longer lets a user write) must not move the slice:
+    the eight states are those just before the answer's [IMG0]."""
+    import torch
+
+    from mgie_engine.pipeline import select_visual_states
+
+    img0, prompt_length = 900, 12
+    new = [5, 6, img0, *range(901, 908), 7]
+    hidden = torch.arange(prompt_length + len(new) - 1, dtype=torch.float32).unsqueeze(1)
+    states = select_visual_states(prompt_length, new, hidden, img0, early)
+    assert states[:, 0].tolist() == list(range(prompt_length + 1, prompt_length + 9))
+    # No [IMG0] in the answer: the demo's fallback, the last nine states but one, whatever the prompt holds.
+    babble = [5] * 20
+    hidden = torch.arange(prompt_length + len(babble) - 1, dtype=torch.float32).unsqueeze(1)
+    fallback = select_visual_states(prompt_length, babble, hidden, img0, False)
+    assert fallback[:, 0].tolist() == list(range(len(hidden) - 9, len(hidden) - 1))
