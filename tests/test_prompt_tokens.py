@@ -6,6 +6,8 @@ import json
 
 import pytest
 from conftest import make_image
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from reference import reference_tokenizer
 
 from mgie_engine.conversation import UserText, build_edit_prompt, build_edit_prompt_parts
@@ -145,3 +147,23 @@ def test_visual_states_are_read_from_the_answer_never_the_prompt(early):
     hidden = torch.arange(prompt_length + len(babble) - 1, dtype=torch.float32).unsqueeze(1)
     fallback = select_visual_states(prompt_length, babble, hidden, img0, False)
     assert fallback[:, 0].tolist() == list(range(len(hidden) - 9, len(hidden) - 1))
+
+
+_PIECES = st.one_of(st.characters(exclude_categories=("Cs",)), st.sampled_from(HOSTILE + ["<", ">", "/", "[", "]", "s",
+                                                                                       "IMG", " ", "  ", "\n", "▁"]))
+_TEXT = st.lists(_PIECES, max_size=16).map("".join)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(_TEXT, st.lists(st.tuples(_TEXT, _TEXT), max_size=2))
+def test_any_text_gives_only_the_templates_special_ids_and_ordinary_text_the_reference_ids(tiny_models, instruction,
+                                                                                          history):
+    encoder, n = tiny_models.prompt_encoder, tiny_models.num_patches
+    parts = build_edit_prompt_parts(instruction, n, history)
+    ids = encoder.encode(parts)
+    assert [i for i in ids if i in encoder.special_ids] == _template_specials(tiny_models, history)
+    user = [instruction, *(text for turn in history for text in turn)]
+    specials = [*tiny_models.tokenizer.get_added_tokens_decoder().values()]
+    if not any(token.content in text for text in user for token in specials) \
+            and not any(0xF0000 <= ord(ch) <= 0xFFFFF for text in user for ch in text):
+        assert ids == _whole(tiny_models.tokenizer, build_edit_prompt(instruction, n, history))
