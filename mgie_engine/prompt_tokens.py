@@ -13,7 +13,9 @@ gets exactly the reference's ids, but by a private copy of the tokenizer in whic
   (each run between them normalized on its own, as the reference does), and their ids are mapped back.
 
 User text has the stand-in characters removed, so only the template can place a special token. The copy
-is configured once and never changed afterwards, so threads can share it.
+is configured once and never changed afterwards, so threads can share it. (A token matched after
+normalization by a normalizer that changes it, e.g. the legacy Prepend("▁"), is matched as "▁</s>": the
+reference's own placeholder would break there, and so does this one; the pipeline says so.)
 """
 
 from __future__ import annotations
