@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,10 @@ from tokenizers import AddedToken, Tokenizer
 from torch import nn
 
 from . import checkpoints as ck
-from .conversation import IMAGE_END_TOKEN, IMAGE_PATCH_TOKEN, IMAGE_START_TOKEN
+from .conversation import IMAGE_END_TOKEN, IMAGE_PATCH_TOKEN, IMAGE_START_TOKEN, PromptPart
 from .edit_head import EditHead
 from .errors import CheckpointError
+from .prompt_tokens import PromptEncoder
 from .settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -74,16 +75,18 @@ class MgieModels:
     dtype: torch.dtype
     random_weights: bool
     sources: dict[str, str]
+    prompt_encoder: PromptEncoder = dataclasses.field(init=False, repr=False)
 
     def new_scheduler(self) -> Any:
         """A fresh scheduler per job: schedulers keep per-run state (timesteps, step index)."""
         return self.scheduler_class.from_config(self.scheduler_config)
 
-    def encode(self, text: str) -> list[int]:
-        ids = self.tokenizer.encode(text).ids
-        if self.add_bos and (not ids or ids[0] != self.token_ids.bos):
-            ids = [self.token_ids.bos, *ids]
-        return ids
+    def __post_init__(self) -> None:
+        self.prompt_encoder = PromptEncoder(self.tokenizer, self.add_bos, self.token_ids.bos)
+
+    def encode_prompt(self, parts: Sequence[PromptPart]) -> list[int]:
+        """A prompt's ids; its ``UserText`` parts never yield a special token (``prompt_tokens.py``)."""
+        return self.prompt_encoder.encode(parts)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)

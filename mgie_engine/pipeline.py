@@ -25,7 +25,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
-from .conversation import build_edit_prompt
+from .conversation import build_edit_prompt_parts
 from .cpu_pools import cpu_pool
 from .decoding import GreedyDecoder
 from .errors import JobCancelledError
@@ -174,18 +174,22 @@ def check_request(request: EditRequest) -> EditRequest:
     return dataclasses.replace(request, instruction=normalize_instruction(request.instruction), history=history)
 
 
-def select_visual_states(seq: Sequence[int], hidden: torch.Tensor, img0: int, stopped_early: bool) -> torch.Tensor:
+def select_visual_states(prompt_length: int, new: Sequence[int], hidden: torch.Tensor, img0: int,
+                         stopped_early: bool) -> torch.Tensor:
     """The eight hidden states that produced [IMG0]..[IMG7] (the demo's slice, fallback included).
 
-    ``hidden`` holds one last-layer state per position of ``seq`` except the last. An early stop only
-    happens once all eight exist and more tokens would have followed, so the demo's clamp to
-    ``len(hidden) - 9`` cannot bite and the slice starts just before [IMG0].
+    ``hidden`` holds one last-layer state per position of the prompt and its answer ``new`` except the
+    last. [IMG0] is looked for in the answer only: the demo searched the whole sequence, so an [IMG0] in
+    the prompt would have been read instead (the prompt encoder keeps users from writing one anyway).
+    An early stop only happens once all eight exist and more tokens would have followed, so the demo's
+    clamp to ``len(hidden) - 9`` cannot bite and the slice starts just before [IMG0].
     """
     n = hidden.shape[0]
+    first = prompt_length + new.index(img0) - 1 if img0 in new else None
     if stopped_early:
-        p = seq.index(img0) - 1
+        p = first
     else:
-        p = min(seq.index(img0) - 1 if img0 in seq else n - 9, n - 9)
+        p = min(n - 9 if first is None else first, n - 9)
     return hidden[p:p + 8]
 
 
@@ -469,9 +473,9 @@ class MgiePipeline:
         table = m.llm.get_input_embeddings()
         prompts = []
         for (_, instruction, history), feature in zip(items, features, strict=True):
-            ids = m.encode(build_edit_prompt(instruction, m.num_patches, history))
+            ids = m.encode_prompt(build_edit_prompt_parts(instruction, m.num_patches, history))
             start = ids.index(m.token_ids.im_start)
-            if ids[start + m.num_patches + 1] != m.token_ids.im_end:
+            if ids[start + 1:start + m.num_patches + 2] != [m.token_ids.im_patch] * m.num_patches + [m.token_ids.im_end]:
                 raise RuntimeError("the tokenizer split the image placeholder; check tokenizer.json")
             embeds = table(torch.tensor([ids], device=m.device))
             embeds[0, start + 1:start + 1 + m.num_patches] = feature
@@ -513,11 +517,11 @@ class MgiePipeline:
             run=img)
         answers, visual = [], []
         with torch.profiler.record_function("llm.edit_head"):
-            for i, ((prompt_ids, _), row) in enumerate(zip(prompts, rows, strict=True)):
+            for i, row in enumerate(rows):
                 new, early = _answer(row, eos, img)
                 # One last-layer state per position but the last: the prompt's, then those its answer gave.
                 hidden = states[i, width - lengths[i]:width + len(new) - 1]
-                visual.append(select_visual_states(list(prompt_ids) + new, hidden, img[0], early))
+                visual.append(select_visual_states(lengths[i], new, hidden, img[0], early))
                 answers.append((new, early))
             embeds = self._edit_head(torch.stack(visual))  # one call for the batch, not one per job
         return [Guidance(expressive_instruction=clean_expressive(m.decode(new)), new_token_ids=tuple(new),

@@ -300,17 +300,12 @@ class LocalWorker:
         if not ready:
             return []
         started = time.perf_counter()
-        try:
-            self._fault("language", ready)
-            results = pipe.guidance_many([(t.image, t.job.instruction, t.job.history) for t in ready])
-            self.heartbeat = time.monotonic()
-        except Exception as err:
-            self._free_memory()
-            log.exception("language model batch failed on %s", self.name)
-            for task in ready:
-                _fail(task, _user_error(err))
-            return []
+        results = self._language(ready)
         llm_seconds = time.perf_counter() - started
+        ready = [task for task, result in zip(ready, results, strict=True) if result is not None]
+        results = [result for result in results if result is not None]
+        if not ready:
+            return []
         jobs = []
         for task, (guidance, cached) in zip(ready, results, strict=True):
             task.expressive, task.llm_cached, task.llm_seconds = guidance.expressive_instruction, cached, llm_seconds
@@ -341,6 +336,23 @@ class LocalWorker:
             admitted.append(task)
             self.jobs_run += 1
         return admitted
+
+    def _language(self, tasks: list[_Task]) -> list[tuple[Any, bool] | None]:
+        """The language stage for new jobs, as one batch; when the batch fails, each job runs alone, so
+        only a job that fails alone fails (``None`` in its place), never the others it was batched with."""
+        try:
+            self._fault("language", tasks)
+            results = self.pipeline.guidance_many([(t.image, t.job.instruction, t.job.history) for t in tasks])
+            self.heartbeat = time.monotonic()
+            return results
+        except Exception as err:
+            self._free_memory()
+            if len(tasks) == 1:
+                log.exception("the language stage of job %s failed on %s", tasks[0].job.job_id, self.name)
+                _fail(tasks[0], _user_error(err))
+                return [None]
+            log.exception("language batch of %d jobs failed on %s; running them one by one", len(tasks), self.name)
+        return [self._language([task])[0] for task in tasks]
 
     def _step(self, active: list[_Task]) -> list[_Task]:
         """One denoising step for every running job; returns those still running."""
