@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import math
-import re
 import time
 from collections.abc import Callable
 
@@ -21,7 +19,8 @@ from mgie_engine.images import MAX_INPUT_BYTES, load_image
 
 from .config import DEFAULT_USER_JOBS_PER_MINUTE
 from .downloads import allowed_hosts, check_attachment_meta, download
-from .storage import GuildSettings, fold_text
+from .moderation_text import contains_blocked_word
+from .storage import GuildSettings
 
 BANNED_MESSAGE = "You can't use MGIE in this server."
 BLOCKED_WORD_MESSAGE = ("Your instruction contains a word or phrase this server has blocked, so I won't run it. "
@@ -101,21 +100,6 @@ def job_rate_limiter(bot) -> JobRateLimiter:
         limiter = JobRateLimiter(limit)
         bot._mgie_job_rate_limiter = limiter  # noqa: SLF001 - ours; bot.py is not ours to add it in setup_hook
     return limiter
-
-
-@functools.lru_cache(maxsize=256)
-def _blocked_pattern(words: tuple[str, ...]) -> re.Pattern[str] | None:
-    r"""One regex per list (cached); (?<!\w)...(?!\w) rather than \b, so entries may start or end in punctuation."""
-    alternatives = [re.escape(w) for w in {fold_text(w) for w in words} if w]
-    if not alternatives:
-        return None
-    return re.compile(rf"(?<!\w)(?:{'|'.join(sorted(alternatives, key=len, reverse=True))})(?!\w)")
-
-
-def contains_blocked_word(instruction: str, words: list[str]) -> bool:
-    """Whether a blocked word or phrase appears as a whole word in ``instruction``, compared after fold_text."""
-    pattern = _blocked_pattern(tuple(words))
-    return pattern is not None and pattern.search(fold_text(instruction)) is not None
 
 
 async def check_access(bot, user: discord.abc.User, guild_id: int | None, channel_id: int,
