@@ -16,6 +16,7 @@ from bot import render
 from bot.intake import Refusal, check_access
 from bot.jobs import new_seed
 from bot.queue import QueueFullError
+from bot.quiet_refusals import refuse_reply
 from bot.storage import JobRecord
 from bot.views import result_view
 from mgie_engine.errors import MgieError
@@ -123,7 +124,7 @@ class ResultsCog(commands.Cog, name="Results"):
                 else:
                     await interaction.response.send_message(message, ephemeral=True)
             elif reply_to is not None:
-                await reply_to.reply(message, mention_author=False, allowed_mentions=discord.AllowedMentions.none())
+                await refuse_reply(self.bot, reply_to, message)  # public: a reaction, a notice now and then
 
         settings = await self.bot.store.guild_settings(guild_id)
         try:
