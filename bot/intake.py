@@ -23,6 +23,9 @@ from .moderation_text import contains_blocked_word
 from .storage import GuildSettings
 
 BANNED_MESSAGE = "You can't use MGIE in this server."
+NO_IMAGE_PERMISSIONS_MESSAGE = ("This server doesn't let apps post images in this channel (MGIE needs Attach Files "
+                                "and Embed Links here), so I won't start the edit. Try another channel or a DM "
+                                "with me, or ask a moderator.")
 BLOCKED_WORD_MESSAGE = ("Your instruction contains a word or phrase this server has blocked, so I won't run it. "
                         "Please rephrase it.")
 
@@ -103,18 +106,25 @@ def job_rate_limiter(bot) -> JobRateLimiter:
 
 
 async def check_access(bot, user: discord.abc.User, guild_id: int | None, channel_id: int,
-                       settings: GuildSettings, instruction: str | None = None) -> None:
+                       settings: GuildSettings, instruction: str | None = None,
+                       app_permissions: discord.Permissions | None = None) -> None:
     """Raise Refusal unless ``user`` may start a new job here; on success the job counts toward the rate limit.
 
     Every path that starts a job calls this, so bans, the block-list and the limits cannot be side-stepped
     through a button or a reply. Pass ``instruction`` wherever the user typed one (re-used ones too), so the
     server's block-list applies to it. A ban is per server, so DMs (``guild_id`` None) never see one.
+    Interactions pass their ``app_permissions`` (what Discord lets the app do in that channel: for a
+    user-installed app in a server without the bot, what moderators allow ``@everyone``); without Attach
+    Files and Embed Links the result could not be posted, so the request is refused before any work.
+    The server's settings apply whether the app was installed to the server or to the user.
     """
     if await bot.store.is_blocked(guild_id, user.id):
         raise Refusal(BANNED_MESSAGE)
     if settings.allowed_channel_ids and channel_id not in settings.allowed_channel_ids:
         mentions = ", ".join(f"<#{c}>" for c in settings.allowed_channel_ids[:5])
         raise Refusal(f"Edits are not enabled in this channel; try {mentions}.")
+    if app_permissions is not None and not (app_permissions.attach_files and app_permissions.embed_links):
+        raise Refusal(NO_IMAGE_PERMISSIONS_MESSAGE)
     if instruction is not None and contains_blocked_word(instruction, settings.blocked_words):
         raise Refusal(BLOCKED_WORD_MESSAGE)  # never echo the word: that would publish it in reply refusals
     pending = bot.queue.pending_for(user.id)

@@ -93,7 +93,7 @@ class EditCog(commands.Cog, name="Edit"):
             if preset not in presets.PRESET_CHOICES:
                 raise Refusal(f"Unknown preset {preset!r}; choose one of {', '.join(presets.PRESET_CHOICES)}.")
             await check_access(self.bot, interaction.user, interaction.guild_id, interaction.channel_id, settings,
-                               instruction=instruction)
+                               instruction=instruction, app_permissions=interaction.app_permissions)
         except MgieError as err:
             await interaction.response.send_message(str(err), ephemeral=True)
             return

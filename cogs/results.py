@@ -90,7 +90,7 @@ class ResultsCog(commands.Cog, name="Results"):
         """Same input, instruction and earlier turns as `source`; a new seed or CFG. The LLM output is cached."""
         settings = await self.bot.store.guild_settings(interaction.guild_id)
         await check_access(self.bot, interaction.user, interaction.guild_id, interaction.channel_id, settings,
-                           instruction=source.instruction)
+                           instruction=source.instruction, app_permissions=interaction.app_permissions)
         if await self.bot.store.read_image(source.input_image) is None:
             raise Refusal("The original image of that edit is no longer stored, so I can't redo it.")
         await interaction.response.defer(thinking=True)
@@ -129,7 +129,8 @@ class ResultsCog(commands.Cog, name="Results"):
         settings = await self.bot.store.guild_settings(guild_id)
         try:
             instruction = normalize_instruction(text)
-            await check_access(self.bot, user, guild_id, channel_id, settings, instruction=instruction)
+            await check_access(self.bot, user, guild_id, channel_id, settings, instruction=instruction,
+                               app_permissions=interaction.app_permissions if interaction is not None else None)
             if not source.output_image or await self.bot.store.read_image(source.output_image) is None:
                 raise Refusal("The image of that edit is no longer stored, so I can't refine it. Start a new /edit.")
         except MgieError as err:
