@@ -161,3 +161,18 @@ async def test_user_installed_app_in_a_server_without_the_bot_stays_under_its_co
         result = await finished(fake, quiet)
         assert result.ephemeral and quiet.ephemeral and result not in channel.visible_messages
         assert not any(r.status == 403 for i in fake.interactions for r in i.rejected)
+
+
+def test_notice_throttle_is_per_key_and_bounded():
+    from bot.quiet_refusals import NoticeThrottle
+
+    now = [0.0]
+    throttle = NoticeThrottle(window=300.0, max_keys=100, clock=lambda: now[0])
+    assert throttle.allow((1, 7)) and not throttle.allow((1, 7)) and throttle.allow((2, 7))
+    now[0] = 299.0
+    assert not throttle.allow((1, 7))
+    now[0] = 301.0
+    assert throttle.allow((1, 7))
+    for user in range(1000):
+        throttle.allow((1, user))
+    assert len(throttle) == 100
