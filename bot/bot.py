@@ -21,7 +21,7 @@ from .views import JobButton
 
 log = logging.getLogger(__name__)
 
-COGS = ("cogs.edit", "cogs.results", "cogs.history", "cogs.admin")
+COGS = ("cogs.edit", "cogs.results", "cogs.history", "cogs.admin", "cogs.moderation")
 
 
 class MgieBot(commands.Bot):

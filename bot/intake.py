@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import math
-import re
 import time
 from collections.abc import Callable
 
@@ -21,9 +19,13 @@ from mgie_engine.images import MAX_INPUT_BYTES, load_image
 
 from .config import DEFAULT_USER_JOBS_PER_MINUTE
 from .downloads import allowed_hosts, check_attachment_meta, download
-from .storage import GuildSettings, fold_text
+from .moderation_text import contains_blocked_word
+from .storage import GuildSettings
 
 BANNED_MESSAGE = "You can't use MGIE in this server."
+NO_IMAGE_PERMISSIONS_MESSAGE = ("This server doesn't let apps post images in this channel (MGIE needs Attach Files "
+                                "and Embed Links here), so I won't start the edit. Try another channel or a DM "
+                                "with me, or ask a moderator.")
 BLOCKED_WORD_MESSAGE = ("Your instruction contains a word or phrase this server has blocked, so I won't run it. "
                         "Please rephrase it.")
 
@@ -103,34 +105,26 @@ def job_rate_limiter(bot) -> JobRateLimiter:
     return limiter
 
 
-@functools.lru_cache(maxsize=256)
-def _blocked_pattern(words: tuple[str, ...]) -> re.Pattern[str] | None:
-    r"""One regex per list (cached); (?<!\w)...(?!\w) rather than \b, so entries may start or end in punctuation."""
-    alternatives = [re.escape(w) for w in {fold_text(w) for w in words} if w]
-    if not alternatives:
-        return None
-    return re.compile(rf"(?<!\w)(?:{'|'.join(sorted(alternatives, key=len, reverse=True))})(?!\w)")
-
-
-def contains_blocked_word(instruction: str, words: list[str]) -> bool:
-    """Whether a blocked word or phrase appears as a whole word in ``instruction``, compared after fold_text."""
-    pattern = _blocked_pattern(tuple(words))
-    return pattern is not None and pattern.search(fold_text(instruction)) is not None
-
-
 async def check_access(bot, user: discord.abc.User, guild_id: int | None, channel_id: int,
-                       settings: GuildSettings, instruction: str | None = None) -> None:
+                       settings: GuildSettings, instruction: str | None = None,
+                       app_permissions: discord.Permissions | None = None) -> None:
     """Raise Refusal unless ``user`` may start a new job here; on success the job counts toward the rate limit.
 
     Every path that starts a job calls this, so bans, the block-list and the limits cannot be side-stepped
     through a button or a reply. Pass ``instruction`` wherever the user typed one (re-used ones too), so the
     server's block-list applies to it. A ban is per server, so DMs (``guild_id`` None) never see one.
+    Interactions pass their ``app_permissions`` (what Discord lets the app do in that channel: for a
+    user-installed app in a server without the bot, what moderators allow ``@everyone``); without Attach
+    Files and Embed Links the result could not be posted, so the request is refused before any work.
+    The server's settings apply whether the app was installed to the server or to the user.
     """
     if await bot.store.is_blocked(guild_id, user.id):
         raise Refusal(BANNED_MESSAGE)
     if settings.allowed_channel_ids and channel_id not in settings.allowed_channel_ids:
         mentions = ", ".join(f"<#{c}>" for c in settings.allowed_channel_ids[:5])
         raise Refusal(f"Edits are not enabled in this channel; try {mentions}.")
+    if app_permissions is not None and not (app_permissions.attach_files and app_permissions.embed_links):
+        raise Refusal(NO_IMAGE_PERMISSIONS_MESSAGE)
     if instruction is not None and contains_blocked_word(instruction, settings.blocked_words):
         raise Refusal(BLOCKED_WORD_MESSAGE)  # never echo the word: that would publish it in reply refusals
     pending = bot.queue.pending_for(user.id)

@@ -13,6 +13,7 @@ from bot import presets
 from bot.intake import Refusal, check_access, fetch_image, first_image
 from bot.jobs import new_seed
 from bot.queue import QueueFullError
+from bot.quiet_refusals import refuse_reply
 from mgie_engine.errors import MgieError
 from mgie_engine.instructions import MAX_INSTRUCTION_CHARS, normalize_instruction
 from mgie_engine.options import DEFAULT_STEPS, IMAGE_CFG_RANGE, TEXT_CFG_RANGE, check_options
@@ -92,7 +93,7 @@ class EditCog(commands.Cog, name="Edit"):
             if preset not in presets.PRESET_CHOICES:
                 raise Refusal(f"Unknown preset {preset!r}; choose one of {', '.join(presets.PRESET_CHOICES)}.")
             await check_access(self.bot, interaction.user, interaction.guild_id, interaction.channel_id, settings,
-                               instruction=instruction)
+                               instruction=instruction, app_permissions=interaction.app_permissions)
         except MgieError as err:
             await interaction.response.send_message(str(err), ephemeral=True)
             return
@@ -136,7 +137,8 @@ class EditCog(commands.Cog, name="Edit"):
         text = re.sub(rf"<@!?{self.bot.user.id}>", " ", message.content or "")
         if not text.strip():
             if self.bot.user in message.mentions:
-                await message.reply("Tell me what to change, e.g. `make it night`.", mention_author=False)
+                await refuse_reply(self.bot, message, "Tell me what to change, e.g. `make it night`.",
+                                   reaction="\N{BLACK QUESTION MARK ORNAMENT}")
             return  # without the message content intent, only mentions carry text
         await self.bot.get_cog("Results").refine(source, text, message.author, message.guild and message.guild.id,
                                                  message.channel.id, reply_to=message)

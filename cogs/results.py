@@ -16,6 +16,7 @@ from bot import render
 from bot.intake import Refusal, check_access
 from bot.jobs import new_seed
 from bot.queue import QueueFullError
+from bot.quiet_refusals import refuse_reply
 from bot.storage import JobRecord
 from bot.views import result_view
 from mgie_engine.errors import MgieError
@@ -89,7 +90,7 @@ class ResultsCog(commands.Cog, name="Results"):
         """Same input, instruction and earlier turns as `source`; a new seed or CFG. The LLM output is cached."""
         settings = await self.bot.store.guild_settings(interaction.guild_id)
         await check_access(self.bot, interaction.user, interaction.guild_id, interaction.channel_id, settings,
-                           instruction=source.instruction)
+                           instruction=source.instruction, app_permissions=interaction.app_permissions)
         if await self.bot.store.read_image(source.input_image) is None:
             raise Refusal("The original image of that edit is no longer stored, so I can't redo it.")
         await interaction.response.defer(thinking=True)
@@ -123,12 +124,13 @@ class ResultsCog(commands.Cog, name="Results"):
                 else:
                     await interaction.response.send_message(message, ephemeral=True)
             elif reply_to is not None:
-                await reply_to.reply(message, mention_author=False, allowed_mentions=discord.AllowedMentions.none())
+                await refuse_reply(self.bot, reply_to, message)  # public: a reaction, a notice now and then
 
         settings = await self.bot.store.guild_settings(guild_id)
         try:
             instruction = normalize_instruction(text)
-            await check_access(self.bot, user, guild_id, channel_id, settings, instruction=instruction)
+            await check_access(self.bot, user, guild_id, channel_id, settings, instruction=instruction,
+                               app_permissions=interaction.app_permissions if interaction is not None else None)
             if not source.output_image or await self.bot.store.read_image(source.output_image) is None:
                 raise Refusal("The image of that edit is no longer stored, so I can't refine it. Start a new /edit.")
         except MgieError as err:

@@ -401,6 +401,46 @@ async def test_member_permissions_and_dm(world: World) -> None:
     assert in_dm.payload["context"] == 1
 
 
+async def test_user_install_in_a_server_without_the_bot(world: World) -> None:
+    fake, alice = world.fake, world.alice
+    club = fake.add_guild("Club", with_bot=False)
+    art, bob = fake.add_channel(club, "art"), fake.add_user("bob")
+    fake.add_member(club, alice)
+    fake.add_member(club, bob)
+    fake.set_overwrite(art, club.everyone, deny=perms.MENTION_EVERYONE)
+    assert [g.id for g in world.bot.guilds] == [world.guild.id]
+    assert not [e for e in fake.gateway.events if isinstance(e[3], dict) and e[3].get("guild_id") == str(club.id)]
+    with pytest.raises(PermissionError):  # installed neither in Club nor for alice: no command to offer
+        await fake.slash(alice, art, "perm")
+
+    fake.install_for_user(alice)
+    inter = await fake.slash(alice, art, "edit", {"image": fake.upload_user_attachment(art, "a.png", png_bytes()),
+                                                  "instruction": "x"})
+    msg = await fake.wait_for_original(inter, lambda m: m.attachments)
+    assert inter.payload["authorizing_integration_owners"] == {"1": str(alice.id)}
+    assert int(inter.payload["app_permissions"]) == perms.everyone_permissions(art) == (
+        perms.DEFAULT_EVERYONE & ~perms.MENTION_EVERYONE)
+    assert not msg.ephemeral and msg in art.visible_messages
+    click = await fake.click(bob, msg, "invert")  # components carry the owners of the message's interaction
+    await fake.wait_for(lambda: click.callbacks)
+    assert click.payload["authorizing_integration_owners"] == {"1": str(alice.id)}
+    both = await fake.slash(alice, world.channel, "perm")  # in the bot's server both installs apply
+    assert both.payload["authorizing_integration_owners"] == {"0": str(world.guild.id), "1": str(alice.id)}
+    assert int(both.payload["app_permissions"]) == fake.state.bot_permissions(world.channel)
+
+    fake.set_overwrite(art, club.everyone, deny=perms.ATTACH_FILES)  # responses are held to app_permissions
+    denied = await fake.slash(alice, art, "edit", {"image": fake.upload_user_attachment(art, "a.png", png_bytes()),
+                                                   "instruction": "x"})
+    await fake.wait_for(lambda: denied.rejected)
+    assert (denied.rejected[0].status, denied.rejected[0].code) == (403, 50013)
+
+    fake.set_overwrite(art, club.everyone, deny=perms.USE_EXTERNAL_APPS)  # only alice sees the answers now
+    quiet = await fake.slash(alice, art, "edit", {"image": fake.upload_user_attachment(art, "a.png", png_bytes()),
+                                                  "instruction": "x"})
+    private = await fake.wait_for_original(quiet, lambda m: m.attachments)
+    assert quiet.ephemeral and private.ephemeral and private not in art.visible_messages
+
+
 async def test_message_content_intent_is_enforced(fake_endpoints: FakeDiscord) -> None:
     fake = fake_endpoints
     guild = fake.add_guild()

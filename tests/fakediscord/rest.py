@@ -343,9 +343,9 @@ class Rest:
             "role_connections_verification_url": None,
             "tags": [],
             "install_params": {"scopes": ["bot", "applications.commands"], "permissions": str(perms.DEFAULT_BOT)},
-            "integration_types_config": {"0": {}},
-            "approximate_guild_count": len(st.guilds),
-            "approximate_user_install_count": 0,
+            "integration_types_config": {str(t): {} for t in sorted(st.app_integration_types)},
+            "approximate_guild_count": sum(st.bot_in(g) for g in st.guilds.values()),
+            "approximate_user_install_count": len(st.user_installs),
         }
 
     async def list_app_emojis(self, ctx: Ctx) -> Any:
