@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from redis_server import RedisServer, redis_server  # noqa: F401 - the fixture
 
 from mgie_engine.redis_pool import payloads
 from mgie_engine.redis_pool.connection import RedisSettings, RedisSetupError, check_server, client, redact
 from mgie_engine.redis_pool.streams import StreamProtocol
 from mgie_engine.worker import EditJob, EditOutcome
+
+pytest_plugins = ["redis_server"]
 
 
 def job(job_id: str = "job1", image: bytes = b"\x89PNG fake") -> EditJob:
@@ -25,7 +26,7 @@ def outcome(job_id: str, png: bytes = b"png-bytes") -> EditOutcome:
 
 
 @pytest.fixture()
-async def proto(redis_server):  # noqa: F811
+async def proto(redis_server):
     settings = RedisSettings(url=redis_server.url, prefix="t1", reclaim_idle=0.3, renew_interval=0.1)
     conn = client(settings)
     p = StreamProtocol(conn, settings)
@@ -97,7 +98,7 @@ async def test_dead_letter_after_three_deliveries_reading_the_delivery_count(pro
     assert not await proto.commit("w3", got, "done", outcome("job1"))  # too late for w3
 
 
-async def test_acknowledged_work_and_pending_entries_survive_a_redis_sigkill(proto, redis_server):  # noqa: F811
+async def test_acknowledged_work_and_pending_entries_survive_a_redis_sigkill(proto, redis_server):
     await proto.submit(job("a"))
     await proto.submit(job("b"))
     await proto.submit(job("c"))
@@ -114,7 +115,7 @@ async def test_acknowledged_work_and_pending_entries_survive_a_redis_sigkill(pro
     assert third.job_id == "c"
 
 
-async def test_two_prefixes_share_one_redis_without_seeing_each_other(proto, redis_server):  # noqa: F811
+async def test_two_prefixes_share_one_redis_without_seeing_each_other(proto, redis_server):
     settings = RedisSettings(url=redis_server.url, prefix="t2")
     other = StreamProtocol(client(settings), settings)
     await other.ensure_groups()
@@ -145,7 +146,7 @@ async def test_payloads_from_redis_are_validated_and_capped(proto):
         await proto.read_input("big")
 
 
-async def test_errors_name_no_password(redis_server):  # noqa: F811
+async def test_errors_name_no_password(redis_server):
     wrong = RedisSettings(url=redis_server.url.replace(redis_server.password, "wrong-secret"))
     with pytest.raises(RedisSetupError) as err:
         await check_server(client(wrong), wrong)
