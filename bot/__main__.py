@@ -13,6 +13,7 @@ from dotenv import load_dotenv
 
 from .config import BotConfig, ConfigError
 from .discord_endpoints import apply_endpoints
+from .redis_engine import RedisSetupError, check_redis, redis_settings_from_env
 
 SHUTDOWN_GRACE = float(os.environ.get("MGIE_SHUTDOWN_GRACE") or 30)
 PERMISSIONS = 1024 | 2048 | 16384 | 32768 | 65536  # view, send, embed links, attach files, read history
@@ -31,7 +32,8 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = BotConfig.from_env()
-    except ConfigError as err:
+        _check_redis()
+    except (ConfigError, RedisSetupError) as err:
         print(f"mgie-bot: {err}", file=sys.stderr)
         return 2
     apply_endpoints(config.api_base, config.gateway_url)
@@ -52,6 +54,13 @@ def main() -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _check_redis() -> None:
+    """With MGIE_REDIS_URL: a wrong password, an unreachable Redis or one older than 7 stops the start here."""
+    settings = redis_settings_from_env()
+    if settings is not None:
+        asyncio.run(check_redis(settings))
 
 
 async def _run(bot, token: str) -> None:

@@ -96,3 +96,19 @@ async def owner_of(proto, job_id: str, timeout: float = 60.0) -> str:
 
 def pid_of(consumer: str) -> int:
     return int(consumer.split(":")[1])
+
+
+async def start_bot(env: dict[str, str], fake, guild, data_dir: Path) -> Proc:
+    """`python -m bot` with MGIE_REDIS_URL: no checkpoint settings at all (it loads no model)."""
+    bot_env = {k: v for k, v in env.items() if k not in ("MGIE_CKPT_DIR", "MGIE_IP2P", "MGIE_CLIP")}
+    bot_env.update(DISCORD_TOKEN=fake.token, DISCORD_API_BASE=fake.api_base, DISCORD_GATEWAY_URL=fake.gateway_url,
+                   DISCORD_GUILD_IDS=str(guild.id), MGIE_DATA_DIR=str(data_dir), MGIE_SHUTDOWN_GRACE="5",
+                   MGIE_PROGRESS_INTERVAL="0.2", DISCORD_MESSAGE_CONTENT="true", MGIE_USER_JOBS_PER_MINUTE="0")
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot", env=bot_env, cwd=ROOT,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    bot = Proc(proc, "bot")
+    await fake.wait_for(lambda: any(c.name == "edit" for c in fake.commands) or proc.returncode is not None,
+                        timeout=60)
+    assert proc.returncode is None, bot.text
+    await asyncio.sleep(1.0)  # commands are synced before on_ready: let start-up finish
+    return bot
