@@ -113,8 +113,7 @@ async def test_several_users_edits_in_fair_order_and_buttons_and_replies_across_
                                               "add some stars" in (m.embeds[0].get("title") or "")), None), timeout=90)
     undo = await fake.click(alice, reply, button(reply, "undo"))
     assert rerolled.attachments and reply.attachments and not undo.failed
-    ran = [sum(f" {s} done" in w.text for s in ("",)) for w in pool.workers]
-    assert all(w.text.count(" done") >= 1 for w in pool.workers), ran  # both workers did some of it
+    assert all(" done" in w.text for w in pool.workers)  # both workers ran some of it
 
 
 async def test_a_worker_sigkilled_mid_job_its_job_finishes_on_the_other_posted_once(world, pool, proto):
