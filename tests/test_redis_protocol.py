@@ -154,7 +154,7 @@ async def test_errors_name_no_password(redis_server):
     none = RedisSettings(url=f"redis://127.0.0.1:{redis_server.port}/0")
     with pytest.raises(RedisSetupError, match="needs a password"):
         await check_server(client(none), none)
-    from redis_server import free_port
+    from redis_pool_harness import free_port
     gone = RedisSettings(url=f"redis://:hunter2@127.0.0.1:{free_port()}/0")
     with pytest.raises(RedisSetupError, match="cannot reach Redis") as err:
         await check_server(client(gone), gone)

@@ -10,8 +10,7 @@ import time
 
 import pytest
 from botharness import png_bytes
-from redis_pool_harness import owner_of, pid_of, pool_env, start_worker, wait_workers
-from redis_server import free_port
+from redis_pool_harness import free_port, owner_of, pid_of, pool_env, start_worker, wait_workers
 
 from mgie_engine.redis_pool.connection import RedisSettings, client
 from mgie_engine.redis_pool.streams import StreamProtocol
@@ -125,3 +124,30 @@ async def test_a_redis_older_than_7_is_refused_with_one_line(redis_server, tiny_
     assert code == 2 and worker.text.strip().splitlines() == [
         f"mgie-worker: Redis at redis://***@127.0.0.1:{port}/0 is version 6.2.14; the worker pool needs Redis 7.0 "
         "or newer (XAUTOCLAIM, consumer groups)."], worker.text
+
+
+async def test_devices_list_starts_one_process_each_and_sigterm_stops_them(redis_server, proto, tiny_paths):
+    parent = await start_worker(pool_env(redis_server, tiny_paths), "--devices", "cpu,cpu")
+    try:
+        live = await wait_workers(proto, 2)
+        pids = {int(w["name"].split(":")[1]) for w in live}
+        assert len(pids) == 2 and parent.proc.pid not in pids
+        await proto.submit(job("one"))
+        assert (await result_of(proto, "one"))[0] == "done"
+    finally:
+        code = await parent.stop(timeout=60)
+    assert code == 0, parent.text[-3000:]
+    assert await proto.live_workers() == []  # each child removed its heartbeat on the way out
+
+
+async def test_the_bot_refuses_a_wrong_redis_password_with_one_line(redis_server, tiny_paths, tmp_path):
+    import sys
+
+    env = pool_env(redis_server, tiny_paths, MGIE_REDIS_URL=redis_server.url.replace(redis_server.password, "nope-pw"),
+                   DISCORD_TOKEN="x" * 40, MGIE_DATA_DIR=str(tmp_path))
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot", env=env, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT)
+    out = (await asyncio.wait_for(proc.communicate(), 60))[0].decode()
+    assert proc.returncode == 2 and out.strip().splitlines() == [
+        f"mgie-bot: Redis at redis://***@127.0.0.1:{redis_server.port}/0 refused the password (check the password "
+        "in MGIE_REDIS_URL)."], out
