@@ -121,7 +121,7 @@ async def main_async(args) -> dict:
 
     from mgie_engine.tiny import write_tiny_checkpoints
 
-    report = {"card": "cpu", "cpu_cores": os.cpu_count(), "steps": args.steps, "image_side": args.size,
+    report = {"card": "cpu", "cpu_cores": os.cpu_count(), "load_average_at_start": os.getloadavg(), "steps": args.steps, "image_side": args.size,
               "versions": {"python": platform.python_version(), "torch": torch.__version__, "redis-py": redis.__version__}}
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_tiny_checkpoints(Path(tmp) / "tiny", seed=0, plant_visual_tokens=True)

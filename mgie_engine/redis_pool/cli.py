@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if len(devices) > 1:
         return _run_children(devices, args.env_file)
-    engine = engine.__class__(**{**engine.__dict__, "device": devices[0]})
+    engine = dataclasses.replace(engine, device=devices[0])
     return asyncio.run(_serve(engine, redis_settings))
 
 
@@ -75,8 +76,8 @@ async def _check(settings: RedisSettings) -> None:
 def _devices(engine: EngineSettings, flag: str | None) -> list[str]:
     name = (flag or engine.device or "auto").strip().lower()
     if name in ("all", "auto"):
-        return engine.__class__(**{**engine.__dict__, "device": "auto"}).device_list()
-    return engine.__class__(**{**engine.__dict__, "device": name}).device_list()
+        return dataclasses.replace(engine, device="auto").device_list()
+    return dataclasses.replace(engine, device=name).device_list()
 
 
 def _run_children(devices: list[str], env_file: str | None) -> int:
