@@ -179,8 +179,16 @@ class ResultsCog(commands.Cog, name="Results"):
             ticket.release()
 
     # -- owner actions ------------------------------------------------------------------------------
+    async def _shown_on(self, message: discord.Message, maker: JobRecord) -> JobRecord:
+        """The job whose result ``message`` shows now: its maker's, or an earlier step after an Undo."""
+        shown = await self.bot.store.job_by_message(message.id)
+        return shown if shown is not None else maker
+
     async def _on_undo(self, interaction: discord.Interaction, source: JobRecord) -> None:
-        previous = await self.bot.store.get_job(source.parent_id) if source.parent_id else None
+        # `source` made this message (Undo and Delete carry the maker, see result_view), so it stays theirs
+        # whichever step it shows.
+        shown = await self._shown_on(interaction.message, source)
+        previous = await self.bot.store.get_job(shown.parent_id) if shown.parent_id else None
         if previous is None or previous.state != "done":
             raise Refusal("This is the first edit of its chain, so there is nothing to undo; Delete removes it.")
         data = await self.bot.store.read_image(previous.output_image)
@@ -188,18 +196,21 @@ class ResultsCog(commands.Cog, name="Results"):
             raise Refusal("The previous image is no longer stored.")
         filename = f"mgie-{previous.id[:8]}.png"
         # The message is about to show `previous`: replies and buttons on it act on that step.
-        await self.bot.store.update_job(source.id, result_message_id=None, status_message_id=None)
+        await self.bot.store.update_job(shown.id, result_message_id=None, status_message_id=None)
         await self.bot.store.update_job(previous.id, result_message_id=interaction.message.id)
         await interaction.response.edit_message(
             content="↩️ Back to the previous step.",
             embed=render.result_embed(previous, filename, self.bot.engine.random_weights),
             attachments=[discord.File(io.BytesIO(data), filename=filename)],
-            view=result_view(previous.id), allowed_mentions=discord.AllowedMentions.none())
+            view=result_view(previous.id, owner_job_id=source.id), allowed_mentions=discord.AllowedMentions.none())
 
     async def _on_delete(self, interaction: discord.Interaction, source: JobRecord) -> None:
+        shown = await self._shown_on(interaction.message, source)
         await interaction.response.defer()
         await interaction.delete_original_response()
-        await self.bot.store.update_job(source.id, result_message_id=None)
+        for job in {shown.id: shown, source.id: source}.values():
+            if job.result_message_id == interaction.message.id:
+                await self.bot.store.update_job(job.id, result_message_id=None)
 
     async def _on_cancel(self, interaction: discord.Interaction, source: JobRecord) -> None:
         if source.state not in ("queued", "running") or not self.bot.queue.cancel(source.id):
