@@ -13,6 +13,11 @@ import pytest
 from botharness import bot_running, make_config, png_bytes, team_world
 from fakediscord import permissions as perms
 
+from bot.admission import Ticket, fair_share_allows
+from bot.intake import JobRateLimiter
+from bot.queue import JobQueue
+from mgie_engine.worker import EditJob
+
 pytest_plugins = ["fakediscord.fixtures"]
 
 
@@ -155,3 +160,33 @@ async def test_fifty_users_sending_ten_requests_at_once_share_the_queue(fake_end
             assert counts["queued"] == bot.queue.depth and counts["failed"] == 0
     finally:
         hold.set()
+
+
+# --- units: the fair-share rule and tickets ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("taken, nth, allowed", [
+    (99, 1, True), (100, 1, False),  # a first job takes any free place
+    (49, 2, True), (50, 2, False),  # a second one only in the first half
+    (33, 3, True), (34, 3, False),
+    (9, 10, True), (10, 11, False),  # one user alone (taken = n - 1): at most 10 of 100
+])
+def test_fair_share_rule(taken, nth, allowed):
+    assert fair_share_allows(taken, 100, nth) is allowed
+
+
+def test_a_ticket_holds_a_place_and_a_start_until_consumed_or_released():
+    queue = JobQueue([], on_event=lambda event: None, max_total=10)
+    limiter = JobRateLimiter(2, clock=lambda: 5.0)
+    kept, given_back = Ticket(queue, limiter, 7), Ticket(queue, limiter, 7)
+    assert queue.pending_for(7) == 2 and queue.taken == 2 and limiter.retry_after(7) > 0
+    given_back.release()
+    given_back.release()  # only the first call counts
+    assert queue.pending_for(7) == 1 and limiter.retry_after(7) == 0  # the failed request cost nothing
+    job = EditJob(job_id="a" * 32, image=b"", instruction="x", seed=1, text_cfg=7.5, image_cfg=1.5, steps=3)
+    queue.submit(job, 7, reserved=True)
+    kept.consume()
+    kept.release()  # after consume: nothing to give back
+    assert queue.pending_for(7) == 1 and queue.taken == 1  # the queue entry holds the place now
+    Ticket(queue, limiter, 7)
+    assert limiter.retry_after(7) > 0  # the queued job's start still counts
