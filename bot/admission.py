@@ -10,12 +10,12 @@ a full disk costs the user nothing).
 
 Fair share of the global cap (:func:`fair_share_allows`): a user's n-th pending job (counting their
 waiting, running and reserved ones, plus the new one) is admitted only while fewer than
-``max_total / n`` places are taken. A first job may take any free place, a second only one in the first
-half of the queue, a third one in the first third, and so on. Once the queue is half full only people
-with nothing pending get in, so the second half is kept for them: whatever order requests arrive in, a
-full queue holds at least ``max_total / 2`` different users, and nobody is turned away for lack of room
-while someone else got a second place in its last half. Places are never taken back from a job that was
-admitted, so the rule has to hold the room back before it is needed.
+``max_total / n`` places are taken. A first job may take any free place, a second one only while the
+queue is less than half full, a third while it is less than a third full, and so on. So once the queue
+is half full only people with nothing pending get in: whatever order requests arrive in, the last half
+of the places goes to different users, one each, and a full queue holds at least ``max_total / 2``
+users. Admitted jobs are never evicted, so room for late-comers has to be kept back before it is needed;
+the price is that someone alone with an idle bot gets at most about ``sqrt(max_total)`` waiting edits.
 """
 
 from __future__ import annotations
