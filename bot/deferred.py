@@ -19,6 +19,8 @@ import discord
 
 from mgie_engine.errors import MgieError
 
+from .admission import Ticket
+
 log = logging.getLogger(__name__)
 
 STORAGE_TROUBLE = "The server could not store your edit right now (a disk problem). Please try again later."
@@ -61,11 +63,17 @@ async def fail_after_defer(interaction: discord.Interaction, message: str) -> No
 
 
 @contextlib.asynccontextmanager
-async def failures_told_privately(interaction: discord.Interaction) -> AsyncIterator[None]:
-    """Wrap the work after a thinking defer: any exception ends in :func:`fail_after_defer`."""
+async def failures_told_privately(interaction: discord.Interaction,
+                                  ticket: Ticket | None = None) -> AsyncIterator[None]:
+    """Wrap the work after a thinking defer: any exception ends in :func:`fail_after_defer`.
+
+    ``ticket`` (the request's reserved place) is released first, so the user may retry at once.
+    """
     try:
         yield
     except Exception as err:  # noqa: BLE001 - whatever it was, the user hears of it and nothing is left loading
+        if ticket is not None:
+            ticket.release()
         await fail_after_defer(interaction, describe_failure(err))
 
 

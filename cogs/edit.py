@@ -101,7 +101,7 @@ class EditCog(commands.Cog, name="Edit"):
             return
         try:  # the ticket holds this request's place from the check on; it is given back unless queued
             await interaction.response.defer(thinking=True)
-            async with failures_told_privately(interaction):
+            async with failures_told_privately(interaction, ticket):
                 data, picture = await fetch_image(self.bot, attachment)
                 guidance = presets.choose_guidance(preset, picture, instruction, text_cfg, image_cfg)
                 record = self.bot.jobs.new_record(

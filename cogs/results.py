@@ -94,7 +94,7 @@ class ResultsCog(commands.Cog, name="Results"):
                                     settings, instruction=source.instruction)
         try:  # the ticket holds this request's place from the check on; it is given back unless queued
             await interaction.response.defer(thinking=True)
-            async with failures_told_privately(interaction):
+            async with failures_told_privately(interaction, ticket):
                 fields = {"seed": source.seed, "text_cfg": source.text_cfg, "image_cfg": source.image_cfg, **changes}
                 reason = {"reroll": "re-roll: same settings, new seed",
                           "stronger": f"stronger edit: text CFG {source.text_cfg:g} → {fields['text_cfg']:g}",
@@ -152,7 +152,7 @@ class ResultsCog(commands.Cog, name="Results"):
         try:  # the ticket holds this request's place from the check on; it is given back unless queued
             if interaction is not None:
                 await interaction.response.defer(thinking=True)
-                async with failures_told_privately(interaction):
+                async with failures_told_privately(interaction, ticket):
                     record = await new_record(application_id=interaction.application_id,
                                               interaction_token=interaction.token,
                                               status_message_id=await status_message_id(interaction),
@@ -166,6 +166,7 @@ class ResultsCog(commands.Cog, name="Results"):
                 record = await new_record(reply_to_message_id=reply_to.id, status_message_id=status.id)
                 await self.bot.jobs.submit(record, None, ticket=ticket)
             except Exception as err:  # noqa: BLE001 - the "Queued" line must not stay; the user hears why
+                ticket.release()  # before telling them, so they may retry at once
                 if status is not None:
                     try:
                         await status.delete()
