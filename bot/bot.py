@@ -14,6 +14,7 @@ from discord.ext import commands
 from mgie_engine.worker import LocalWorker, WorkerPool
 
 from .config import BotConfig
+from .deferred import fail_after_defer
 from .jobs import JobManager
 from .queue import JobQueue
 from .storage import Store
@@ -88,7 +89,9 @@ class MgieBot(commands.Bot):
             log.error("command %s failed", interaction.command and interaction.command.name, exc_info=error)
             message = "Something went wrong on my side; the error is logged."
         try:
-            if interaction.response.is_done():
+            if interaction.response.type is discord.InteractionResponseType.deferred_channel_message:
+                await fail_after_defer(interaction, message)  # a plain follow-up would replace it publicly
+            elif interaction.response.is_done():
                 await interaction.followup.send(message, ephemeral=True)
             else:
                 await interaction.response.send_message(message, ephemeral=True)

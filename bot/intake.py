@@ -17,6 +17,7 @@ import PIL.Image
 from mgie_engine.errors import MgieError
 from mgie_engine.images import MAX_INPUT_BYTES, load_image
 
+from .admission import Ticket, fair_share_allows
 from .config import DEFAULT_USER_JOBS_PER_MINUTE
 from .downloads import allowed_hosts, check_attachment_meta, download
 from .moderation_text import contains_blocked_word
@@ -82,17 +83,25 @@ class JobRateLimiter:
             return 0.0
         return starts[0] + self.window - now
 
-    def record(self, user_id: int) -> None:
-        """Count a new job of ``user_id`` now (call only after every other check passed)."""
+    def record(self, user_id: int) -> float | None:
+        """Count a new job of ``user_id`` now (call only after every other check passed); returns its start."""
         if self.limit <= 0:
-            return
+            return None
         starts = self._starts.get(user_id)
         if starts is None:
             starts = self._starts[user_id] = collections.deque(maxlen=self.limit)
-        starts.append(self.clock())
+        now = self.clock()
+        starts.append(now)
         self._starts.move_to_end(user_id)
         while len(self._starts) > self.max_users:
             self._starts.popitem(last=False)
+        return now
+
+    def forget(self, user_id: int, start: float | None) -> None:
+        """Un-count a start that :meth:`record` returned: its request failed before it became a job."""
+        starts = self._starts.get(user_id)
+        if start is not None and starts is not None and start in starts:
+            starts.remove(start)
 
 
 def job_rate_limiter(bot) -> JobRateLimiter:
@@ -107,8 +116,8 @@ def job_rate_limiter(bot) -> JobRateLimiter:
 
 async def check_access(bot, user: discord.abc.User, guild_id: int | None, channel_id: int,
                        settings: GuildSettings, instruction: str | None = None,
-                       app_permissions: discord.Permissions | None = None) -> None:
-    """Raise Refusal unless ``user`` may start a new job here; on success the job counts toward the rate limit.
+                       app_permissions: discord.Permissions | None = None) -> Ticket:
+    """Raise Refusal unless ``user`` may start a new job here; on success reserve its place and return it.
 
     Every path that starts a job calls this, so bans, the block-list and the limits cannot be side-stepped
     through a button or a reply. Pass ``instruction`` wherever the user typed one (re-used ones too), so the
@@ -117,6 +126,12 @@ async def check_access(bot, user: discord.abc.User, guild_id: int | None, channe
     user-installed app in a server without the bot, what moderators allow ``@everyone``); without Attach
     Files and Embed Links the result could not be posted, so the request is refused before any work.
     The server's settings apply whether the app was installed to the server or to the user.
+
+    The returned :class:`~bot.admission.Ticket` already counts toward the pending cap, the queue's global cap
+    and the jobs-per-minute limit (see :mod:`bot.admission` for why, and for the fair share of the queue):
+    hand it to ``JobManager.submit`` and ``release()`` it in a ``finally``, which gives it back unless the
+    job was queued. Nothing may be awaited between the last check and the reservation, or two concurrent
+    requests could both pass.
     """
     if await bot.store.is_blocked(guild_id, user.id):
         raise Refusal(BANNED_MESSAGE)
@@ -127,7 +142,8 @@ async def check_access(bot, user: discord.abc.User, guild_id: int | None, channe
         raise Refusal(NO_IMAGE_PERMISSIONS_MESSAGE)
     if instruction is not None and contains_blocked_word(instruction, settings.blocked_words):
         raise Refusal(BLOCKED_WORD_MESSAGE)  # never echo the word: that would publish it in reply refusals
-    pending = bot.queue.pending_for(user.id)
+    queue = bot.queue
+    pending = queue.pending_for(user.id)
     if pending >= settings.user_pending_cap:
         raise Refusal(f"You already have {pending} edit(s) waiting; the limit here is {settings.user_pending_cap}. "
                       "Wait for one to finish or cancel one.")
@@ -136,4 +152,11 @@ async def check_access(bot, user: discord.abc.User, guild_id: int | None, channe
     if wait > 0:
         raise Refusal(f"You've started {limiter.limit} edit(s) in the last minute, the most allowed. "
                       f"Please try again in {math.ceil(wait)} s.")
-    limiter.record(user.id)
+    if not queue.accepting:
+        raise Refusal("The bot is restarting; please try again in a minute.")
+    if not fair_share_allows(queue.taken, queue.max_total, pending + 1):
+        if pending == 0:
+            raise Refusal(f"The queue is full ({queue.max_total} edits waiting); please try again later.")
+        raise Refusal(f"The queue is busy ({queue.taken} edits waiting), so places are kept for people who have "
+                      f"none yet. You already have {pending} edit(s) waiting; try again when one has finished.")
+    return Ticket(queue, limiter, user.id)
