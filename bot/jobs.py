@@ -62,20 +62,28 @@ class JobManager:
         return tuple((r.instruction, r.expressive) for r in chain if r.expressive)
 
     async def submit(self, record: JobRecord, image: bytes | None, upload_limit: int | None = None) -> JobRecord:
-        """Store a new job (and its input image when new), queue it and show its position."""
+        """Store a new job (and its input image when new), queue it and show its position.
+
+        A refused job leaves nothing behind: a full queue is refused before anything is stored, and
+        should it fill up meanwhile, the row and file just written are removed again.
+        """
+        if self.queue.depth >= self.queue.max_total:
+            raise QueueFullError(f"The queue is full ({self.queue.max_total} edits waiting); please try again later.")
         if image is not None:
             record.input_image = await self.store.save_image(record.id, "in", image)
         record = await self.store.create_job(record)
         self._live[record.id] = _Live(upload_limit=upload_limit or DEFAULT_UPLOAD_LIMIT)
         try:
             await self._enqueue(record)
-        except QueueFullError as err:
-            await self.store.update_job(record.id, state="failed", error=str(err), finished_at=time.time())
+        except QueueFullError:
+            self._live.pop(record.id, None)
+            await self.store.delete_new_job(record.id, record.input_image if image is not None else None)
             raise
         return record
 
     async def _enqueue(self, record: JobRecord) -> None:
-        image = await self.store.read_image(record.input_image)
+        # The worker reads the stored, already fitted input itself: a queued job holds a path, not pixels.
+        image = await self.store.existing_image_path(record.input_image)
         if image is None:
             raise FileNotFoundError(record.input_image)
         # parent_id is the job whose output is this job's input, so the chain up to it is the history

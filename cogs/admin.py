@@ -1,4 +1,5 @@
-"""/mgie status, /mgie settings, ban and unban (server managers) and /mgie cancel (your own queued edit)."""
+"""/mgie status, /mgie settings, ban and unban (server managers), /mgie cancel (your own queued edit) and
+/mgie forget-me (delete what the bot stores about you)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot import render
+from bot import privacy, render
 from bot.storage import MAX_BAN_REASON_CHARS, GuildSettings
 
 _LISTED_WORDS_CHARS = 800  # the settings reply must stay under Discord's 2000 characters
@@ -35,6 +36,7 @@ class AdminCog(commands.GroupCog, group_name="mgie", name="Admin"):
         embed.add_field(name="Queue", value=f"{queue.depth} waiting, {len(queue.running)} running")
         embed.add_field(name="Average edit", value=render.seconds(average) if average else "no edits yet")
         embed.add_field(name="All time", value=", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none")
+        embed.add_field(name="Storage", value=self.bot.retention.describe(await self.bot.retention.disk_use()))
         if engine.random_weights:
             embed.set_footer(text="Running on RANDOM test weights: outputs are noise.")
         await interaction.response.send_message(embed=embed, ephemeral=True)
@@ -137,6 +139,16 @@ class AdminCog(commands.GroupCog, group_name="mgie", name="Admin"):
         job = jobs[0]
         self.bot.queue.cancel(job.id)
         await interaction.response.send_message(f"Cancelling: {render.quote(job.instruction)}", ephemeral=True)
+
+
+    @app_commands.command(name="forget-me", description="Delete everything MGIE stores about you (asks first)")
+    async def forget_me(self, interaction: discord.Interaction) -> None:
+        text, stored = await privacy.describe(self.bot, interaction.user.id)
+        if not stored:
+            await interaction.response.send_message(text, ephemeral=True)
+            return
+        await interaction.response.send_message(text, view=privacy.ConfirmForget(self.bot, interaction.user.id),
+                                                ephemeral=True)
 
 
 def _listed_words(settings: GuildSettings) -> str:

@@ -98,8 +98,9 @@ class EditCog(commands.Cog, name="Edit"):
             return
         await interaction.response.defer(thinking=True)
         try:
-            data, picture = await fetch_image(self.bot, attachment)
-            guidance = presets.choose_guidance(preset, picture, instruction, text_cfg, image_cfg)
+            # Decoded once, off the event loop; 'auto' looks at the picture in the same worker thread.
+            data, guidance = await fetch_image(self.bot, attachment, lambda picture: presets.choose_guidance(
+                preset, picture, instruction, text_cfg, image_cfg))
         except MgieError as err:
             await self._fail_after_defer(interaction, str(err))
             return
