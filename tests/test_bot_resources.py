@@ -201,6 +201,27 @@ async def test_forget_me_deletes_a_users_data_and_detaches_others(world, tmp_pat
         hold.set()
 
 
+async def test_an_expired_token_is_removed_and_the_result_still_reaches_its_user(world, tmp_path, tiny_models):
+    fake, guild, channel, alice, *_ = world
+    hold = threading.Event()
+    async with bot_running(fake, make_config(fake, tmp_path / "data", [guild.id]), tiny_models,
+                           delay_ready=hold) as bot:
+        inter = await edit(fake, alice, channel, png_bytes())
+        await queued(fake, inter)
+        fake.clock.advance(16 * 60)  # Discord no longer takes the token, and the bot's sweep drops it
+        assert await bot.retention.clear_expired_tokens(now=time.time() + 16 * 60) == 1
+        job = (await bot.store.recent_jobs(alice.id))[0]
+        assert job.interaction_token is None and job.application_id
+        hold.set()
+        late = await fake.wait_for(lambda: next((m for m in channel.messages if m.attachments and not m.deleted
+                                                 and m is not inter.original), None), timeout=60)
+        assert f"<@{alice.id}>" in late.content
+        assert int(late.message_reference["message_id"]) == inter.original.id and not inter.original.deleted
+        # Still treated as an interaction's job (as before its token went): never edited as a channel message,
+        # which fails where the bot can't see the channel (user-installed, DMs).
+        assert not fake.requests_to("PATCH /channels/{channel_id}/messages/{message_id}")
+
+
 # --- item 9: the event loop stays free ------------------------------------------------------------
 
 
