@@ -16,6 +16,7 @@ from mgie_engine.worker import LocalWorker, WorkerPool
 from .config import BotConfig
 from .intake import IntakeSlots
 from .jobs import JobManager
+from .privacy import ForgetButton
 from .queue import JobEvent, JobQueue
 from .retention import Retention
 from .storage import Store
@@ -58,7 +59,7 @@ class MgieBot(commands.Bot):
         self.queue = JobQueue(self.engine.workers, on_event=self._on_job_event, max_total=self.config.max_queue,
                               stall_timeout=self.config.stall_timeout, replace_worker=self.engine.replace)
         self.jobs = JobManager(self, self.store, self.queue, self.engine, self.config.progress_interval)
-        self.add_dynamic_items(JobButton)
+        self.add_dynamic_items(JobButton, ForgetButton)
         for name in COGS:
             await self.load_extension(name)
         self.tree.on_error = self.on_app_command_error

@@ -27,7 +27,6 @@ from .storage import UNFINISHED_STATES
 
 log = logging.getLogger(__name__)
 
-CONFIRM_TIMEOUT = 300.0  # seconds the confirmation button stays usable
 SETTLE_TIMEOUT = 60.0  # most seconds to wait for cancelled jobs to stop before giving up
 _TRY_AGAIN = ("Some edits that need your images are still running, so nothing was deleted yet. "
               "Please try again in a minute.")
@@ -73,23 +72,33 @@ async def forget(bot, user_id: int) -> str:
     return f"🗑️ Done: deleted {report.jobs} edit(s) and {report.files} image(s).{cancelled}{others}"
 
 
-class ConfirmForget(discord.ui.View):
-    """The private confirmation under /mgie forget-me; only its user sees it, so only they can press it."""
+class ForgetButton(discord.ui.DynamicItem[discord.ui.Button],
+                   template=r"mgie-forget:(?P<choice>yes|no):(?P<user>[0-9]{1,20})"):
+    """The confirmation under /mgie forget-me. The user id is in the custom id, so the button still works
+    after a restart (never Discord's bare "This interaction failed") and only acts for that user."""
 
-    def __init__(self, bot, user_id: int) -> None:
-        super().__init__(timeout=CONFIRM_TIMEOUT)
-        self.bot, self.user_id = bot, user_id
+    def __init__(self, choice: str, user_id: int) -> None:
+        label, style = (("Delete my data", discord.ButtonStyle.danger) if choice == "yes"
+                        else ("Keep it", discord.ButtonStyle.secondary))
+        super().__init__(discord.ui.Button(label=label, style=style, custom_id=f"mgie-forget:{choice}:{user_id}"))
+        self.choice, self.user_id = choice, user_id
 
-    @discord.ui.button(label="Delete my data", style=discord.ButtonStyle.danger, custom_id="mgie-forget:yes")
-    async def confirm(self, interaction: discord.Interaction, _button: discord.ui.Button) -> None:
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match):
+        return cls(match["choice"], int(match["user"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
         if interaction.user.id != self.user_id:
             await interaction.response.send_message("That button is not yours.", ephemeral=True)
-            return
-        self.stop()
-        await interaction.response.edit_message(content="⏳ Deleting your data…", view=None)
-        await interaction.edit_original_response(content=await forget(self.bot, self.user_id))
+        elif self.choice == "no":
+            await interaction.response.edit_message(content="Nothing was deleted.", view=None)
+        else:
+            await interaction.response.edit_message(content="⏳ Deleting your data…", view=None)
+            await interaction.edit_original_response(content=await forget(interaction.client, self.user_id))
 
-    @discord.ui.button(label="Keep it", style=discord.ButtonStyle.secondary, custom_id="mgie-forget:no")
-    async def keep(self, interaction: discord.Interaction, _button: discord.ui.Button) -> None:
-        self.stop()
-        await interaction.response.edit_message(content="Nothing was deleted.", view=None)
+
+def confirm_view(user_id: int) -> discord.ui.View:
+    view = discord.ui.View(timeout=None)
+    view.add_item(ForgetButton("yes", user_id))
+    view.add_item(ForgetButton("no", user_id))
+    return view

@@ -147,8 +147,7 @@ class AdminCog(commands.GroupCog, group_name="mgie", name="Admin"):
         if not stored:
             await interaction.response.send_message(text, ephemeral=True)
             return
-        await interaction.response.send_message(text, view=privacy.ConfirmForget(self.bot, interaction.user.id),
-                                                ephemeral=True)
+        await interaction.response.send_message(text, view=privacy.confirm_view(interaction.user.id), ephemeral=True)
 
 
 def _listed_words(settings: GuildSettings) -> str:

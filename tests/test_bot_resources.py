@@ -163,6 +163,11 @@ async def test_forget_me_deletes_a_users_data_and_detaches_others(world, tmp_pat
             alice, opened, {"instruction": "add snow"}))).id)
         assert (b1.input_image, b2.input_image, a2.input_image) == (a1.input_image, a1.output_image,
                                                                     b1.output_image)
+        asked = await fake.slash(alice, channel, "mgie forget-me")
+        await fake.wait_for(lambda: asked.original)
+        await fake.click(alice, asked.original, f"mgie-forget:no:{alice.id}")
+        await fake.wait_for(lambda: "Nothing was deleted" in asked.original.content)
+        assert len(await bot.store.recent_jobs(alice.id)) == 2
 
     hold = threading.Event()  # the model "warms up": what is submitted now stays queued
     async with bot_running(fake, config, tiny_models, delay_ready=hold) as bot:
@@ -175,7 +180,7 @@ async def test_forget_me_deletes_a_users_data_and_detaches_others(world, tmp_pat
         await fake.wait_for(lambda: asked.callbacks)
         confirm = asked.original
         assert asked.ephemeral and "3 edit(s)" in confirm.content and "can't be undone" in confirm.content
-        done = await fake.click(alice, confirm, "mgie-forget:yes")
+        done = await fake.click(alice, confirm, f"mgie-forget:yes:{alice.id}")
         await fake.wait_for(lambda: "Done" in (confirm.content or ""), timeout=60)
         assert not done.failed and "deleted 3 edit(s)" in confirm.content
         assert "Cancelled" in a3.original.content and "Cancelled" in b3.original.content
