@@ -157,9 +157,8 @@ class ResultsCog(commands.Cog, name="Results"):
         try:
             await self.bot.jobs.submit(record, None, upload_limit=interaction and
                                        getattr(interaction, "filesize_limit", None))
-        except QueueFullError as err:
-            await self.bot.jobs.delivery.show(await self.bot.store.get_job(record.id),
-                                              render.failed(record, str(err)), view=None)
+        except QueueFullError as err:  # refused before it was stored: answer from the record in hand
+            await self.bot.jobs.delivery.show(record, render.failed(record, str(err)), view=None)
 
     # -- owner actions ------------------------------------------------------------------------------
     async def _on_undo(self, interaction: discord.Interaction, source: JobRecord) -> None:

@@ -112,19 +112,27 @@ async def test_a_queued_job_holds_a_file_path_not_the_image(world, tmp_path, tin
 async def test_a_request_refused_for_a_full_queue_stores_nothing(world, tmp_path, tiny_models):
     fake, guild, channel, alice, bob, carol = world
     config = make_config(fake, tmp_path / "data", [guild.id], max_queue=1)
+    async with bot_running(fake, config, tiny_models) as bot:
+        first = await finished(fake, await edit(fake, alice, channel, png_bytes()))
+    kept = stored_files(config)
     hold = threading.Event()
     async with bot_running(fake, config, tiny_models, delay_ready=hold) as bot:
-        first = await edit(fake, alice, channel, png_bytes())
-        await queued(fake, first)
+        waiting = await edit(fake, alice, channel, png_bytes(seed=1))  # fills the queue
+        await queued(fake, waiting)
         refused = [await edit(fake, user, channel, png_bytes(seed=i)) for i, user in enumerate((bob, carol))]
         for inter in refused:
             await fake.wait_for(lambda inter=inter: inter.followups, timeout=30)
             assert "queue is full" in inter.followups[-1].content and inter.followups[-1].ephemeral
-        assert sum((await bot.store.counts_by_state()).values()) == 1
+        reroll = await fake.click(bob, first, button(first, "reroll"))
+        await fake.wait_for(lambda: reroll.original and "queue is full" in (reroll.original.content or ""))
+        reply = await fake.send_message(carol, channel, "now make it night", reply_to=first)
+        await fake.wait_for(lambda: any(m.referenced and m.referenced.id == reply.id
+                                        and "queue is full" in m.content for m in channel.messages))
+        assert sum((await bot.store.counts_by_state()).values()) == 2  # the first edit and the waiting one
         job = (await bot.store.recent_jobs(alice.id))[0]
-        assert stored_files(config) == [f"{job.id}-in.png"]
+        assert stored_files(config) == sorted([*kept, f"{job.id}-in.png"])
         hold.set()
-        await finished(fake, first)
+        await finished(fake, waiting)
 
 
 async def test_status_shows_disk_use_and_the_start_sweeps_old_chains(world, tmp_path, tiny_models):
