@@ -148,6 +148,7 @@ class MgieBot(commands.Bot):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self.intake_slots.close()
         self.engine.shutdown()
         await super().close()
         if getattr(self, "http_session", None) is not None:

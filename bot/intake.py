@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import functools
 import math
 import os
@@ -55,12 +56,21 @@ def first_image(attachments: list[discord.Attachment]) -> discord.Attachment | N
 
 
 class IntakeSlots:
-    """How many attachments are downloaded and decoded at once (one per bot)."""
+    """How many attachments are downloaded and decoded at once (one per bot).
+
+    Decodes run on threads of their own, as many as may run at once: a big decode's freed memory stays
+    with its thread's malloc arena, so spreading decodes over ever other threads (the loop's default
+    executor) would grow the process by a decode's worth per thread instead of reusing it.
+    """
 
     def __init__(self, decodes: int = DECODE_SLOTS, downloads: int = DOWNLOAD_SLOTS) -> None:
         self.decodes, self.downloads = decodes, max(downloads, decodes)
         self.decode = asyncio.Semaphore(self.decodes)
         self.download = asyncio.Semaphore(self.downloads)
+        self.executor = concurrent.futures.ThreadPoolExecutor(self.decodes, thread_name_prefix="mgie-decode")
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _decode_and_fit(data: bytes, max_side: int, analyse: Callable[[PIL.Image.Image], T]) -> tuple[bytes, T]:
@@ -83,7 +93,8 @@ async def fetch_image(bot, attachment: discord.Attachment,
         data = await download(bot.http_session, attachment.url, allowed_hosts(bot.config.api_base),
                               MAX_INPUT_BYTES)
         async with slots.decode:
-            return await asyncio.to_thread(_decode_and_fit, data, bot.config.engine.max_side, analyse)
+            return await asyncio.get_running_loop().run_in_executor(
+                slots.executor, _decode_and_fit, data, bot.config.engine.max_side, analyse)
 
 
 class JobRateLimiter:
