@@ -7,21 +7,36 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import math
+import os
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import discord
 import PIL.Image
 
 from mgie_engine.errors import MgieError
-from mgie_engine.images import MAX_INPUT_BYTES, load_image
+from mgie_engine.images import MAX_INPUT_BYTES, encode_png, load_image, prepare_image
 
 from .admission import Ticket, fair_share_allows
 from .config import DEFAULT_USER_JOBS_PER_MINUTE
 from .downloads import allowed_hosts, check_attachment_meta, download
 from .moderation_text import contains_blocked_word
+from .presets import EDGE_ANALYSIS_SIDE
 from .storage import GuildSettings
+
+T = TypeVar("T")
+
+DECODE_SLOTS = max(1, min(4, (os.cpu_count() or 2) // 2))
+"""Inputs decoded at once. A decode is CPU-bound and holds up to ~200 MB (a 40 MP PNG), so this bounds
+both: the rest wait their turn, holding at most their downloaded bytes."""
+DOWNLOAD_SLOTS = 2 * DECODE_SLOTS
+"""Attachments held in memory at once (each at most MAX_INPUT_BYTES): downloading up to one decode ahead."""
+INPUT_MULTIPLE = 8
+"""Stored inputs are fitted with the engine's rounding (Stable Diffusion's VAE factor), so a worker's own
+fit leaves them as they are."""
 
 BANNED_MESSAGE = "You can't use MGIE in this server."
 NO_IMAGE_PERMISSIONS_MESSAGE = ("This server doesn't let apps post images in this channel (MGIE needs Attach Files "
@@ -43,13 +58,46 @@ def first_image(attachments: list[discord.Attachment]) -> discord.Attachment | N
     return None
 
 
-async def fetch_image(bot, attachment: discord.Attachment) -> tuple[bytes, PIL.Image.Image]:
-    """Download (Discord's CDN only, capped) and decode (in a thread: big images take a while)."""
+class IntakeSlots:
+    """How many attachments are downloaded and decoded at once (one per bot).
+
+    Decodes run on threads of their own, as many as may run at once: a big decode's freed memory stays
+    with its thread's malloc arena, so spreading decodes over ever other threads (the loop's default
+    executor) would grow the process by a decode's worth per thread instead of reusing it.
+    """
+
+    def __init__(self, decodes: int = DECODE_SLOTS, downloads: int = DOWNLOAD_SLOTS) -> None:
+        self.decodes, self.downloads = decodes, max(downloads, decodes)
+        self.decode = asyncio.Semaphore(self.decodes)
+        self.download = asyncio.Semaphore(self.downloads)
+        self.executor = concurrent.futures.ThreadPoolExecutor(self.decodes, thread_name_prefix="mgie-decode")
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _decode_and_fit(data: bytes, max_side: int, analyse: Callable[[PIL.Image.Image], T]) -> tuple[bytes, T]:
+    picture = load_image(data, reduce_to=max(2 * max_side, EDGE_ANALYSIS_SIDE))
+    png = encode_png(prepare_image(picture, max_side, INPUT_MULTIPLE))
+    return png, analyse(picture)
+
+
+async def fetch_image(bot, attachment: discord.Attachment,
+                      analyse: Callable[[PIL.Image.Image], T]) -> tuple[bytes, T]:
+    """Download (Discord's CDN only, capped), decode once, fit to the engine's size and encode that as the
+    PNG the job stores and its worker reads; ``analyse`` (e.g. the auto preset) sees the decoded picture.
+
+    Decoding, fitting and ``analyse`` run in a worker thread, never on the event loop, and at most
+    ``bot.intake_slots.decodes`` at once; the upload's bytes are dropped as soon as it is decoded.
+    """
     check_attachment_meta(attachment.filename, attachment.content_type, attachment.size, MAX_INPUT_BYTES)
-    data = await download(bot.http_session, attachment.url, allowed_hosts(bot.config.api_base),
-                          MAX_INPUT_BYTES)
-    image = await asyncio.to_thread(load_image, data)
-    return data, image
+    slots: IntakeSlots = bot.intake_slots
+    async with slots.download:
+        data = await download(bot.http_session, attachment.url, allowed_hosts(bot.config.api_base),
+                              MAX_INPUT_BYTES)
+        async with slots.decode:
+            return await asyncio.get_running_loop().run_in_executor(
+                slots.executor, _decode_and_fit, data, bot.config.engine.max_side, analyse)
 
 
 class JobRateLimiter:

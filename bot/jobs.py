@@ -69,13 +69,21 @@ class JobManager:
         ``ticket`` is the place check_access reserved; it is consumed once the job is queued. Errors before
         that (a full disk, a restart) raise, with the job marked failed if it was stored; the caller tells
         the user and releases the ticket. Once queued the job runs, even if showing its position fails.
+        A refused job leaves nothing behind: without a reserved place a full queue is refused before
+        anything is stored, and should the queue refuse it anyway, the row and file just written go again.
         """
+        if (ticket is None or not ticket.open) and self.queue.taken >= self.queue.max_total:
+            raise QueueFullError(f"The queue is full ({self.queue.max_total} edits waiting); please try again later.")
         if image is not None:
             record.input_image = await self.store.save_image(record.id, "in", image)
         record = await self.store.create_job(record)
         self._live[record.id] = _Live(upload_limit=upload_limit or DEFAULT_UPLOAD_LIMIT)
         try:
             await self._enqueue(record, ticket)
+        except QueueFullError:
+            self._live.pop(record.id, None)
+            await self.store.delete_new_job(record.id, record.input_image if image is not None else None)
+            raise
         except Exception as err:
             self._live.pop(record.id, None)
             try:
@@ -91,7 +99,8 @@ class JobManager:
         return record
 
     async def _enqueue(self, record: JobRecord, ticket: Ticket | None = None) -> None:
-        image = await self.store.read_image(record.input_image)
+        # The worker reads the stored, already fitted input itself: a queued job holds a path, not pixels.
+        image = await self.store.existing_image_path(record.input_image)
         if image is None:
             raise FileNotFoundError(record.input_image)
         # parent_id is the job whose output is this job's input, so the chain up to it is the history

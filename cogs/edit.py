@@ -103,8 +103,9 @@ class EditCog(commands.Cog, name="Edit"):
         try:  # the ticket holds this request's place from the check on; it is given back unless queued
             await interaction.response.defer(thinking=True)
             async with failures_told_privately(interaction, ticket):
-                data, picture = await fetch_image(self.bot, attachment)
-                guidance = presets.choose_guidance(preset, picture, instruction, text_cfg, image_cfg)
+                # Decoded once, off the event loop; 'auto' looks at the picture in the same worker thread.
+                data, guidance = await fetch_image(self.bot, attachment, lambda picture: presets.choose_guidance(
+                    preset, picture, instruction, text_cfg, image_cfg))
                 record = self.bot.jobs.new_record(
                     user_id=interaction.user.id, channel_id=interaction.channel_id, guild_id=interaction.guild_id,
                     instruction=instruction, seed=seed, text_cfg=guidance.text_cfg, image_cfg=guidance.image_cfg,
