@@ -449,6 +449,11 @@ class Store:
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await asyncio.to_thread(self._locked, fn)
 
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn(conn)`` in a worker thread with the connection to itself: for modules with their own
+        queries (bot/retention.py); use ``_write`` inside for a transaction."""
+        return await self._call(fn)
+
     def _locked(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         with self._lock:
             if self._conn is None:
@@ -767,3 +772,26 @@ class Store:
                 return None
 
         return await asyncio.to_thread(read)
+
+    async def existing_image_path(self, relative: str | None) -> str | None:
+        """The absolute path of a stored image that exists, else None (for a worker to read it itself)."""
+        if not relative:
+            return None
+
+        def check() -> str | None:
+            path = self.image_path(relative)
+            return str(path) if path.is_file() else None
+
+        return await asyncio.to_thread(check)
+
+    async def delete_new_job(self, job_id: str, own_file: str | None) -> None:
+        """Undo ``create_job`` (and ``save_image``) for a job refused before it was queued."""
+
+        def delete(conn: sqlite3.Connection) -> None:
+            with _write(conn):
+                conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            if own_file:
+                with contextlib.suppress(OSError, ValueError):
+                    self.image_path(own_file).unlink()
+
+        await self._call(delete)

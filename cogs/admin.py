@@ -1,4 +1,5 @@
-"""/mgie status and /mgie cancel (your own queued edit), for everyone; moderation is in cogs/moderation.py."""
+"""/mgie status, /mgie cancel (your own queued edit) and /mgie forget-me (delete what the bot stores about
+you), for everyone; moderation is in cogs/moderation.py."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot import render
+from bot import privacy, render
 
 
 @app_commands.allowed_installs(guilds=True, users=True)
@@ -31,6 +32,7 @@ class AdminCog(commands.GroupCog, group_name="mgie", name="Admin"):
         embed.add_field(name="Queue", value=f"{queue.depth} waiting, {len(queue.running)} running")
         embed.add_field(name="Average edit", value=render.seconds(average) if average else "no edits yet")
         embed.add_field(name="All time", value=", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none")
+        embed.add_field(name="Storage", value=self.bot.retention.describe(await self.bot.retention.disk_use()))
         if engine.random_weights:
             embed.set_footer(text="Running on RANDOM test weights: outputs are noise.")
         await interaction.response.send_message(embed=embed, ephemeral=True)
@@ -45,6 +47,14 @@ class AdminCog(commands.GroupCog, group_name="mgie", name="Admin"):
         job = jobs[0]
         self.bot.queue.cancel(job.id)
         await interaction.response.send_message(f"Cancelling: {render.quote(job.instruction)}", ephemeral=True)
+
+    @app_commands.command(name="forget-me", description="Delete everything MGIE stores about you (asks first)")
+    async def forget_me(self, interaction: discord.Interaction) -> None:
+        text, stored = await privacy.describe(self.bot, interaction.user.id)
+        if not stored:
+            await interaction.response.send_message(text, ephemeral=True)
+            return
+        await interaction.response.send_message(text, view=privacy.confirm_view(interaction.user.id), ephemeral=True)
 
 
 async def setup(bot) -> None:

@@ -34,7 +34,9 @@ class WorkerState(enum.Enum):
 @dataclasses.dataclass(frozen=True)
 class EditJob:
     job_id: str
-    image: bytes  # the encoded input image, as uploaded
+    # The encoded input image, or the path of a file holding it (the bot's queued jobs: a path keeps a
+    # waiting job's memory small, and the file is already decoded and fitted once at intake).
+    image: bytes | str | os.PathLike[str]
     instruction: str
     seed: int
     text_cfg: float

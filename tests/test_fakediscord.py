@@ -13,7 +13,7 @@ import pytest
 from discord import app_commands
 from discord.ext import commands
 from discord.webhook.async_ import async_context, interaction_response_params
-from fakediscord import FakeDiscord
+from fakediscord import FakeDiscord, errors
 from fakediscord import permissions as perms
 from fakediscord.runner import TEST_HEARTBEAT_INTERVAL, running_bot
 from PIL import Image, ImageOps
@@ -479,6 +479,19 @@ async def test_rate_limit_429_is_retried(world: World) -> None:
     assert world.channel.last_message is not None and world.channel.last_message.id == sent.id
     statuses = [r.status for r in fake.requests_to("POST /channels/{channel_id}/messages")]
     assert statuses == [429, 200]
+
+
+async def test_injected_rest_error_fails_the_next_matching_call_only(world: World) -> None:
+    fake = world.fake
+    route = "POST /channels/{channel_id}/messages"
+    fake.inject_error(route, errors.missing_permissions())
+    channel = world.bot.get_channel(world.channel.id)
+    assert isinstance(channel, discord.TextChannel)
+    with pytest.raises(discord.Forbidden):
+        await channel.send("refused")
+    sent = await channel.send("hello")
+    assert world.channel.last_message is not None and world.channel.last_message.id == sent.id
+    assert [(r.status, r.code) for r in fake.requests_to(route)] == [(403, 50013), (200, None)]
 
 
 async def test_heartbeats_are_recorded(world: World) -> None:

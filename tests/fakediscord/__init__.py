@@ -70,7 +70,8 @@ Faults
     ``await invalidate_session(resumable=False)``; ``await request_reconnect()``;
     ``inject_429(route, *, retry_after=0.5, times=1, is_global=False)`` with a route key
     like ``"POST /channels/{channel_id}/messages"`` (fnmatch patterns allowed);
-    ``set_rate_limit(route, limit, window)``; ``clock.advance(seconds)`` ages interactions;
+    ``set_rate_limit(route, limit, window)``; ``inject_error(route, error=None, *, times=1)``
+    answers matching calls with one of ``fakediscord.errors``' ApiErrors (default a 500); ``clock.advance(seconds)`` ages interactions;
     ``gateway.enforce_heartbeats`` / ``zombie_timeout`` (close 4009 when heartbeats stop);
     ``rest.require_signed_cdn_urls``; ``state.privileged_intents`` (4014 when not enabled).
 

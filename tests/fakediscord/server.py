@@ -13,6 +13,7 @@ from aiohttp import web
 from . import intents
 from . import permissions as perms
 from .clock import FakeClock
+from .errors import ApiError
 from .gateway import Gateway, GatewayConnection
 from .interactions import InteractionEngine
 from .models import AppCommand, Attachment, Channel, Guild, InteractionRecord, Member, Message, Role, User
@@ -322,6 +323,14 @@ class FakeDiscord:
     def inject_429(self, route: str, *, retry_after: float = 0.5, times: int = 1, is_global: bool = False) -> None:
         """Answer the next ``times`` calls to ``route`` (e.g. ``"PATCH /webhooks/*"``) with 429."""
         self.limiter.inject_429(route, retry_after=retry_after, times=times, is_global=is_global)
+
+    def inject_error(self, route: str, error: ApiError | None = None, *, times: int = 1) -> None:
+        """Answer the next ``times`` calls to ``route`` (e.g. ``"GET /webhooks/*"``) with ``error``.
+
+        ``error`` is one of :mod:`fakediscord.errors`' ApiErrors (default: 500 Internal Server Error,
+        which discord.py retries); the call is logged in ``requests`` with that status and code.
+        """
+        self.rest.inject_error(route, error or ApiError(500, 0, "500: Internal Server Error"), times)
 
     def set_rate_limit(self, route: str, limit: int, window: float) -> None:
         self.limiter.set_limit(route, limit, window)
