@@ -11,10 +11,12 @@ again what a Redis restart lost.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from mgie_engine.errors import JobCancelledError, MgieError
@@ -136,6 +138,7 @@ class RedisPool:
                       cancel: threading.Event | None) -> EditOutcome:
         """Release the job to the stream (idempotently: a restarted bot may release it again) and wait for its
         result; a cancel is passed on to whichever worker has it."""
+        job = await _with_bytes(job)
         future = asyncio.get_running_loop().create_future()
         self._futures[job.job_id], self._progress[job.job_id], self._jobs[job.job_id] = future, on_progress, job
         try:
@@ -287,6 +290,18 @@ class RedisPool:
             elif where is None and job_id in self._jobs:
                 log.warning("job %s was in neither the stream nor the pending list; releasing it again", job_id)
                 await self.proto.submit(self._jobs[job_id])
+
+
+async def _with_bytes(job: EditJob) -> EditJob:
+    """The job with its input's bytes: queued jobs name a file on the bot's disk, which workers cannot read."""
+    if isinstance(job.image, bytes | bytearray):
+        return job
+    try:
+        data = await asyncio.to_thread(Path(job.image).read_bytes)
+    except OSError as err:
+        log.warning("input of job %s unreadable: %s", job.job_id, err)
+        raise MgieError("The input image of this edit was lost on the server; please send it again.") from None
+    return dataclasses.replace(job, image=data)
 
 
 __all__ = ["RedisPool", "RemoteWorker", "RedisSetupError", "check_redis", "redis_settings_from_env"]

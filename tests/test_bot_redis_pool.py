@@ -66,6 +66,8 @@ async def pool(world, redis_server, tiny_paths, tmp_path):
     yield p
     for proc in reversed(p.procs):
         await proc.stop(timeout=20)
+    for proc in p.procs:  # shown by pytest when the test failed
+        print(f"----- {proc.name} -----\n{proc.text[-5000:]}")
     assert p.password not in p.output()
     assert "Traceback" not in p.output(), p.output()[-4000:]
 

@@ -4,6 +4,7 @@ capacity from heartbeats, reconcile after a loss, cancel passed on, malformed re
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 
 import pytest
@@ -100,3 +101,17 @@ async def test_a_malformed_result_fails_the_job_with_a_message(sides):
     await worker.commit("w1", delivery, "done")  # "done" without an image: a buggy or hostile worker
     with pytest.raises(MgieError, match="damaged"):
         await asyncio.wait_for(running, 10)
+
+
+async def test_a_queued_job_naming_a_file_on_the_bots_disk_travels_with_its_bytes(sides, tmp_path):
+    pool, worker = sides
+    stored = tmp_path / "in.png"
+    stored.write_bytes(b"stored-bytes")
+    running = asyncio.ensure_future(pool.workers[0].run(dataclasses.replace(job("j5"), image=str(stored))))
+    [delivery] = await eventually(lambda: worker.fetch("w1", count=1, block_ms=100))
+    assert await worker.read_input("j5") == b"stored-bytes"
+    await worker.commit("w1", delivery, "cancelled")
+    with pytest.raises(JobCancelledError):
+        await asyncio.wait_for(running, 10)
+    with pytest.raises(MgieError, match="was lost"):
+        await pool.workers[0].run(dataclasses.replace(job("j6"), image=str(tmp_path / "gone.png")))

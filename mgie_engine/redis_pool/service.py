@@ -164,7 +164,7 @@ class WorkerService:
         while not running.lost:
             try:
                 if await self.proto.commit(self.consumer, delivery, status, outcome, error):
-                    log.info("job %s %s", delivery.job_id, status)
+                    log.info("job %s %s%s", delivery.job_id, status, f" ({error})" if error else "")
                 else:
                     log.info("job %s was taken over by another worker; its result here is dropped", delivery.job_id)
                 return
