@@ -163,3 +163,16 @@ async def test_errors_name_no_password(redis_server):
     assert "hunter2" not in repr(gone)
     ok = RedisSettings(url=redis_server.url)
     assert (await check_server(client(ok), ok)).startswith("7.")
+
+
+async def test_reclaim_reaches_a_stale_entry_behind_many_live_ones(proto):
+    for i in range(30):
+        await proto.submit(job(f"j{i}"))
+    fetched = await proto.fetch("w1", count=30, block_ms=100)
+    live = {d.entry_id: d.job_id for d in fetched[:-1]}
+    await asyncio.sleep(0.35)
+    await proto.renew("w1", live)  # all but the last are still being worked on
+    found = []
+    for _ in range(6):  # XAUTOCLAIM scans 10 x COUNT entries a call; the cursor carries on from there
+        found += await proto.claim_stale("w2", 1)
+    assert [d.job_id for d in found] == ["j29"]

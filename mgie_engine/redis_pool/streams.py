@@ -51,6 +51,7 @@ class StreamProtocol:
         self._renew = redis_client.register_script(scripts.RENEW)
         self._commit = redis_client.register_script(scripts.COMMIT)
         self._dead = redis_client.register_script(scripts.DEAD_LETTER)
+        self._claim_cursor = "0-0"
 
     async def ensure_groups(self) -> None:
         """Create the consumer groups (and streams) unless they exist: after a Redis restart that lost them too."""
@@ -161,7 +162,9 @@ class StreamProtocol:
     async def claim_stale(self, consumer: str, count: int) -> list[Delivery]:
         """XAUTOCLAIM entries whose worker stopped renewing (min-idle = reclaim time), with their delivery counts."""
         reply = await self.redis.xautoclaim(self.keys.jobs, WORKERS_GROUP, consumer,
-                                            int(self.settings.reclaim_idle * 1000), "0-0", count=count)
+                                            int(self.settings.reclaim_idle * 1000), self._claim_cursor, count=count)
+        # XAUTOCLAIM scans at most 10 x COUNT pending entries a call: go on from where it stopped next time.
+        self._claim_cursor = _s(reply[0]) if reply else "0-0"
         entries = reply[1] if reply and len(reply) > 1 else []
         out = []
         for entry_id, fields in entries:
