@@ -98,14 +98,14 @@ async def test_several_users_edits_in_fair_order_and_buttons_and_replies_across_
     await pool.start_worker()
     await pool.start_worker()
     await wait_workers(proto, 2)
-    mine = [await edit(fake, alice, channel, f"alice {i}", steps=30) for i in range(4)]
+    mine = [await edit(fake, alice, channel, f"alice {i}", steps=30) for i in range(3)]  # the per-user cap
     others = [await edit(fake, bob, channel, "bob 0", steps=30), await edit(fake, carol, channel, "carol 0", steps=30)]
     for inter in mine + others:
         await delivered(fake, inter)
         assert posts_with_files(fake, inter) == 1
     with sqlite3.connect(pool.data_dir / "mgie.sqlite3") as conn:
         order = [row[0] for row in conn.execute("SELECT instruction FROM jobs ORDER BY started_at")]
-    # Two slots (two workers, one job each): alice's first two start, then bob and carol before alice's others.
+    # Two slots (two workers, one job each): alice's first two start, then bob and carol before her third.
     assert set(order[2:4]) == {"bob 0", "carol 0"}, order
     first = (await delivered(fake, mine[0]))
     reroll = await fake.click(bob, first, button(first, "reroll"))
