@@ -115,3 +115,21 @@ async def test_a_queued_job_naming_a_file_on_the_bots_disk_travels_with_its_byte
         await asyncio.wait_for(running, 10)
     with pytest.raises(MgieError, match="was lost"):
         await pool.workers[0].run(dataclasses.replace(job("j6"), image=str(tmp_path / "gone.png")))
+
+
+async def test_progress_ticks_reach_the_jobs_callback_and_bad_ones_are_ignored(sides):
+    from mgie_engine.worker import JobProgress
+
+    pool, worker = sides
+    seen = []
+    running = asyncio.ensure_future(pool.workers[0].run(job("j7"), seen.append))
+    [delivery] = await eventually(lambda: worker.fetch("w1", count=1, block_ms=100))
+    await asyncio.sleep(0.3)  # the bot's subscription is up by now
+    await worker.redis.publish(worker.keys.progress, b'{"j": "j7", "s": "denoise", "n": 99, "t": 5}')  # invalid
+    await worker.publish_progress(JobProgress("other", "denoise", 1, 5))  # someone else's job
+    await worker.publish_progress(JobProgress("j7", "denoise", 3, 5))
+    await eventually(lambda: seen)
+    assert seen == [JobProgress("j7", "denoise", 3, 5)]
+    await worker.commit("w1", delivery, "cancelled")
+    with pytest.raises(JobCancelledError):
+        await asyncio.wait_for(running, 10)
