@@ -124,6 +124,8 @@ async def test_two_prefixes_share_one_redis_without_seeing_each_other(proto, red
     assert await other.fetch("w9", count=5, block_ms=50) == []
     assert await other.live_workers() == []
     assert [w["capacity"] for w in await proto.live_workers()] == [2]
+    await proto.redis.delete(proto.keys.worker("w1"))  # what its TTL does when the worker dies
+    assert await proto.live_workers() == [] and not await proto.redis.smembers(proto.keys.workers)
     await other.redis.aclose()
 
 
@@ -140,6 +142,7 @@ async def test_payloads_from_redis_are_validated_and_capped(proto):
     with pytest.raises(payloads.BadPayloadError):
         payloads.decode_progress(b'{"j": "a", "s": "denoise", "n": 9, "t": 5}')
     await proto.redis.set(proto.keys.worker("evil"), b'{"name": "evil", "state": "ready", "capacity": 99999}', ex=5)
+    await proto.redis.sadd(proto.keys.workers, "evil")
     assert await proto.live_workers() == []
     await proto.redis.set(proto.keys.input("big"), b"x" * (payloads.MAX_INPUT_BYTES + 1), ex=5)
     with pytest.raises(payloads.BadPayloadError):

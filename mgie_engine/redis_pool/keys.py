@@ -54,5 +54,6 @@ class Keys:
         return f"{self.prefix}:worker:{consumer}"
 
     @property
-    def worker_pattern(self) -> str:
-        return re.sub(r"([*?\[\]\\])", r"\\\1", self.prefix) + ":worker:*"
+    def workers(self) -> str:
+        """A set of the workers' names (their heartbeat keys expire; the bot drops names whose key is gone)."""
+        return f"{self.prefix}:workers"

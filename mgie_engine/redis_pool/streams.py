@@ -140,11 +140,15 @@ class StreamProtocol:
 
     async def live_workers(self) -> list[dict[str, Any]]:
         """The heartbeats of workers alive now (expired keys are gone): capacity and state of each."""
-        names = [name async for name in self.redis.scan_iter(match=self.keys.worker_pattern, count=200)]
+        names = [_s(n) for n in await self.redis.smembers(self.keys.workers)][:1000]
         if not names:
             return []
+        raws = await self.redis.mget([self.keys.worker(n) for n in names])
+        gone = [n for n, raw in zip(names, raws, strict=True) if raw is None]
+        if gone:
+            await self.redis.srem(self.keys.workers, *gone)
         out = []
-        for raw in await self.redis.mget(names[:1000]):
+        for raw in raws:
             if raw is None:
                 continue
             try:
@@ -212,11 +216,15 @@ class StreamProtocol:
         await self.redis.publish(self.keys.progress, payloads.encode_progress(progress))
 
     async def heartbeat(self, consumer: str, **fields: Any) -> None:
-        await self.redis.set(self.keys.worker(consumer), payloads.encode_heartbeat(name=consumer, **fields),
-                             px=int(self.settings.heartbeat_ttl * 1000))
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self.keys.worker(consumer), payloads.encode_heartbeat(name=consumer, **fields),
+                     px=int(self.settings.heartbeat_ttl * 1000))
+            pipe.sadd(self.keys.workers, consumer)
+            await pipe.execute()
 
     async def forget_worker(self, consumer: str) -> None:
         await self.redis.delete(self.keys.worker(consumer))
+        await self.redis.srem(self.keys.workers, consumer)
 
 
 def _job_of(fields: Any) -> str:
