@@ -277,7 +277,7 @@ def profile_stages(pipe: MgiePipeline, models, args, report: dict) -> None:
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         _, outs = run_engine(pipe, [item(102)], args.steps)
     prof.export_chrome_trace("/tmp/trace.json")
-    # The language stage's parts (their record_function names in pipeline.py and decoding.py): where the
+    # The language stage's parts (their record_function names in language.py and decoding.py): where the
     # GPU waits for the CPU. Its token loop is what the stage leaves besides these.
     stages = busy_by_stage(json.loads(Path("/tmp/trace.json").read_text()),
                            ("preprocess", "llm", "llm.prompt", "llm.prefill", "llm.edit_head", "denoise", "vae_decode"))

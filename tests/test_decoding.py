@@ -6,10 +6,12 @@ import torch
 from conftest import guide, make_image, prompt_inputs
 from reference import reference_generate
 
-from mgie_engine.decoding import GreedyDecoder, _keep_checked, _run_guesses
+from mgie_engine.decoding import GreedyDecoder
 from mgie_engine.images import prepare_image
 from mgie_engine.language import NO_REPEAT_NGRAM
 from mgie_engine.pipeline import MgiePipeline
+from mgie_engine.run_check import keep_checked as _keep_checked
+from mgie_engine.run_check import run_guesses as _run_guesses
 
 
 def _storage(t: torch.Tensor) -> int:
@@ -217,3 +219,25 @@ def test_a_run_check_never_reaches_past_the_token_limit(tiny_models_babbling):
     torch.testing.assert_close(states, plain_states, rtol=1e-4, atol=1e-5)
     rows, _, calls = _babble(tiny_models_babbling, 18, run=plain[11:18] + [0])
     assert rows == plain and calls == {"step": 17, "check": 0}
+
+
+def test_the_installed_transformers_is_one_the_llama_layer_was_checked_against():
+    """llama_layer.py re-implements LlamaDecoderLayer's arithmetic; a transformers release it was not checked
+    against may change that arithmetic without any error. Fail loudly, saying what to check."""
+    import transformers
+
+    from mgie_engine.llama_layer import CHECKED_TRANSFORMERS, transformers_checked
+
+    assert transformers_checked(transformers.__version__), (
+        f"transformers {transformers.__version__} is outside the versions mgie_engine/llama_layer.py was checked "
+        f"against ({CHECKED_TRANSFORMERS[0]} to {CHECKED_TRANSFORMERS[-1]}). Compare LlamaDecoderLayer, "
+        "LlamaAttention, LlamaRMSNorm and apply_rotary_pos_emb in transformers/models/llama/modeling_llama.py "
+        "with llama_layer.layer_function, run tests/test_decoding.py and tests/test_parity.py (and the GPU parity "
+        "in bench/mgie_bench.py), then add the version to CHECKED_TRANSFORMERS.")
+
+
+def test_the_version_check_knows_the_range_it_was_checked_in():
+    from mgie_engine.llama_layer import transformers_checked
+
+    assert transformers_checked("5.17.0") and transformers_checked("5.24.0") and transformers_checked("5.20.1.dev0")
+    assert not transformers_checked("5.25.0") and not transformers_checked("4.57.1") and not transformers_checked("6.0.0")
