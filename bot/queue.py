@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from mgie_engine.errors import JobCancelledError, MgieError
-from mgie_engine.protocol import EditJob, EditOutcome, JobProgress, Worker
+from mgie_engine.protocol import EditJob, EditOutcome, JobProgress, JobStage, Worker
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class _Entry:
     enqueued_at: float
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
     assigned_at: float = 0.0
-    painted: bool = False  # denoising has begun: redoing it elsewhere would not be the same edit any more
+    denoising_started: bool = False  # redoing it elsewhere would not be the same edit any more
 
 
 class FairQueue:
@@ -273,7 +273,7 @@ class JobQueue:
             self._started.pop(job_id, None)
             if entry is None:
                 continue
-            if entry.painted:
+            if entry.denoising_started:
                 self._emit(JobEvent(job_id, "failed", error="The GPU worker stopped responding in the middle of "
                                                              "this edit. Please try again."))
             else:
@@ -293,8 +293,8 @@ class JobQueue:
         self._started[job_id] = time.monotonic()
         self._emit(JobEvent(job_id, "started"))
         def progress(p: JobProgress) -> None:
-            if p.stage == "denoise":
-                entry.painted = True
+            if p.stage is JobStage.DENOISE:
+                entry.denoising_started = True
             self._emit(JobEvent(job_id, "progress", progress=p))
 
         try:

@@ -7,10 +7,9 @@ step is one graph replay and the CPU looks at each token one step behind the GPU
 to stop. The arithmetic is ``generate(do_sample=False, no_repeat_ngram_size=N)`` on a left-padded
 batch, layer by layer with the model's own weights; the parity test holds it to the stock call.
 
-A 7B decode step reads ~13 GB of weights, ~4 ms on an H100; in eager mode a layer is also ~30 small
-kernels (norms, rotary, cache writes, residuals), ~1000 per token at a few microseconds each. So with
-MGIE_COMPILE on CUDA one layer is a compiled function (norms, rotary and residuals fused around cuBLAS
-matmuls; H100: 5.8 ms of kernels per token, the LLM stage 0.44 -> 0.35 s). In any case
+In eager mode a layer is ~30 small kernels (norms, rotary, cache writes, residuals), ~1000 per token, so
+with MGIE_COMPILE on CUDA one layer is a compiled function (norms, rotary and residuals fused around
+cuBLAS matmuls; bench/NOTES.md, "Compiled decode layer"). In any case
 each layer's q/k/v and gate/up weights are packed into one matrix apiece: the modules' own
 parameters become views of it, so nothing is stored twice and stock ``forward`` still works.
 
