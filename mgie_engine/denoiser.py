@@ -90,14 +90,17 @@ class DenoiseState:
 
     @property
     def total(self) -> int:
+        """The job's step count."""
         return len(self.scheduler.timesteps)
 
     @property
     def done(self) -> bool:
+        """Whether every step has been taken."""
         return self.index >= self.total
 
     @property
     def size(self) -> tuple[int, int]:
+        """The latents' (height, width): jobs step together only at one size."""
         return tuple(self.latents.shape[-2:])
 
 

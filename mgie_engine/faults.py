@@ -20,6 +20,7 @@ def fail(future: concurrent.futures.Future, err: BaseException) -> None:
 
 
 def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an out-of-memory error (CUDA's or the allocator's message)."""
     return "out of memory" in str(err).lower()
 
 

@@ -45,6 +45,7 @@ class Inbox:
             self._preparing -= 1
 
     def stop(self) -> None:
+        """Make the worker thread stop after its current loop."""
         self.queue.put(None)
 
     def take(self, block: bool, room: int) -> list[Task] | None:

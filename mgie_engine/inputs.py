@@ -25,10 +25,12 @@ class PreparedImage:
 
     @property
     def vae_pixels(self) -> torch.Tensor:
+        """The VAE's pixels (waits for the thread making them)."""
         return self.vae_batch.result()[0]
 
     @property
     def size(self) -> tuple[int, int]:
+        """(width, height) of the fitted image."""
         return self.image.size
 
 

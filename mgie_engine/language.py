@@ -28,6 +28,8 @@ NO_REPEAT_NGRAM = 3
 
 
 class CancelToken(Protocol):
+    """Anything with ``is_set()``, such as a ``threading.Event``: set, the edit stops."""
+
     def is_set(self) -> bool: ...
 
 
@@ -104,6 +106,7 @@ class GuidanceCache:
         return found
 
     def add(self, fresh: dict[tuple, Guidance]) -> None:
+        """Keep these fresh results, dropping the least recently used beyond ``size``."""
         with self._lock:
             for key, result in fresh.items():
                 self._entries[key] = result

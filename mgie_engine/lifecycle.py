@@ -53,6 +53,7 @@ def load(settings: EngineSettings, name: str, capacity: int, loader: Callable[[E
 
 
 def new_pipeline(settings: EngineSettings, models: MgieModels, compile_unet: bool) -> MgiePipeline:
+    """A pipeline on loaded models with the worker's settings."""
     from .pipeline import MgiePipeline
 
     return MgiePipeline(models, max_side=settings.max_side, compile_unet=compile_unet, offload=settings.offload)

@@ -20,14 +20,17 @@ class WorkerPool:
 
     @classmethod
     def from_settings(cls, settings: EngineSettings) -> WorkerPool:
+        """One worker per configured device."""
         return cls([LocalWorker(dataclasses.replace(settings, device=d), name=d) for d in settings.device_list()])
 
     def start(self) -> None:
+        """Start every worker loading."""
         for worker in self.workers:
             worker.start()
 
     @property
     def state(self) -> WorkerState:
+        """READY when any worker is, LOADING while any loads, else FAILED."""
         states = {w.state for w in self.workers}
         if WorkerState.READY in states:
             return WorkerState.READY
@@ -35,13 +38,16 @@ class WorkerPool:
 
     @property
     def error(self) -> str | None:
+        """The first worker error, if any."""
         return next((w.error for w in self.workers if w.error), None)
 
     @property
     def random_weights(self) -> bool:
+        """Whether any worker runs the random-weight tiny checkpoints."""
         return any(w.random_weights for w in self.workers)
 
     def info(self) -> list[dict[str, Any]]:
+        """Each worker's ``info()``."""
         return [w.info() for w in self.workers]
 
     def replace(self, worker: LocalWorker) -> LocalWorker:
@@ -52,5 +58,6 @@ class WorkerPool:
         return fresh
 
     def shutdown(self) -> None:
+        """Stop every worker."""
         for worker in self.workers:
             worker.shutdown()

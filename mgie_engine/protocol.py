@@ -15,6 +15,8 @@ from typing import Any, Protocol, runtime_checkable
 
 
 class WorkerState(enum.Enum):
+    """Where a worker is in its life: loading, ready, or failed to load."""
+
     LOADING = "loading"
     READY = "ready"
     FAILED = "failed"
@@ -47,6 +49,8 @@ class EditJob:
 
 @dataclasses.dataclass(frozen=True)
 class JobProgress:
+    """How far a job is: ``step`` of ``total`` in ``stage``."""
+
     job_id: str
     stage: JobStage
     step: int
@@ -55,6 +59,8 @@ class JobProgress:
 
 @dataclasses.dataclass(frozen=True)
 class EditOutcome:
+    """A finished edit: the PNG and what made it."""
+
     job_id: str
     png: bytes
     expressive_instruction: str

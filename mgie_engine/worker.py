@@ -72,6 +72,7 @@ class LocalWorker:
 
     @property
     def random_weights(self) -> bool:
+        """Whether this worker runs the random-weight tiny checkpoints."""
         return bool(self.pipeline and self.pipeline.models.random_weights)
 
     async def run(self, job: EditJob, on_progress: ProgressCallback | None = None,
