@@ -522,3 +522,16 @@ async def test_the_next_decode_is_queued_before_the_last_is_collected_and_a_late
     # the first group fails when collected: its jobs go one at a time while the second group's decode runs
     assert events == ["queue 4", "queue 4", "collect 4"] + ["queue 1", "collect 1"] * 4 + ["collect 4"]
     assert all(o.png.startswith(b"\x89PNG") for o in outcomes)
+
+
+def test_a_local_worker_and_its_pool_offer_the_whole_worker_protocol(tiny_models):
+    """The queue relies on the protocol alone (capacity, heartbeat, wait_ready, run, shutdown, state)."""
+    from mgie_engine.pool import WorkerPool
+    from mgie_engine.protocol import Worker
+
+    worker = LocalWorker(EngineSettings(device="cpu", max_side=64), loader=lambda _s: tiny_models, max_batch=3)
+    assert isinstance(worker, Worker)
+    assert worker.capacity == 3 and worker.state is WorkerState.LOADING and worker.error is None
+    assert not hasattr(worker, "busy") and not hasattr(worker, "fault_hook")
+    pool = WorkerPool([worker])
+    assert pool.state is WorkerState.LOADING and pool.workers == [worker]
