@@ -15,14 +15,18 @@ from mgie_engine.pool import WorkerPool
 from mgie_engine.worker import LocalWorker
 
 from .config import BotConfig
+from .deferred import fail_after_defer
+from .intake import IntakeSlots
 from .jobs import JobManager
-from .queue import JobQueue
+from .privacy import ForgetButton
+from .queue import JobEvent, JobQueue
+from .retention import Retention
 from .storage import Store
 from .views import JobButton
 
 log = logging.getLogger(__name__)
 
-COGS = ("cogs.edit", "cogs.results", "cogs.history", "cogs.admin")
+COGS = ("cogs.edit", "cogs.results", "cogs.history", "cogs.admin", "cogs.moderation")
 
 
 class MgieBot(commands.Bot):
@@ -41,6 +45,11 @@ class MgieBot(commands.Bot):
         self.store: Store | None = None
         self.queue: JobQueue | None = None
         self.jobs: JobManager | None = None
+        self.retention: Retention | None = None
+        self.intake_slots = IntakeSlots()  # downloads and decodes of attachments at once
+        # Every task the bot starts: the loop keeps only weak references, so a task nobody holds can be
+        # garbage-collected mid-run; and close() must be able to cancel them. Tasks leave the set when done.
+        self.background_tasks: set[asyncio.Task] = set()
         self.started_at = time.time()
 
     async def setup_hook(self) -> None:
@@ -48,18 +57,38 @@ class MgieBot(commands.Bot):
         self.store = await Store.open(self.config.data_dir)
         # Models load in the background: the bot is online at once and queues early jobs.
         self.engine.start()
+        self.retention = Retention(self.store, self.config.retention_days, self.config.max_storage_gb)
         self.queue = JobQueue(self.engine.workers, on_event=self._on_job_event, max_total=self.config.max_queue,
                               stall_timeout=self.config.stall_timeout, replace_worker=self.engine.replace)
         self.jobs = JobManager(self, self.store, self.queue, self.engine, self.config.progress_interval)
-        self.add_dynamic_items(JobButton)
+        self.add_dynamic_items(JobButton, ForgetButton)
         for name in COGS:
             await self.load_extension(name)
         self.tree.on_error = self.on_app_command_error
         await self._sync_commands()
         self.queue.start()
+        self.spawn(self.retention.run(), name="mgie-retention")
 
-    async def _on_job_event(self, event) -> None:
-        await self.jobs.on_event(event)
+    def spawn(self, coro, *, name: str | None = None) -> asyncio.Task:
+        """Start ``coro`` as a task the bot holds until it ends; close() cancels it, a failure is logged."""
+        task = asyncio.create_task(coro, name=name)
+        self.background_tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.background_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def settle_events(self, timeout: float = 10.0) -> None:
+        """Until the job-event handlers running now (status edits, deliveries) have finished."""
+        busy = [t for t in self.background_tasks if t.get_name().startswith("mgie-event") and not t.done()]
+        if busy:
+            await asyncio.wait(busy, timeout=timeout)
+
+    def _on_job_event(self, event: JobEvent) -> None:
+        self.spawn(self.jobs.on_event(event), name=f"mgie-event-{event.kind}-{event.job_id[:8]}")
 
     async def _sync_commands(self) -> None:
         if self.config.guild_ids:
@@ -89,7 +118,9 @@ class MgieBot(commands.Bot):
             log.error("command %s failed", interaction.command and interaction.command.name, exc_info=error)
             message = "Something went wrong on my side; the error is logged."
         try:
-            if interaction.response.is_done():
+            if interaction.response.type is discord.InteractionResponseType.deferred_channel_message:
+                await fail_after_defer(interaction, message)  # a plain follow-up would replace it publicly
+            elif interaction.response.is_done():
                 await interaction.followup.send(message, ephemeral=True)
             else:
                 await interaction.response.send_message(message, ephemeral=True)
@@ -117,6 +148,11 @@ class MgieBot(commands.Bot):
         if self.queue is not None:
             self.queue.stop_accepting()
             await self.queue.stop()
+        tasks = list(self.background_tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.intake_slots.close()
         self.engine.shutdown()
         await super().close()
         if getattr(self, "http_session", None) is not None:

@@ -36,6 +36,19 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -
     return value
 
 
+def _float(env: Mapping[str, str], name: str, default: float, high: float) -> float:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, not {raw!r}.") from None
+    if not 0 <= value <= high:
+        raise ConfigError(f"{name} must be between 0 and {high:g}.")
+    return value
+
+
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     raw = env.get(name, "").strip().lower()
     return default if not raw else raw in ("1", "true", "yes", "on")
@@ -55,6 +68,8 @@ class BotConfig:
     stall_timeout: float = 300.0  # a worker with jobs and no progress for this long is replaced
     # New jobs one user may start per minute, on top of the pending cap; 0 = no limit.
     user_jobs_per_minute: int = DEFAULT_USER_JOBS_PER_MINUTE
+    retention_days: float = 30.0  # finished chains idle this long are deleted; 0 = keep forever
+    max_storage_gb: float = 10.0  # above this the oldest finished chains go first; 0 = no cap
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> BotConfig:
@@ -75,4 +90,6 @@ class BotConfig:
             stall_timeout=float(_int(env, "MGIE_STALL_TIMEOUT", 300, 5, 86_400)),
             engine=EngineSettings.from_env(env),
             user_jobs_per_minute=_int(env, "MGIE_USER_JOBS_PER_MINUTE", DEFAULT_USER_JOBS_PER_MINUTE, 0, 1000),
+            retention_days=_float(env, "MGIE_RETENTION_DAYS", 30.0, 36_500),
+            max_storage_gb=_float(env, "MGIE_MAX_STORAGE_GB", 10.0, 1_000_000),
         )

@@ -24,6 +24,11 @@ MISSING_PERMISSIONS = ("I can't post the image here: I need the Attach Files and
                        "channel. Ask a moderator, or use /edit, whose replies work anyway.")
 
 
+def via_interaction(job: JobRecord) -> bool:
+    """Whether the job's status message is an interaction response (its token may be expired and deleted)."""
+    return bool(job.interaction_token or job.application_id)
+
+
 def token_alive(job: JobRecord, now: float | None = None) -> bool:
     if not job.interaction_token or not job.application_id or not job.token_created_at:
         return False
@@ -51,12 +56,12 @@ class Delivery:
                 await self._webhook(job).edit_message(job.status_message_id, attachments=[file] if file else [],
                                                       allowed_mentions=NO_PINGS, **kwargs)
                 return job
-            if not ping and not job.interaction_token and job.status_message_id:
+            if not ping and not via_interaction(job) and job.status_message_id:
                 channel = self.bot.get_partial_messageable(job.channel_id)
                 message = channel.get_partial_message(job.status_message_id)
                 await message.edit(attachments=[file] if file else [], allowed_mentions=NO_PINGS, **kwargs)
                 return job
-            if not ping and job.interaction_token:
+            if not ping and via_interaction(job):
                 return job  # the response can no longer be edited; progress is not worth a new message
         except discord.NotFound:
             log.info("status message of job %s is gone; posting a new one", job.id)
@@ -67,7 +72,7 @@ class Delivery:
             job = await self.store.update_job(job.id, token_created_at=0.0)  # dead: never try it again
             if not ping:
                 return job
-        old_status = job.status_message_id if not job.interaction_token else None
+        old_status = job.status_message_id if not via_interaction(job) else None
         job = await self._post_in_channel(job, content, embed=embed, file=file, view=view, ping=ping)
         if old_status:  # the new message replaces the old status line; don't leave both
             try:

@@ -7,23 +7,42 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
+import concurrent.futures
 import math
-import re
+import os
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import discord
 import PIL.Image
 
 from mgie_engine.errors import MgieError
-from mgie_engine.images import MAX_INPUT_BYTES, load_image
+from mgie_engine.images import MAX_INPUT_BYTES, load_image, prepare_image
+from mgie_engine.png import encode_png
 
+from .admission import Ticket, fair_share_allows
 from .config import DEFAULT_USER_JOBS_PER_MINUTE
 from .downloads import allowed_hosts, check_attachment_meta, download
-from .storage import GuildSettings, fold_text
+from .moderation_text import contains_blocked_word
+from .presets import EDGE_ANALYSIS_SIDE
+from .storage import GuildSettings
+
+T = TypeVar("T")
+
+DECODE_SLOTS = max(1, min(4, (os.cpu_count() or 2) // 2))
+"""Inputs decoded at once. A decode is CPU-bound and holds up to ~200 MB (a 40 MP PNG), so this bounds
+both: the rest wait their turn, holding at most their downloaded bytes."""
+DOWNLOAD_SLOTS = 2 * DECODE_SLOTS
+"""Attachments held in memory at once (each at most MAX_INPUT_BYTES): downloading up to one decode ahead."""
+INPUT_MULTIPLE = 8
+"""Stored inputs are fitted with the engine's rounding (Stable Diffusion's VAE factor), so a worker's own
+fit leaves them as they are."""
 
 BANNED_MESSAGE = "You can't use MGIE in this server."
+NO_IMAGE_PERMISSIONS_MESSAGE = ("This server doesn't let apps post images in this channel (MGIE needs Attach Files "
+                                "and Embed Links here), so I won't start the edit. Try another channel or a DM "
+                                "with me, or ask a moderator.")
 BLOCKED_WORD_MESSAGE = ("Your instruction contains a word or phrase this server has blocked, so I won't run it. "
                         "Please rephrase it.")
 
@@ -40,13 +59,46 @@ def first_image(attachments: list[discord.Attachment]) -> discord.Attachment | N
     return None
 
 
-async def fetch_image(bot, attachment: discord.Attachment) -> tuple[bytes, PIL.Image.Image]:
-    """Download (Discord's CDN only, capped) and decode (in a thread: big images take a while)."""
+class IntakeSlots:
+    """How many attachments are downloaded and decoded at once (one per bot).
+
+    Decodes run on threads of their own, as many as may run at once: a big decode's freed memory stays
+    with its thread's malloc arena, so spreading decodes over ever other threads (the loop's default
+    executor) would grow the process by a decode's worth per thread instead of reusing it.
+    """
+
+    def __init__(self, decodes: int = DECODE_SLOTS, downloads: int = DOWNLOAD_SLOTS) -> None:
+        self.decodes, self.downloads = decodes, max(downloads, decodes)
+        self.decode = asyncio.Semaphore(self.decodes)
+        self.download = asyncio.Semaphore(self.downloads)
+        self.executor = concurrent.futures.ThreadPoolExecutor(self.decodes, thread_name_prefix="mgie-decode")
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _decode_and_fit(data: bytes, max_side: int, analyse: Callable[[PIL.Image.Image], T]) -> tuple[bytes, T]:
+    picture = load_image(data, reduce_to=max(2 * max_side, EDGE_ANALYSIS_SIDE))
+    png = encode_png(prepare_image(picture, max_side, INPUT_MULTIPLE))
+    return png, analyse(picture)
+
+
+async def fetch_image(bot, attachment: discord.Attachment,
+                      analyse: Callable[[PIL.Image.Image], T]) -> tuple[bytes, T]:
+    """Download (Discord's CDN only, capped), decode once, fit to the engine's size and encode that as the
+    PNG the job stores and its worker reads; ``analyse`` (e.g. the auto preset) sees the decoded picture.
+
+    Decoding, fitting and ``analyse`` run in a worker thread, never on the event loop, and at most
+    ``bot.intake_slots.decodes`` at once; the upload's bytes are dropped as soon as it is decoded.
+    """
     check_attachment_meta(attachment.filename, attachment.content_type, attachment.size, MAX_INPUT_BYTES)
-    data = await download(bot.http_session, attachment.url, allowed_hosts(bot.config.api_base),
-                          MAX_INPUT_BYTES)
-    image = await asyncio.to_thread(load_image, data)
-    return data, image
+    slots: IntakeSlots = bot.intake_slots
+    async with slots.download:
+        data = await download(bot.http_session, attachment.url, allowed_hosts(bot.config.api_base),
+                              MAX_INPUT_BYTES)
+        async with slots.decode:
+            return await asyncio.get_running_loop().run_in_executor(
+                slots.executor, _decode_and_fit, data, bot.config.engine.max_side, analyse)
 
 
 class JobRateLimiter:
@@ -80,17 +132,25 @@ class JobRateLimiter:
             return 0.0
         return starts[0] + self.window - now
 
-    def record(self, user_id: int) -> None:
-        """Count a new job of ``user_id`` now (call only after every other check passed)."""
+    def record(self, user_id: int) -> float | None:
+        """Count a new job of ``user_id`` now (call only after every other check passed); returns its start."""
         if self.limit <= 0:
-            return
+            return None
         starts = self._starts.get(user_id)
         if starts is None:
             starts = self._starts[user_id] = collections.deque(maxlen=self.limit)
-        starts.append(self.clock())
+        now = self.clock()
+        starts.append(now)
         self._starts.move_to_end(user_id)
         while len(self._starts) > self.max_users:
             self._starts.popitem(last=False)
+        return now
+
+    def forget(self, user_id: int, start: float | None) -> None:
+        """Un-count a start that :meth:`record` returned: its request failed before it became a job."""
+        starts = self._starts.get(user_id)
+        if start is not None and starts is not None and start in starts:
+            starts.remove(start)
 
 
 def job_rate_limiter(bot) -> JobRateLimiter:
@@ -103,37 +163,36 @@ def job_rate_limiter(bot) -> JobRateLimiter:
     return limiter
 
 
-@functools.lru_cache(maxsize=256)
-def _blocked_pattern(words: tuple[str, ...]) -> re.Pattern[str] | None:
-    r"""One regex per list (cached); (?<!\w)...(?!\w) rather than \b, so entries may start or end in punctuation."""
-    alternatives = [re.escape(w) for w in {fold_text(w) for w in words} if w]
-    if not alternatives:
-        return None
-    return re.compile(rf"(?<!\w)(?:{'|'.join(sorted(alternatives, key=len, reverse=True))})(?!\w)")
-
-
-def contains_blocked_word(instruction: str, words: list[str]) -> bool:
-    """Whether a blocked word or phrase appears as a whole word in ``instruction``, compared after fold_text."""
-    pattern = _blocked_pattern(tuple(words))
-    return pattern is not None and pattern.search(fold_text(instruction)) is not None
-
-
 async def check_access(bot, user: discord.abc.User, guild_id: int | None, channel_id: int,
-                       settings: GuildSettings, instruction: str | None = None) -> None:
-    """Raise Refusal unless ``user`` may start a new job here; on success the job counts toward the rate limit.
+                       settings: GuildSettings, instruction: str | None = None,
+                       app_permissions: discord.Permissions | None = None) -> Ticket:
+    """Raise Refusal unless ``user`` may start a new job here; on success reserve its place and return it.
 
     Every path that starts a job calls this, so bans, the block-list and the limits cannot be side-stepped
     through a button or a reply. Pass ``instruction`` wherever the user typed one (re-used ones too), so the
     server's block-list applies to it. A ban is per server, so DMs (``guild_id`` None) never see one.
+    Interactions pass their ``app_permissions`` (what Discord lets the app do in that channel: for a
+    user-installed app in a server without the bot, what moderators allow ``@everyone``); without Attach
+    Files and Embed Links the result could not be posted, so the request is refused before any work.
+    The server's settings apply whether the app was installed to the server or to the user.
+
+    The returned :class:`~bot.admission.Ticket` already counts toward the pending cap, the queue's global cap
+    and the jobs-per-minute limit (see :mod:`bot.admission` for why, and for the fair share of the queue):
+    hand it to ``JobManager.submit`` and ``release()`` it in a ``finally``, which gives it back unless the
+    job was queued. Nothing may be awaited between the last check and the reservation, or two concurrent
+    requests could both pass.
     """
     if await bot.store.is_blocked(guild_id, user.id):
         raise Refusal(BANNED_MESSAGE)
     if settings.allowed_channel_ids and channel_id not in settings.allowed_channel_ids:
         mentions = ", ".join(f"<#{c}>" for c in settings.allowed_channel_ids[:5])
         raise Refusal(f"Edits are not enabled in this channel; try {mentions}.")
+    if app_permissions is not None and not (app_permissions.attach_files and app_permissions.embed_links):
+        raise Refusal(NO_IMAGE_PERMISSIONS_MESSAGE)
     if instruction is not None and contains_blocked_word(instruction, settings.blocked_words):
         raise Refusal(BLOCKED_WORD_MESSAGE)  # never echo the word: that would publish it in reply refusals
-    pending = bot.queue.pending_for(user.id)
+    queue = bot.queue
+    pending = queue.pending_for(user.id)
     if pending >= settings.user_pending_cap:
         raise Refusal(f"You already have {pending} edit(s) waiting; the limit here is {settings.user_pending_cap}. "
                       "Wait for one to finish or cancel one.")
@@ -142,4 +201,11 @@ async def check_access(bot, user: discord.abc.User, guild_id: int | None, channe
     if wait > 0:
         raise Refusal(f"You've started {limiter.limit} edit(s) in the last minute, the most allowed. "
                       f"Please try again in {math.ceil(wait)} s.")
-    limiter.record(user.id)
+    if not queue.accepting:
+        raise Refusal("The bot is restarting; please try again in a minute.")
+    if not fair_share_allows(queue.taken, queue.max_total, pending + 1):
+        if pending == 0:
+            raise Refusal(f"The queue is full ({queue.max_total} edits waiting); please try again later.")
+        raise Refusal(f"The queue is busy ({queue.taken} edits waiting), so places are kept for people who have "
+                      f"none yet. You already have {pending} edit(s) waiting; try again when one has finished.")
+    return Ticket(queue, limiter, user.id)

@@ -19,6 +19,7 @@ from mgie_engine.images import encode_under
 from mgie_engine.protocol import EditJob, JobProgress, WorkerState
 
 from . import render
+from .admission import Ticket
 from .delivery import Delivery
 from .queue import JobEvent, JobQueue, QueueFullError
 from .storage import JobRecord, Store
@@ -61,21 +62,45 @@ class JobManager:
         chain = await self.store.chain(parent_id, limit=depth)
         return tuple((r.instruction, r.expressive) for r in chain if r.expressive)
 
-    async def submit(self, record: JobRecord, image: bytes | None, upload_limit: int | None = None) -> JobRecord:
-        """Store a new job (and its input image when new), queue it and show its position."""
+    async def submit(self, record: JobRecord, image: bytes | None, upload_limit: int | None = None,
+                     ticket: Ticket | None = None) -> JobRecord:
+        """Store a new job (and its input image when new), queue it and show its position.
+
+        ``ticket`` is the place check_access reserved; it is consumed once the job is queued. Errors before
+        that (a full disk, a restart) raise, with the job marked failed if it was stored; the caller tells
+        the user and releases the ticket. Once queued the job runs, even if showing its position fails.
+        A refused job leaves nothing behind: without a reserved place a full queue is refused before
+        anything is stored, and should the queue refuse it anyway, the row and file just written go again.
+        """
+        if (ticket is None or not ticket.open) and self.queue.taken >= self.queue.max_total:
+            raise QueueFullError(f"The queue is full ({self.queue.max_total} edits waiting); please try again later.")
         if image is not None:
             record.input_image = await self.store.save_image(record.id, "in", image)
         record = await self.store.create_job(record)
         self._live[record.id] = _Live(upload_limit=upload_limit or DEFAULT_UPLOAD_LIMIT)
         try:
-            await self._enqueue(record)
-        except QueueFullError as err:
-            await self.store.update_job(record.id, state="failed", error=str(err), finished_at=time.time())
+            await self._enqueue(record, ticket)
+        except QueueFullError:
+            self._live.pop(record.id, None)
+            await self.store.delete_new_job(record.id, record.input_image if image is not None else None)
             raise
+        except Exception as err:
+            self._live.pop(record.id, None)
+            try:
+                await self.store.update_job(record.id, state="failed", error=str(err) or type(err).__name__,
+                                            finished_at=time.time())
+            except Exception:  # the disk that failed the job may fail this too; the user is told anyway
+                log.exception("could not mark job %s failed", record.id)
+            raise
+        try:
+            await self._show_queued(record)
+        except discord.HTTPException as err:
+            log.warning("could not show the queue position of job %s: %s", record.id, err)
         return record
 
-    async def _enqueue(self, record: JobRecord) -> None:
-        image = await self.store.read_image(record.input_image)
+    async def _enqueue(self, record: JobRecord, ticket: Ticket | None = None) -> None:
+        # The worker reads the stored, already fitted input itself: a queued job holds a path, not pixels.
+        image = await self.store.existing_image_path(record.input_image)
         if image is None:
             raise FileNotFoundError(record.input_image)
         # parent_id is the job whose output is this job's input, so the chain up to it is the history
@@ -83,8 +108,9 @@ class JobManager:
         history = await self.history_for(record.parent_id, record.history_depth)
         job = EditJob(job_id=record.id, image=image, instruction=record.instruction, seed=record.seed,
                       text_cfg=record.text_cfg, image_cfg=record.image_cfg, steps=record.steps, history=history)
-        self.queue.submit(job, record.user_id)
-        await self._show_queued(record)
+        self.queue.submit(job, record.user_id, reserved=ticket is not None and ticket.open)
+        if ticket is not None:
+            ticket.consume()
 
     async def _show_queued(self, record: JobRecord) -> None:
         warming = self.engine.state is WorkerState.LOADING
@@ -194,6 +220,7 @@ class JobManager:
             record = await self.store.update_job(record.id, state="queued", started_at=None)
             try:
                 await self._enqueue(record)
+                await self._show_queued(record)
                 resumed += 1
             except (FileNotFoundError, QueueFullError) as err:
                 lost += 1

@@ -129,13 +129,18 @@ class JobQueue:
         self._ready: list[Worker] = []
         self._load: collections.Counter[int] = collections.Counter()
         self._assigned: dict[str, tuple[Worker, asyncio.Task]] = {}
+        self._reserved: collections.Counter[int] = collections.Counter()  # places held by accepted requests
 
     # -- the interface ------------------------------------------------------------------------------
-    def submit(self, job: EditJob, user_id: int) -> int:
-        """Queue a job; returns its 1-based position. Raises QueueFullError at the global cap."""
+    def submit(self, job: EditJob, user_id: int, *, reserved: bool = False) -> int:
+        """Queue a job; returns its 1-based position. Raises QueueFullError at the global cap.
+
+        ``reserved``: the job fills a place its request reserved (see :mod:`bot.admission`), which the
+        caller gives back once this returns; the cap was checked when the place was taken.
+        """
         if not self._accepting:
             raise QueueFullError("The bot is restarting; please try again in a minute.")
-        if len(self._queue) >= self.max_total:
+        if not reserved and self.taken >= self.max_total:
             raise QueueFullError(f"The queue is full ({self.max_total} edits waiting); please try again later.")
         self._queue.push(_Entry(job=job, user_id=user_id, enqueued_at=time.monotonic()))
         self._wakeup.set()
@@ -189,8 +194,26 @@ class JobQueue:
     def running(self) -> list[str]:
         return list(self._running)
 
+    @property
+    def taken(self) -> int:
+        """Places counted against ``max_total``: waiting jobs plus places reserved for accepted requests."""
+        return len(self._queue) + sum(self._reserved.values())
+
     def pending_for(self, user_id: int) -> int:
-        return self._queue.pending_for(user_id) + sum(e.user_id == user_id for e in self._running.values())
+        """The user's waiting, running and reserved jobs: what the per-user cap counts."""
+        running = sum(e.user_id == user_id for e in self._running.values())
+        return self._queue.pending_for(user_id) + running + self._reserved[user_id]
+
+    def reserve(self, user_id: int) -> None:
+        """Hold a place for a request of ``user_id`` that passed its checks but is not queued yet."""
+        self._reserved[user_id] += 1
+
+    def unreserve(self, user_id: int) -> None:
+        """Give a reserved place back (its job is queued now, or its request failed)."""
+        if self._reserved[user_id] <= 1:
+            self._reserved.pop(user_id, None)
+        else:
+            self._reserved[user_id] -= 1
 
     # -- dispatch -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -208,6 +231,10 @@ class JobQueue:
 
     def stop_accepting(self) -> None:
         self._accepting = False
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
 
     async def all_ready(self) -> None:
         """Until every worker has finished loading (or failed to)."""

@@ -25,12 +25,13 @@ import sqlite3
 import tempfile
 import threading
 import time
-import unicodedata
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+
+from .moderation_text import fold_text
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -103,7 +104,7 @@ class GuildSettings:
     max_steps: int = 100
     user_pending_cap: int = 3
     refine_depth: int = 3
-    blocked_words: list[str] = dataclasses.field(default_factory=list)  # folded with fold_text; [] = none
+    blocked_words: list[str] = dataclasses.field(default_factory=list)  # folded with moderation_text.fold_text; [] = none
     flagged_outputs: str = "spoiler"  # flagged results outside age-restricted channels: spoiler | withhold
 
 
@@ -126,11 +127,6 @@ MAX_BLOCKED_WORDS = 100  # one compiled pattern per server; keeps matching cheap
 MAX_BLOCKED_WORD_CHARS = 60
 MAX_BAN_REASON_CHARS = 500
 
-# Combining marks that only decorate Latin-like letters (accents, Zalgo, under/strike-through, enclosing
-# circles) and variation selectors: dropped so "b\u0336a\u0336d\u0336" matches "bad". Marks that are part of a
-# script's spelling (e.g. Indic vowel signs) are kept, or unrelated words would collide.
-_DECORATIVE_MARKS = re.compile("[\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe00-\ufe0f\ufe20-\ufe2f]")
-_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf"})  # zero-width spaces/joiners, soft hyphens, bidi controls
 
 
 # --- migrations -------------------------------------------------------------------------------------
@@ -310,17 +306,6 @@ def _validate_settings(changes: dict[str, Any]) -> dict[str, Any]:
     return clean
 
 
-def fold_text(text: str) -> str:
-    """The form block-list words are stored in and instructions are matched in.
-
-    NFKC maps fullwidth and "styled" letters (𝐛𝐚𝐝, ｂａｄ, ⓑⓐⓓ) to plain ones, casefold handles case (ß, Σ),
-    decorative marks and invisible characters go and whitespace collapses, so none of them dodges a match.
-    """
-    decomposed = _DECORATIVE_MARKS.sub("", unicodedata.normalize("NFKD", text))
-    visible = "".join(ch for ch in decomposed if ch.isspace() or unicodedata.category(ch) not in _INVISIBLE_CATEGORIES)
-    return " ".join(unicodedata.normalize("NFKC", visible).casefold().split())
-
-
 def _validate_blocked_words(value: object) -> list[str]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         raise ValueError("Blocked words must be a list of words or phrases.")
@@ -463,6 +448,11 @@ class Store:
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await asyncio.to_thread(self._locked, fn)
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn(conn)`` in a worker thread with the connection to itself: for modules with their own
+        queries (bot/retention.py); use ``_write`` inside for a transaction."""
+        return await self._call(fn)
 
     def _locked(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         with self._lock:
@@ -782,3 +772,26 @@ class Store:
                 return None
 
         return await asyncio.to_thread(read)
+
+    async def existing_image_path(self, relative: str | None) -> str | None:
+        """The absolute path of a stored image that exists, else None (for a worker to read it itself)."""
+        if not relative:
+            return None
+
+        def check() -> str | None:
+            path = self.image_path(relative)
+            return str(path) if path.is_file() else None
+
+        return await asyncio.to_thread(check)
+
+    async def delete_new_job(self, job_id: str, own_file: str | None) -> None:
+        """Undo ``create_job`` (and ``save_image``) for a job refused before it was queued."""
+
+        def delete(conn: sqlite3.Connection) -> None:
+            with _write(conn):
+                conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            if own_file:
+                with contextlib.suppress(OSError, ValueError):
+                    self.image_path(own_file).unlink()
+
+        await self._call(delete)

@@ -40,13 +40,20 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=r"mgie:(?P<a
         await cog.on_button(interaction, self.action, self.job_id)
 
 
-def result_view(job_id: str, can_undo: bool = True) -> discord.ui.View:
+def result_view(job_id: str, can_undo: bool = True, owner_job_id: str | None = None) -> discord.ui.View:
+    """Buttons for a message showing ``job_id``'s result.
+
+    Re-roll, Stronger, Closer and Refine act on the result shown. Undo and Delete carry ``owner_job_id``,
+    the job that made the message (default: the one shown): after an Undo the message shows an earlier
+    step, possibly someone else's, but it is still its maker's to undo further or delete.
+    """
+    owner_job_id = owner_job_id or job_id
     view = discord.ui.View(timeout=None)
     for action in ("reroll", "stronger", "closer", "refine"):
         view.add_item(JobButton(action, job_id))
     if can_undo:
-        view.add_item(JobButton("undo", job_id))
-    view.add_item(JobButton("delete", job_id))
+        view.add_item(JobButton("undo", owner_job_id))
+    view.add_item(JobButton("delete", owner_job_id))
     return view
 
 

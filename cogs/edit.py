@@ -10,9 +10,10 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import presets
+from bot.deferred import answer_failure, failures_told_privately, status_message_id
 from bot.intake import Refusal, check_access, fetch_image, first_image
 from bot.jobs import new_seed
-from bot.queue import QueueFullError
+from bot.quiet_refusals import refuse_reply
 from mgie_engine.errors import MgieError
 from mgie_engine.instructions import MAX_INSTRUCTION_CHARS, normalize_instruction
 from mgie_engine.options import DEFAULT_STEPS, IMAGE_CFG_RANGE, TEXT_CFG_RANGE, check_options
@@ -34,6 +35,9 @@ class InstructionModal(discord.ui.Modal, title="Edit image with MGIE"):
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
         await self.cog.start_edit(interaction, self.attachment, self.instruction.value)
+
+    async def on_error(self, interaction: discord.Interaction, error: Exception) -> None:
+        await answer_failure(interaction, error)
 
 
 class EditCog(commands.Cog, name="Edit"):
@@ -91,37 +95,27 @@ class EditCog(commands.Cog, name="Edit"):
                           steps, seed)
             if preset not in presets.PRESET_CHOICES:
                 raise Refusal(f"Unknown preset {preset!r}; choose one of {', '.join(presets.PRESET_CHOICES)}.")
-            await check_access(self.bot, interaction.user, interaction.guild_id, interaction.channel_id, settings,
-                               instruction=instruction)
+            ticket = await check_access(self.bot, interaction.user, interaction.guild_id, interaction.channel_id,
+                                        settings, instruction=instruction, app_permissions=interaction.app_permissions)
         except MgieError as err:
             await interaction.response.send_message(str(err), ephemeral=True)
             return
-        await interaction.response.defer(thinking=True)
-        try:
-            data, picture = await fetch_image(self.bot, attachment)
-            guidance = presets.choose_guidance(preset, picture, instruction, text_cfg, image_cfg)
-        except MgieError as err:
-            await self._fail_after_defer(interaction, str(err))
-            return
-        original = await interaction.original_response()
-        record = self.bot.jobs.new_record(
-            user_id=interaction.user.id, channel_id=interaction.channel_id, guild_id=interaction.guild_id,
-            instruction=instruction, seed=seed, text_cfg=guidance.text_cfg, image_cfg=guidance.image_cfg,
-            steps=steps, preset=guidance.preset, preset_reason=guidance.reason, kind="edit",
-            application_id=interaction.application_id, interaction_token=interaction.token,
-            token_created_at=interaction.created_at.timestamp(), status_message_id=original.id)
-        try:
-            await self.bot.jobs.submit(record, data, upload_limit=_upload_limit(interaction))
-        except QueueFullError as err:
-            await self._fail_after_defer(interaction, str(err))
-
-    async def _fail_after_defer(self, interaction: discord.Interaction, message: str) -> None:
-        """The deferred reply is public; errors are private: drop the public one, answer ephemerally."""
-        try:
-            await interaction.delete_original_response()
-        except discord.HTTPException:
-            pass
-        await interaction.followup.send(message, ephemeral=True)
+        try:  # the ticket holds this request's place from the check on; it is given back unless queued
+            await interaction.response.defer(thinking=True)
+            async with failures_told_privately(interaction, ticket):
+                # Decoded once, off the event loop; 'auto' looks at the picture in the same worker thread.
+                data, guidance = await fetch_image(self.bot, attachment, lambda picture: presets.choose_guidance(
+                    preset, picture, instruction, text_cfg, image_cfg))
+                record = self.bot.jobs.new_record(
+                    user_id=interaction.user.id, channel_id=interaction.channel_id, guild_id=interaction.guild_id,
+                    instruction=instruction, seed=seed, text_cfg=guidance.text_cfg, image_cfg=guidance.image_cfg,
+                    steps=steps, preset=guidance.preset, preset_reason=guidance.reason, kind="edit",
+                    application_id=interaction.application_id, interaction_token=interaction.token,
+                    token_created_at=interaction.created_at.timestamp(),
+                    status_message_id=await status_message_id(interaction))
+                await self.bot.jobs.submit(record, data, upload_limit=_upload_limit(interaction), ticket=ticket)
+        finally:
+            ticket.release()
 
     # -- refining by replying to a result ---------------------------------------------------------------
     @commands.Cog.listener()
@@ -136,7 +130,8 @@ class EditCog(commands.Cog, name="Edit"):
         text = re.sub(rf"<@!?{self.bot.user.id}>", " ", message.content or "")
         if not text.strip():
             if self.bot.user in message.mentions:
-                await message.reply("Tell me what to change, e.g. `make it night`.", mention_author=False)
+                await refuse_reply(self.bot, message, "Tell me what to change, e.g. `make it night`.",
+                                   reaction="\N{BLACK QUESTION MARK ORNAMENT}")
             return  # without the message content intent, only mentions carry text
         await self.bot.get_cog("Results").refine(source, text, message.author, message.guild and message.guild.id,
                                                  message.channel.id, reply_to=message)

@@ -13,7 +13,7 @@ import struct
 import zlib
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError, features
+from PIL import Image, UnidentifiedImageError, features
 
 from .errors import BadImageError
 
@@ -129,11 +129,61 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+_STRIP_PIXELS = 1 << 20
+"""Rows are converted to RGB (and shrunk) about this many pixels at a time, so the only full-size buffer
+a decode holds is the decoder's own, in the file's mode (at most 4 bytes a pixel: 160 MB at 40 MP)."""
+
+_ORIENTATIONS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _orientation(image: Image.Image) -> Image.Transpose | None:
+    """The EXIF orientation's transpose; None for none, or when a broken EXIF block can't be read (a broken
+    EXIF block should not cost the user an image whose pixels decoded fine)."""
+    try:
+        return _ORIENTATIONS.get(image.getexif().get(0x0112))
+    except _DECODE_ERRORS:
+        return None
+
+
+def _reduce_factor(width: int, height: int, reduce_to: int | None) -> int:
+    """The largest whole factor that keeps the long side at least ``reduce_to`` (1: keep the size)."""
+    if not reduce_to or reduce_to < 1:
+        return 1
+    return max(1, max(width, height) // reduce_to)
+
+
+def _to_rgb_reduced(image: Image.Image, factor: int) -> Image.Image:
+    """RGB (as :func:`_to_rgb` shows it) shrunk by ``factor``, converted a strip of rows at a time.
+
+    Flattening on white is linear in the pixels, so averaging after it is the same as a premultiplied
+    reduce; doing it per strip means no full-size RGB or RGBA copy is ever made.
+    """
+    width, height = image.size
+    if width * height <= _STRIP_PIXELS:
+        rgb = _to_rgb(image)
+        return rgb.reduce(factor) if factor > 1 else rgb
+    rows = max(factor, _STRIP_PIXELS // width // factor * factor)
+    out = Image.new("RGB", (-(-width // factor), -(-height // factor)))
+    for top in range(0, height, rows):
+        strip = _to_rgb(image.crop((0, top, width, min(height, top + rows))))
+        out.paste(strip.reduce(factor) if factor > 1 else strip, (0, top // factor))
+    return out
+
+
 def load_image(
     data: bytes | str | os.PathLike[str],
     *,
     max_bytes: int = MAX_INPUT_BYTES,
     max_pixels: int = MAX_INPUT_PIXELS,
+    reduce_to: int | None = None,
 ) -> Image.Image:
     """Decode untrusted input into a detached RGB image, or raise :class:`BadImageError`.
 
@@ -142,6 +192,12 @@ def load_image(
     process may rely on it) but still applies as an outer bound. Only the first frame of animated
     GIF/WEBP/PNG is decoded: the model edits stills. A path is read into memory up front, so paths and
     bytes behave identically and no file handle outlives the call.
+
+    Memory: besides the input bytes, a decode holds the decoder's own buffer (at most 4 bytes a pixel) and
+    small strips; RGB conversion, transparency and 16-bit scaling happen a strip at a time. With
+    ``reduce_to`` the image may come back smaller by a whole factor, its long side still at least
+    ``reduce_to`` (callers that fit it to a model size anyway): JPEG then decodes at 1/2 to 1/8 scale
+    (draft mode), so even its decoder buffer stays small, and other formats shrink strip by strip.
     """
     raw = _read_input(data, max_bytes)
     try:
@@ -151,13 +207,14 @@ def load_image(
                 raise BadImageError(_DAMAGED)
             if width * height > max_pixels:
                 raise _too_many_pixels(width, height, max_pixels)
+            factor = _reduce_factor(width, height, reduce_to)
+            if factor > 1 and image.format == "JPEG":
+                image.draft(image.mode, (-(-width // factor), -(-height // factor)))
+                factor = _reduce_factor(*image.size, reduce_to)
             image.load()
-            try:
-                oriented = ImageOps.exif_transpose(image)
-            except _DECODE_ERRORS:
-                # A broken EXIF block should not cost the user an image whose pixels decoded fine.
-                oriented = image
-            return _to_rgb(oriented)
+            transpose = _orientation(image)
+            rgb = _to_rgb_reduced(image, factor)
+            return rgb.transpose(transpose) if transpose is not None else rgb
     except BadImageError:
         raise
     except Image.DecompressionBombError as exc:

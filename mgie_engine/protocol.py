@@ -38,7 +38,9 @@ class EditJob:
     """One edit as the bot hands it to a worker."""
 
     job_id: str
-    image: bytes | str | os.PathLike[str]  # the encoded input image as uploaded, or a path to it
+    # The encoded input image, or the path of a file holding it (the bot's queued jobs: a path keeps a
+    # waiting job's memory small, and the file is already decoded and fitted once at intake).
+    image: bytes | str | os.PathLike[str]
     instruction: str
     seed: int
     text_cfg: float

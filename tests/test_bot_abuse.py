@@ -87,21 +87,23 @@ async def test_ban_and_unban_flow(world, tmp_path, tiny_models):
     async with bot_running(fake, make_config(fake, tmp_path / "data", [guild.id]), tiny_models) as bot:
         first = await finished(fake, await edit(fake, alice, channel))
 
-        assert "Manage Server" in await command(fake, alice, channel, "mgie ban", {"user": bob})
+        with pytest.raises(PermissionError):  # Discord shows moderation commands only to Manage Server
+            await fake.slash(alice, channel, "mgie-admin ban", {"user": bob})
         assert not await bot.store.is_blocked(guild.id, bob.id)
-        assert "can no longer use MGIE" in await command(fake, owner, channel, "mgie ban",
+        assert "can no longer use MGIE" in await command(fake, owner, channel, "mgie-admin ban",
                                                          {"user": bob, "reason": "spamming edits"})
         assert await bot.store.block_reason(guild.id, bob.id) == "spamming edits"
-        assert "already banned" in await command(fake, owner, channel, "mgie ban", {"user": bob})
-        assert "yourself" in await command(fake, owner, channel, "mgie ban", {"user": owner})
+        assert "already banned" in await command(fake, owner, channel, "mgie-admin ban", {"user": bob})
+        assert "yourself" in await command(fake, owner, channel, "mgie-admin ban", {"user": owner})
 
         assert await private_answer(fake, await edit(fake, bob, channel)) == BANNED_MESSAGE
         assert await private_answer(fake, await fake.click(bob, first, button(first, "reroll"))) == BANNED_MESSAGE
         assert await job_count(bot) == 1
 
-        assert "Manage Server" in await command(fake, bob, channel, "mgie unban", {"user": bob})
-        assert "again" in await command(fake, owner, channel, "mgie unban", {"user": bob})
-        assert "was not banned" in await command(fake, owner, channel, "mgie unban", {"user": bob})
+        with pytest.raises(PermissionError):
+            await fake.slash(bob, channel, "mgie-admin unban", {"user": bob})
+        assert "again" in await command(fake, owner, channel, "mgie-admin unban", {"user": bob})
+        assert "was not banned" in await command(fake, owner, channel, "mgie-admin unban", {"user": bob})
         await finished(fake, await edit(fake, bob, channel))
         await finished(fake, await fake.click(bob, first, button(first, "reroll")))
 
@@ -110,7 +112,7 @@ async def test_a_server_ban_does_not_reach_dms(world, tmp_path, tiny_models):
     fake, guild, channel, alice, _, owner = world
     async with bot_running(fake, make_config(fake, tmp_path / "data"), tiny_models) as bot:  # global commands
         await fake.wait_for(lambda: fake.command("edit"), timeout=10)
-        await command(fake, owner, channel, "mgie ban", {"user": alice})
+        await command(fake, owner, channel, "mgie-admin ban", {"user": alice})
         assert await private_answer(fake, await edit(fake, alice, channel)) == BANNED_MESSAGE
         await finished(fake, await edit(fake, alice, fake.dm_channel(alice)))
         assert (await bot.store.recent_jobs(alice.id))[0].guild_id is None
@@ -123,7 +125,7 @@ async def test_blocked_words_are_refused_without_echo_everywhere_until_cleared(w
     fake, guild, channel, alice, _, owner = world
     async with bot_running(fake, make_config(fake, tmp_path / "data", [guild.id]), tiny_models) as bot:
         first = await finished(fake, await edit(fake, alice, channel, "add a badword sign"))  # before the list
-        text = await command(fake, owner, channel, "mgie settings", {"blocked_words": "Badword, evil  plan,"})
+        text = await command(fake, owner, channel, "mgie-admin settings", {"blocked_words": "Badword, evil  plan,"})
         assert "Blocked words: 2" in text
         assert (await bot.store.guild_settings(guild.id)).blocked_words == ["badword", "evil plan"]
 
@@ -149,7 +151,7 @@ async def test_blocked_words_are_refused_without_echo_everywhere_until_cleared(w
         assert "blocked" in no_echo(answer.content) and not answer.attachments
         assert await job_count(bot) == 1
 
-        assert "Blocked words: none" in await command(fake, owner, channel, "mgie settings",
+        assert "Blocked words: none" in await command(fake, owner, channel, "mgie-admin settings",
                                                       {"blocked_words": "none"})
         await finished(fake, await edit(fake, alice, channel, "make it ＢＡＤＷＯＲＤ"))
 

@@ -151,7 +151,7 @@ async def test_flagged_results_are_spoilered_or_withheld_outside_age_restricted_
         adult = await fake.wait_for_original(await edit(fake, alice, lounge), lambda m: m.attachments, timeout=60)
         assert not adult.attachments[0].filename.startswith("SPOILER_")
 
-        changed = await fake.slash(owner, channel, "mgie settings", {"flagged_outputs": "withhold"})
+        changed = await fake.slash(owner, channel, "mgie-admin settings", {"flagged_outputs": "withhold"})
         await fake.wait_for(lambda: changed.callbacks)
         held = await edit(fake, alice, channel)
         await fake.wait_for(lambda: held.original and "withholds" in (held.original.content or ""), timeout=60)

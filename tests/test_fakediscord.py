@@ -13,7 +13,7 @@ import pytest
 from discord import app_commands
 from discord.ext import commands
 from discord.webhook.async_ import async_context, interaction_response_params
-from fakediscord import FakeDiscord
+from fakediscord import FakeDiscord, errors
 from fakediscord import permissions as perms
 from fakediscord.runner import TEST_HEARTBEAT_INTERVAL, running_bot
 from PIL import Image, ImageOps
@@ -401,6 +401,46 @@ async def test_member_permissions_and_dm(world: World) -> None:
     assert in_dm.payload["context"] == 1
 
 
+async def test_user_install_in_a_server_without_the_bot(world: World) -> None:
+    fake, alice = world.fake, world.alice
+    club = fake.add_guild("Club", with_bot=False)
+    art, bob = fake.add_channel(club, "art"), fake.add_user("bob")
+    fake.add_member(club, alice)
+    fake.add_member(club, bob)
+    fake.set_overwrite(art, club.everyone, deny=perms.MENTION_EVERYONE)
+    assert [g.id for g in world.bot.guilds] == [world.guild.id]
+    assert not [e for e in fake.gateway.events if isinstance(e[3], dict) and e[3].get("guild_id") == str(club.id)]
+    with pytest.raises(PermissionError):  # installed neither in Club nor for alice: no command to offer
+        await fake.slash(alice, art, "perm")
+
+    fake.install_for_user(alice)
+    inter = await fake.slash(alice, art, "edit", {"image": fake.upload_user_attachment(art, "a.png", png_bytes()),
+                                                  "instruction": "x"})
+    msg = await fake.wait_for_original(inter, lambda m: m.attachments)
+    assert inter.payload["authorizing_integration_owners"] == {"1": str(alice.id)}
+    assert int(inter.payload["app_permissions"]) == perms.everyone_permissions(art) == (
+        perms.DEFAULT_EVERYONE & ~perms.MENTION_EVERYONE)
+    assert not msg.ephemeral and msg in art.visible_messages
+    click = await fake.click(bob, msg, "invert")  # components carry the owners of the message's interaction
+    await fake.wait_for(lambda: click.callbacks)
+    assert click.payload["authorizing_integration_owners"] == {"1": str(alice.id)}
+    both = await fake.slash(alice, world.channel, "perm")  # in the bot's server both installs apply
+    assert both.payload["authorizing_integration_owners"] == {"0": str(world.guild.id), "1": str(alice.id)}
+    assert int(both.payload["app_permissions"]) == fake.state.bot_permissions(world.channel)
+
+    fake.set_overwrite(art, club.everyone, deny=perms.ATTACH_FILES)  # responses are held to app_permissions
+    denied = await fake.slash(alice, art, "edit", {"image": fake.upload_user_attachment(art, "a.png", png_bytes()),
+                                                   "instruction": "x"})
+    await fake.wait_for(lambda: denied.rejected)
+    assert (denied.rejected[0].status, denied.rejected[0].code) == (403, 50013)
+
+    fake.set_overwrite(art, club.everyone, deny=perms.USE_EXTERNAL_APPS)  # only alice sees the answers now
+    quiet = await fake.slash(alice, art, "edit", {"image": fake.upload_user_attachment(art, "a.png", png_bytes()),
+                                                  "instruction": "x"})
+    private = await fake.wait_for_original(quiet, lambda m: m.attachments)
+    assert quiet.ephemeral and private.ephemeral and private not in art.visible_messages
+
+
 async def test_message_content_intent_is_enforced(fake_endpoints: FakeDiscord) -> None:
     fake = fake_endpoints
     guild = fake.add_guild()
@@ -439,6 +479,19 @@ async def test_rate_limit_429_is_retried(world: World) -> None:
     assert world.channel.last_message is not None and world.channel.last_message.id == sent.id
     statuses = [r.status for r in fake.requests_to("POST /channels/{channel_id}/messages")]
     assert statuses == [429, 200]
+
+
+async def test_injected_rest_error_fails_the_next_matching_call_only(world: World) -> None:
+    fake = world.fake
+    route = "POST /channels/{channel_id}/messages"
+    fake.inject_error(route, errors.missing_permissions())
+    channel = world.bot.get_channel(world.channel.id)
+    assert isinstance(channel, discord.TextChannel)
+    with pytest.raises(discord.Forbidden):
+        await channel.send("refused")
+    sent = await channel.send("hello")
+    assert world.channel.last_message is not None and world.channel.last_message.id == sent.id
+    assert [(r.status, r.code) for r in fake.requests_to(route)] == [(403, 50013), (200, None)]
 
 
 async def test_heartbeats_are_recorded(world: World) -> None:

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mgie_engine import png
+from mgie_engine import images, png
 from mgie_engine.errors import BadImageError
 from mgie_engine.images import (
     MAX_ASPECT_RATIO,
@@ -819,3 +819,80 @@ def test_encode_under_rejects_impossible_limits() -> None:
         encode_under(noise(64, 64), 0)
     with pytest.raises(ValueError):
         encode_under(noise(64, 64), 20)
+
+
+# --- bounded decoding (reduce_to, strips) ---------------------------------------------------------------
+
+
+def _peak_rss_mb_during(fn: Callable[[], object]) -> float:
+    """How far this process's peak RSS rose above its RSS while ``fn`` ran (Linux: VmHWM reset via clear_refs)."""
+
+    def field(name: str) -> float:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith(name)) / 1024
+
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    before = field("VmRSS")
+    result = fn()
+    peak = field("VmHWM") - before
+    del result
+    return peak
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's peak-RSS reset")
+def test_a_40_megapixel_16_bit_png_decodes_in_bounded_memory() -> None:
+    from bigimages import png_16bit_rgba
+
+    data = png_16bit_rgba()
+    # The decoder's own RGBA buffer (160 MB) plus strips; the old full-size conversions took ~0.9-1.3 GB.
+    assert _peak_rss_mb_during(lambda: load_image(data, reduce_to=1024)) < 250
+    assert _peak_rss_mb_during(lambda: load_image(data)) < 400  # plus the full-size RGB result itself
+
+
+def _transparent_gradient(width: int, height: int) -> Image.Image:
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([x * 255 // width, y * 255 // height, (x ^ y) & 255, np.where(x < width // 3, 90, 255)], -1)
+    return Image.fromarray(pixels.astype(np.uint8), "RGBA")
+
+
+def test_strip_conversion_matches_a_whole_image_conversion() -> None:
+    source = _transparent_gradient(1500, 900)  # over _STRIP_PIXELS: converted in strips
+    data = encode(source, "PNG")
+    whole = images._flatten_on_white(source)
+    assert np.array_equal(np.asarray(load_image(data)), np.asarray(whole))
+    reduced = load_image(data, reduce_to=400)  # factor 3: 1500 // 400
+    assert reduced.size == (500, 300)
+    assert np.array_equal(np.asarray(reduced), np.asarray(whole.reduce(3)))
+
+
+def test_reduce_to_keeps_the_long_side_and_jpeg_decodes_small() -> None:
+    source = Image.fromarray(np.asarray(_transparent_gradient(1600, 1200))[..., :3].copy(), "RGB")
+    data = encode(source, "JPEG", quality=95)
+    full, small = load_image(data), load_image(data, reduce_to=300)
+    assert small.size == (400, 300)  # draft mode decoded at 1/4 scale
+    reference = np.asarray(full.reduce(4)).astype(int)
+    assert np.abs(np.asarray(small).astype(int) - reference).mean() < 3
+    assert load_image(data, reduce_to=5000).size == (1600, 1200)  # never enlarged, never below reduce_to
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_exif_orientation_is_applied_after_reducing(fmt: str) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    big = quadrant_image().resize((1280, 640), Image.Resampling.NEAREST)
+    image = load_image(encode(big, fmt, exif=exif.tobytes()), reduce_to=320)
+    assert image.size == (160, 320)  # 1280x640 / 4, then turned upright
+    assert close_to(image.getpixel((120, 40)), RED, 16)  # top-left quadrant ends up top-right
+
+
+def test_sixteen_bit_grey_with_a_transparent_key_in_strips() -> None:
+    values = np.full((900, 1200), 257 * 100, dtype=np.uint16)
+    values[:, :600] = 0
+    source = Image.fromarray(values)
+    buf = io.BytesIO()
+    source.save(buf, "PNG", transparency=0)
+    image = load_image(buf.getvalue(), reduce_to=400)
+    assert image.size == (400, 300)
+    assert image.getpixel((10, 10)) == WHITE  # the keyed-out half shows white, not black
+    assert image.getpixel((390, 290)) == (100, 100, 100)  # scaled, not clipped to 255

@@ -33,8 +33,13 @@ Setting up (``FakeDiscord``)
 Building the world (all synchronous; each dispatches the gateway event Discord would send)
     ``add_user(username, *, global_name=None, locale="en-US", bot=False) -> User``
     ``add_guild(name="Test Guild", *, owner=None, bot_permissions=perms.DEFAULT_BOT,
-    everyone_permissions=perms.DEFAULT_EVERYONE, locale="en-US", upload_limit=10 MiB) -> Guild``
-    (the bot joins with a managed role; GUILD_CREATE if connected)
+    everyone_permissions=perms.DEFAULT_EVERYONE, locale="en-US", upload_limit=10 MiB,
+    with_bot=True) -> Guild`` (the bot joins with a managed role; GUILD_CREATE if connected;
+    ``with_bot=False``: a server the app is not installed in, of which the bot sees nothing)
+    ``install_for_user(user)`` — the user adds the app to their account (user install): its
+    user-installable commands then work for them in servers without the bot and in DMs, with
+    ``authorizing_integration_owners`` ``{"1": user id}``, ``app_permissions`` those of ``@everyone``
+    in the channel, and every response ephemeral where they lack Use External Apps
     ``add_channel(guild, name, *, nsfw=False, topic=None) -> Channel``
     ``add_role(guild, name, permissions=0) -> Role``
     ``add_member(guild, user, *, roles=(), permissions=None, nick=None) -> Member`` —
@@ -48,7 +53,9 @@ What users do (async; each returns at once, the bot answers asynchronously)
     may be ``"group sub"``; values: str/int/float/bool, ``Attachment`` (goes into
     ``resolved.attachments``, marked ephemeral), ``User``, ``Role``, ``Channel``. Missing
     required options, bad choices, unknown options, hidden commands (``contexts``,
-    ``default_member_permissions``, ``nsfw``) raise, as the Discord client would not send them.
+    ``default_member_permissions``, ``nsfw``, an app installed neither in the server nor for
+    the user) raise, as the Discord client would not send them. Responses carrying files or
+    embeds that the interaction's ``app_permissions`` lack are refused with 403/50013.
     ``autocomplete(user, channel, name, options, focused) -> InteractionRecord``
     ``context_menu(user, target_message_or_user, name, *, channel=None) -> InteractionRecord``
     ``click(user, message, custom_id) -> InteractionRecord`` (refuses disabled/link buttons)
@@ -63,7 +70,8 @@ Faults
     ``await invalidate_session(resumable=False)``; ``await request_reconnect()``;
     ``inject_429(route, *, retry_after=0.5, times=1, is_global=False)`` with a route key
     like ``"POST /channels/{channel_id}/messages"`` (fnmatch patterns allowed);
-    ``set_rate_limit(route, limit, window)``; ``clock.advance(seconds)`` ages interactions;
+    ``set_rate_limit(route, limit, window)``; ``inject_error(route, error=None, *, times=1)``
+    answers matching calls with one of ``fakediscord.errors``' ApiErrors (default a 500); ``clock.advance(seconds)`` ages interactions;
     ``gateway.enforce_heartbeats`` / ``zombie_timeout`` (close 4009 when heartbeats stop);
     ``rest.require_signed_cdn_urls``; ``state.privileged_intents`` (4014 when not enabled).
 

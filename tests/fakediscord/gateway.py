@@ -412,7 +412,7 @@ class Gateway:
         frame = session.push("READY", ready)
         self.events.append((session.id, frame["s"], "READY", ready))
         if requested & intent_bits.GUILDS:
-            for guild in list(self.state.guilds.values()):
+            for guild in [g for g in self.state.guilds.values() if self.state.bot_in(g)]:
                 payload = self.state.guild_create_payload(guild, requested)
                 frame = session.push("GUILD_CREATE", payload)
                 self.events.append((session.id, frame["s"], "GUILD_CREATE", payload))
@@ -427,7 +427,7 @@ class Gateway:
             "v": 10,
             "user": user,
             "user_settings": {},
-            "guilds": [{"id": str(g), "unavailable": True} for g in st.guilds],
+            "guilds": [{"id": str(g.id), "unavailable": True} for g in st.guilds.values() if st.bot_in(g)],
             "private_channels": [],
             "relationships": [],
             "presences": [],
@@ -473,7 +473,7 @@ class Gateway:
 
     def _members_chunk(self, session: GatewaySession, data: dict[str, Any]) -> None:
         guild = self.state.guilds.get(int(data.get("guild_id", 0) or 0))
-        if guild is None:
+        if guild is None or not self.state.bot_in(guild):
             return
         members = list(guild.members.values())
         user_ids = data.get("user_ids")

@@ -6,6 +6,15 @@ ActionRow or Label layout). The bot side enforces Discord's contract: one initia
 (else 40060), within 3 s (else the user sees "This interaction failed" and callbacks get
 10062), follow-ups and ``@original`` edits only after acknowledging and only for 15 minutes
 (then 401/50027).
+
+Installation contexts: ``authorizing_integration_owners`` has ``"0"`` (the guild id, or ``"0"`` in
+the bot's DM) when the app is installed in that server and the command allows guild installs, and
+``"1"`` (the user's id) when the user installed the app to their account and the command allows user
+installs; with neither the client offers no command. Components and modal submits carry the owners
+of the interaction that made their message. Where only ``"1"`` applies in a server (the bot is not
+a member), ``app_permissions`` are ``@everyone``'s in the channel, and a member without Use External
+Apps there gets every response ephemeral. Every response is held to ``app_permissions``: files need
+Attach Files and embeds Embed Links, else 403/50013 (strict where Discord may merely drop them).
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import errors
+from . import permissions as perms
 from .models import (
     APPLICATION_COMMAND,
     AUTOCOMPLETE,
@@ -82,11 +92,33 @@ class InteractionEngine:
             data["permissions"] = str(self.state.permissions_for(channel, user))
         return data
 
+    def _owners(self, user: User, channel: Channel, command: AppCommand | None) -> dict[str, str]:
+        """``authorizing_integration_owners`` for a command (or, with None, a bot message's component)."""
+        st = self.state
+        types = {0} if command is None else set(command.raw.get("integration_types") or st.app_integration_types)
+        guild = channel.guild
+        owners: dict[str, str] = {}
+        if 0 in types and (guild is None or st.bot_in(guild)):
+            owners["0"] = str(guild.id) if guild is not None else "0"
+        if 1 in types and user.id in st.user_installs:
+            owners["1"] = str(user.id)
+        if not owners:
+            where = f"server {guild.name!r}" if guild is not None else "this DM"
+            raise PermissionError(f"the app is installed neither in {where} nor for {user.username} in a way this "
+                                  "command allows (integration_types), so the client offers no command")
+        return owners
+
     def _new(self, itype: int, user: User, channel: Channel, data: dict[str, Any], *,
              command: AppCommand | None = None, message: Message | None = None,
-             locale: str | None = None) -> InteractionRecord:
+             locale: str | None = None, owners: dict[str, str] | None = None) -> InteractionRecord:
         st = self.state
         guild = channel.guild
+        if owners is None:
+            made_by = message.interaction if message is not None else None
+            owners = (dict(made_by.payload["authorizing_integration_owners"]) if made_by is not None
+                      else self._owners(user, channel, command))
+        user_app_only = guild is not None and "0" not in owners  # the bot is not a member there
+        app_permissions = st.everyone_permissions(channel) if user_app_only else st.bot_permissions(channel)
         iid = st.ids.next()
         token = _token(iid)
         payload: dict[str, Any] = {
@@ -99,11 +131,11 @@ class InteractionEngine:
             "channel": self._channel_payload(channel, user),
             "channel_id": str(channel.id),
             "locale": locale or user.locale,
-            "app_permissions": str(st.bot_permissions(channel)),
+            "app_permissions": str(app_permissions),
             "entitlements": [],
             "entitlement_sku_ids": [],
             "attachment_size_limit": guild.upload_limit if guild is not None else DEFAULT_UPLOAD_LIMIT,
-            "authorizing_integration_owners": {"0": str(guild.id) if guild is not None else "0"},
+            "authorizing_integration_owners": owners,
             "context": 0 if guild is not None else 1,
         }
         if guild is not None:
@@ -118,6 +150,8 @@ class InteractionEngine:
             payload["message"] = message.payload()
         rec = InteractionRecord(id=iid, token=token, type=itype, payload=payload, user=user, channel=channel,
                                 created_at=st.clock.now(), command=command, source_message=message)
+        # Use External Apps off: a user-installed app's responses are only shown to the user.
+        rec.forced_ephemeral = user_app_only and not st.permissions_for(channel, user) & perms.USE_EXTERNAL_APPS
         st.interactions[iid] = rec
         st.interactions_by_token[token] = rec
         st.emit("INTERACTION_CREATE", payload)
@@ -361,7 +395,8 @@ class InteractionEngine:
             data["resolved"] = resolved
         modal_interaction.modal_submitted = True
         return self._new(MODAL_SUBMIT, user, modal_interaction.channel, data,
-                         message=modal_interaction.source_message)
+                         message=modal_interaction.source_message,
+                         owners=dict(modal_interaction.payload["authorizing_integration_owners"]))
 
     @staticmethod
     def _modal_value(field: dict[str, Any], remaining: dict[str, Any],
@@ -443,9 +478,13 @@ class InteractionEngine:
         if data is not None and not isinstance(data, dict):
             raise errors.invalid_form({"data": ("DICT_TYPE_CONVERT", "Only dictionaries may be used in a DictType")})
         data = data or {}
+        if ctype in (CB_MESSAGE, CB_UPDATE_MESSAGE):
+            self._check_app_permissions(rec, data, uploads)
+        if rec.forced_ephemeral and ctype in (CB_MESSAGE, CB_DEFERRED_MESSAGE):
+            data = dict(data, flags=int(data.get("flags") or 0) | FLAG_EPHEMERAL)
         resource: dict[str, Any] | None = None
         message: Message | None = None
-        cb = Callback(type=ctype, data=data, at=now)
+        cb = Callback(type=ctype, data=body.get("data") or {}, at=now)
         before = {a.id for a in rec.source_message.attachments} if ctype == CB_UPDATE_MESSAGE and rec.source_message else set()
         if ctype == CB_MESSAGE:
             message = self._response_message(rec, data, uploads)
@@ -491,6 +530,15 @@ class InteractionEngine:
         if resource is not None:
             out["resource"] = resource
         return out
+
+    @staticmethod
+    def _check_app_permissions(rec: InteractionRecord, body: dict[str, Any], uploads: Uploads) -> None:
+        """Files need Attach Files and embeds Embed Links in the interaction's ``app_permissions``."""
+        have = int(rec.payload.get("app_permissions") or 0)
+        if uploads and not have & perms.ATTACH_FILES:
+            raise errors.missing_permissions()
+        if body.get("embeds") and not have & perms.EMBED_LINKS:
+            raise errors.missing_permissions()
 
     @staticmethod
     def _msg_type(rec: InteractionRecord) -> int:
@@ -542,6 +590,7 @@ class InteractionEngine:
         if (rec.response_type == CB_DEFERRED_MESSAGE and original is not None and original.loading
                 and not original.deleted):
             # Discord turns the first follow-up after a "thinking" defer into the original response.
+            self._check_app_permissions(rec, body, uploads)
             st.apply_body(original, body, uploads, creating=False, require_content=True)
             original.flags &= ~FLAG_LOADING
             st.emit_message("MESSAGE_UPDATE", original)
@@ -549,6 +598,9 @@ class InteractionEngine:
         flags = int(body.get("flags") or 0)
         if flags & ~_CREATE_FLAGS:
             raise errors.invalid_form({"flags": ("MESSAGE_FLAGS_INVALID", "Invalid message flags")})
+        self._check_app_permissions(rec, body, uploads)
+        if rec.forced_ephemeral:
+            body = dict(body, flags=flags | FLAG_EPHEMERAL)
         msg = st.make_message(rec.channel, st.bot_user, type=MSG_DEFAULT, interaction=rec,
                               webhook_id=st.application_id, application_id=st.application_id)
         st.apply_body(msg, body, uploads, creating=True)
@@ -565,6 +617,7 @@ class InteractionEngine:
         st = self.state
         rec = self._webhook_rec(app_id, token)
         msg = self._target(rec, message_id)
+        self._check_app_permissions(rec, body, uploads)
         was_loading = msg.loading
         st.apply_body(msg, body, uploads, creating=False, require_content=was_loading)
         msg.flags &= ~FLAG_LOADING

@@ -606,6 +606,8 @@ class InteractionRecord:
     modal_submitted: bool = False
     rejected: list[Rejection] = field(default_factory=list)
     original_deleted: bool = False
+    #: A user-installed app in a server where the member lacks Use External Apps: responses only they see.
+    forced_ephemeral: bool = False
 
     @property
     def guild(self) -> Guild | None:
@@ -644,9 +646,11 @@ class InteractionRecord:
 
     @property
     def ephemeral(self) -> bool:
-        """Whether the initial response used flag 64 (only the invoking user sees it)."""
+        """Whether the initial response used flag 64 or was made ephemeral by Discord (only the user sees it)."""
         if not self.callbacks:
             return False
+        if self.forced_ephemeral and self.response_type in (CB_MESSAGE, CB_DEFERRED_MESSAGE):
+            return True
         data = self.callbacks[0].data or {}
         return bool(int(data.get("flags", 0) or 0) & FLAG_EPHEMERAL)
 

@@ -105,3 +105,20 @@ def channel_permissions(channel: Channel, member: Member) -> int:
     if not perms & SEND_MESSAGES:
         perms &= ~_NEEDS_SEND
     return perms
+
+
+def everyone_permissions(channel: Channel) -> int:
+    """``@everyone``'s permissions in ``channel``: the guild's base role, then the ``@everyone`` overwrite."""
+    guild = channel.guild
+    assert guild is not None, "DM channels have no @everyone role"
+    perms = guild.everyone.permissions
+    if perms & ADMINISTRATOR:
+        return ALL
+    everyone = channel.overwrites.get(guild.id)
+    if everyone is not None:
+        perms = (perms & ~everyone[1]) | everyone[0]
+    if not perms & VIEW_CHANNEL:
+        return 0
+    if not perms & SEND_MESSAGES:
+        perms &= ~_NEEDS_SEND
+    return perms

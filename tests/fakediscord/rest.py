@@ -7,6 +7,7 @@ for assertions, and rate-limit headers are computed per bucket and major paramet
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -66,6 +67,15 @@ class Reply:
     data: Any = None
 
 
+@dataclass
+class ErrorInjection:
+    """Answer the next ``remaining`` calls whose route key matches ``route`` with ``error``."""
+
+    route: str
+    error: errors.ApiError
+    remaining: int
+
+
 Handler = Callable[[Ctx], Awaitable[Any]]
 
 
@@ -89,6 +99,7 @@ class Rest:
         self.cdn_requests: list[tuple[str, int]] = []
         self.require_signed_cdn_urls = True
         self.gateway_url = ""
+        self.error_injections: list[ErrorInjection] = []
         self._routes: list[tuple[str, list[str], str, Handler, bool]] = []
         self._register()
 
@@ -142,6 +153,7 @@ class Rest:
             record.route = route
             if auth:
                 self._check_auth(request)
+            self._injected_error(route)
             major = "+".join(params[k] for k in ("channel_id", "guild_id", "webhook_id", "webhook_token") if k in params)
             decision = self.limiter.check(route, major)
             headers.update(decision.headers)
@@ -174,6 +186,16 @@ class Rest:
         if status == 204:
             return web.Response(status=204, headers=headers)
         return json_response(data, status, headers)
+
+    def inject_error(self, route: str, error: errors.ApiError, times: int = 1) -> None:
+        """Fail the next ``times`` calls matching ``route`` (fnmatch on the route key) with ``error``."""
+        self.error_injections.append(ErrorInjection(route, error, times))
+
+    def _injected_error(self, route: str) -> None:
+        for injection in self.error_injections:
+            if injection.remaining > 0 and fnmatch.fnmatchcase(route, injection.route):
+                injection.remaining -= 1
+                raise injection.error
 
     def _check_auth(self, request: web.Request) -> None:
         if request.headers.get("Authorization") != f"Bot {self.state.token}":
@@ -343,9 +365,9 @@ class Rest:
             "role_connections_verification_url": None,
             "tags": [],
             "install_params": {"scopes": ["bot", "applications.commands"], "permissions": str(perms.DEFAULT_BOT)},
-            "integration_types_config": {"0": {}},
-            "approximate_guild_count": len(st.guilds),
-            "approximate_user_install_count": 0,
+            "integration_types_config": {str(t): {} for t in sorted(st.app_integration_types)},
+            "approximate_guild_count": sum(st.bot_in(g) for g in st.guilds.values()),
+            "approximate_user_install_count": len(st.user_installs),
         }
 
     async def list_app_emojis(self, ctx: Ctx) -> Any:

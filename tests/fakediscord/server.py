@@ -13,6 +13,7 @@ from aiohttp import web
 from . import intents
 from . import permissions as perms
 from .clock import FakeClock
+from .errors import ApiError
 from .gateway import Gateway, GatewayConnection
 from .interactions import InteractionEngine
 from .models import AppCommand, Attachment, Channel, Guild, InteractionRecord, Member, Message, Role, User
@@ -200,11 +201,21 @@ class FakeDiscord:
 
     def add_guild(self, name: str = "Test Guild", *, owner: User | None = None,
                   bot_permissions: int = perms.DEFAULT_BOT, everyone_permissions: int = perms.DEFAULT_EVERYONE,
-                  locale: str = "en-US", upload_limit: int = 10 * 1024 * 1024) -> Guild:
-        """A guild the bot is in (with its managed role); dispatches GUILD_CREATE if connected."""
+                  locale: str = "en-US", upload_limit: int = 10 * 1024 * 1024, with_bot: bool = True) -> Guild:
+        """A guild the bot is in (with its managed role); dispatches GUILD_CREATE if connected.
+
+        ``with_bot=False``: a server the app is not installed in. The bot sees nothing of it; members who
+        installed the app to their account (``install_for_user``) can still use its user-installable
+        commands there, and those interactions carry only the ``"1"`` (USER_INSTALL) integration owner.
+        """
         return self.state.add_guild(name, owner=owner, bot_permissions=bot_permissions,
                                     everyone_permissions=everyone_permissions, locale=locale,
-                                    upload_limit=upload_limit)
+                                    upload_limit=upload_limit, with_bot=with_bot)
+
+    def install_for_user(self, user: User) -> None:
+        """``user`` adds the app to their account (a user install), so its user-installable commands
+        follow them into servers the bot is not in, and into DMs."""
+        self.state.install_for_user(user)
 
     def add_channel(self, guild: Guild, name: str, *, nsfw: bool = False, topic: str | None = None) -> Channel:
         return self.state.add_channel(guild, name, nsfw=nsfw, topic=topic)
@@ -312,6 +323,14 @@ class FakeDiscord:
     def inject_429(self, route: str, *, retry_after: float = 0.5, times: int = 1, is_global: bool = False) -> None:
         """Answer the next ``times`` calls to ``route`` (e.g. ``"PATCH /webhooks/*"``) with 429."""
         self.limiter.inject_429(route, retry_after=retry_after, times=times, is_global=is_global)
+
+    def inject_error(self, route: str, error: ApiError | None = None, *, times: int = 1) -> None:
+        """Answer the next ``times`` calls to ``route`` (e.g. ``"GET /webhooks/*"``) with ``error``.
+
+        ``error`` is one of :mod:`fakediscord.errors`' ApiErrors (default: 500 Internal Server Error,
+        which discord.py retries); the call is logged in ``requests`` with that status and code.
+        """
+        self.rest.inject_error(route, error or ApiError(500, 0, "500: Internal Server Error"), times)
 
     def set_rate_limit(self, route: str, limit: int, window: float) -> None:
         self.limiter.set_limit(route, limit, window)

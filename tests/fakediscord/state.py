@@ -113,6 +113,10 @@ class State:
         self.interactions: dict[int, InteractionRecord] = {}
         self.interactions_by_token: dict[str, InteractionRecord] = {}
         self.dm_channels: dict[int, Channel] = {}
+        #: Users who added the app to their own account (a user install: USER_INSTALL, ``"1"``).
+        self.user_installs: set[int] = set()
+        #: The app's installation contexts (``integration_types_config``); a command that names none gets these.
+        self.app_integration_types: set[int] = {0}
 
         self.owner = self.add_user("app-owner")
         self.bot_user = self.add_user(bot_name, bot=True)
@@ -151,20 +155,40 @@ class State:
         everyone_permissions: int = perms.DEFAULT_EVERYONE,
         locale: str = "en-US",
         upload_limit: int = 10 * 1024 * 1024,
+        with_bot: bool = True,
     ) -> Guild:
+        """A guild; ``with_bot=False`` makes one the app is not installed in (no bot member, no events)."""
         owner = owner or self.owner
         gid = self.ids.next()
         guild = Guild(id=gid, name=name, owner_id=owner.id, locale=locale, upload_limit=upload_limit,
                       created_at=self.clock.now())
         guild.roles[gid] = Role(id=gid, guild_id=gid, name="@everyone", permissions=everyone_permissions)
-        bot_role = Role(id=self.ids.next(), guild_id=gid, name=self.app_name, permissions=bot_permissions,
-                        position=1, managed=True, bot_id=self.bot_user.id)
-        guild.roles[bot_role.id] = bot_role
         self.guilds[gid] = guild
-        self._join(guild, self.bot_user, [bot_role.id])
+        if with_bot:
+            bot_role = Role(id=self.ids.next(), guild_id=gid, name=self.app_name, permissions=bot_permissions,
+                            position=1, managed=True, bot_id=self.bot_user.id)
+            guild.roles[bot_role.id] = bot_role
+            self._join(guild, self.bot_user, [bot_role.id])
         self._join(guild, owner, [])
-        self.emit("GUILD_CREATE", lambda i: self.guild_create_payload(guild, i), intent=intents.GUILDS)
+        self.emit_guild(guild, "GUILD_CREATE", lambda i: self.guild_create_payload(guild, i), intent=intents.GUILDS)
         return guild
+
+    def bot_in(self, guild: Guild) -> bool:
+        """Whether the app is installed in ``guild`` (its bot user is a member)."""
+        return self.bot_user.id in guild.members
+
+    def emit_guild(self, guild: Guild, event: str, data: EventData, *, intent: int | None = None) -> None:
+        """A guild event; the gateway only carries it when the bot is in that guild."""
+        if self.bot_in(guild):
+            self.emit(event, data, intent=intent)
+        else:
+            self.changed()
+
+    def install_for_user(self, user: User) -> None:
+        """``user`` adds the app to their account: its user-installable commands follow them everywhere."""
+        self.app_integration_types.add(1)
+        self.user_installs.add(user.id)
+        self.changed()
 
     def _join(self, guild: Guild, user: User, role_ids: list[int], nick: str | None = None) -> Member:
         member = Member(user=user, guild=guild, role_ids=role_ids, nick=nick, joined_at=self.clock.now())
@@ -183,13 +207,14 @@ class State:
         role = Role(id=self.ids.next(), guild_id=guild.id, name=name, permissions=permissions,
                     position=len(guild.roles), mentionable=mentionable)
         guild.roles[role.id] = role
-        self.emit("GUILD_ROLE_CREATE", {"guild_id": str(guild.id), "role": role.payload()}, intent=intents.GUILDS)
+        self.emit_guild(guild, "GUILD_ROLE_CREATE", {"guild_id": str(guild.id), "role": role.payload()},
+                        intent=intents.GUILDS)
         return role
 
     def set_role_permissions(self, role: Role, permissions: int) -> None:
         role.permissions = permissions
-        self.emit("GUILD_ROLE_UPDATE", {"guild_id": str(role.guild_id), "role": role.payload()},
-                  intent=intents.GUILDS)
+        self.emit_guild(self.guilds[role.guild_id], "GUILD_ROLE_UPDATE",
+                        {"guild_id": str(role.guild_id), "role": role.payload()}, intent=intents.GUILDS)
 
     def add_member(self, guild: Guild, user: User, *, roles: Iterable[Role] = (), permissions: int | None = None,
                    nick: str | None = None) -> Member:
@@ -201,10 +226,11 @@ class State:
         if existing is not None:
             existing.role_ids = sorted(set(existing.role_ids) | set(role_ids))
             data = dict(existing.payload(), guild_id=str(guild.id))
-            self.emit("GUILD_MEMBER_UPDATE", data, intent=intents.GUILD_MEMBERS)
+            self.emit_guild(guild, "GUILD_MEMBER_UPDATE", data, intent=intents.GUILD_MEMBERS)
             return existing
         member = self._join(guild, user, role_ids, nick)
-        self.emit("GUILD_MEMBER_ADD", dict(member.payload(), guild_id=str(guild.id)), intent=intents.GUILD_MEMBERS)
+        self.emit_guild(guild, "GUILD_MEMBER_ADD", dict(member.payload(), guild_id=str(guild.id)),
+                        intent=intents.GUILD_MEMBERS)
         return member
 
     def ensure_member(self, guild: Guild, user: User) -> Member:
@@ -215,7 +241,7 @@ class State:
                           position=len(guild.channels))
         guild.channels[channel.id] = channel
         self.channels[channel.id] = channel
-        self.emit("CHANNEL_CREATE", channel.payload(), intent=intents.GUILDS)
+        self.emit_guild(guild, "CHANNEL_CREATE", channel.payload(), intent=intents.GUILDS)
         return channel
 
     def set_overwrite(self, channel: Channel, target: User | Role | Member, *, allow: int = 0, deny: int = 0) -> None:
@@ -224,7 +250,8 @@ class State:
             target = target.user
         kind = 0 if isinstance(target, Role) else 1
         channel.overwrites[target.id] = (allow, deny, kind)
-        self.emit("CHANNEL_UPDATE", channel.payload(), intent=intents.GUILDS)
+        assert channel.guild is not None, "DM channels have no permission overwrites"
+        self.emit_guild(channel.guild, "CHANNEL_UPDATE", channel.payload(), intent=intents.GUILDS)
 
     def dm_channel(self, user: User) -> Channel:
         """The DM channel between ``user`` and the bot (created on first use)."""
@@ -248,6 +275,18 @@ class State:
 
     def bot_permissions(self, channel: Channel) -> int:
         return self.permissions_for(channel, self.bot_user)
+
+    def everyone_permissions(self, channel: Channel) -> int:
+        """What ``@everyone`` may do in ``channel``: all a user-installed app gets where it has no bot member.
+
+        Discord documents ``app_permissions`` only as "the permissions the app has in the source location";
+        an app with no member and no role can only be held to the channel's ``@everyone`` permissions, which
+        is also how moderators limit it (e.g. denying Attach Files to ``@everyone`` in a channel).
+        """
+        if channel.type == DM:
+            return perms.DM_PERMISSIONS
+        assert channel.guild is not None
+        return perms.everyone_permissions(channel)
 
     def require(self, channel: Channel, needed: int) -> None:
         """Raise Discord's 403s when the bot lacks ``needed`` in ``channel``."""

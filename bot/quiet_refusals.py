@@ -1,0 +1,78 @@
+"""Refusing a reply-refine without spamming the channel.
+
+A slash command can be refused privately (ephemerally); a plain reply cannot: anything the bot answers
+is public. So a refused reply (banned user, closed channel, blocked word, limits) always gets a 🚫
+reaction on the user's own message, and a short public notice saying why at most once per user per
+server (per channel in DMs) every NOTICE_WINDOW_S seconds. The notice says that further refusals in
+that time only get the reaction, and it mentions nobody. 20 replies from a banned user thus produce 20
+reactions and one message instead of 20 messages.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Callable, Hashable
+
+import discord
+
+log = logging.getLogger(__name__)
+
+NOTICE_WINDOW_S = 300.0
+REFUSED_REACTION = "\N{NO ENTRY SIGN}"
+_NO_PINGS = discord.AllowedMentions.none()
+
+
+class NoticeThrottle:
+    """Allows one notice per key per ``window`` seconds; at most ``max_keys`` keys are remembered.
+
+    Memory-only: a restart forgets it, which at worst allows one extra notice. Past ``max_keys`` the key
+    noticed longest ago is dropped, so memory stays bounded however many accounts show up.
+    """
+
+    def __init__(self, window: float = NOTICE_WINDOW_S, max_keys: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.window, self.max_keys, self.clock = window, max_keys, clock
+        self._last: collections.OrderedDict[Hashable, float] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+    def allow(self, key: Hashable) -> bool:
+        """True (and the window starts) when no notice went to ``key`` in the last ``window`` seconds."""
+        now = self.clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.window:
+            return False
+        self._last[key] = now
+        self._last.move_to_end(key)
+        while len(self._last) > self.max_keys:
+            self._last.popitem(last=False)
+        return True
+
+
+def reply_notices(bot) -> NoticeThrottle:
+    """The bot's throttle, made on first use."""
+    throttle = getattr(bot, "_mgie_reply_notices", None)
+    if throttle is None:
+        throttle = NoticeThrottle()
+        bot._mgie_reply_notices = throttle  # noqa: SLF001 - ours, like intake's rate limiter
+    return throttle
+
+
+async def refuse_reply(bot, message: discord.Message, text: str, *, reaction: str = REFUSED_REACTION) -> None:
+    """Refuse ``message`` quietly: a reaction always, the reason in public at most once per window."""
+    try:
+        await message.add_reaction(reaction)
+    except discord.HTTPException as err:  # no Add Reactions here: the notice (if due) still explains
+        log.info("could not react to message %s: %s", message.id, err)
+    place = message.guild.id if message.guild is not None else message.channel.id
+    if not reply_notices(bot).allow((place, message.author.id)):
+        return
+    minutes = max(1, round(NOTICE_WINDOW_S / 60))
+    try:
+        await message.reply(f"{text}\n-# For the next {minutes} minutes I'll only react with {reaction} "
+                            "to such replies from you here.", mention_author=False, allowed_mentions=_NO_PINGS)
+    except discord.HTTPException as err:
+        log.info("could not post a refusal notice in channel %s: %s", message.channel.id, err)
