@@ -299,8 +299,7 @@ def main() -> int:
         elapsed = asyncio.run(burst(pool, burst_items, args.steps))
         key = "burst" if pool is workers else "burst_one_gpu"
         report[key] = {"edits": args.burst, "gpus": len(pool), "seconds": elapsed,
-                       "edits_per_second": args.burst / elapsed, "warmup_seconds": warmup,
-                       "jobs_per_worker_total": [getattr(w, "jobs_run", None) for w in pool]}
+                       "edits_per_second": args.burst / elapsed, "warmup_seconds": warmup}
         if clocks:  # where the burst's wall time went, on the worker thread
             report[key]["stages"] = clocks[0].stop()
             report[key]["stages"]["outside_these"] = elapsed - sum(v["seconds"] for v in report[key]["stages"].values())
