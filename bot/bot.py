@@ -11,7 +11,8 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from mgie_engine.worker import LocalWorker, WorkerPool
+from mgie_engine.pool import WorkerPool
+from mgie_engine.worker import LocalWorker
 
 from .config import BotConfig
 from .deferred import fail_after_defer

@@ -16,7 +16,7 @@ import uuid
 import discord
 
 from mgie_engine.images import encode_under
-from mgie_engine.worker import EditJob, JobProgress, WorkerState
+from mgie_engine.protocol import EditJob, JobProgress, WorkerState
 
 from . import render
 from .admission import Ticket
