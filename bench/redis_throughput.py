@@ -28,9 +28,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from redis_pool_harness import owner_of, pid_of, pool_env, start_worker, wait_workers  # noqa: E402
 from redis_server import RedisServer  # noqa: E402
 
+from mgie_engine.protocol import EditJob  # noqa: E402
 from mgie_engine.redis_pool.connection import RedisSettings, client  # noqa: E402
 from mgie_engine.redis_pool.streams import StreamProtocol  # noqa: E402
-from mgie_engine.worker import EditJob  # noqa: E402
 
 
 def png(size: int, seed: int) -> bytes:

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from mgie_engine.errors import JobCancelledError, MgieError
+from mgie_engine.protocol import EditJob, EditOutcome, ProgressCallback, WorkerState
 from mgie_engine.redis_pool import payloads
 from mgie_engine.redis_pool.connection import BLOCK_MS, RedisSettings, RedisSetupError, check_server, client
 from mgie_engine.redis_pool.streams import StreamProtocol
-from mgie_engine.worker import EditJob, EditOutcome, ProgressCallback, WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,9 @@ async def check_redis(settings: RedisSettings) -> str:
 
 
 class RemoteWorker:
-    """The whole remote pool as the fair queue's single worker; capacity follows the live heartbeats."""
+    """The whole remote pool as the fair queue's single worker (``protocol.Worker``); capacity follows the
+    live heartbeats. Its ``heartbeat`` is always now: the queue's watchdog never replaces it, because the
+    reclaimer moves a stalled worker's jobs to live workers instead."""
 
     name = "redis-pool"
 
@@ -64,12 +66,33 @@ class RemoteWorker:
     def capacity(self) -> int:
         return self.pool.capacity
 
+    @property
+    def state(self) -> WorkerState:
+        return self.pool.state
+
+    @property
+    def error(self) -> str | None:
+        return self.pool.error
+
+    @property
+    def heartbeat(self) -> float:
+        return time.monotonic()
+
+    def start(self) -> None:
+        """Nothing to load here: the pool's connections start with the bot (``RedisPool.start``)."""
+
     async def wait_ready(self) -> WorkerState:
         return WorkerState.READY  # dispatch is held back by capacity (0 until a worker's heartbeat arrives)
 
     async def run(self, job: EditJob, on_progress: ProgressCallback | None = None,
                   cancel: threading.Event | None = None) -> EditOutcome:
         return await self.pool.run_job(job, on_progress, cancel)
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "state": self.state.value, "error": self.error, "max_batch": self.capacity}
+
+    def shutdown(self) -> None:
+        """The pool's connections close with the bot (``RedisPool.shutdown``); remote workers go on."""
 
 
 class RedisPool:

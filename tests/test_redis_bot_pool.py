@@ -11,9 +11,9 @@ import pytest
 
 from bot.redis_engine import RedisPool
 from mgie_engine.errors import JobCancelledError, MgieError
+from mgie_engine.protocol import EditJob, EditOutcome, Worker, WorkerState
 from mgie_engine.redis_pool.connection import RedisSettings, client
 from mgie_engine.redis_pool.streams import StreamProtocol
-from mgie_engine.worker import EditJob, EditOutcome, WorkerState
 
 pytest_plugins = ["redis_server"]
 
@@ -52,6 +52,7 @@ async def test_capacity_is_the_sum_of_live_heartbeats(sides):
     pool, worker = sides
     woken = []
     pool.on_capacity = lambda: woken.append(pool.capacity)
+    assert isinstance(pool.workers[0], Worker)  # the queue's typed worker protocol
     assert pool.workers[0].capacity == 0 and pool.state is WorkerState.LOADING
     await worker.heartbeat("w1", state="ready", capacity=3, active=0, device="cuda:0")
     await worker.heartbeat("w2", state="loading", capacity=0, active=0, device="cuda:1")
@@ -118,7 +119,7 @@ async def test_a_queued_job_naming_a_file_on_the_bots_disk_travels_with_its_byte
 
 
 async def test_progress_ticks_reach_the_jobs_callback_and_bad_ones_are_ignored(sides):
-    from mgie_engine.worker import JobProgress
+    from mgie_engine.protocol import JobProgress
 
     pool, worker = sides
     seen = []

@@ -7,10 +7,10 @@ import asyncio
 
 import pytest
 
+from mgie_engine.protocol import EditJob, EditOutcome
 from mgie_engine.redis_pool import payloads
 from mgie_engine.redis_pool.connection import RedisSettings, RedisSetupError, check_server, client, redact
 from mgie_engine.redis_pool.streams import StreamProtocol
-from mgie_engine.worker import EditJob, EditOutcome
 
 pytest_plugins = ["redis_server"]
 

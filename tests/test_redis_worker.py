@@ -12,9 +12,9 @@ import pytest
 from botharness import png_bytes
 from redis_pool_harness import free_port, owner_of, pid_of, pool_env, start_worker, wait_workers
 
+from mgie_engine.protocol import EditJob
 from mgie_engine.redis_pool.connection import RedisSettings, client
 from mgie_engine.redis_pool.streams import StreamProtocol
-from mgie_engine.worker import EditJob
 
 pytest_plugins = ["redis_server"]
 

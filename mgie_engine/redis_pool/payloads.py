@@ -10,7 +10,7 @@ import json
 import math
 from typing import Any
 
-from ..worker import EditJob, EditOutcome, JobProgress
+from ..protocol import EditJob, EditOutcome, JobProgress, JobStage
 from .keys import JOB_ID
 
 MAX_INPUT_BYTES = 50 * 2**20  # an uploaded image; Discord's largest attachments are smaller
@@ -132,7 +132,7 @@ def decode_result(job: str, raw: Any, png: bytes | None) -> tuple[str, EditOutco
 
 # -- progress -----------------------------------------------------------------------------------------
 def encode_progress(progress: JobProgress) -> bytes:
-    return json.dumps({"j": progress.job_id, "s": progress.stage, "n": progress.step, "t": progress.total},
+    return json.dumps({"j": progress.job_id, "s": str(progress.stage), "n": progress.step, "t": progress.total},
                       separators=(",", ":")).encode()
 
 
@@ -142,7 +142,7 @@ def decode_progress(raw: Any) -> JobProgress:
     if stage not in STAGES:
         raise BadPayloadError("progress: unknown stage")
     total = _int(data.get("t"), "total", 1, 100_000)
-    return JobProgress(job_id(data.get("j")), stage, _int(data.get("n"), "step", 0, total), total)
+    return JobProgress(job_id(data.get("j")), JobStage(stage), _int(data.get("n"), "step", 0, total), total)
 
 
 # -- heartbeats ---------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ import threading
 import time
 
 from ..errors import JobCancelledError, MgieError
-from ..worker import JobProgress, LocalWorker, WorkerState
+from ..protocol import JobProgress, WorkerState
+from ..worker import LocalWorker
 from . import payloads
 from .connection import BLOCK_MS, RedisSettings
 from .streams import Delivery, StreamProtocol

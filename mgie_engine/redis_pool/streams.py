@@ -9,7 +9,7 @@ import dataclasses
 import logging
 from typing import Any
 
-from ..worker import EditJob, EditOutcome, JobProgress
+from ..protocol import EditJob, EditOutcome, JobProgress
 from . import payloads, scripts
 from .connection import RedisSettings
 from .keys import BOTS_GROUP, WORKERS_GROUP, Keys
