@@ -85,7 +85,7 @@ def _load_error(paths) -> str:
 def test_missing_mllm_names_the_file(tiny_copy):
     (tiny_copy.mgie / "mgie_7b" / "mllm.pt").unlink()
     msg = _load_error(tiny_copy)
-    assert "mllm.pt" in msg and "huggingface-cli download" in msg
+    assert "mllm.pt" in msg and "hf download" in msg and "MGIE_CKPT_DIR" in msg
 
 
 def test_truncated_unet_names_the_file(tiny_copy):
