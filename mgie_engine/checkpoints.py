@@ -42,13 +42,14 @@ def download_command(repo: str, patterns: Iterable[str]) -> str:
 def get_weights_hint(setting: str, repo: str, patterns: Iterable[str]) -> str:
     """How to put one part on disk, and exactly which setting to point at it."""
     folder = repo.rsplit("/", 1)[-1]
-    return (f"On a machine with internet run `{download_command(repo, patterns)}`, copy the ckpt/{folder} folder "
-            f"to this machine and set {setting}=/full/path/to/ckpt/{folder} in .env.")
+    return (f"run `{download_command(repo, patterns)}` on a machine with internet access, copy the ckpt/{folder} "
+            f"folder to this machine and set {setting}=/full/path/to/ckpt/{folder} in .env.")
 
 
 def mgie_weights_hint(repo: str) -> str:
-    return (get_weights_hint("MGIE_CKPT_DIR", repo, MGIE_PATTERNS) + " (The MGIE weights are CC-BY-NC; LLaMA's "
-            "terms apply.) Or leave MGIE_CKPT_DIR empty to fetch them into the Hugging Face cache on first run.")
+    return ("To get the MGIE weights (CC-BY-NC; LLaMA's terms apply), "
+            + get_weights_hint("MGIE_CKPT_DIR", repo, MGIE_PATTERNS)
+            + " Or leave MGIE_CKPT_DIR empty to fetch them into the Hugging Face cache on first run.")
 
 
 def _reason(err: BaseException) -> str:
@@ -68,7 +69,7 @@ def _download(repo_id: str, allow_patterns: list[str], local_dir: Path | None, w
     except Exception as err:  # offline, gated, missing repo, disk full: all end the same way for the user
         raise ModelUnavailableError(
             f"Could not get {what} from the Hugging Face Hub repo '{repo_id}' ({_reason(err)}). "
-            f"If this machine is offline: {get_weights_hint(setting, repo_id, allow_patterns)}"
+            f"If this machine is offline, {get_weights_hint(setting, repo_id, allow_patterns)}"
         ) from err
     return Path(path)
 
