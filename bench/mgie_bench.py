@@ -43,7 +43,7 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-SIDE = 512  # the demo's size; a dry run on a CPU (--small) uses 64 px: the same code paths in a fraction of the time
+SIDE = 512  # the demo's size; a dry run on a CPU (--small) uses 64 px: the same code paths, a fraction of the time
 
 
 def image(seed: int, size: int | None = None) -> PIL.Image.Image:

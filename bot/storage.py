@@ -422,7 +422,8 @@ def _is_locked(err: sqlite3.Error) -> bool:
 def _unavailable(path: Path, err: BaseException) -> DatabaseUnavailableError:
     """The operator's message for a database that cannot be opened for a reason waiting will not fix."""
     code = getattr(err, "sqlite_errorcode", None)
-    if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB) or "malformed" in str(err) or "not a database" in str(err):
+    damaged = code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+    if damaged or "malformed" in str(err) or "not a database" in str(err):
         return DatabaseUnavailableError(
             f"{path} is damaged ({err}). Restore it from a backup, or move it aside to start with an empty "
             "database (the jobs, chains and server settings in it are then lost).")

@@ -97,7 +97,8 @@ def resolve_mgie_dir(ckpt_dir: str | None, repo: str) -> Path:
             ) from err
         still = _missing(folder, required)
         if still:
-            raise CheckpointError(f"{folder / still[0]} is missing (MGIE_CKPT_DIR={folder}). " + mgie_weights_hint(repo))
+            raise CheckpointError(f"{folder / still[0]} is missing (MGIE_CKPT_DIR={folder}). "
+                                  + mgie_weights_hint(repo))
     return folder
 
 

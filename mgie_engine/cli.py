@@ -114,7 +114,8 @@ class _Bars:
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     args = parse_args(argv)
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if args.verbose else "mgie-edit: %(levelname)s: %(message)s"
+    fmt = ("%(asctime)s %(levelname)s %(name)s: %(message)s" if args.verbose
+           else "mgie-edit: %(levelname)s: %(message)s")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format=fmt)
     from .settings import EngineSettings, load_env_file
 

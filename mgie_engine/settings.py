@@ -19,7 +19,7 @@ from .errors import BadRequestError, SettingsError
 
 DEFAULT_CKPT_REPO = "tsujuifu/ml-mgie"
 DEFAULT_IP2P = "timbrooks/instruct-pix2pix"
-MAX_SIDE_RANGE = (64, 2048)  # the UNet was trained at 256-512 px: past 2048 it repeats content, memory grows as side^2
+MAX_SIDE_RANGE = (64, 2048)  # the UNet was trained at 256-512 px; memory grows as the side squared
 MAX_BATCH_RANGE = (1, 256)
 
 if TYPE_CHECKING:
