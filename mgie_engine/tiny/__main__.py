@@ -9,7 +9,7 @@ from ..arguments import OneLineParser
 
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="python -m mgie_engine.tiny",
-                      description="Write tiny RANDOM-weight MGIE checkpoints in the released layout (a few MB) and "
+                      description="Write tiny RANDOM-weight MGIE checkpoints in the released layout (about 16 MB) and "
                                   "print the settings that use them, with absolute paths: "
                                   "python -m mgie_engine.tiny ./tiny-ckpt >> .env")
     p.add_argument("folder", help="where to write them (created if missing)")
