@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-import numpy as np
-import PIL.Image
-import pytest
+import os
 
-from mgie_engine.settings import EngineSettings
+# Under pytest-xdist every core already runs a worker; torch's default of one OpenMP thread per core would put
+# two threads on each core, and their spin-waits make small ops 10-50x slower. Set before anything imports torch
+# (the bot and CLI subprocesses that tests start inherit it).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import PIL.Image  # noqa: E402
+import pytest  # noqa: E402
+
+from mgie_engine.settings import EngineSettings  # noqa: E402
 
 
 def tiny_settings(paths, **overrides) -> EngineSettings:
