@@ -73,3 +73,15 @@ def _offline_hub():
         os.environ.pop("HF_HUB_OFFLINE", None)
     else:
         os.environ["HF_HUB_OFFLINE"] = old
+
+
+# Tests that keep both cores busy on their own (inductor compiles, the benchmark scripts' subprocesses) or that
+# time the bot's answers under load (the soak, the lifecycle) run one after another on one pytest-xdist worker
+# (`-n auto --dist loadgroup`), so that none of them starves another; the rest share the other worker(s).
+_ONE_AT_A_TIME = {"test_warm_up.py", "test_bench_scripts.py", "test_soak.py", "test_bot_lifecycle.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in _ONE_AT_A_TIME:
+            item.add_marker(pytest.mark.xdist_group("one-at-a-time"))
