@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 UNFINISHED_STATES = ("queued", "running")
@@ -44,6 +46,8 @@ DB_FILENAME = "mgie.sqlite3"
 IMAGES_DIRNAME = "images"
 
 _BUSY_TIMEOUT_S = 10.0  # another process (or a crashed one's successor) holding the write lock briefly
+_OPEN_BUSY_TIMEOUT_S = 0.5  # per attempt while opening; open() retries with backoff up to its lock_wait
+OPEN_LOCK_WAIT_S = 60.0  # how long open() keeps retrying a database another process holds locked
 _MIGRATION_FILE = re.compile(r"(\d+)_([A-Za-z0-9_]+)\.sql")
 _SAFE_NAME_PART = re.compile(r"[A-Za-z0-9_-]+")
 _SAFE_EXT = re.compile(r"[A-Za-z0-9]+")
@@ -57,6 +61,10 @@ class MigrationError(RuntimeError):
 
 class SchemaTooNewError(MigrationError):
     """The database was migrated by newer code; running older code on it could silently lose data."""
+
+
+class DatabaseUnavailableError(RuntimeError):
+    """The database cannot be opened (corrupt, locked too long, no permission); the message says what to do."""
 
 
 @dataclasses.dataclass
@@ -216,9 +224,9 @@ def apply_migrations(conn: sqlite3.Connection, directory: Path | Traversable | N
     return applied
 
 
-def connect(path: Path) -> sqlite3.Connection:
+def connect(path: Path, busy_timeout: float = _BUSY_TIMEOUT_S) -> sqlite3.Connection:
     """Open ``path`` in autocommit mode (transactions are explicit) with WAL, NORMAL sync and foreign keys."""
-    conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
     try:
         conn.row_factory = sqlite3.Row
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -390,6 +398,24 @@ def _remove_stale_temp_files(images_dir: Path, now: float) -> None:
                 leftover.unlink()
 
 
+def _is_locked(err: sqlite3.Error) -> bool:
+    """SQLITE_BUSY / SQLITE_LOCKED: another connection holds a lock we need; worth waiting for."""
+    code = getattr(err, "sqlite_errorcode", None)
+    return code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or "locked" in str(err) or "busy" in str(err)
+
+
+def _unavailable(path: Path, err: BaseException) -> DatabaseUnavailableError:
+    """The operator's message for a database that cannot be opened for a reason waiting will not fix."""
+    code = getattr(err, "sqlite_errorcode", None)
+    damaged = code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+    if damaged or "malformed" in str(err) or "not a database" in str(err):
+        return DatabaseUnavailableError(
+            f"{path} is damaged ({err}). Restore it from a backup, or move it aside to start with an empty "
+            "database (the jobs, chains and server settings in it are then lost).")
+    return DatabaseUnavailableError(f"Cannot open the database {path} ({err}); check MGIE_DATA_DIR and the "
+                                    "permissions of that folder and file.")
+
+
 # --- the store --------------------------------------------------------------------------------------
 
 
@@ -408,24 +434,60 @@ class Store:
         self._lock = threading.Lock()
 
     @classmethod
-    async def open(cls, data_dir: str | Path) -> Store:
-        """Create ``data_dir`` and ``data_dir/images``, open ``mgie.sqlite3`` there and migrate it."""
-        return await asyncio.to_thread(cls._open_sync, Path(data_dir))
+    async def open(cls, data_dir: str | Path, lock_wait: float = OPEN_LOCK_WAIT_S) -> Store:
+        """Create ``data_dir`` and ``data_dir/images``, open ``mgie.sqlite3`` there and migrate it.
+
+        While another process holds the database locked, retries with backoff for up to ``lock_wait``
+        seconds. Raises :class:`DatabaseUnavailableError` with a message fit for the operator when the
+        file is corrupt, stays locked or cannot be opened at all.
+        """
+        return await asyncio.to_thread(cls._open_sync, Path(data_dir), lock_wait)
 
     @classmethod
-    def _open_sync(cls, data_dir: Path) -> Store:
+    def _open_sync(cls, data_dir: Path, lock_wait: float = OPEN_LOCK_WAIT_S) -> Store:
         data_dir = data_dir.expanduser().resolve()
         images_dir = data_dir / IMAGES_DIRNAME
-        images_dir.mkdir(parents=True, exist_ok=True)
-        conn = connect(data_dir / DB_FILENAME)
+        path = data_dir / DB_FILENAME
+        try:
+            images_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DatabaseUnavailableError(f"Cannot create the data folder {images_dir} ({err.strerror}); set "
+                                           "MGIE_DATA_DIR to a folder this user may write to.") from err
+        deadline = time.monotonic() + lock_wait
+        delay = 0.25
+        while True:
+            try:
+                conn, version = cls._connect_and_migrate(path)
+                break
+            except (sqlite3.Error, MigrationError) as err:
+                cause = err if isinstance(err, sqlite3.Error) else err.__cause__
+                if not isinstance(cause, sqlite3.Error):  # a broken migration file, a schema too new: as is
+                    raise
+                left = deadline - time.monotonic()
+                if not _is_locked(cause):
+                    raise _unavailable(path, cause) from err
+                if left <= 0:
+                    raise DatabaseUnavailableError(
+                        f"{path} is locked by another process (another mgie-bot on the same MGIE_DATA_DIR?) and "
+                        f"stayed locked for {lock_wait:.0f} s. Stop that process, or point MGIE_DATA_DIR at "
+                        "another folder.") from err
+                log.warning("%s is locked by another process; retrying in %.1f s", path, min(delay, left))
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, 8.0)
+        _remove_stale_temp_files(images_dir, time.time())
+        return cls(data_dir, conn, version)
+
+    @staticmethod
+    def _connect_and_migrate(path: Path) -> tuple[sqlite3.Connection, int]:
+        conn = connect(path, busy_timeout=_OPEN_BUSY_TIMEOUT_S)
         try:
             apply_migrations(conn)
             version = schema_version(conn)
+            conn.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_S * 1000)}")
         except BaseException:
             conn.close()
             raise
-        _remove_stale_temp_files(images_dir, time.time())
-        return cls(data_dir, conn, version)
+        return conn, version
 
     async def close(self) -> None:
         """Close the connection (idempotent); waits for the call in progress, later calls raise."""

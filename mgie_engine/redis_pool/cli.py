@@ -12,8 +12,9 @@ import signal
 import subprocess
 import sys
 
+from ..arguments import OneLineParser
 from ..errors import MgieError
-from ..settings import EngineSettings
+from ..settings import EngineSettings, load_env_file
 from .connection import RedisSettings, RedisSetupError, check_server, client
 
 log = logging.getLogger("mgie_engine.redis_pool")
@@ -31,21 +32,26 @@ A worker that dies loses no job: its jobs go to the other workers once its claim
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mgie-worker", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="mgie-worker", description=DESCRIPTION,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", default=None,
                         help="'all' (one process per local GPU, or the CPU when there is none), one device "
                              "(cuda:1, cpu), or a comma list (cuda:0,cuda:1) to start one process each. "
                              "Default: MGIE_DEVICE, else all.")
-    parser.add_argument("--env-file", default=None, help="read settings from this file first (default: ./.env)")
+    parser.add_argument("--env-file", default=None,
+                        help="read settings from this file (default: the first .env from here upwards); "
+                             "values already in the environment win")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from dotenv import load_dotenv
+    if args.env_file:
+        from dotenv import load_dotenv
 
-    load_dotenv(args.env_file) if args.env_file else load_dotenv()
+        load_dotenv(args.env_file, override=False)
+    else:
+        load_env_file()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         redis_settings = RedisSettings.from_env()
