@@ -63,7 +63,7 @@ class Proc:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(self.proc.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.kill()
         await self.proc.wait()
         await asyncio.wait_for(self._reader, 5)

@@ -93,7 +93,7 @@ class WorkerService:
             self._slot_freed.clear()
             try:
                 await asyncio.wait_for(self._slot_freed.wait(), 0.5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             return
         try:
