@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "support")]
 
 from redis_pool_harness import owner_of, pid_of, pool_env, start_worker, wait_workers  # noqa: E402
 from redis_server import RedisServer  # noqa: E402
