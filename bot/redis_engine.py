@@ -94,6 +94,10 @@ class RemoteWorker:
     def shutdown(self) -> None:
         """The pool's connections close with the bot (``RedisPool.shutdown``); remote workers go on."""
 
+    def join(self, timeout: float) -> bool:
+        """No threads of its own to wait for."""
+        return True
+
 
 class RedisPool:
     def __init__(self, settings: RedisSettings) -> None:
@@ -155,6 +159,10 @@ class RedisPool:
                 asyncio.get_running_loop().create_task(conn.aclose())
             except RuntimeError:
                 pass
+
+    def join(self, timeout: float) -> bool:
+        """Nothing to wait for here: the models and their threads live in the workers' processes."""
+        return True
 
     # -- one job ----------------------------------------------------------------------------------
     async def run_job(self, job: EditJob, on_progress: ProgressCallback | None,
