@@ -20,6 +20,7 @@ from .intake import IntakeSlots
 from .jobs import JobManager
 from .privacy import ForgetButton
 from .queue import JobEvent, JobQueue
+from .redis_engine import RedisPool, redis_settings_from_env
 from .retention import Retention
 from .storage import Store
 from .views import JobButton
@@ -44,7 +45,10 @@ class MgieBot(commands.Bot):
         )
         self.config = config
         # One worker per GPU; the fair queue spreads jobs across them.
-        self.engine = WorkerPool(workers) if workers else WorkerPool.from_settings(config.engine)
+        # With MGIE_REDIS_URL the workers run elsewhere (mgie-worker) and this process loads no model.
+        redis = None if workers else redis_settings_from_env()
+        self.engine = (WorkerPool(workers) if workers else RedisPool(redis) if redis is not None
+                       else WorkerPool.from_settings(config.engine))
         self.store: Store | None = None
         self.queue: JobQueue | None = None
         self.jobs: JobManager | None = None
@@ -64,6 +68,8 @@ class MgieBot(commands.Bot):
         self.queue = JobQueue(self.engine.workers, on_event=self._on_job_event, max_total=self.config.max_queue,
                               stall_timeout=self.config.stall_timeout, replace_worker=self.engine.replace)
         self.jobs = JobManager(self, self.store, self.queue, self.engine, self.config.progress_interval)
+        if isinstance(self.engine, RedisPool):
+            self.engine.on_capacity = self.queue.wake  # a worker joined or left: release up to the free slots
         self.add_dynamic_items(JobButton, ForgetButton)
         for name in COGS:
             await self.load_extension(name)
