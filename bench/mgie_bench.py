@@ -124,9 +124,12 @@ def encode(img: PIL.Image.Image) -> bytes:
     return buf.getvalue()
 
 
-async def burst(workers: list[LocalWorker], items: list[dict], steps: int, outcomes: list | None = None) -> float:
+async def burst(workers: list[LocalWorker], items: list[dict], steps: int, outcomes: list | None = None,
+                first_id: int = 0) -> float:
     """All jobs submitted at once through the bot's fair queue; wall time until the last result (whose
-    outcomes, in submission order, are added to ``outcomes`` if given)."""
+    outcomes, in submission order, are added to ``outcomes`` if given). Job ids count from ``first_id``: a
+    Redis pool answers a job id it has a result for with that result, so calls through one pool must not
+    repeat them."""
     from bot.queue import JobQueue
 
     done = asyncio.Event()
@@ -143,7 +146,7 @@ async def burst(workers: list[LocalWorker], items: list[dict], steps: int, outco
     queue = JobQueue(workers, on_event=on_event, max_total=len(items) + 1)
     queue.start()
     await queue.all_ready()
-    jobs = [EditJob(job_id=f"{i:032x}", image=encode(it["image"]), instruction=it["instruction"], seed=it["seed"],
+    jobs = [EditJob(job_id=f"{first_id + i:032x}", image=encode(it["image"]), instruction=it["instruction"], seed=it["seed"],
                     text_cfg=it["text_cfg"], image_cfg=it["image_cfg"], steps=steps) for i, it in enumerate(items)]
     start = time.perf_counter()
     for i, job in enumerate(jobs):
