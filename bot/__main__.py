@@ -1,4 +1,4 @@
-"""`mgie-bot`: start the bot from `.env` / the environment."""
+"""`mgie-bot`: start the bot from `.env` / the environment; `mgie-bot sync` registers its commands now."""
 
 from __future__ import annotations
 
@@ -35,11 +35,16 @@ def main() -> int:
         print(f"mgie-bot: {err}", file=sys.stderr)
         return 2
     apply_endpoints(config.api_base, config.gateway_url)
-    from .bot import MgieBot
+    if sys.argv[1:] == ["sync"]:  # register the commands with Discord now, then exit
+        from .command_sync import sync_now
 
-    bot = MgieBot(config)
+        runner = sync_now(config)
+    else:
+        from .bot import MgieBot
+
+        runner = _run(MgieBot(config), config.token)
     try:
-        asyncio.run(_run(bot, config.token))
+        asyncio.run(runner)
     except discord.LoginFailure:
         print("mgie-bot: Discord rejected DISCORD_TOKEN. Reset the token in the developer portal (Bot tab) "
               "and put the new one in .env.", file=sys.stderr)

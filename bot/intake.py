@@ -12,7 +12,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import discord
 import PIL.Image
@@ -21,11 +21,13 @@ from mgie_engine.errors import MgieError
 from mgie_engine.images import MAX_INPUT_BYTES, encode_png, load_image, prepare_image
 
 from .admission import Ticket, fair_share_allows
-from .config import DEFAULT_USER_JOBS_PER_MINUTE
 from .downloads import allowed_hosts, check_attachment_meta, download
 from .moderation_text import contains_blocked_word
 from .presets import EDGE_ANALYSIS_SIDE
 from .storage import GuildSettings
+
+if TYPE_CHECKING:
+    from .bot import MgieBot
 
 T = TypeVar("T")
 
@@ -82,7 +84,7 @@ def _decode_and_fit(data: bytes, max_side: int, analyse: Callable[[PIL.Image.Ima
     return png, analyse(picture)
 
 
-async def fetch_image(bot, attachment: discord.Attachment,
+async def fetch_image(bot: MgieBot, attachment: discord.Attachment,
                       analyse: Callable[[PIL.Image.Image], T]) -> tuple[bytes, T]:
     """Download (Discord's CDN only, capped), decode once, fit to the engine's size and encode that as the
     PNG the job stores and its worker reads; ``analyse`` (e.g. the auto preset) sees the decoded picture.
@@ -152,17 +154,7 @@ class JobRateLimiter:
             starts.remove(start)
 
 
-def job_rate_limiter(bot) -> JobRateLimiter:
-    """The bot's limiter, made on first use from ``bot.config.user_jobs_per_minute``."""
-    limiter = getattr(bot, "_mgie_job_rate_limiter", None)
-    if limiter is None:
-        limit = getattr(bot.config, "user_jobs_per_minute", DEFAULT_USER_JOBS_PER_MINUTE)
-        limiter = JobRateLimiter(limit)
-        bot._mgie_job_rate_limiter = limiter  # noqa: SLF001 - ours; bot.py is not ours to add it in setup_hook
-    return limiter
-
-
-async def check_access(bot, user: discord.abc.User, guild_id: int | None, channel_id: int,
+async def check_access(bot: MgieBot, user: discord.abc.User, guild_id: int | None, channel_id: int,
                        settings: GuildSettings, instruction: str | None = None,
                        app_permissions: discord.Permissions | None = None) -> Ticket:
     """Raise Refusal unless ``user`` may start a new job here; on success reserve its place and return it.
@@ -195,7 +187,7 @@ async def check_access(bot, user: discord.abc.User, guild_id: int | None, channe
     if pending >= settings.user_pending_cap:
         raise Refusal(f"You already have {pending} edit(s) waiting; the limit here is {settings.user_pending_cap}. "
                       "Wait for one to finish or cancel one.")
-    limiter = job_rate_limiter(bot)
+    limiter = bot.rate_limiter
     wait = limiter.retry_after(user.id)
     if wait > 0:
         raise Refusal(f"You've started {limiter.limit} edit(s) in the last minute, the most allowed. "

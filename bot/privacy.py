@@ -19,11 +19,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import discord
 
 from .retention import ForgetReport
 from .storage import UNFINISHED_STATES
+
+if TYPE_CHECKING:
+    from .bot import MgieBot
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +36,7 @@ _TRY_AGAIN = ("Some edits that need your images are still running, so nothing wa
               "Please try again in a minute.")
 
 
-async def describe(bot, user_id: int) -> tuple[str, bool]:
+async def describe(bot: MgieBot, user_id: int) -> tuple[str, bool]:
     """What the confirmation asks about (how much is stored, what happens to it), and whether there is any."""
     jobs = await bot.store.recent_jobs(user_id, limit=1_000_000)
     pending = sum(j.state in UNFINISHED_STATES for j in jobs)
@@ -45,7 +49,7 @@ async def describe(bot, user_id: int) -> tuple[str, bool]:
             "stay (use Delete on a result to remove it). This can't be undone."), True
 
 
-async def forget(bot, user_id: int) -> str:
+async def forget(bot: MgieBot, user_id: int) -> str:
     """Cancel what needs the user's data, wait for it to stop, delete it all; the answer for the user."""
     deadline = time.monotonic() + SETTLE_TIMEOUT
     asked: set[str] = set()

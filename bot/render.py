@@ -73,11 +73,7 @@ def result_embed(job: JobRecord, filename: str, random_weights: bool = False) ->
     return embed
 
 
+DONE = "✅ Done"  # above the result embed; delivery adds a mention when the result arrives late
 SPOILERED = "✅ Done · the safety check flagged this result, so it is behind a spoiler."
 WITHHELD = ("✅ Done · the safety check flagged this result and this server withholds flagged results "
             "outside age-restricted channels.")
-
-
-def result_content(job: JobRecord) -> str:
-    """Text above the result embed; delivery adds a mention when the result arrives late."""
-    return "✅ Done"

@@ -40,7 +40,7 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=r"mgie:(?P<a
         await cog.on_button(interaction, self.action, self.job_id)
 
 
-def result_view(job_id: str, can_undo: bool = True, owner_job_id: str | None = None) -> discord.ui.View:
+def result_view(job_id: str, owner_job_id: str | None = None) -> discord.ui.View:
     """Buttons for a message showing ``job_id``'s result.
 
     Re-roll, Stronger, Closer and Refine act on the result shown. Undo and Delete carry ``owner_job_id``,
@@ -51,8 +51,7 @@ def result_view(job_id: str, can_undo: bool = True, owner_job_id: str | None = N
     view = discord.ui.View(timeout=None)
     for action in ("reroll", "stronger", "closer", "refine"):
         view.add_item(JobButton(action, job_id))
-    if can_undo:
-        view.add_item(JobButton("undo", owner_job_id))
+    view.add_item(JobButton("undo", owner_job_id))
     view.add_item(JobButton("delete", owner_job_id))
     return view
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
@@ -10,9 +11,12 @@ from discord.ext import commands
 
 from bot import render
 
+if TYPE_CHECKING:
+    from bot.bot import MgieBot
+
 
 class HistoryCog(commands.Cog, name="History"):
-    def __init__(self, bot) -> None:
+    def __init__(self, bot: MgieBot) -> None:
         self.bot = bot
 
     @app_commands.command(name="history", description="Your recent MGIE edits")
@@ -35,5 +39,5 @@ class HistoryCog(commands.Cog, name="History"):
         await interaction.response.send_message(embed=embed, ephemeral=True)
 
 
-async def setup(bot) -> None:
+async def setup(bot: MgieBot) -> None:
     await bot.add_cog(HistoryCog(bot))
