@@ -11,12 +11,9 @@ developer portal by hand).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +22,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from .config import BotConfig
+from .storage.images import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +63,7 @@ def _last_synced(path: Path) -> str | None:
 
 def _remember(path: Path, digest: str) -> None:
     """Write the digest atomically: a crash leaves the old one (one sync too many, never one too few)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with open(fd, "w", encoding="ascii") as f:
-            f.write(digest + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, (digest + "\n").encode("ascii"))
 
 
 async def sync_commands(bot: commands.Bot, data_dir: Path, guild_ids: Sequence[int], *,

@@ -15,7 +15,7 @@ from fakediscord import permissions as perms
 
 from bot.config import DEFAULT_USER_JOBS_PER_MINUTE, BotConfig, ConfigError
 from bot.intake import BANNED_MESSAGE, JobRateLimiter, contains_blocked_word
-from bot.storage import fold_text
+from bot.moderation_text import fold_text
 
 pytest_plugins = ["fakediscord.fixtures"]
 
