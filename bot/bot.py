@@ -65,6 +65,8 @@ class MgieBot(commands.Bot):
         # garbage-collected mid-run; and close() must be able to cancel them. Tasks leave the set when done.
         self.background_tasks: set[asyncio.Task] = set()
         self.started_at = time.time()
+        self._recovered = False  # restart recovery ran (once per process)
+        self.http_session: aiohttp.ClientSession | None = None  # made in setup_hook (needs the loop)
 
     # -- the parts made in setup_hook ----------------------------------------------------------------
     @property
@@ -142,8 +144,9 @@ class MgieBot(commands.Bot):
         """No prefix commands: everything is a slash command, and replies are handled by the Edit cog."""
 
     async def on_ready(self) -> None:
+        """Connected: the first time, resume what a previous run left unfinished."""
         log.info("logged in as %s (%s) in %d guild(s)", self.user, self.user.id if self.user else "?", len(self.guilds))
-        if not getattr(self, "_recovered", False):
+        if not self._recovered:  # on_ready comes again after every reconnect
             self._recovered = True
             await self.jobs.recover()
 
@@ -190,7 +193,7 @@ class MgieBot(commands.Bot):
         self.intake_slots.close()
         self.engine.shutdown()
         await super().close()
-        if getattr(self, "http_session", None) is not None:
+        if self.http_session is not None:
             await self.http_session.close()
         if self._store is not None:
             await self._store.close()

@@ -53,6 +53,7 @@ class Refusal(MgieError):
 
 
 def first_image(attachments: list[discord.Attachment]) -> discord.Attachment | None:
+    """The first attachment that looks like an image (by content type or file name), if any."""
     for attachment in attachments:
         ctype = (attachment.content_type or "").lower()
         if ctype.startswith("image/") or attachment.filename.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".gif")):
@@ -75,6 +76,7 @@ class IntakeSlots:
         self.executor = concurrent.futures.ThreadPoolExecutor(self.decodes, thread_name_prefix="mgie-decode")
 
     def close(self) -> None:
+        """Stop the decode threads (the bot is closing); queued decodes are dropped."""
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 

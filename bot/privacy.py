@@ -92,6 +92,7 @@ class ForgetButton(discord.ui.DynamicItem[discord.ui.Button],
         return cls(match["choice"], int(match["user"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
+        """Only the user it asks may answer; "yes" deletes and says what went."""
         if interaction.user.id != self.user_id:
             await interaction.response.send_message("That button is not yours.", ephemeral=True)
         elif self.choice == "no":
@@ -102,6 +103,7 @@ class ForgetButton(discord.ui.DynamicItem[discord.ui.Button],
 
 
 def confirm_view(user_id: int) -> discord.ui.View:
+    """The two buttons under /mgie forget-me: delete, or keep."""
     view = discord.ui.View(timeout=None)
     view.add_item(ForgetButton("yes", user_id))
     view.add_item(ForgetButton("no", user_id))

@@ -57,6 +57,7 @@ class DiskUse:
 
     @property
     def total(self) -> int:
+        """Images and database together."""
         return self.images + self.database
 
 
@@ -277,10 +278,12 @@ class Retention:
 
     @property
     def max_age(self) -> float | None:
+        """Seconds a finished chain is kept; None: forever."""
         return self.days * 86400.0 if self.days > 0 else None
 
     @property
     def max_bytes(self) -> int | None:
+        """The storage cap in bytes; None: no cap."""
         return int(self.max_gb * 2**30) if self.max_gb > 0 else None
 
     def describe(self, use: DiskUse) -> str:

@@ -33,6 +33,7 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=r"mgie:(?P<a
         return cls(match["action"], match["job"])
 
     async def callback(self, interaction: discord.Interaction) -> None:
+        """Hand the press to the Results cog (or say the bot is restarting when it is not loaded)."""
         cog = interaction.client.get_cog("Results")
         if cog is None:
             await interaction.response.send_message("The bot is restarting; try again in a moment.", ephemeral=True)
@@ -57,6 +58,7 @@ def result_view(job_id: str, owner_job_id: str | None = None) -> discord.ui.View
 
 
 def cancel_view(job_id: str) -> discord.ui.View:
+    """The Cancel button under a queued or running job's status."""
     view = discord.ui.View(timeout=None)
     view.add_item(JobButton("cancel", job_id))
     return view

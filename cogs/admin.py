@@ -63,4 +63,5 @@ class AdminCog(commands.GroupCog, group_name="mgie", name="Admin"):
 
 
 async def setup(bot: MgieBot) -> None:
+    """discord.py extension entry point."""
     await bot.add_cog(AdminCog(bot))

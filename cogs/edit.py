@@ -73,6 +73,7 @@ class EditCog(commands.Cog, name="Edit"):
                                       image_cfg=image_cfg, seed=seed, steps=steps, preset=preset)
 
     async def edit_message_image(self, interaction: discord.Interaction, message: discord.Message) -> None:
+        """The "Edit image with MGIE" message command: ask for the instruction in a modal."""
         attachment = first_image(message.attachments)
         if attachment is None:
             await interaction.response.send_message("That message has no image attached.", ephemeral=True)
@@ -82,6 +83,7 @@ class EditCog(commands.Cog, name="Edit"):
     # -- refining by replying to a result ---------------------------------------------------------------
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
+        """A reply to a result is a refinement of it (with a mention when the bot cannot read content)."""
         if message.author.bot or message.reference is None or message.reference.message_id is None:
             return
         if self.bot.user is None:
@@ -100,4 +102,5 @@ class EditCog(commands.Cog, name="Edit"):
 
 
 async def setup(bot: MgieBot) -> None:
+    """discord.py extension entry point."""
     await bot.add_cog(EditCog(bot))

@@ -23,6 +23,7 @@ class HistoryCog(commands.Cog, name="History"):
     @app_commands.allowed_installs(guilds=True, users=True)
     @app_commands.allowed_contexts(guilds=True, dms=True, private_channels=True)
     async def history(self, interaction: discord.Interaction) -> None:
+        """The user's last ten edits, each with its chain of refinements."""
         jobs = await self.bot.store.recent_jobs(interaction.user.id, limit=10)
         if not jobs:
             await interaction.response.send_message("You have no edits yet. Try `/edit`.", ephemeral=True)
@@ -40,4 +41,5 @@ class HistoryCog(commands.Cog, name="History"):
 
 
 async def setup(bot: MgieBot) -> None:
+    """discord.py extension entry point."""
     await bot.add_cog(HistoryCog(bot))

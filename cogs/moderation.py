@@ -134,4 +134,5 @@ def _listed_words(settings: GuildSettings) -> str:
 
 
 async def setup(bot: MgieBot) -> None:
+    """discord.py extension entry point."""
     await bot.add_cog(ModerationCog(bot))

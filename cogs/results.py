@@ -122,4 +122,5 @@ class ResultsCog(commands.Cog, name="Results"):
 
 
 async def setup(bot: MgieBot) -> None:
+    """discord.py extension entry point."""
     await bot.add_cog(ResultsCog(bot))
