@@ -28,8 +28,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from full_size import build  # noqa: E402
 
+from mgie_engine.inputs import Prompt  # noqa: E402
 from mgie_engine.pipeline import EditRequest, MgiePipeline  # noqa: E402
-from mgie_engine.worker import EditJob, LocalWorker  # noqa: E402
+from mgie_engine.protocol import EditJob  # noqa: E402
+from mgie_engine.worker import LocalWorker  # noqa: E402
 
 INSTRUCTIONS = ["make the frame red", "turn the day into night", "give him a beard", "make cottage a mansion",
                 "remove yellow object from dogs paws", "change the hair from red to blue", "remove the text",
@@ -64,7 +66,8 @@ def run_reference(models, items: list[dict], steps: int) -> tuple[list[float], l
     result encoded as PNG (the same codec calls as the engine's, so both pay the same for them)."""
     from reference import reference_edit
 
-    from mgie_engine.images import encode_png, load_image
+    from mgie_engine.images import load_image
+    from mgie_engine.png import encode_png
 
     times, outs = [], []
     for it in items:
@@ -83,7 +86,8 @@ def run_reference(models, items: list[dict], steps: int) -> tuple[list[float], l
 def run_engine(pipe: MgiePipeline, items: list[dict], steps: int) -> tuple[list[float], list]:
     """The engine's pipeline per edit, in this thread, end to end as ``run_reference`` (no queue or worker:
     ``worker_latency`` adds those)."""
-    from mgie_engine.images import encode_png, load_image
+    from mgie_engine.images import load_image
+    from mgie_engine.png import encode_png
 
     times, outs = [], []
     for it in items:
@@ -101,11 +105,11 @@ def run_engine(pipe: MgiePipeline, items: list[dict], steps: int) -> tuple[list[
 def warm_up_home_shape_only() -> None:
     """Make every warm-up from here on compile only the home shape (guided max-side squares): the static
     kernels a square edit or a burst of squares runs on, without the minutes the other classes take."""
-    import mgie_engine.pipeline as pipeline_module
+    import mgie_engine.warm_up as warm_up_module
 
-    every_class = pipeline_module.warm_up_batches
-    pipeline_module.warm_up_batches = lambda side, jobs: [b for b in every_class(side, jobs)
-                                                          if b[1] == (side, side) and b[2]]
+    every_class = warm_up_module.warm_up_batches
+    warm_up_module.warm_up_batches = lambda side, jobs: [b for b in every_class(side, jobs)
+                                                         if b[1] == (side, side) and b[2]]
 
 
 def encode(img: PIL.Image.Image) -> bytes:
@@ -234,8 +238,8 @@ def main() -> int:
         eng_times, eng_outs = run_engine(pipe, lat_items, args.steps)
         stages = {k: statistics.median(o.timings[k] for o in eng_outs) for k in eng_outs[0].timings}
         report["engine"] = {"latency_p50": pct(eng_times, 50), "latency_p90": pct(eng_times, 90), "runs": len(eng_times),
-                            "stage_medians": stages, "new_tokens": len(pipe.guidance(
-                                pipe_image(pipe, lat_items[0]), lat_items[0]["instruction"])[0].new_token_ids),
+                            "stage_medians": stages, "new_tokens": len(pipe.guidance([Prompt(
+                                pipe_image(pipe, lat_items[0]), lat_items[0]["instruction"])])[0][0].new_token_ids),
                             "peak_memory_gib_batch1": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
                             "peak_reserved_gib_batch1": torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0}
         print("engine", report["engine"], flush=True)
@@ -324,7 +328,7 @@ class StageTimer:
     the very burst it timed). On a CPU, wall time. ``stop`` puts the methods back and returns calls and
     seconds per method."""
 
-    METHODS = ("guidance_many", "start_denoising_many", "denoise_step", "decode_queued")
+    METHODS = ("guidance", "start_denoising", "denoise_step", "decode_queued")
 
     def __init__(self, pipe: MgiePipeline) -> None:
         self.pipe, self.spans = pipe, {m: [] for m in self.METHODS}
@@ -391,7 +395,7 @@ def worker_parity(models, it: dict, outcome, steps: int) -> dict:
 
 def _same_tokens(pipe: MgiePipeline, it: dict, ref) -> bool:
     """The engine stops at [IMG7]; up to there its tokens must be the reference's."""
-    tokens = list(pipe.guidance(pipe_image(pipe, it), it["instruction"])[0].new_token_ids)
+    tokens = list(pipe.guidance([Prompt(pipe_image(pipe, it), it["instruction"])])[0][0].new_token_ids)
     return tokens == ref.new_token_ids[:len(tokens)]
 
 

@@ -28,7 +28,10 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 from full_size import build  # noqa: E402
 from mgie_bench import item, pipe_image, run_engine, sync, warm_up_home_shape_only  # noqa: E402
 
-from mgie_engine.pipeline import HOME_STEP_OPTIONS, UNET_COMPILE_OPTIONS, MgiePipeline  # noqa: E402
+from mgie_engine.compilation import STATIC_STEP_OPTIONS, UNET_COMPILE_OPTIONS  # noqa: E402
+from mgie_engine.denoiser import DenoiseJob  # noqa: E402
+from mgie_engine.inputs import Prompt  # noqa: E402
+from mgie_engine.pipeline import MgiePipeline  # noqa: E402
 
 LOG: list[str] = []
 
@@ -154,7 +157,7 @@ def finish(args, t_start: float, report: dict) -> int:
 def vae_variants(models, report: dict) -> None:
     """VAE decode (64x64 latents) and encode (512x512 pixels), ms per call: eager NCHW (the engine's
     choice uncompiled), compiled NCHW (the engine's choice compiled), compiled NHWC."""
-    from mgie_engine.pipeline import vae_functions
+    from mgie_engine.vae import vae_functions
 
     vae, out, cuda = models.vae, {}, models.device.type == "cuda"
     report["vae_ms"] = out
@@ -274,7 +277,7 @@ def profile_stages(pipe: MgiePipeline, models, args, report: dict) -> None:
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         _, outs = run_engine(pipe, [item(102)], args.steps)
     prof.export_chrome_trace("/tmp/trace.json")
-    # The language stage's parts (their record_function names in pipeline.py and decoding.py): where the
+    # The language stage's parts (their record_function names in language.py and decoding.py): where the
     # GPU waits for the CPU. Its token loop is what the stage leaves besides these.
     stages = busy_by_stage(json.loads(Path("/tmp/trace.json").read_text()),
                            ("preprocess", "llm", "llm.prompt", "llm.prefill", "llm.edit_head", "denoise", "vae_decode"))
@@ -291,11 +294,14 @@ def profile_stages(pipe: MgiePipeline, models, args, report: dict) -> None:
         mem.reset_peak_memory_stats()
     it = item(103)
     image = pipe_image(pipe, it)
-    guidance, _ = pipe.guidance(image, it["instruction"])
+    [(guidance, _)] = pipe.guidance([Prompt(image, it["instruction"])])
     report["peak_llm_gib"] = mem.max_memory_allocated() / 2**30 if mem else 0.0
     if mem:
         mem.reset_peak_memory_stats()
-    pipe.decode_latents(pipe.denoise(image, guidance.prompt_embeds, 1, 7.5, 1.5, args.steps))
+    [state] = pipe.start_denoising([DenoiseJob(image, guidance.prompt_embeds, 1, 7.5, 1.5, args.steps)])
+    while not state.done:
+        pipe.denoise_step([state])
+    pipe.decode([state.latents])
     report["peak_denoise_gib"] = mem.max_memory_allocated() / 2**30 if mem else 0.0
     llm_bytes = sum(t.numel() * t.element_size() for t in models.llm.parameters())
     report["llm_weights_gib"] = llm_bytes / 2**30
@@ -306,18 +312,19 @@ def profile_stages(pipe: MgiePipeline, models, args, report: dict) -> None:
     items = [item(500 + i) for i in range(32)]
     triples = [(pipe_image(pipe, x), x["instruction"], ()) for x in items]
     for n in (1, 32):
-        pipe.run_language_models(triples[:n])
+        run_llm(pipe, triples[:n])
         sync()
         t0 = time.perf_counter()
-        pipe.run_language_models(triples[:n])
+        run_llm(pipe, triples[:n])
         sync()
         report[f"llm_batch{n}_s"] = time.perf_counter() - t0
         say(f"LLM stage, batch {n}: {report[f'llm_batch{n}_s']:.3f} s")
 
     # 4. Denoise step with 32 jobs (96 UNet rows), against the UNet call alone.
-    g = pipe.run_language_models(triples[:1])[0]
+    g = run_llm(pipe, triples[:1])[0]
     jobs = 32 if cuda else 2
-    states = [pipe.start_denoising(t[0], g.prompt_embeds, i, 7.5, 1.5, 100) for i, t in enumerate(triples[:jobs])]
+    states = pipe.start_denoising([DenoiseJob(t[0], g.prompt_embeds, i, 7.5, 1.5, 100)
+                                   for i, t in enumerate(triples[:jobs])])
     report[f"denoise_step_{jobs}_jobs_ms"] = gpu_time(lambda: pipe.denoise_step(states))
     say(f"denoise_step, {jobs} jobs: {report[f'denoise_step_{jobs}_jobs_ms']:.1f} ms")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
@@ -335,16 +342,22 @@ def profile_stages(pipe: MgiePipeline, models, args, report: dict) -> None:
         say(f"    {t:8.2f} ms  {k}")
 
 
+def run_llm(pipe: MgiePipeline, triples) -> list:
+    """The language stage, decoded afresh, for (image, instruction, history) triples."""
+    return [g for g, _ in pipe.guidance([Prompt(*t) for t in triples], use_cache=False)]
+
+
 def decoder_variants(pipe: MgiePipeline, models, report: dict) -> None:
     """The LLM stage at batch 1 and 32 with eager layers, then compiled ones (same graphs otherwise)."""
     from mgie_engine import decoding
-    from mgie_engine.pipeline import _WARM_UP_PROMPTS, NO_REPEAT_NGRAM
+    from mgie_engine.language import NO_REPEAT_NGRAM
+    from mgie_engine.warm_up import WARM_UP_PROMPTS
 
     cuda = models.device.type == "cuda"
     items = [item(500 + i) for i in range(32)]
     triples = [(pipe_image(pipe, x), x["instruction"], ()) for x in items]
     tokens = {}
-    long_prompt = _WARM_UP_PROMPTS[1]
+    long_prompt = WARM_UP_PROMPTS[1]
     engine_options = decoding.LAYER_COMPILE_OPTIONS
     for label, compiled, checks in (("eager", False, True), ("no-check", True, False), ("compiled", True, True),
                                     ("2 widths", True, True), ("autotune", True, True)):
@@ -354,23 +367,23 @@ def decoder_variants(pipe: MgiePipeline, models, report: dict) -> None:
         # "autotune": the layers' matmuls tuned against Triton templates (the GEMVs of a batch-1 step run at
         # ~2.8 TB/s in cuBLAS, short of the card's ~3.35).
         if label == "2 widths":
-            pipe.run_language_models([(triples[0][0], *long_prompt)])
-            engine_decoder = pipe._decoder
+            run_llm(pipe, [(triples[0][0], *long_prompt)])
+            engine_decoder = pipe.language.decoder
         else:
             decoding.LAYER_COMPILE_OPTIONS = {**engine_options, **({"max_autotune": True} if label == "autotune" else {})}
-            pipe._decoder = decoding.GreedyDecoder(models.llm, NO_REPEAT_NGRAM, graphs=cuda,
+            pipe.language.decoder = decoding.GreedyDecoder(models.llm, NO_REPEAT_NGRAM, graphs=cuda,
                                                    compile_layers=compiled and cuda)
             decoding.LAYER_COMPILE_OPTIONS = engine_options
-            pipe._decoder._checks = checks
+            pipe.language.decoder._checks = checks
         for n in (1, 32):
             t0 = time.perf_counter()
-            out = pipe.run_language_models(triples[:n])
+            out = run_llm(pipe, triples[:n])
             sync()
             first = time.perf_counter() - t0
             runs = []
             for _ in range(3):
                 t0 = time.perf_counter()
-                out = pipe.run_language_models(triples[:n])
+                out = run_llm(pipe, triples[:n])
                 sync()
                 runs.append(time.perf_counter() - t0)
             new = sum(len(g.new_token_ids) for g in out) / n
@@ -380,7 +393,7 @@ def decoder_variants(pipe: MgiePipeline, models, report: dict) -> None:
                 f"(first call {first:.1f} s), {new:.0f} new tokens per row, "
                 f"{statistics.median(runs) / new * 1000:.2f} ms per token step")
     # Where one token step's GPU time goes (the engine's step run without its graph, so kernels are named).
-    pipe._decoder = engine_decoder
+    pipe.language.decoder = engine_decoder
     if cuda:
         for n in (1, 32):
             profile_decode_step(pipe, triples[:n], report)
@@ -395,13 +408,13 @@ def decoder_variants(pipe: MgiePipeline, models, report: dict) -> None:
 def profile_decode_step(pipe: MgiePipeline, triples, report: dict) -> None:
     """Where the LLM stage's time goes at this batch: the whole stage (wall against GPU busy) and one
     token step run without its graph, so its kernels are named."""
-    n, decoder = len(triples), pipe._decoder
-    pipe.run_language_models(triples)
+    n, decoder = len(triples), pipe.language.decoder
+    run_llm(pipe, triples)
     sync()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         with torch.profiler.record_function("llm"):
-            pipe.run_language_models(triples)
+            run_llm(pipe, triples)
             sync()
     prof.export_chrome_trace("/tmp/llm_trace.json")
     stage = busy_by_stage(json.loads(Path("/tmp/llm_trace.json").read_text()), ("llm",))["llm"]
@@ -502,8 +515,8 @@ def unet_variants(models, dev, dtype, cuda: bool, args, t_start: float, report: 
         # The home step's options (combo kernels on top), and programmatic dependent launch: on Hopper a Triton
         # kernel may start while the one before it finishes. At 3 rows a step's ~650 kernels leave the GPU idle
         # ~1 ms between them inside the graph (7.96 ms busy of 8.92, results/NVIDIA_H100-x1-profile-idle.log).
-        for name, options in (("home", HOME_STEP_OPTIONS), ("pdl", {**UNET_COMPILE_OPTIONS, "triton.enable_pdl": True}),
-                              ("homepdl", {**HOME_STEP_OPTIONS, "triton.enable_pdl": True})):
+        for name, options in (("home", STATIC_STEP_OPTIONS), ("pdl", {**UNET_COMPILE_OPTIONS, "triton.enable_pdl": True}),
+                              ("homepdl", {**STATIC_STEP_OPTIONS, "triton.enable_pdl": True})):
             if name in chosen:
                 torch._dynamo.reset()
                 measure(f"static, {name}", torch.compile(unet, dynamic=False, options=options))

@@ -12,7 +12,8 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from mgie_engine.worker import LocalWorker, WorkerPool
+from mgie_engine.pool import WorkerPool
+from mgie_engine.worker import LocalWorker
 
 from .command_sync import sync_commands
 from .config import BotConfig

@@ -18,7 +18,8 @@ import discord
 import PIL.Image
 
 from mgie_engine.errors import MgieError
-from mgie_engine.images import MAX_INPUT_BYTES, encode_png, load_image, prepare_image
+from mgie_engine.images import MAX_INPUT_BYTES, load_image, prepare_image
+from mgie_engine.png import encode_png
 
 from .admission import Ticket, fair_share_allows
 from .downloads import allowed_hosts, check_attachment_meta, download

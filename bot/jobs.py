@@ -15,7 +15,8 @@ import time
 import discord
 
 from mgie_engine.images import encode_under, load_image
-from mgie_engine.worker import EditJob, JobProgress, WorkerPool, WorkerState
+from mgie_engine.pool import WorkerPool
+from mgie_engine.protocol import EditJob, JobProgress, WorkerState
 
 from . import render
 from .admission import Ticket
@@ -52,6 +53,7 @@ class JobManager:
         self.delivery = Delivery(bot, store)
         self.progress_interval = progress_interval
         self._updates: dict[str, StatusUpdates] = {}
+
 
     # -- submitting jobs ----------------------------------------------------------------------------
     async def history_for(self, parent_id: str | None, depth: int) -> tuple[tuple[str, str], ...]:

@@ -13,21 +13,11 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol
 
 from mgie_engine.errors import JobCancelledError, MgieError
-from mgie_engine.worker import EditJob, EditOutcome, JobProgress, ProgressCallback
+from mgie_engine.protocol import EditJob, EditOutcome, JobProgress, JobStage, Worker
 
 log = logging.getLogger(__name__)
-
-
-class Worker(Protocol):
-    name: str
-
-    async def wait_ready(self): ...
-
-    async def run(self, job: EditJob, on_progress: ProgressCallback | None = None,
-                  cancel: threading.Event | None = None) -> EditOutcome: ...
 
 
 class QueueFullError(MgieError):
@@ -50,7 +40,7 @@ class _Entry:
     enqueued_at: float
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
     assigned_at: float = 0.0
-    painted: bool = False  # denoising has begun: redoing it elsewhere would not be the same edit any more
+    denoising_started: bool = False  # redoing it elsewhere would not be the same edit any more
 
 
 class FairQueue:
@@ -185,7 +175,7 @@ class JobQueue:
         left_running = [max(per_job - (time.monotonic() - t), 1.0) for t in self._started.values()]
         if pos == 0:
             return max(per_job - (time.monotonic() - self._started.get(job_id, time.monotonic())), 1.0)
-        slots = max(sum(getattr(w, "capacity", 1) for w in self.workers), 1)
+        slots = max(sum(w.capacity for w in self.workers), 1)
         ahead = (pos - 1) // slots
         return (min(left_running) if len(left_running) >= slots else 0.0) + (ahead + 1) * per_job
 
@@ -261,13 +251,13 @@ class JobQueue:
         running: set[asyncio.Task] = set()
         try:
             while True:
-                free = [w for w in self._ready if self._load[id(w)] < getattr(w, "capacity", 1)]
+                free = [w for w in self._ready if self._load[id(w)] < w.capacity]
                 entry = self._queue.pop() if free else None
                 if entry is None:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
-                worker = min(free, key=lambda w: self._load[id(w)] / getattr(w, "capacity", 1))
+                worker = min(free, key=lambda w: self._load[id(w)] / w.capacity)
                 self._load[id(worker)] += 1
                 entry.assigned_at = time.monotonic()
                 task = asyncio.create_task(self._run_one(worker, entry), name=f"mgie-job-{entry.job.job_id[:8]}")
@@ -294,7 +284,7 @@ class JobQueue:
                 mine = [e for e in mine if e is not None]
                 if not mine:
                     continue
-                since = max(getattr(worker, "heartbeat", now), min(e.assigned_at for e in mine))
+                since = max(worker.heartbeat, min(e.assigned_at for e in mine))
                 if now - since > self.stall_timeout:
                     self._give_up(worker)
 
@@ -310,15 +300,14 @@ class JobQueue:
             self._started.pop(job_id, None)
             if entry is None:
                 continue
-            if entry.painted:
+            if entry.denoising_started:
                 self._emit(JobEvent(job_id, "failed", error="The GPU worker stopped responding in the middle of "
                                                              "this edit. Please try again."))
             else:
                 entry.cancel = threading.Event()
                 self._queue.push(entry, front=True)
                 self._emit(JobEvent(job_id, "requeued"))
-        if hasattr(worker, "shutdown"):
-            worker.shutdown()
+        worker.shutdown()
         if self.replace_worker is not None:
             new = self.replace_worker(worker)
             self.workers[self.workers.index(worker)] = new
@@ -331,8 +320,8 @@ class JobQueue:
         self._started[job_id] = time.monotonic()
         self._emit(JobEvent(job_id, "started"))
         def progress(p: JobProgress) -> None:
-            if p.stage == "denoise":
-                entry.painted = True
+            if p.stage is JobStage.DENOISE:
+                entry.denoising_started = True
             self._emit(JobEvent(job_id, "progress", progress=p))
 
         try:

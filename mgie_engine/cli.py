@@ -68,9 +68,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .images import encode_png, load_image
+    from .images import load_image
     from .models import load_models
     from .pipeline import EditRequest, MgiePipeline
+    from .png import encode_png
     from .settings import EngineSettings
 
     settings = EngineSettings.from_env()

@@ -33,6 +33,8 @@ def render(parts: Sequence[PromptPart]) -> str:
 
 
 class SeparatorStyle(enum.Enum):
+    """How a conversation template separates its turns."""
+
     SINGLE = "single"  # every message ends with `sep`
     TWO = "two"  # user messages end with `sep`, assistant messages with `sep2`
     MPT = "mpt"  # roles carry their own markers; no ": " between role and message
@@ -40,6 +42,8 @@ class SeparatorStyle(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class Conversation:
+    """A chat template and its messages (the reference code's ``conv_templates`` entry)."""
+
     system: str
     roles: tuple[str, str]
     sep_style: SeparatorStyle
@@ -55,9 +59,11 @@ class Conversation:
         return dataclasses.replace(self, messages=self.messages + ((role, message),))
 
     def prompt(self) -> str:
+        """The whole prompt as one string."""
         return render(self.prompt_parts())
 
     def prompt_parts(self) -> list[PromptPart]:
+        """The prompt as template text and ``UserText`` parts (user text is never read as special tokens)."""
         if self.sep_style is SeparatorStyle.SINGLE:
             seps = (self.sep, self.sep)
             glue = ": "

@@ -19,6 +19,8 @@ NUM_HEADS = 4  # not recoverable from weight shapes; fixed by the released archi
 
 
 class EditHead(nn.Module):
+    """MGIE's edit head: a small transformer that turns the eight [IMG] hidden states into UNet conditioning."""
+
     def __init__(self, llm_width: int, width: int, num_queries: int, out_width: int,
                  encoder_layers: int, decoder_layers: int, ffn_width: int) -> None:
         super().__init__()

@@ -1,10 +1,8 @@
 """Eager GPU work replayed as CUDA graphs: the kernels eager mode picks, launched once instead of one by one.
 
-At one job the GPU waits for the CPU in every part of an edit that runs op by op. On the bench host (a
-2.1 GHz Xeon beside an H100) CLIP took 35.6 ms of wall time for 1.6 ms of GPU work, the edit head 14.3 ms
-for 0.4, the compiled VAE decode 20.8 ms for 9.5 (bench/results/NVIDIA_H100-x1-profile-idle.log). A
-recorded graph replays the same kernels on the same addresses, so its results are the eager call's, bit
-for bit.
+At one job the GPU waits for the CPU in every part of an edit that runs op by op (CLIP, the edit head,
+a lone VAE decode: launch bound; bench/NOTES.md, "Graphed eager calls"). A recorded graph replays the same kernels on
+the same addresses, so its results are the eager call's, bit for bit.
 """
 
 from __future__ import annotations

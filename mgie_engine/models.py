@@ -42,6 +42,8 @@ Progress = Callable[[str], None]
 
 @dataclasses.dataclass(frozen=True)
 class TokenIds:
+    """The token ids the engine relies on."""
+
     bos: int
     eos: tuple[int, ...]
     im_patch: int
@@ -89,6 +91,7 @@ class MgieModels:
         return self.prompt_encoder.encode(parts)
 
     def decode(self, ids: list[int]) -> str:
+        """Token ids back to text, special tokens included."""
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
 
@@ -210,6 +213,7 @@ def load_llm(llava: Path, raw_config: dict[str, Any], mllm: dict[str, Any], mllm
 
 
 def load_vision(spec: str, dtype: torch.dtype) -> tuple[nn.Module, Any, Path]:
+    """CLIP's vision tower and its image processor, from a local folder or the Hub."""
     from transformers import CLIPVisionModel
 
     try:  # transformers >= 5.2x: the PIL backend has its own class; older 5.x: the slow processor is PIL
@@ -229,6 +233,7 @@ def load_vision(spec: str, dtype: torch.dtype) -> tuple[nn.Module, Any, Path]:
 
 
 def load_diffusion(folder: Path, unet_path: Path, dtype: torch.dtype):
+    """The InstructPix2Pix UNet (from ``unet.pt``), VAE and scheduler of the instruct-pix2pix folder."""
     import diffusers
 
     sched_cfg = ck.read_json(folder / "scheduler" / "scheduler_config.json")

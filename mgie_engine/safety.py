@@ -22,6 +22,7 @@ SAFETY_PATTERNS = ["safety_checker/*", "feature_extractor/*"]
 
 def load_safety_checker(settings: EngineSettings, device: torch.device,
                         dtype: torch.dtype) -> Callable[[PIL.Image.Image], bool]:
+    """Stable Diffusion's safety checker as a function: image -> flagged."""
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPImageProcessor
 

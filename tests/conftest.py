@@ -65,3 +65,38 @@ def _offline_hub():
         os.environ.pop("HF_HUB_OFFLINE", None)
     else:
         os.environ["HF_HUB_OFFLINE"] = old
+
+
+# -- one job through the pipeline's batched calls (the pipeline itself only takes lists) -----------------
+def guide(pipe, image, instruction: str, history=(), cancel=None):
+    """One prompt's guidance, decoded afresh (never from the cache)."""
+    from mgie_engine.inputs import Prompt
+
+    return pipe.guidance([Prompt(image, instruction, history)], cancel, use_cache=False)[0][0]
+
+
+def cached_guidance(pipe, image, instruction: str, history=()):
+    """One prompt's (guidance, whether it came from the cache)."""
+    from mgie_engine.inputs import Prompt
+
+    return pipe.guidance([Prompt(image, instruction, history)])[0]
+
+
+def prompt_inputs(pipe, image, instruction: str, history=()):
+    from mgie_engine.inputs import Prompt
+
+    return pipe.prompt_inputs([Prompt(image, instruction, history)])[0]
+
+
+def start_one(pipe, image, prompt_embeds, seed, text_cfg, image_cfg, steps):
+    from mgie_engine.denoiser import DenoiseJob
+
+    return pipe.start_denoising([DenoiseJob(image, prompt_embeds, seed, text_cfg, image_cfg, steps)])[0]
+
+
+def denoise(pipe, image, prompt_embeds, seed, text_cfg, image_cfg, steps):
+    """One job's final latents, stepped alone."""
+    state = start_one(pipe, image, prompt_embeds, seed, text_cfg, image_cfg, steps)
+    while not state.done:
+        pipe.denoise_step([state])
+    return state.latents

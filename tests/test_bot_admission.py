@@ -12,11 +12,12 @@ from collections import Counter
 import pytest
 from botharness import bot_running, make_config, png_bytes, team_world
 from fakediscord import permissions as perms
+from faults import inject_faults
 
 from bot.admission import Ticket, fair_share_allows
 from bot.intake import JobRateLimiter
 from bot.queue import JobQueue
-from mgie_engine.worker import EditJob
+from mgie_engine.protocol import EditJob
 
 pytest_plugins = ["fakediscord.fixtures"]
 
@@ -73,7 +74,7 @@ async def test_pending_cap_holds_for_concurrent_requests_through_every_entry_poi
         att = fake.upload_user_attachment(channel, "dog.png", png_bytes(48, 48, 3))
         post = await fake.send_message(alice, channel, "look at this", attachments=[att])
         await bot.store.update_guild_settings(guild.id, user_pending_cap=1)
-        bot.engine.workers[0].fault_hook = hold_steps(gate)
+        inject_faults(bot.engine.workers[0], hold_steps(gate))
         try:
             # Five quick /edits from one user: one is taken, four are refused privately.
             burst = [await edit(fake, bob, channel, f"bob edit {i}") for i in range(5)]

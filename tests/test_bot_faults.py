@@ -9,6 +9,7 @@ import time
 
 import pytest
 from botharness import basic_world, bot_running, make_config, png_bytes
+from faults import inject_faults
 
 pytest_plugins = ["fakediscord.fixtures"]
 
@@ -33,7 +34,7 @@ def slow_steps(seconds: float):
 async def test_result_arrives_although_the_gateway_drops_and_the_session_is_invalidated(world, tmp_path, tiny_models):
     fake, guild, channel, alice = world
     async with bot_running(fake, make_config(fake, tmp_path / "data", [guild.id]), tiny_models) as bot:
-        bot.engine.workers[0].fault_hook = slow_steps(0.1)
+        inject_faults(bot.engine.workers[0], slow_steps(0.1))
         inter = await edit(fake, alice, channel, steps=30)
         await fake.wait_for(lambda: inter.original and "Painting" in (inter.original.content or ""), timeout=30)
         await fake.drop_gateway(code=None)  # TCP cut, no close frame
@@ -56,7 +57,7 @@ async def test_rate_limited_edits_are_retried_not_lost(world, tmp_path, tiny_mod
 async def test_deleted_status_message_gets_the_result_as_a_new_message(world, tmp_path, tiny_models):
     fake, guild, channel, alice = world
     async with bot_running(fake, make_config(fake, tmp_path / "data", [guild.id]), tiny_models) as bot:
-        bot.engine.workers[0].fault_hook = slow_steps(0.1)
+        inject_faults(bot.engine.workers[0], slow_steps(0.1))
         inter = await edit(fake, alice, channel, steps=20)
         await fake.wait_for(lambda: inter.original and "Painting" in (inter.original.content or ""), timeout=30)
         inter.original.deleted = True  # a moderator removed it (the fake now answers 404 Unknown Message)
@@ -97,7 +98,7 @@ async def test_out_of_memory_tells_the_user_and_the_queue_goes_on(world, tmp_pat
                 if seen[0] in job_ids:
                     raise RuntimeError("CUDA out of memory. Tried to allocate 4.00 GiB")
 
-        bot.engine.workers[0].fault_hook = oom_for_first
+        inject_faults(bot.engine.workers[0], oom_for_first)
         first = await edit(fake, alice, channel, instruction="a huge edit")
         await fake.wait_for(lambda: first.original and "out of memory" in (first.original.content or ""), timeout=60)
         after = await edit(fake, alice, channel)
@@ -117,7 +118,7 @@ async def test_a_hung_worker_is_replaced_and_the_user_is_told(world, tmp_path, t
                 if len(steps) == 2:
                     release.wait(60)
 
-        stuck.fault_hook = hang_mid_edit
+        inject_faults(stuck, hang_mid_edit)
         try:
             first = await edit(fake, alice, channel, instruction="this one hangs", steps=5)
             await fake.wait_for(lambda: first.original and "stopped responding" in (first.original.content or ""),

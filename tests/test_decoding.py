@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import torch
-from conftest import make_image
+from conftest import guide, make_image, prompt_inputs
 from reference import reference_generate
 
-from mgie_engine.decoding import GreedyDecoder, _keep_checked, _run_guesses
+from mgie_engine.decoding import GreedyDecoder
 from mgie_engine.images import prepare_image
-from mgie_engine.pipeline import NO_REPEAT_NGRAM, MgiePipeline
+from mgie_engine.language import NO_REPEAT_NGRAM
+from mgie_engine.pipeline import MgiePipeline
+from mgie_engine.run_check import keep_checked as _keep_checked
+from mgie_engine.run_check import run_guesses as _run_guesses
 
 
 def _storage(t: torch.Tensor) -> int:
@@ -52,11 +55,11 @@ def test_compiled_step_decodes_like_stock_generate(tiny_models_babbling):
     """The compiled layer (what CUDA replays) keeps generate's tokens and states; here on the CPU."""
     models = tiny_models_babbling
     pipe = MgiePipeline(models, max_side=64)
-    pipe._decoder = GreedyDecoder(models.llm, NO_REPEAT_NGRAM, graphs=False, compile_layers=True)
+    pipe.language.decoder = GreedyDecoder(models.llm, NO_REPEAT_NGRAM, graphs=False, compile_layers=True)
     image = prepare_image(make_image(48, 64, 9), 64, models.vae_scale_factor)
     history = (("make the sky a sunset", "The sky turns orange."),)
-    guidance = pipe.run_language_model(image, "make it night", history)
-    ids, embeds = pipe.prompt_inputs(image, "make it night", history)
+    guidance = guide(pipe, image, "make it night", history)
+    ids, embeds = prompt_inputs(pipe, image, "make it night", history)
     seq, states = reference_generate(models, ids, embeds)
     assert len(guidance.new_token_ids) == 96
     assert list(guidance.new_token_ids) == seq[len(ids):len(ids) + 96]
@@ -75,12 +78,12 @@ def test_a_step_that_cannot_be_compiled_or_captured_falls_back_to_eager(tiny_mod
         raise RuntimeError("inductor is not available here")
 
     decoder._step_layer = broken
-    pipe._decoder = decoder
+    pipe.language.decoder = decoder
     image = prepare_image(make_image(64, 48, 4), 64, models.vae_scale_factor)
     with caplog.at_level("ERROR", logger="mgie_engine.decoding"):
-        guidance = pipe.run_language_model(image, "make it night")
-        again = pipe.run_language_model(image, "make it day")
-    ids, embeds = pipe.prompt_inputs(image, "make it night")
+        guidance = guide(pipe, image, "make it night")
+        again = guide(pipe, image, "make it day")
+    ids, embeds = prompt_inputs(pipe, image, "make it night")
     seq, _ = reference_generate(models, ids, embeds)
     assert list(guidance.new_token_ids) == seq[len(ids):len(ids) + len(guidance.new_token_ids)]
     assert again.new_token_ids and not decoder.graphs
@@ -108,7 +111,7 @@ def _babble(models, max_new: int, run=()):
     """Decode one prompt of the babbling model for ``max_new`` tokens: rows, states and pass counts."""
     pipe = MgiePipeline(models, max_side=64)
     image = prepare_image(make_image(64, 48, 5), 64, models.vae_scale_factor)
-    ids, embeds = pipe.prompt_inputs(image, "make the lake frozen")
+    ids, embeds = prompt_inputs(pipe, image, "make the lake frozen")
     decoder = GreedyDecoder(models.llm, NO_REPEAT_NGRAM, graphs=False)
     calls = _counted(decoder)
     with torch.inference_mode():
@@ -147,10 +150,10 @@ def test_the_visual_tokens_of_an_answer_are_checked_in_one_pass(tiny_models):
     guidance equals stock generate's (tests/test_parity.py holds the images to the reference)."""
     models = tiny_models
     pipe = MgiePipeline(models, max_side=64)
-    calls = _counted(pipe._decoder)
+    calls = _counted(pipe.language.decoder)
     image = prepare_image(make_image(64, 48, 3), 64, models.vae_scale_factor)
-    guidance = pipe.run_language_model(image, "make it night")
-    ids, embeds = pipe.prompt_inputs(image, "make it night")
+    guidance = guide(pipe, image, "make it night")
+    ids, embeds = prompt_inputs(pipe, image, "make it night")
     seq, states = reference_generate(models, ids, embeds)
     new = list(guidance.new_token_ids)
     assert new == seq[len(ids):len(ids) + len(new)] and new[-8:] == list(models.token_ids.img)
@@ -190,17 +193,17 @@ def test_a_run_check_that_cannot_run_falls_back_to_token_by_token(tiny_models, c
     def broken(*args):
         raise RuntimeError("inductor is not available here")
 
-    pipe._decoder._check_layer = broken
-    calls = _counted(pipe._decoder)
+    pipe.language.decoder._check_layer = broken
+    calls = _counted(pipe.language.decoder)
     image = prepare_image(make_image(64, 48, 3), 64, models.vae_scale_factor)
     with caplog.at_level("ERROR", logger="mgie_engine.decoding"):
-        guidance = pipe.run_language_model(image, "make it night")
-        pipe.run_language_model(image, "make it day")
-    ids, embeds = pipe.prompt_inputs(image, "make it night")
+        guidance = guide(pipe, image, "make it night")
+        guide(pipe, image, "make it day")
+    ids, embeds = prompt_inputs(pipe, image, "make it night")
     seq, states = reference_generate(models, ids, embeds)
     new = list(guidance.new_token_ids)
     assert new == seq[len(ids):len(ids) + len(new)] and new[-8:] == list(models.token_ids.img)
-    assert calls["check"] == 1 and not pipe._decoder._checks
+    assert calls["check"] == 1 and not pipe.language.decoder._checks
     torch.testing.assert_close(guidance.prompt_embeds, models.edit_head(states.unsqueeze(0), models.img_embeds),
                                rtol=1e-4, atol=1e-5)
     assert sum("run check" in r.message for r in caplog.records) == 1
@@ -216,3 +219,25 @@ def test_a_run_check_never_reaches_past_the_token_limit(tiny_models_babbling):
     torch.testing.assert_close(states, plain_states, rtol=1e-4, atol=1e-5)
     rows, _, calls = _babble(tiny_models_babbling, 18, run=plain[11:18] + [0])
     assert rows == plain and calls == {"step": 17, "check": 0}
+
+
+def test_the_installed_transformers_is_one_the_llama_layer_was_checked_against():
+    """llama_layer.py re-implements LlamaDecoderLayer's arithmetic; a transformers release it was not checked
+    against may change that arithmetic without any error. Fail loudly, saying what to check."""
+    import transformers
+
+    from mgie_engine.llama_layer import CHECKED_TRANSFORMERS, transformers_checked
+
+    assert transformers_checked(transformers.__version__), (
+        f"transformers {transformers.__version__} is outside the versions mgie_engine/llama_layer.py was checked "
+        f"against ({CHECKED_TRANSFORMERS[0]} to {CHECKED_TRANSFORMERS[-1]}). Compare LlamaDecoderLayer, "
+        "LlamaAttention, LlamaRMSNorm and apply_rotary_pos_emb in transformers/models/llama/modeling_llama.py "
+        "with llama_layer.layer_function, run tests/test_decoding.py and tests/test_parity.py (and the GPU parity "
+        "in bench/mgie_bench.py), then add the version to CHECKED_TRANSFORMERS.")
+
+
+def test_the_version_check_knows_the_range_it_was_checked_in():
+    from mgie_engine.llama_layer import transformers_checked
+
+    assert transformers_checked("5.17.0") and transformers_checked("5.24.0") and transformers_checked("5.20.1.dev0")
+    assert not transformers_checked("5.25.0") and not transformers_checked("4.57.1") and not transformers_checked("6.0.0")

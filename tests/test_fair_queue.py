@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bot.queue import FairQueue, _Entry
-from mgie_engine.worker import EditJob
+from mgie_engine.protocol import EditJob
 
 
 def entry(user: int, name: str) -> _Entry:

@@ -18,19 +18,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mgie_engine import images
+from mgie_engine import images, png
 from mgie_engine.errors import BadImageError
 from mgie_engine.images import (
     MAX_ASPECT_RATIO,
     MAX_INPUT_BYTES,
     MAX_INPUT_PIXELS,
     SUPPORTED_FORMATS,
-    encode_png,
     encode_under,
     fit_size,
     load_image,
     prepare_image,
 )
+from mgie_engine.png import encode_png
 
 RED = (255, 0, 0)
 GREEN = (0, 255, 0)
@@ -620,7 +620,7 @@ def test_paeth_filter_matches_the_spec(bpp: int, content: str, with_prior: bool)
     array = np.asarray(sample_pixels(content, 7, 6, mode)).reshape(6, 7 * bpp)
     # A strip after the first starts from the previous strip's last raw row, not from zeros.
     rows, prior = (array[1:], array[0]) if with_prior else (array[:5], np.zeros(7 * bpp, np.uint8))
-    got = images._paeth_filter(rows, prior, bpp)
+    got = png._paeth_filter(rows, prior, bpp)
     assert got.shape == (5, 1 + 7 * bpp)
     raw = [row.tobytes() for row in rows]
     assert got.tobytes() == reference_filter(raw, bpp, 4, prior.tobytes())
@@ -642,7 +642,7 @@ def test_paeth_filter_takes_every_predictor_and_breaks_ties_in_spec_order() -> N
         assert paeth_predictor(a, b, c) == expected
         prior = np.array([c, b], np.uint8)  # bpp 1: the row above is c, b
         row = np.array([[a, 77]], np.uint8)  # x = 77 sits right of a, under b
-        got = images._paeth_filter(row, prior, 1)
+        got = png._paeth_filter(row, prior, 1)
         assert got[0, 2] == (77 - expected) % 256, (a, b, c)
 
 
@@ -676,13 +676,13 @@ def test_encode_png_fast_path_round_trips(mode: str, content: str, size: tuple[i
 
 def test_encode_png_splits_large_images_into_strips(monkeypatch: pytest.MonkeyPatch) -> None:
     strips: list[int] = []
-    real = images._deflate_strip
+    real = png._deflate_strip
 
     def counting(rows: np.ndarray, prior: np.ndarray, bpp: int, last: bool) -> tuple[bytes, int, int]:
         strips.append(len(rows))
         return real(rows, prior, bpp, last)
 
-    monkeypatch.setattr(images, "_deflate_strip", counting)
+    monkeypatch.setattr(png, "_deflate_strip", counting)
     source = bench_like_image()
     data = encode_png(source)
     assert strips == [64] * 8  # 512x512 RGB: even work for 2 or 4 threads
@@ -697,7 +697,7 @@ def test_encode_png_output_does_not_depend_on_thread_count(monkeypatch: pytest.M
     source = bench_like_image(size=256)
     default = encode_png(source)
     with ThreadPoolExecutor(max_workers=1) as single:
-        monkeypatch.setattr(images, "cpu_pool", lambda name: single)
+        monkeypatch.setattr(png, "cpu_pool", lambda name: single)
         assert encode_png(source) == default
 
 
@@ -724,7 +724,7 @@ def test_encode_png_from_many_threads_at_once() -> None:
 def test_adler32_combine(cut: int) -> None:
     data = np.random.default_rng(cut).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
     head, tail = data[:cut], data[cut:]
-    assert images._adler32_combine(zlib.adler32(head), zlib.adler32(tail), len(tail)) == zlib.adler32(data)
+    assert png._adler32_combine(zlib.adler32(head), zlib.adler32(tail), len(tail)) == zlib.adler32(data)
 
 
 def test_encode_png_is_not_much_larger_than_pillows() -> None:

@@ -42,7 +42,7 @@ def test_offloaded_edits_equal_resident_ones(tiny_paths, tiny_models):
         assert got.expressive_instruction == want.expressive_instruction
         assert np.array_equal(np.asarray(got.image), np.asarray(want.image))
         request = EditRequest(image=got.image, instruction="now add a moon", seed=4, steps=4)
-    assert offloaded._residency.active == "diffusion"
+    assert offloaded.residency.active == "diffusion"
 
 
 def test_the_leaving_group_is_freed_before_the_next_one_is_copied_in(monkeypatch):
@@ -70,14 +70,14 @@ def test_packed_weights_move_as_one_block_and_need_no_repack(tiny_paths):
     pipe = MgiePipeline(models, max_side=64, offload=True)
     attn = models.llm.model.layers[0].self_attn
     for group in ("language", "diffusion", "language"):
-        pipe._residency.use(group)
+        pipe.residency.use(group)
         storages = {p.untyped_storage().data_ptr() for p in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)}
         assert len(storages) == 1
     before = attn.q_proj.weight.data_ptr()
-    pipe._decoder.pack()
+    pipe.language.decoder.pack()
     assert attn.q_proj.weight.data_ptr() == before  # nothing was copied
-    assert pipe._decoder._weights[0][1].data_ptr() == before
-    torch.testing.assert_close(pipe._decoder._weights[0][1][:attn.q_proj.out_features], attn.q_proj.weight)
+    assert pipe.language.decoder._weights[0][1].data_ptr() == before
+    torch.testing.assert_close(pipe.language.decoder._weights[0][1][:attn.q_proj.out_features], attn.q_proj.weight)
 
 
 def test_views_of_one_storage_stay_views_of_one_copy():
@@ -95,15 +95,15 @@ def test_the_decoder_lets_go_of_the_leaving_copies_before_a_move(tiny_paths):
     """Its packed weights are views of the LLM's device copies: held across a move, they would keep the
     LLM on the card next to the group coming in (the second GPU run: out of memory under a 15 GiB cap)."""
     pipe = MgiePipeline(load_models(tiny_settings(tiny_paths, offload=True)), max_side=64, offload=True)
-    assert pipe._decoder._weights == []  # the residency took the weights to the host at start
+    assert pipe.language.decoder._weights == []  # the residency took the weights to the host at start
     held_at_moves = []
-    use = pipe._residency.use
+    use = pipe.residency.use
 
     def recording(group):
-        held_at_moves.append((group, len(pipe._decoder._weights)))
+        held_at_moves.append((group, len(pipe.language.decoder._weights)))
         return use(group)
 
-    pipe._residency.use = recording
+    pipe.residency.use = recording
     request = EditRequest(image=make_image(64, 48, 5), instruction="make it snowy", seed=3, steps=2)
     pipe(request)
     pipe(EditRequest(image=make_image(48, 64, 6), instruction="now add a moon", seed=4, steps=2))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_image
+from conftest import cached_guidance, denoise, guide, make_image, prompt_inputs
 from reference import demo_prompt, reference_edit, reference_generate
 
 from mgie_engine.conversation import build_edit_prompt
@@ -42,7 +42,7 @@ def test_engine_matches_reference(request, models_fixture, case):
     prepared = prepare_image(source, 64, models.vae_scale_factor)
     ref = reference_edit(models, prepared, instruction, seed, text_cfg, image_cfg, steps)
 
-    guidance, cached = pipe.guidance(prepared, instruction)
+    guidance, cached = cached_guidance(pipe, prepared, instruction)
     assert cached
     # The engine stops at [IMG7]; the reference runs on to </s> or 96 tokens. Up to the stop they agree.
     assert list(guidance.new_token_ids) == ref.new_token_ids[:len(guidance.new_token_ids)]
@@ -52,7 +52,7 @@ def test_engine_matches_reference(request, models_fixture, case):
         assert list(guidance.new_token_ids) == ref.new_token_ids
     assert result.expressive_instruction == ref.expressive_instruction
     torch.testing.assert_close(guidance.prompt_embeds, ref.prompt_embeds, rtol=1e-4, atol=1e-5)
-    latents = pipe.denoise(prepared, guidance.prompt_embeds, seed, text_cfg, image_cfg, steps)
+    latents = denoise(pipe, prepared, guidance.prompt_embeds, seed, text_cfg, image_cfg, steps)
     # The engine's own decoder and fused guided step do the reference's arithmetic: float32 noise, nothing more.
     torch.testing.assert_close(latents, ref.latents, rtol=1e-3, atol=2e-4)
     assert (result.width, result.height) == prepared.size
@@ -61,7 +61,7 @@ def test_engine_matches_reference(request, models_fixture, case):
 
 def test_planted_checkpoint_exercises_early_stop(tiny_models):
     pipe = MgiePipeline(tiny_models, max_side=64)
-    guidance, _ = pipe.guidance(make_image(64, 64, 5), "make the frame red")
+    guidance, _ = cached_guidance(pipe, make_image(64, 64, 5), "make the frame red")
     img = tiny_models.token_ids.img
     assert guidance.stopped_early
     assert list(guidance.new_token_ids[-8:]) == list(img)
@@ -70,7 +70,7 @@ def test_planted_checkpoint_exercises_early_stop(tiny_models):
 
 def test_babbling_checkpoint_exercises_fallback(tiny_models_babbling):
     pipe = MgiePipeline(tiny_models_babbling, max_side=64)
-    guidance, _ = pipe.guidance(make_image(64, 64, 5), "make the frame red")
+    guidance, _ = cached_guidance(pipe, make_image(64, 64, 5), "make the frame red")
     assert not guidance.stopped_early
     assert tiny_models_babbling.token_ids.img[0] not in guidance.new_token_ids
     assert len(guidance.new_token_ids) == 96
@@ -88,14 +88,14 @@ def test_history_prompt_matches_stock_generate(request, models_fixture):
     pipe = MgiePipeline(models, max_side=64)
     image = prepare_image(make_image(48, 64, 9), 64, models.vae_scale_factor)
     history = (("make the sky a sunset", "The sky turns orange."), ("add birds", "Birds fly in the sky."))
-    guidance = pipe.run_language_model(image, "make it night", history)
-    ids, embeds = pipe.prompt_inputs(image, "make it night", history)
+    guidance = guide(pipe, image, "make it night", history)
+    ids, embeds = prompt_inputs(pipe, image, "make it night", history)
     seq, states = reference_generate(models, ids, embeds)
     assert list(guidance.new_token_ids) == seq[len(ids):len(ids) + len(guidance.new_token_ids)]
     torch.testing.assert_close(guidance.prompt_embeds, models.edit_head(states.unsqueeze(0), models.img_embeds),
                                rtol=1e-4, atol=1e-5)
     # The history changes what the model reads, so it must change what it writes back.
-    plain = pipe.run_language_model(image, "make it night")
+    plain = guide(pipe, image, "make it night")
     assert not torch.equal(plain.prompt_embeds, guidance.prompt_embeds)
 
 
@@ -119,14 +119,14 @@ def test_a_cancelled_decode_stops_with_the_cancel_error(tiny_models_babbling):
     cancel.set()
     pipe = MgiePipeline(tiny_models_babbling, max_side=64)
     with pytest.raises(JobCancelledError):
-        pipe.run_language_model(make_image(64, 64, 2), "make it night", cancel=cancel)
+        guide(pipe, make_image(64, 64, 2), "make it night", cancel=cancel)
 
 
 def test_decoded_pixels_are_exactly_diffusers_postprocess(tiny_models):
     """The engine turns decoded pixels into bytes on the device; the bytes must be diffusers' own."""
     pipe = MgiePipeline(tiny_models, max_side=64)
     latents = torch.randn(3, 4, 6, 8, generator=torch.Generator().manual_seed(0)) * 3  # values past [-1, 1] too
-    images = pipe.decode_latents(latents)
+    images = pipe.decode([latents])
     with torch.inference_mode():
         decoded = tiny_models.vae.decode(latents / tiny_models.vae.config.scaling_factor, return_dict=False)[0]
     expected = pipe.image_processor.postprocess(decoded, output_type="pil")

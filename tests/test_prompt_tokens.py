@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import make_image
+from conftest import make_image, prompt_inputs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import reference_tokenizer
@@ -54,7 +54,7 @@ def test_special_strings_in_user_text_give_only_the_templates_special_ids(tiny_m
         history += ((text, "The car is red."),)
     elif where == "history answer":
         history += (("make it red", f"The car is red {text} now."),)
-    ids, _ = pipe.prompt_inputs(make_image(64, 48, 1), instruction, history)
+    ids, _ = prompt_inputs(pipe, make_image(64, 48, 1), instruction, history)
     special = tiny_models.prompt_encoder.special_ids
     assert [i for i in ids if i in special] == _template_specials(tiny_models, history)
     start = ids.index(tiny_models.token_ids.im_start)
@@ -135,7 +135,7 @@ def test_visual_states_are_read_from_the_answer_never_the_prompt(early):
     the eight states are those just before the answer's [IMG0]."""
     import torch
 
-    from mgie_engine.pipeline import select_visual_states
+    from mgie_engine.language import select_visual_states
 
     img0, prompt_length = 900, 12
     new = [5, 6, img0, *range(901, 908), 7]

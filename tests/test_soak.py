@@ -15,6 +15,7 @@ import threading
 
 import pytest
 from botharness import bot_running, make_config, png_bytes
+from faults import inject_faults
 
 pytest_plugins = ["fakediscord.fixtures"]
 
@@ -85,7 +86,7 @@ async def test_soak(fake_endpoints, tmp_path, tiny_models):
 
     rss_before = None
     async with bot_running(fake, config, tiny_models) as bot:
-        bot.engine.workers[0].fault_hook = random_oom
+        inject_faults(bot.engine.workers[0], random_oom)
         await bot.store.update_guild_settings(guild.id, user_pending_cap=20)
         rss_before = _rss_mib()
         tasks = [asyncio.create_task(user_loop(i, u)) for i, u in enumerate(users)]
@@ -95,7 +96,7 @@ async def test_soak(fake_endpoints, tmp_path, tiny_models):
         online.clear()  # users pause while the bot restarts (a real outage: Discord shows it offline)
         await asyncio.sleep(0.5)
     async with bot_running(fake, config, tiny_models) as bot:
-        bot.engine.workers[0].fault_hook = random_oom
+        inject_faults(bot.engine.workers[0], random_oom)
         online.set()
         await asyncio.wait_for(asyncio.gather(*tasks), timeout=600)
         counts = await bot.store.counts_by_state()

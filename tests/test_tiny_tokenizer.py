@@ -196,3 +196,15 @@ def test_transformers_fast_tokenizer_agrees(folder: Path, tok: Tokenizer) -> Non
     fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
     assert fast(PROMPT)["input_ids"] == tok.encode(PROMPT).ids
     assert len(fast) == 32003
+
+
+def test_without_sentencepiece_the_files_the_engine_reads_are_still_written(folder: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """sentencepiece is a test extra: without it only tokenizer.model (which nothing at run time reads) is missing."""
+    from mgie_engine.tiny import tokenizer
+
+    monkeypatch.setattr(tokenizer, "_has_sentencepiece", lambda: False)
+    write_llama_tokenizer(tmp_path, seed=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(FILES) - {"tokenizer.model"})
+    for name in set(FILES) - {"tokenizer.model"}:
+        assert (tmp_path / name).read_bytes() == (folder / name).read_bytes(), name

@@ -8,27 +8,27 @@ import torch._dynamo
 from conftest import make_image
 from torch._dynamo.testing import CompileCounter
 
+from mgie_engine.compilation import always_pass_upsample_size
+from mgie_engine.denoiser import DenoiseJob
 from mgie_engine.images import prepare_image
-from mgie_engine.pipeline import (
-    DECODE_BATCH,
-    DenoiseJob,
-    MgiePipeline,
-    always_pass_upsample_size,
-    vae_functions,
-)
+from mgie_engine.inputs import Prompt
+from mgie_engine.pipeline import MgiePipeline
+from mgie_engine.vae import DECODE_BATCH, vae_functions
 
-COMPILED = ("_guided_step", "_home_step", "unet", "_vae_encode", "_vae_decode")  # unet: unguided jobs' calls
+# name -> (stage, attribute) of the compiled functions; unet: unguided jobs' calls
+COMPILED = {"_guided_step": ("denoiser", "_guided_step"), "_home_step": ("denoiser", "_static_step"),
+            "unet": ("denoiser", "unet"), "_vae_encode": ("vae", "_encode"), "_vae_decode": ("vae", "_decode")}
 
 
 def _edit_batch(pipe: MgiePipeline, count: int, size: tuple[int, int], guided: bool = True) -> None:
     images = [prepare_image(make_image(*size, seed=i), pipe.max_side) for i in range(count)]
-    guidance = pipe.run_language_models([(image, "make it snowy", ()) for image in images])
-    states = pipe.start_denoising_many([DenoiseJob(image, g.prompt_embeds, i, 7.5, 1.5 if guided else 0.5, 2)
-                                        for i, (image, g) in enumerate(zip(images, guidance, strict=True))])
+    guidance = pipe.guidance([Prompt(image, "make it snowy") for image in images], use_cache=False)
+    states = pipe.start_denoising([DenoiseJob(image, g.prompt_embeds, i, 7.5, 1.5 if guided else 0.5, 2)
+                                   for i, (image, (g, _)) in enumerate(zip(images, guidance, strict=True))])
     while not states[0].done:
         pipe.denoise_step(states)
     for start in range(0, count, DECODE_BATCH):  # as the worker decodes
-        pipe.decode_many([s.latents for s in states[start:start + DECODE_BATCH]])
+        pipe.decode([s.latents for s in states[start:start + DECODE_BATCH]])
 
 
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # said on switching oneDNN off
@@ -42,13 +42,15 @@ def test_after_the_warm_up_no_users_shape_compiles_again(tiny_models):
     pipe = MgiePipeline(tiny_models, max_side=128)
     counters = {name: CompileCounter() for name in COMPILED}
     for name, counter in counters.items():  # the home step is static, as on a GPU
-        setattr(pipe, name, torch.compile(getattr(pipe, name), backend=counter, dynamic=False if "home" in name else None))
+        stage, attribute = getattr(pipe, COMPILED[name][0]), COMPILED[name][1]
+        setattr(stage, attribute, torch.compile(getattr(stage, attribute), backend=counter,
+                                                dynamic=False if "home" in name else None))
     home_calls = []
-    home_step = pipe._home_step
-    pipe._home_step = lambda *tensors: home_calls.append(tuple(tensors[0].shape)) or home_step(*tensors)
+    home_step = pipe.denoiser._static_step
+    pipe.denoiser._static_step = lambda *tensors: home_calls.append(tuple(tensors[0].shape)) or home_step(*tensors)
     widths = []  # prompt widths the decoder sees (unpadded here; CUDA pads them to a multiple of 64)
-    decode = pipe._decoder.decode
-    pipe._decoder.decode = lambda ids, *args, **kwargs: widths.append(ids.shape[1]) or decode(ids, *args, **kwargs)
+    decode = pipe.language.decoder.decode
+    pipe.language.decoder.decode = lambda ids, *args, **kwargs: widths.append(ids.shape[1]) or decode(ids, *args, **kwargs)
     upsamplers = tiny_models.unet.num_upsamplers
     always_pass_upsample_size(tiny_models.unet)
     try:
