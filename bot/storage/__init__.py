@@ -2,6 +2,7 @@
 
 - :mod:`.database`: the connection, one transaction at a time, writes that finish even if cancelled;
 - :mod:`.migrations`: the schema's ``bot/migrations/NNN_name.sql`` files and their runner;
+- :mod:`.opening`: folders, migrations and locks at open, and what to tell the operator when it fails;
 - :mod:`.jobs`, :mod:`.guilds`, :mod:`.images`: what the store holds, one part each;
 - :mod:`.store`: :class:`Store`, the one object the bot uses.
 
@@ -28,7 +29,8 @@ from .migrations import (
     load_migrations,
     schema_version,
 )
-from .store import DB_FILENAME, Store
+from .opening import DB_FILENAME, OPEN_LOCK_WAIT_S, DatabaseUnavailableError
+from .store import Store
 
 __all__ = [
     "BUSY_TIMEOUT_S",
@@ -39,9 +41,11 @@ __all__ = [
     "MAX_BAN_REASON_CHARS",
     "MAX_BLOCKED_WORDS",
     "MAX_BLOCKED_WORD_CHARS",
+    "OPEN_LOCK_WAIT_S",
     "TMP_PREFIX",
     "UNFINISHED_STATES",
     "Database",
+    "DatabaseUnavailableError",
     "GuildSettings",
     "JobRecord",
     "Migration",

@@ -3,30 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
-from .database import Database, connect, runs_to_completion
+from .database import Database, runs_to_completion
 from .guilds import GuildQueries
-from .images import IMAGES_DIRNAME, ImageFiles, remove_stale_temp_files
+from .images import IMAGES_DIRNAME, ImageFiles
 from .jobs import JobQueries
-from .migrations import apply_migrations, schema_version
-
-DB_FILENAME = "mgie.sqlite3"
-
-
-def _migrate(data_dir: Path) -> int:
-    """Create the folders, bring the schema up to date; the schema version. Blocking: run in a thread."""
-    images_dir = data_dir / IMAGES_DIRNAME
-    images_dir.mkdir(parents=True, exist_ok=True)
-    conn = connect(data_dir / DB_FILENAME)
-    try:
-        apply_migrations(conn)
-        version = schema_version(conn)
-    finally:
-        conn.close()
-    remove_stale_temp_files(images_dir, time.time())
-    return version
+from .opening import DB_FILENAME, OPEN_LOCK_WAIT_S, prepare_data_dir
 
 
 class Store(JobQueries, GuildQueries, ImageFiles):
@@ -43,10 +26,15 @@ class Store(JobQueries, GuildQueries, ImageFiles):
         self.db = db
 
     @classmethod
-    async def open(cls, data_dir: str | Path) -> Store:
-        """Create ``data_dir`` and ``data_dir/images``, open ``mgie.sqlite3`` there and migrate it."""
+    async def open(cls, data_dir: str | Path, lock_wait: float = OPEN_LOCK_WAIT_S) -> Store:
+        """Create ``data_dir`` and ``data_dir/images``, open ``mgie.sqlite3`` there and migrate it.
+
+        While another process holds the database locked, retries with backoff for up to ``lock_wait``
+        seconds. Raises :class:`~bot.storage.opening.DatabaseUnavailableError` with a message fit for the
+        operator when the file is damaged, stays locked or cannot be opened at all.
+        """
         data_dir = Path(data_dir).expanduser().resolve()
-        version = await asyncio.to_thread(_migrate, data_dir)
+        version = await asyncio.to_thread(prepare_data_dir, data_dir, lock_wait)
         return cls(data_dir, await Database.open(data_dir / DB_FILENAME), version)
 
     async def close(self) -> None:
