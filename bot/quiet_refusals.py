@@ -57,13 +57,18 @@ class NoticeThrottle:
 
 
 async def refuse_reply(bot: MgieBot, message: discord.Message, text: str, *, reaction: str = REFUSED_REACTION) -> None:
-    """Refuse ``message`` quietly: a reaction always, the reason in public at most once per window."""
+    """Refuse ``message`` quietly: a reaction always, the reason in public at most once per window.
+
+    Whether the notice is due is decided first, so of a burst of refused replies the first to get here
+    gets it, whichever reaction Discord confirms first.
+    """
+    place = message.guild.id if message.guild is not None else message.channel.id
+    notice_due = bot.reply_notices.allow((place, message.author.id))
     try:
         await message.add_reaction(reaction)
     except discord.HTTPException as err:  # no Add Reactions here: the notice (if due) still explains
         log.info("could not react to message %s: %s", message.id, err)
-    place = message.guild.id if message.guild is not None else message.channel.id
-    if not bot.reply_notices.allow((place, message.author.id)):
+    if not notice_due:
         return
     minutes = max(1, round(NOTICE_WINDOW_S / 60))
     try:
