@@ -183,18 +183,24 @@ class MgieBot(commands.Bot):
         await self.close()
 
     async def close(self) -> None:
-        """Stop the queue and every task, shut the workers down, then Discord, downloads and storage."""
-        if self._queue is not None:
-            self._queue.stop_accepting()
-            await self._queue.stop()
-        tasks = list(self.background_tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self.intake_slots.close()
-        self.engine.shutdown()
-        await super().close()
-        if self.http_session is not None:
-            await self.http_session.close()
-        if self._store is not None:
-            await self._store.close()
+        """Stop the queue and every task, shut the workers down, then Discord, downloads and storage.
+
+        Storage closes whatever failed before it: its connection thread would otherwise keep the process
+        from exiting.
+        """
+        try:
+            if self._queue is not None:
+                self._queue.stop_accepting()
+                await self._queue.stop()
+            tasks = list(self.background_tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.intake_slots.close()
+            self.engine.shutdown()
+            await super().close()
+            if self.http_session is not None:
+                await self.http_session.close()
+        finally:
+            if self._store is not None:
+                await self._store.close()
