@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import sys
+
 import discord
 import pytest
 from botharness import basic_world, bot_running, make_config
@@ -108,3 +112,18 @@ async def test_mgie_bot_sync_syncs_even_when_nothing_changed(world, tmp_path, ti
     async with bot_running(fake, config, tiny_models):
         pass
     assert len(syncs(fake)) == 2
+
+
+async def test_mgie_bot_sync_as_a_command_registers_the_commands_and_exits(fake_discord, tmp_path):
+    fake, guild = fake_discord, fake_discord.add_guild("Lab")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISCORD_", "MGIE_"))}
+    env.update(DISCORD_TOKEN=fake.token, DISCORD_API_BASE=fake.api_base, DISCORD_GATEWAY_URL=fake.gateway_url,
+               DISCORD_GUILD_IDS=str(guild.id), MGIE_DATA_DIR=str(tmp_path / "data"), MGIE_DEVICE="cpu",
+               HF_HUB_OFFLINE="1")
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot", "sync", env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, out.decode()[-2000:]
+    assert len(syncs(fake)) == 1 and fake.command("edit", guild=guild) is not None
+    assert not fake.gateway.identify_count  # no gateway session, no models: only the sync
+    assert (tmp_path / "data" / DIGEST_FILENAME).is_file() and fake.token not in out.decode()
