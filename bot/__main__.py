@@ -1,21 +1,22 @@
-"""`mgie-bot`: start the bot from `.env` / the environment; `mgie-bot sync` registers its commands now."""
+"""`mgie-bot`: start the bot from `.env` / the environment, print its invite URL, or sync its commands.
+
+Everything that can be checked without the network is checked first, in this order: the arguments, every
+setting (``BotConfig.from_env``), the database; each problem ends in one line on stderr and exit code 2
+(1 when Discord cannot be reached), never a traceback.
+"""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 
-import discord
-from dotenv import load_dotenv
+from mgie_engine.arguments import OneLineParser
 
-from .config import BotConfig, ConfigError
-from .discord_endpoints import apply_endpoints
-
-SHUTDOWN_GRACE = float(os.environ.get("MGIE_SHUTDOWN_GRACE") or 30)
 PERMISSIONS = 1024 | 2048 | 16384 | 32768 | 65536  # view, send, embed links, attach files, read history
+SNOWFLAKE_MAX = 2**64 - 1
 
 
 def invite_url(application_id: str) -> str:
@@ -23,43 +24,102 @@ def invite_url(application_id: str) -> str:
             f"&scope=bot+applications.commands&permissions={PERMISSIONS}")
 
 
-def main() -> int:
-    if len(sys.argv) == 3 and sys.argv[1] == "invite":
-        print(invite_url(sys.argv[2]))
+def _application_id(raw: str) -> str:
+    if not raw.isdigit() or not 0 < int(raw) <= SNOWFLAKE_MAX:
+        raise argparse.ArgumentTypeError(
+            f"must be your application's numeric id (developer portal -> General Information -> "
+            f"Application ID), not {raw[:40]!r}")
+    return raw
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = OneLineParser(
+        prog="mgie-bot",
+        description="Run the MGIE Discord bot. Settings come from the environment and a .env file in the current "
+                    "directory (or a folder above it); every one is listed in .env.example. DISCORD_TOKEN is required.",
+        epilog="Exit codes: 0 stopped normally, 1 Discord could not be reached, 2 a setting, argument, the token "
+               "or the database needs fixing (the message says which).")
+    sub = p.add_subparsers(dest="command", metavar="{run,invite,sync}")
+    sub.add_parser("run", help="run the bot (the default)", description="Run the bot until SIGTERM or Ctrl-C.")
+    sub.add_parser("sync", help="register the slash commands with Discord now, then exit",
+                   description="Register the slash commands now (a start registers them only when they changed).")
+    invite = sub.add_parser("invite", help="print the URL that adds the bot to a server",
+                            description="Print the invite URL with the permissions the bot needs.")
+    invite.add_argument("application_id", metavar="APPLICATION_ID", type=_application_id,
+                        help="your application's id (developer portal -> General Information)")
+    return p.parse_args(argv)
+
+
+def _fail(message: object, code: int = 2) -> int:
+    print(f"mgie-bot: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.command == "invite":
+        print(invite_url(args.application_id))
         return 0
-    load_dotenv()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from mgie_engine.settings import load_env_file
+
+    from .config import BotConfig, ConfigError
+
+    load_env_file()
     try:
         config = BotConfig.from_env()
     except ConfigError as err:
-        print(f"mgie-bot: {err}", file=sys.stderr)
-        return 2
-    apply_endpoints(config.api_base, config.gateway_url)
-    if sys.argv[1:] == ["sync"]:  # register the commands with Discord now, then exit
-        from .command_sync import sync_now
+        return _fail(err)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-        runner = sync_now(config)
-    else:
+    import aiohttp
+    import discord
+
+    from mgie_engine.errors import MgieError
+
+    from .discord_endpoints import apply_endpoints
+    from .storage import DatabaseUnavailableError, MigrationError, Store
+
+    # This bot never joins voice: discord.py's warnings about PyNaCl and davey would only mislead.
+    discord.VoiceClient.warn_nacl = False
+    discord.VoiceClient.warn_dave = False
+    apply_endpoints(config.api_base, config.gateway_url)
+    try:
+        asyncio.run(_check_store(Store, config))
+        if args.command == "sync":
+            from .command_sync import sync_now
+
+            asyncio.run(sync_now(config))
+            return 0
         from .bot import MgieBot
 
-        runner = _run(MgieBot(config), config.token)
-    try:
-        asyncio.run(runner)
+        bot = MgieBot(config)
+        asyncio.run(_run(bot, config.token, config.shutdown_grace))
+    except (DatabaseUnavailableError, MigrationError, MgieError) as err:
+        return _fail(err)
     except discord.LoginFailure:
-        print("mgie-bot: Discord rejected DISCORD_TOKEN. Reset the token in the developer portal (Bot tab) "
-              "and put the new one in .env.", file=sys.stderr)
-        return 2
+        return _fail("Discord rejected DISCORD_TOKEN. Reset the token in the developer portal (Bot tab) "
+                     "and put the new one in .env.")
     except discord.PrivilegedIntentsRequired:
-        print("mgie-bot: DISCORD_MESSAGE_CONTENT=true needs the Message Content intent switched on in the "
-              "developer portal (Bot tab), or set it to false (replies that mention the bot still work).",
-              file=sys.stderr)
-        return 2
+        return _fail("DISCORD_MESSAGE_CONTENT=true needs the Message Content intent switched on in the "
+                     "developer portal (Bot tab), or set it to false (replies that mention the bot still work).")
+    except (aiohttp.ClientError, TimeoutError, discord.GatewayNotFound, discord.DiscordServerError) as err:
+        where = config.api_base or "https://discord.com/api/v10"
+        reason = " ".join(str(err).split()) or type(err).__name__
+        return _fail(f"could not reach Discord at {where} ({reason}). Check this machine's network connection"
+                     f"{' and DISCORD_API_BASE' if config.api_base else ''}, then start the bot again.", 1)
     except KeyboardInterrupt:
         pass
     return 0
 
 
-async def _run(bot, token: str) -> None:
+async def _check_store(store_class, config) -> None:
+    """Open (and migrate) the database before going online, so a damaged or locked one is reported first."""
+    store = await store_class.open(config.data_dir)
+    await store.close()
+
+
+async def _run(bot, token: str, grace: float) -> None:
     """Run until Discord ends the session or SIGTERM/SIGINT asks for a graceful stop."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -73,8 +133,8 @@ async def _run(bot, token: str) -> None:
             stopper.cancel()
             runner.result()  # re-raises LoginFailure and friends
             return
-        logging.getLogger("bot").info("stopping: finishing running edits (up to %.0f s)", SHUTDOWN_GRACE)
-        await bot.graceful_shutdown(SHUTDOWN_GRACE)
+        logging.getLogger("bot").info("stopping: finishing running edits (up to %.0f s)", grace)
+        await bot.graceful_shutdown(grace)
         await runner
 
 

@@ -1,4 +1,9 @@
-"""Bot settings from the environment and `.env` (python-dotenv); engine settings come along."""
+"""Bot settings from the environment and `.env` (python-dotenv); engine settings come along.
+
+Every setting, bot and engine, is parsed and checked here in one go, before anything loads: a bad value
+ends in one :class:`ConfigError` line naming it (the same error class, and so the same exit code, as a bad
+engine setting in ``mgie-edit``).
+"""
 
 from __future__ import annotations
 
@@ -7,51 +12,29 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from mgie_engine.settings import EngineSettings
+from mgie_engine.errors import SettingsError
+from mgie_engine.settings import EngineSettings, read_flag, read_float, read_int
 
 DEFAULT_USER_JOBS_PER_MINUTE = 6  # a busy human re-rolls about this often; a script quickly hits it
 
-
-class ConfigError(Exception):
-    """A setting is missing or malformed; the message says which and how to fix it."""
+ConfigError = SettingsError  # a setting is missing or malformed; the message says which and how to fix it
 
 
 def _ids(raw: str, name: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in raw.replace(" ", "").split(",") if part)
     except ValueError:
-        raise ConfigError(f"{name} must be comma-separated numeric ids, not {raw!r}.") from None
+        raise ConfigError(f"{name} must be comma-separated numeric ids, not {raw[:40]!r}.") from None
 
 
-def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
-    raw = env.get(name)
-    if raw in (None, ""):
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number, not {raw!r}.") from None
-    if not low <= value <= high:
-        raise ConfigError(f"{name} must be between {low} and {high}.")
-    return value
-
-
-def _float(env: Mapping[str, str], name: str, default: float, high: float) -> float:
-    raw = env.get(name)
-    if raw in (None, ""):
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, not {raw!r}.") from None
-    if not 0 <= value <= high:
-        raise ConfigError(f"{name} must be between 0 and {high:g}.")
-    return value
-
-
-def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name, "").strip().lower()
-    return default if not raw else raw in ("1", "true", "yes", "on")
+def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | None:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return None
+    if not raw.startswith(tuple(f"{s}://" for s in schemes)) or len(raw.split("://", 1)[1]) == 0:
+        raise ConfigError(f"{name} must be a URL starting with {' or '.join(f'{s}://' for s in schemes)}, "
+                          f"not {raw[:60]!r}.")
+    return raw
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +53,11 @@ class BotConfig:
     user_jobs_per_minute: int = DEFAULT_USER_JOBS_PER_MINUTE
     retention_days: float = 30.0  # finished chains idle this long are deleted; 0 = keep forever
     max_storage_gb: float = 10.0  # above this the oldest finished chains go first; 0 = no cap
+    shutdown_grace: float = 30.0  # SIGTERM waits this long for running edits
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> BotConfig:
+        """Read and check every setting; raises ConfigError naming the first bad one."""
         env = os.environ if env is None else env
         token = env.get("DISCORD_TOKEN", "").strip()
         if not token:
@@ -80,16 +65,17 @@ class BotConfig:
                               "https://discord.com/developers/applications -> your app -> Bot -> Reset Token.")
         return cls(
             token=token,
-            api_base=env.get("DISCORD_API_BASE") or None,
-            gateway_url=env.get("DISCORD_GATEWAY_URL") or None,
+            api_base=_url(env, "DISCORD_API_BASE", ("https", "http")),
+            gateway_url=_url(env, "DISCORD_GATEWAY_URL", ("wss", "ws")),
             guild_ids=_ids(env.get("DISCORD_GUILD_IDS", ""), "DISCORD_GUILD_IDS"),
-            data_dir=Path(env.get("MGIE_DATA_DIR") or "./data"),
-            message_content=_flag(env, "DISCORD_MESSAGE_CONTENT", False),
-            max_queue=_int(env, "MGIE_MAX_QUEUE", 100, 1, 10_000),
-            progress_interval=float(env.get("MGIE_PROGRESS_INTERVAL") or 2.0),
-            stall_timeout=float(_int(env, "MGIE_STALL_TIMEOUT", 300, 5, 86_400)),
+            data_dir=Path((env.get("MGIE_DATA_DIR") or "").strip() or "./data"),
+            message_content=read_flag(env, "DISCORD_MESSAGE_CONTENT", False),
+            max_queue=read_int(env, "MGIE_MAX_QUEUE", 100, 1, 10_000),
+            progress_interval=read_float(env, "MGIE_PROGRESS_INTERVAL", 2.0, 0.1, 600.0),
+            stall_timeout=float(read_int(env, "MGIE_STALL_TIMEOUT", 300, 5, 86_400)),
             engine=EngineSettings.from_env(env),
-            user_jobs_per_minute=_int(env, "MGIE_USER_JOBS_PER_MINUTE", DEFAULT_USER_JOBS_PER_MINUTE, 0, 1000),
-            retention_days=_float(env, "MGIE_RETENTION_DAYS", 30.0, 36_500),
-            max_storage_gb=_float(env, "MGIE_MAX_STORAGE_GB", 10.0, 1_000_000),
+            user_jobs_per_minute=read_int(env, "MGIE_USER_JOBS_PER_MINUTE", DEFAULT_USER_JOBS_PER_MINUTE, 0, 1000),
+            retention_days=read_float(env, "MGIE_RETENTION_DAYS", 30.0, 0.0, 36_500.0),
+            max_storage_gb=read_float(env, "MGIE_MAX_STORAGE_GB", 10.0, 0.0, 1_000_000.0),
+            shutdown_grace=read_float(env, "MGIE_SHUTDOWN_GRACE", 30.0, 0.0, 86_400.0),
         )

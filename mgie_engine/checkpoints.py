@@ -29,14 +29,36 @@ IP2P_PATTERNS = ["model_index.json", "scheduler/*", "unet/config.json", "vae/con
 CLIP_FILES = ("config.json", "preprocessor_config.json")
 CLIP_PATTERNS = ["config.json", "preprocessor_config.json", "model.safetensors"]
 
-GET_WEIGHTS_HINT = (
-    "Download the MGIE weights (CC-BY-NC; LLaMA terms apply) with "
-    "`huggingface-cli download {repo} --local-dir <folder>` and set MGIE_CKPT_DIR to that folder, "
-    "or unset MGIE_CKPT_DIR to fetch them into the Hugging Face cache on first run."
-)
+MGIE_PATTERNS = [f"{LLAVA_DIR}/*", f"{MGIE_DIR}/*"]
 
 
-def _download(repo_id: str, allow_patterns: list[str] | None, local_dir: Path | None, what: str) -> Path:
+def download_command(repo: str, patterns: Iterable[str]) -> str:
+    """The `hf download` line that fetches the files we use from ``repo`` (huggingface_hub's CLI is `hf`;
+    the old `huggingface-cli` is gone). The README shows the same commands; a test keeps them in step."""
+    include = " ".join(f'--include "{p}"' if "*" in p else f"--include {p}" for p in patterns)
+    return f"hf download {repo} {include} --local-dir ./ckpt/{repo.rsplit('/', 1)[-1]}"
+
+
+def get_weights_hint(setting: str, repo: str, patterns: Iterable[str]) -> str:
+    """How to put one part on disk, and exactly which setting to point at it."""
+    folder = repo.rsplit("/", 1)[-1]
+    return (f"run `{download_command(repo, patterns)}` on a machine with internet access, copy the ckpt/{folder} "
+            f"folder to this machine and set {setting}=/full/path/to/ckpt/{folder} in .env.")
+
+
+def mgie_weights_hint(repo: str) -> str:
+    return ("To get the MGIE weights (CC-BY-NC; LLaMA's terms apply), "
+            + get_weights_hint("MGIE_CKPT_DIR", repo, MGIE_PATTERNS)
+            + " Or leave MGIE_CKPT_DIR empty to fetch them into the Hugging Face cache on first run.")
+
+
+def _reason(err: BaseException) -> str:
+    """An exception as one short clause: one line, no trailing period (the caller's sentence goes on)."""
+    text = " ".join(str(err).split()).rstrip(".") or "no details"
+    return f"{type(err).__name__}: {text[:300]}"
+
+
+def _download(repo_id: str, allow_patterns: list[str], local_dir: Path | None, what: str, setting: str) -> Path:
     """snapshot_download with a message a self-hoster can act on when it fails."""
     from huggingface_hub import snapshot_download
 
@@ -46,8 +68,8 @@ def _download(repo_id: str, allow_patterns: list[str] | None, local_dir: Path | 
                                  local_dir=str(local_dir) if local_dir else None)
     except Exception as err:  # offline, gated, missing repo, disk full: all end the same way for the user
         raise ModelUnavailableError(
-            f"Could not get {what} from the Hugging Face Hub repo '{repo_id}': {type(err).__name__}: {err}. "
-            "If this machine is offline, download the files elsewhere and point the setting at a local folder."
+            f"Could not get {what} from the Hugging Face Hub repo '{repo_id}' ({_reason(err)}). "
+            f"If this machine is offline, {get_weights_hint(setting, repo_id, allow_patterns)}"
         ) from err
     return Path(path)
 
@@ -59,22 +81,24 @@ def _missing(folder: Path, names: Iterable[str]) -> list[str]:
 def resolve_mgie_dir(ckpt_dir: str | None, repo: str) -> Path:
     """The folder holding ``LLaVA-7B-v1/`` and ``mgie_7b/``; fetched from the Hub when absent."""
     required = [f"{LLAVA_DIR}/{n}" for n in LLAVA_FILES] + [f"{MGIE_DIR}/{n}" for n in MGIE_FILES]
-    patterns = [f"{LLAVA_DIR}/*", f"{MGIE_DIR}/*"]
+    patterns = MGIE_PATTERNS
     if ckpt_dir is None:
-        return _download(repo, patterns, None, "the MGIE checkpoints")
+        return _download(repo, patterns, None, "the MGIE checkpoints", "MGIE_CKPT_DIR")
     folder = Path(ckpt_dir).expanduser()
     missing = _missing(folder, required)
     if missing:
         log.warning("MGIE_CKPT_DIR=%s lacks %s; trying the Hub.", folder, ", ".join(missing))
         try:
-            _download(repo, patterns, folder, "the MGIE checkpoints")
+            _download(repo, patterns, folder, "the MGIE checkpoints", "MGIE_CKPT_DIR")
         except ModelUnavailableError as err:
             raise CheckpointError(
-                f"{folder / missing[0]} is missing. " + GET_WEIGHTS_HINT.format(repo=repo) + f" ({err})"
+                f"{folder / missing[0]} is missing (MGIE_CKPT_DIR={folder}) and the Hub could not fill it in "
+                f"({_reason(err.__cause__ or err)}). " + mgie_weights_hint(repo)
             ) from err
         still = _missing(folder, required)
         if still:
-            raise CheckpointError(f"{folder / still[0]} is missing. " + GET_WEIGHTS_HINT.format(repo=repo))
+            raise CheckpointError(f"{folder / still[0]} is missing (MGIE_CKPT_DIR={folder}). "
+                                  + mgie_weights_hint(repo))
     return folder
 
 
@@ -87,8 +111,10 @@ def resolve_component(spec: str, required: Iterable[str], patterns: list[str], w
             raise CheckpointError(f"{folder / missing[0]} is missing from the {what} folder.")
         return folder
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise CheckpointError(f"The {what} folder {spec} does not exist (and it is not a Hub repo id).")
-    folder = _download(spec, patterns, None, what)
+        setting = "MGIE_CLIP" if "CLIP" in what else "MGIE_IP2P"
+        raise CheckpointError(f"The {what} folder {spec} does not exist (and it is not a Hub repo id); "
+                              f"check {setting}.")
+    folder = _download(spec, patterns, None, what, "MGIE_CLIP" if "CLIP" in what else "MGIE_IP2P")
     missing = _missing(folder, required)
     if missing:
         raise CheckpointError(f"The Hub repo {spec} has no {missing[0]}; is it really a {what} repo?")
@@ -111,7 +137,7 @@ def read_json(path: Path) -> dict[str, Any]:
 def load_torch_file(path: Path) -> dict[str, Any]:
     """A pickled state dict, read with weights_only (no code runs) and memory-mapped when possible."""
     if not path.is_file():
-        raise CheckpointError(f"{path} is missing. " + GET_WEIGHTS_HINT.format(repo="tsujuifu/ml-mgie"))
+        raise CheckpointError(f"{path} is missing. " + mgie_weights_hint("tsujuifu/ml-mgie"))
     try:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -18,6 +18,10 @@ class BadRequestError(MgieError):
     """An option is out of range or the instruction is unusable."""
 
 
+class SettingsError(BadRequestError):
+    """A setting (environment or `.env`) is malformed; the message names it and what it accepts."""
+
+
 class CheckpointError(MgieError):
     """A checkpoint file is missing or malformed; the message names the file and how to get it."""
 

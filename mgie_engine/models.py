@@ -150,6 +150,8 @@ def _llama_config(raw: dict[str, Any], vocab_size: int, path: Path):
         if not isinstance(raw.get(key), int):
             raise CheckpointError(f"{path} lacks '{key}'; is it LLaVA-7B-v1's config.json?")
     kwargs = {k: raw[k] for k in _LLAMA_KEYS if k in raw}
+    if isinstance(kwargs.get("pad_token_id"), int) and kwargs["pad_token_id"] < 0:
+        kwargs["pad_token_id"] = None  # the release's -1 means "no pad token"; transformers warns on every load
     return LlamaConfig(vocab_size=vocab_size, tie_word_embeddings=False, **kwargs)
 
 
@@ -317,7 +319,7 @@ def load_models(settings: EngineSettings, progress: Progress | None = None) -> M
         raise CheckpointError(f"{mllm_path}: the edit head writes {edit_head.hid2feat.out_features}-wide features "
                               f"but the UNet attends over {unet.config.cross_attention_dim}.")
 
-    say(f"moving to {device}")
+    say(f"the weights onto {device}")
     # With offload the pipeline brings the LLM and the UNet/VAE to the GPU in turn; never both at once.
     big = (lambda module: module) if settings.offload and device.type == "cuda" else (lambda module: module.to(device))
     models = MgieModels(

@@ -22,7 +22,7 @@ class WorkerState(enum.Enum):
     FAILED = "failed"
 
 
-class JobStage(str, enum.Enum):
+class JobStage(enum.StrEnum):
     """The stage a progress event reports; compares equal to its value ("denoise" == JobStage.DENOISE)."""
 
     LANGUAGE = "language"

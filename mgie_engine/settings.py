@@ -1,22 +1,113 @@
-"""Engine settings, read from the environment (and a `.env` file, loaded by the entry points)."""
+"""Engine settings, read from the environment and a `.env` file, every value checked before anything loads.
+
+The parsers here are shared with the bot's settings (``bot.config``) so that a malformed value, engine or bot,
+ends the same way: one :class:`SettingsError` naming the setting and what it accepts. Nothing here imports
+torch: a typo must be reported in a fraction of a second, not after the models load.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import BadRequestError
+from .errors import BadRequestError, SettingsError
 
 DEFAULT_CKPT_REPO = "tsujuifu/ml-mgie"
 DEFAULT_IP2P = "timbrooks/instruct-pix2pix"
+MAX_SIDE_RANGE = (64, 2048)  # the UNet was trained at 256-512 px; memory grows as the side squared
+MAX_BATCH_RANGE = (1, 256)
 
 if TYPE_CHECKING:
     import torch
 
 _DTYPES = {"fp16": "float16", "float16": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16",
            "fp32": "float32", "float32": "float32"}
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+_ONE_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def load_env_file(start: Path | None = None) -> Path | None:
+    """Load the first `.env` found from ``start`` (default: the current directory) upwards; return its path.
+
+    Values already in the environment win. Searching from the current directory, not from the installed
+    package's folder (python-dotenv's default), is what makes a non-editable install find the user's `.env`.
+    """
+    from dotenv import load_dotenv
+
+    folder = (start or Path.cwd()).resolve()
+    for candidate in (folder, *folder.parents):
+        path = candidate / ".env"
+        if path.is_file():
+            load_dotenv(path, override=False)
+            return path
+    return None
+
+
+def _raw(env: Mapping[str, str], name: str) -> str:
+    return (env.get(name) or "").strip()
+
+
+def read_int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    """A whole number within [low, high]; empty or unset means ``default``."""
+    raw = _raw(env, name)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a whole number from {low} to {high}, not {raw[:40]!r}.") from None
+    if not low <= value <= high:
+        raise SettingsError(f"{name} must be a whole number from {low} to {high}, not {value}.")
+    return value
+
+
+def read_float(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+    """A finite number of seconds (or the like) within [low, high]; empty or unset means ``default``."""
+    raw = _raw(env, name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number from {low:g} to {high:g}, not {raw[:40]!r}.") from None
+    if not math.isfinite(value) or not low <= value <= high:
+        raise SettingsError(f"{name} must be a number from {low:g} to {high:g}, not {raw[:40]}.")
+    return value
+
+
+def read_flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """true/false, 1/0, yes/no or on/off; anything else is refused rather than silently read as false."""
+    raw = _raw(env, name).lower()
+    if not raw:
+        return default
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise SettingsError(f"{name} must be true or false (or 1/0), not {raw[:40]!r}.")
+
+
+def read_device(env: Mapping[str, str], name: str = "MGIE_DEVICE") -> str:
+    """auto, cpu, cuda, cuda:N or a comma list of those; whether the GPU exists is checked when workers start."""
+    raw = _raw(env, name) or "auto"
+    parts = [part.strip() for part in raw.lower().split(",")]
+    if raw.lower() == "auto" or (all(_ONE_DEVICE.fullmatch(part) for part in parts)):
+        return raw
+    raise SettingsError(f"{name} must be auto, cpu, cuda, cuda:N or a list such as cuda:0,cuda:1, "
+                        f"not {raw[:40]!r}.")
+
+
+def read_dtype(env: Mapping[str, str], name: str = "MGIE_DTYPE") -> str:
+    raw = _raw(env, name) or "auto"
+    if raw.lower() != "auto" and raw.lower() not in _DTYPES:
+        raise SettingsError(f"{name} must be auto, fp16, bf16 or fp32, not {raw[:40]!r}.")
+    return raw
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,25 +134,21 @@ class EngineSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> EngineSettings:
+        """Every MGIE_* engine setting, checked; raises SettingsError naming the first bad one."""
         env = os.environ if env is None else env
-        max_side = env.get("MGIE_MAX_SIDE", "512")
-        try:
-            max_side_int = int(max_side)
-        except ValueError:
-            raise BadRequestError(f"MGIE_MAX_SIDE must be a whole number of pixels, not {max_side!r}.") from None
         return cls(
-            ckpt_dir=env.get("MGIE_CKPT_DIR") or None,
-            ckpt_repo=env.get("MGIE_CKPT_REPO") or DEFAULT_CKPT_REPO,
-            ip2p=env.get("MGIE_IP2P") or DEFAULT_IP2P,
-            clip=env.get("MGIE_CLIP") or None,
-            device=env.get("MGIE_DEVICE") or "auto",
-            dtype=env.get("MGIE_DTYPE") or "auto",
-            max_side=max_side_int,
-            max_batch=_positive_int(env, "MGIE_MAX_BATCH", 8),
-            compile=(env.get("MGIE_COMPILE") or "").strip().lower() in ("1", "true", "yes", "on"),
-            compile_cache_dir=env.get("MGIE_COMPILE_CACHE_DIR") or None,
-            safety_checker=(env.get("MGIE_SAFETY_CHECKER") or "").strip().lower() in ("1", "true", "yes", "on"),
-            offload=(env.get("MGIE_OFFLOAD") or "").strip().lower() in ("1", "true", "yes", "on"),
+            ckpt_dir=_raw(env, "MGIE_CKPT_DIR") or None,
+            ckpt_repo=_raw(env, "MGIE_CKPT_REPO") or DEFAULT_CKPT_REPO,
+            ip2p=_raw(env, "MGIE_IP2P") or DEFAULT_IP2P,
+            clip=_raw(env, "MGIE_CLIP") or None,
+            device=read_device(env),
+            dtype=read_dtype(env),
+            max_side=read_int(env, "MGIE_MAX_SIDE", 512, *MAX_SIDE_RANGE),
+            max_batch=read_int(env, "MGIE_MAX_BATCH", 8, *MAX_BATCH_RANGE),
+            compile=read_flag(env, "MGIE_COMPILE", False),
+            compile_cache_dir=_raw(env, "MGIE_COMPILE_CACHE_DIR") or None,
+            safety_checker=read_flag(env, "MGIE_SAFETY_CHECKER", False),
+            offload=read_flag(env, "MGIE_OFFLOAD", False),
         )
 
     def device_list(self) -> list[str]:
@@ -88,9 +175,13 @@ class EngineSettings:
         try:
             device = torch.device(name)
         except RuntimeError:
-            raise BadRequestError(f"MGIE_DEVICE must be auto, cpu, cuda or cuda:N, not {self.device!r}.") from None
+            raise SettingsError(f"MGIE_DEVICE must be auto, cpu, cuda or cuda:N, not {self.device!r}.") from None
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise BadRequestError(f"MGIE_DEVICE={self.device} but no CUDA GPU is visible to PyTorch.")
+            raise SettingsError(f"MGIE_DEVICE={self.device} but no CUDA GPU is visible to PyTorch "
+                                "(set MGIE_DEVICE=cpu, or install the CUDA build of torch).")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise SettingsError(f"MGIE_DEVICE={self.device} but PyTorch sees only {torch.cuda.device_count()} GPU(s) "
+                                "(numbered from cuda:0).")
         return device
 
     def torch_dtype(self, device: torch.device | None = None) -> torch.dtype:
@@ -102,16 +193,6 @@ class EngineSettings:
             device = device or self.torch_device()
             return torch.float16 if device.type == "cuda" else torch.float32
         if name not in _DTYPES:
-            raise BadRequestError(f"MGIE_DTYPE must be auto, fp16, bf16 or fp32, not {self.dtype!r}.")
+            raise SettingsError(f"MGIE_DTYPE must be auto, fp16, bf16 or fp32, not {self.dtype!r}.")
         return getattr(torch, _DTYPES[name])
 
-
-def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name) or str(default)
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadRequestError(f"{name} must be a whole number, not {raw!r}.") from None
-    if value < 1:
-        raise BadRequestError(f"{name} must be at least 1.")
-    return value

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-import numpy as np
-import PIL.Image
-import pytest
+import os
 
-from mgie_engine.settings import EngineSettings
+# Under pytest-xdist every core already runs a worker; torch's default of one OpenMP thread per core would put
+# two threads on each core, and their spin-waits make small ops 10-50x slower. Set before anything imports torch
+# (the bot and CLI subprocesses that tests start inherit it).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import PIL.Image  # noqa: E402
+import pytest  # noqa: E402
+
+from mgie_engine.settings import EngineSettings  # noqa: E402
 
 
 def tiny_settings(paths, **overrides) -> EngineSettings:
@@ -100,3 +108,13 @@ def denoise(pipe, image, prompt_embeds, seed, text_cfg, image_cfg, steps):
     while not state.done:
         pipe.denoise_step([state])
     return state.latents
+# Tests that keep both cores busy on their own (inductor compiles, the benchmark scripts' subprocesses) or that
+# time the bot's answers under load (the soak, the lifecycle) run one after another on one pytest-xdist worker
+# (`-n auto --dist loadgroup`), so that none of them starves another; the rest share the other worker(s).
+_ONE_AT_A_TIME = {"test_warm_up.py", "test_bench_scripts.py", "test_soak.py", "test_bot_lifecycle.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in _ONE_AT_A_TIME:
+            item.add_marker(pytest.mark.xdist_group("one-at-a-time"))

@@ -45,15 +45,24 @@ def test_speed_benchmark_runs_every_section(tokenizer_dir, tmp_path):
     assert "burst of 2 (edits/s)" in out
 
 
+# The profile script's three runs are three tests, so that pytest-xdist can run them side by side.
 @pytest.mark.slow
-def test_profile_script_runs_its_stage_profile_decoder_and_unet_variants(tokenizer_dir, tmp_path):
+def test_profile_script_runs_its_stage_profile(tokenizer_dir, tmp_path):
     _run("profile_engine.py", "--tokenizer-dir", str(tokenizer_dir), "--steps", "2", "--budget", "0",
          "--out", str(tmp_path / "stages"))
     stages = json.loads((tmp_path / "stages" / "profile.json").read_text())
     assert {"llm", "llm.prompt", "llm.prefill", "llm.edit_head", "denoise"} <= set(stages["profile"]["stages"])
+
+
+@pytest.mark.slow
+def test_profile_script_runs_its_decoder_variants(tokenizer_dir, tmp_path):
     _run("profile_engine.py", "--tokenizer-dir", str(tokenizer_dir), "--only-llm", "--out", str(tmp_path / "llm"))
     llm = json.loads((tmp_path / "llm" / "profile.json").read_text())
     assert llm["llm_same_tokens_batch1"] and llm["llm_same_tokens_batch32"]
+
+
+@pytest.mark.slow
+def test_profile_script_runs_its_unet_variants(tokenizer_dir, tmp_path):
     # On a CPU the compiled variants are skipped once built; the code around each still runs.
     log = _run("profile_engine.py", "--tokenizer-dir", str(tokenizer_dir), "--only-unet", "--out", str(tmp_path / "unet"),
                "--variants", "eager,engine,home,pdl,homepdl,combo,aggressive,flash,efficient,layout", "--sustain", "2")

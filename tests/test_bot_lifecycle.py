@@ -24,7 +24,7 @@ async def _start(fake, guild, tiny_paths, data_dir):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DISCORD_", "MGIE_"))}
     env.update(tiny_paths.env(), DISCORD_TOKEN=fake.token, DISCORD_API_BASE=fake.api_base,
                DISCORD_GATEWAY_URL=fake.gateway_url, DISCORD_GUILD_IDS=str(guild.id), MGIE_DATA_DIR=str(data_dir),
-               MGIE_DEVICE="cpu", MGIE_MAX_SIDE="256", MGIE_SHUTDOWN_GRACE="60", MGIE_PROGRESS_INTERVAL="0.2",
+               MGIE_DEVICE="cpu", MGIE_MAX_SIDE="128", MGIE_SHUTDOWN_GRACE="60", MGIE_PROGRESS_INTERVAL="0.2",
                HF_HUB_OFFLINE="1")
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot", env=env,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
@@ -34,7 +34,7 @@ async def _start(fake, guild, tiny_paths, data_dir):
 
 
 async def _slow_edit(fake, channel, alice):
-    att = fake.upload_user_attachment(channel, "cat.png", png_bytes(256, 256))
+    att = fake.upload_user_attachment(channel, "cat.png", png_bytes(128, 128))
     inter = await fake.slash(alice, channel, "edit", {"image": att, "instruction": "make it night", "steps": 100})
     await fake.wait_for(lambda: inter.original and "Painting" in (inter.original.content or ""), timeout=60)
     return inter

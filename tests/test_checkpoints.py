@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,7 +88,7 @@ def _load_error(paths) -> str:
 def test_missing_mllm_names_the_file(tiny_copy):
     (tiny_copy.mgie / "mgie_7b" / "mllm.pt").unlink()
     msg = _load_error(tiny_copy)
-    assert "mllm.pt" in msg and "huggingface-cli download" in msg
+    assert "mllm.pt" in msg and "hf download" in msg and "MGIE_CKPT_DIR" in msg
 
 
 def test_truncated_unet_names_the_file(tiny_copy):
@@ -131,3 +134,56 @@ def test_offline_hub_gives_a_clear_error():
     with pytest.raises(ModelUnavailableError) as info:
         load_models(EngineSettings(ckpt_dir=None, device="cpu"))
     assert "tsujuifu/ml-mgie" in str(info.value) and "offline" in str(info.value)
+
+
+def _weights_commands() -> dict[str, str]:
+    from mgie_engine import checkpoints as ck
+
+    return {"MGIE_CKPT_DIR": ck.download_command("tsujuifu/ml-mgie", ck.MGIE_PATTERNS),
+            "MGIE_IP2P": ck.download_command("timbrooks/instruct-pix2pix", ck.IP2P_PATTERNS),
+            "MGIE_CLIP": ck.download_command("openai/clip-vit-large-patch14", ck.CLIP_PATTERNS)}
+
+
+def test_offline_errors_name_the_hf_command_and_the_setting_to_point_there(tiny_copy):
+    with pytest.raises(ModelUnavailableError) as info:
+        load_models(EngineSettings(ckpt_dir=None, device="cpu"))
+    msg = str(info.value)
+    assert _weights_commands()["MGIE_CKPT_DIR"] in msg and "MGIE_CKPT_DIR=" in msg
+    assert ".." not in msg.replace("../", "") and "\n" not in msg
+    with pytest.raises(ModelUnavailableError) as info:
+        load_models(dataclasses.replace(tiny_settings(tiny_copy), ip2p="timbrooks/instruct-pix2pix"))
+    assert _weights_commands()["MGIE_IP2P"] in str(info.value) and "MGIE_IP2P=" in str(info.value)
+
+
+def test_the_download_tool_named_is_the_one_huggingface_hub_installs():
+    from importlib.metadata import distribution
+
+    scripts = {ep.name for ep in distribution("huggingface_hub").entry_points if ep.group == "console_scripts"}
+    assert {command.split()[0] for command in _weights_commands().values()} <= scripts
+
+
+def test_the_readme_shows_the_same_download_commands():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for setting, command in _weights_commands().items():
+        assert command in readme and f"{setting}=" in readme
+    assert "huggingface-cli" not in readme
+
+
+def test_the_released_pad_token_id_of_minus_one_loads_without_a_warning(tiny_copy):
+    config_path = tiny_copy.mgie / "LLaVA-7B-v1" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["pad_token_id"] = -1  # as in the released LLaVA-7B-v1 config.json
+    config_path.write_text(json.dumps(config))
+    messages: list[str] = []
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    hf_logger = logging.getLogger("transformers")  # transformers' loggers do not propagate to the root
+    hf_logger.addHandler(handler)
+    try:
+        models = load_models(tiny_settings(tiny_copy), progress=messages.append)
+    finally:
+        hf_logger.removeHandler(handler)
+    assert not [w for w in warnings if "pad_token_id" in w], warnings
+    assert models.llm.generation_config.pad_token_id is None
+    assert all(not m.startswith("moving") for m in messages) and len(messages) >= 5  # shown as "loading <m>..."

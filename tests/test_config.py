@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 import pytest
 
 from bot.config import BotConfig, ConfigError
-from mgie_engine.errors import BadRequestError
-from mgie_engine.settings import EngineSettings
+from mgie_engine.errors import BadRequestError, SettingsError
+from mgie_engine.settings import EngineSettings, load_env_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,3 +52,39 @@ def test_device_and_dtype_messages():
         EngineSettings(device="tpu").torch_device()
     with pytest.raises(BadRequestError, match="MGIE_DTYPE"):
         EngineSettings(dtype="int8").torch_dtype()
+
+
+@pytest.mark.parametrize("name, value", [
+    ("MGIE_DEVICE", "gpu"), ("MGIE_DEVICE", "cuda:x"), ("MGIE_DTYPE", "int8"), ("MGIE_MAX_SIDE", "0"),
+    ("MGIE_MAX_SIDE", "99999"), ("MGIE_MAX_BATCH", "x"), ("MGIE_COMPILE", "maybe"), ("MGIE_OFFLOAD", "2"),
+    ("MGIE_SAFETY_CHECKER", "yes please"),
+])
+def test_every_engine_setting_is_checked_when_read(name, value):
+    with pytest.raises(SettingsError, match=name):
+        EngineSettings.from_env({name: value})
+
+
+@pytest.mark.parametrize("name, value", [
+    ("MGIE_PROGRESS_INTERVAL", "abc"), ("MGIE_PROGRESS_INTERVAL", "0"), ("MGIE_SHUTDOWN_GRACE", "abc"),
+    ("MGIE_SHUTDOWN_GRACE", "-1"), ("MGIE_STALL_TIMEOUT", "inf"), ("DISCORD_MESSAGE_CONTENT", "perhaps"),
+    ("DISCORD_API_BASE", "discord.com/api"), ("DISCORD_GATEWAY_URL", "https://gateway"), ("MGIE_MAX_BATCH", "x"),
+])
+def test_every_bot_setting_and_the_engine_ones_raise_the_bot_config_error(name, value):
+    with pytest.raises(ConfigError, match=name):
+        BotConfig.from_env({"DISCORD_TOKEN": "t", name: value})
+
+
+def test_good_values_are_read():
+    config = BotConfig.from_env({"DISCORD_TOKEN": "t", "MGIE_SHUTDOWN_GRACE": "12.5", "MGIE_PROGRESS_INTERVAL": "0.5",
+                                 "MGIE_DEVICE": "cuda:0,cuda:1", "MGIE_COMPILE": "off", "MGIE_OFFLOAD": "TRUE"})
+    assert config.shutdown_grace == 12.5 and config.progress_interval == 0.5
+    assert config.engine.device == "cuda:0,cuda:1" and not config.engine.compile and config.engine.offload
+
+
+def test_dotenv_is_found_from_the_current_directory_up(tmp_path, monkeypatch):
+    (tmp_path / ".env").write_text("MGIE_TEST_ONLY_SETTING=from-dotenv\n")
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a" / "b")
+    monkeypatch.delenv("MGIE_TEST_ONLY_SETTING", raising=False)
+    assert load_env_file() == tmp_path / ".env"
+    assert os.environ.pop("MGIE_TEST_ONLY_SETTING") == "from-dotenv"

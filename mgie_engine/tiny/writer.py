@@ -44,7 +44,9 @@ class TinyPaths:
     clip: Path  # MGIE_CLIP
 
     def env(self) -> dict[str, str]:
-        return {"MGIE_CKPT_DIR": str(self.mgie), "MGIE_IP2P": str(self.ip2p), "MGIE_CLIP": str(self.clip)}
+        """The settings that use these folders, as absolute paths: `.env` lines must work from any folder."""
+        return {"MGIE_CKPT_DIR": str(self.mgie.resolve()), "MGIE_IP2P": str(self.ip2p.resolve()),
+                "MGIE_CLIP": str(self.clip.resolve())}
 
 
 def _dump(path: Path, data: dict) -> None:
@@ -69,7 +71,13 @@ def _write_clip(folder: Path, s: TinySizes, seed: int) -> None:
                        "patch_size": s.clip_patch},
         projection_dim=16,
     )
-    CLIPModel(config).save_pretrained(folder)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a "Writing model shards" bar for a 100 kB file is only noise
+    try:
+        CLIPModel(config).save_pretrained(folder)
+    finally:
+        hf_logging.enable_progress_bar()
     _dump(folder / "preprocessor_config.json", {
         "crop_size": {"height": s.clip_image, "width": s.clip_image}, "do_center_crop": True, "do_normalize": True,
         "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_convert_rgb": True,

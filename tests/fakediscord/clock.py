@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 
 class FakeClock:
@@ -37,4 +37,4 @@ class FakeClock:
 
     def iso(self, at: float | None = None) -> str:
         """ISO-8601 timestamp (UTC) as Discord formats it."""
-        return datetime.fromtimestamp(self.now() if at is None else at, timezone.utc).isoformat()
+        return datetime.fromtimestamp(self.now() if at is None else at, UTC).isoformat()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 # Channel types
@@ -59,7 +59,7 @@ def iso(ts: float | None) -> str | None:
     """Discord's ISO-8601 timestamp for a Unix time (``None`` passes through)."""
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat()
+    return datetime.fromtimestamp(ts, UTC).isoformat()
 
 
 @dataclass(eq=False)
