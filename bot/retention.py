@@ -327,7 +327,7 @@ class Retention:
 
     async def pending_for_forget(self, user_id: int) -> list[str]:
         """Unfinished jobs that need ``user_id``'s data: to cancel before :meth:`forget_user` can run."""
-        async with self.store.db.snapshot() as conn:
+        async with self.store.db.turn() as conn:
             return (await _user_jobs(conn, user_id))[1]
 
     async def forget_user(self, user_id: int) -> ForgetReport | list[str]:

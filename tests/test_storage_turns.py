@@ -1,5 +1,5 @@
-"""The store on aiosqlite: one coroutine's transaction at a time, in the order asked, and writes that a
-cancelled caller does not cut short."""
+"""The store on aiosqlite: writes take turns in the order asked and finish even if their caller is
+cancelled; reads (on their own connection) see every write asked for before them."""
 
 from __future__ import annotations
 

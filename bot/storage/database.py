@@ -1,9 +1,11 @@
-"""The SQLite connection: opened with WAL, migrated, then used through aiosqlite, one transaction at a time.
+"""The SQLite connections: opened with WAL after migrating, then used through aiosqlite.
 
-aiosqlite runs the connection on a thread of its own, so the event loop never waits on the disk. Every
-use of it takes a turn (:meth:`Database.turn`): a transaction is never interleaved with another
-coroutine's statements on the same connection, and turns go in the order they were asked for. Writes are one ``BEGIN IMMEDIATE`` transaction each (the write
-lock is taken up front, so a write cannot fail half-way on a busy database).
+aiosqlite runs each connection on a thread of its own, so the event loop never waits on the disk. Writes
+go through one connection and take turns (:meth:`Database.turn`): a transaction is never interleaved
+with another coroutine's statements, and turns go in the order they were asked for. Each write is one
+``BEGIN IMMEDIATE`` transaction (the write lock is taken up front, so it cannot fail half-way on a busy
+database). Reads are single statements on a second connection: they never wait for each other, only for
+the writes asked before them, so a read sees every write its caller (or anyone) asked for earlier.
 """
 
 from __future__ import annotations
@@ -52,24 +54,24 @@ def runs_to_completion(method: Callable[Concatenate[S, P], Awaitable[T]]) -> Cal
 
     A job's state change must not be lost because the task that asked for it was cancelled (a shutdown,
     a timeout): the write runs in a task of its own and commits (or fails) whole; a cancelled caller just
-    stops waiting. The database's turn is taken before that task starts, so writes and reads still go
-    in the order they were asked for.
+    stops waiting. The write's turn is taken before that task starts, so writes and reads still go in
+    the order they were asked for.
     """
     @functools.wraps(method)
     async def wrapper(self: S, *args: P.args, **kwargs: P.kwargs) -> T:
         db: Database = self.db  # type: ignore[attr-defined]
         if _HOLDS_TURN.get():  # called from inside another write: it already has the turn
             return await method(self, *args, **kwargs)
-        await db.lock.acquire()  # cancelled while waiting: nothing started, nothing to finish
+        ticket = await db.take_turn()  # cancelled while waiting: nothing started, nothing to finish
         token = _HOLDS_TURN.set(True)
         try:
             task = asyncio.ensure_future(method(self, *args, **kwargs))  # the task inherits the turn
         except BaseException:
-            db.lock.release()
+            db.end_turn(ticket)
             raise
         finally:
             _HOLDS_TURN.reset(token)
-        task.add_done_callback(lambda _: db.lock.release())
+        task.add_done_callback(lambda _: db.end_turn(ticket))
         _UNFINISHED_WRITES.add(task)
         task.add_done_callback(_UNFINISHED_WRITES.discard)
         return await asyncio.shield(task)
@@ -77,45 +79,92 @@ def runs_to_completion(method: Callable[Concatenate[S, P], Awaitable[T]]) -> Cal
     return wrapper
 
 
-class Database:
-    """One aiosqlite connection in autocommit mode, shared by the store's parts under one lock."""
+async def _connect(path: Path, *pragmas: str) -> aiosqlite.Connection:
+    conn = await aiosqlite.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    try:
+        conn.row_factory = sqlite3.Row
+        for pragma in ("synchronous=NORMAL", "foreign_keys=ON", *pragmas):
+            await conn.execute(f"PRAGMA {pragma}")
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
 
-    def __init__(self, conn: aiosqlite.Connection) -> None:
-        self._conn: aiosqlite.Connection | None = conn
-        self.lock = asyncio.Lock()  # whose turn it is; taken through turn() (or runs_to_completion)
+
+class Database:
+    """A writer connection taken in turns and a reader connection for single-statement reads."""
+
+    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
+        self._writer: aiosqlite.Connection | None = writer
+        self._reader: aiosqlite.Connection | None = reader
+        self.lock = asyncio.Lock()  # whose turn it is on the writer (FIFO)
+        self._asked = 0  # writes asked for so far; each has its number
+        self._unfinished: set[int] = set()  # numbers of writes asked for and not yet over
+        self._write_over = asyncio.Condition()
 
     @classmethod
     async def open(cls, path: Path) -> Database:
         """Connect to an already migrated ``path`` with the pragmas of :func:`connect`."""
-        conn = await aiosqlite.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        writer = await _connect(path)
         try:
-            conn.row_factory = sqlite3.Row
-            await conn.execute("PRAGMA synchronous=NORMAL")
-            await conn.execute("PRAGMA foreign_keys=ON")
+            reader = await _connect(path, "query_only=ON")
         except BaseException:
-            await conn.close()
+            await writer.close()
             raise
-        return cls(conn)
+        return cls(writer, reader)
 
     @property
     def connection(self) -> aiosqlite.Connection:
-        """The connection itself (use it inside :meth:`turn`); RuntimeError once closed."""
-        if self._conn is None:
+        """The writer connection (use it inside :meth:`turn`); RuntimeError once closed."""
+        if self._writer is None:
             raise RuntimeError("the store is closed")
-        return self._conn
+        return self._writer
+
+    async def take_turn(self) -> int:
+        """Wait for the writer (in the order asked); the turn's number, for :meth:`end_turn`."""
+        self._asked += 1
+        ticket = self._asked
+        self._unfinished.add(ticket)
+        try:
+            await self.lock.acquire()
+        except BaseException:
+            self._finish(ticket)
+            raise
+        return ticket
+
+    def end_turn(self, ticket: int) -> None:
+        """Give the writer to the next in line."""
+        self.lock.release()
+        self._finish(ticket)
+
+    def _finish(self, ticket: int) -> None:
+        self._unfinished.discard(ticket)
+        asyncio.ensure_future(self._announce_write_over())
+
+    async def _announce_write_over(self) -> None:
+        async with self._write_over:
+            self._write_over.notify_all()
+
+    async def _after_earlier_writes(self) -> None:
+        """Return once every write asked for before now is over (at once when none is pending)."""
+        last = self._asked
+        if any(t <= last for t in self._unfinished):
+            async with self._write_over:
+                await self._write_over.wait_for(lambda: not any(t <= last for t in self._unfinished))
 
     @contextlib.asynccontextmanager
     async def turn(self) -> AsyncIterator[aiosqlite.Connection]:
-        """The connection to this coroutine alone until the block ends (statements in autocommit)."""
+        """The writer to this coroutine alone until the block ends (statements in autocommit)."""
         if _HOLDS_TURN.get():
             yield self.connection
             return
-        async with self.lock:
-            token = _HOLDS_TURN.set(True)
-            try:
-                yield self.connection
-            finally:
-                _HOLDS_TURN.reset(token)
+        ticket = await self.take_turn()
+        token = _HOLDS_TURN.set(True)
+        try:
+            yield self.connection
+        finally:
+            _HOLDS_TURN.reset(token)
+            self.end_turn(ticket)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -130,33 +179,31 @@ class Database:
                     await conn.execute("ROLLBACK")
                 raise
 
-    @contextlib.asynccontextmanager
-    async def snapshot(self) -> AsyncIterator[aiosqlite.Connection]:
-        """A read transaction, so several SELECTs see one state even while another process writes."""
-        async with self.turn() as conn:
-            await conn.execute("BEGIN")
-            try:
-                yield conn
-            finally:
-                if conn.in_transaction:
-                    await conn.execute("COMMIT")
-
     async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
-        """The first row of one statement (autocommit)."""
+        """The first row of one read statement (see :meth:`fetchall`)."""
         rows = await self.fetchall(sql, params)
         return rows[0] if rows else None
 
     async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        """Every row of one statement (autocommit)."""
-        async with self.turn() as conn:
-            return list(await conn.execute_fetchall(sql, tuple(params)))
+        """Every row of one read statement, on the reader, once the writes asked for before it are over.
+
+        Inside a write's turn it runs on the writer instead (it may read that write's own changes).
+        """
+        if _HOLDS_TURN.get():
+            return list(await self.connection.execute_fetchall(sql, tuple(params)))
+        await self._after_earlier_writes()
+        if self._reader is None:
+            raise RuntimeError("the store is closed")
+        return list(await self._reader.execute_fetchall(sql, tuple(params)))
 
     async def close(self) -> None:
         """Wait for the statement in progress, optimise and close; idempotent, later uses raise."""
         async with self.lock:
-            conn, self._conn = self._conn, None
-            if conn is None:
+            writer, reader, self._writer, self._reader = self._writer, self._reader, None, None
+            if reader is not None:
+                await reader.close()
+            if writer is None:
                 return
             with contextlib.suppress(sqlite3.Error):
-                await conn.execute("PRAGMA optimize")
-            await conn.close()
+                await writer.execute("PRAGMA optimize")
+            await writer.close()

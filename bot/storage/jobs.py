@@ -126,18 +126,16 @@ class JobQueries:
 
     async def get_job(self, job_id: str) -> JobRecord | None:
         """The job ``job_id``, or None when there is none (never stored, deleted, forgotten)."""
-        async with self.db.turn() as conn:
-            return await _job_row(conn, "id = ?", (job_id,))
+        rows = await self._select("WHERE id = ?", (job_id,))
+        return rows[0] if rows else None
 
     async def job_by_message(self, message_id: int) -> JobRecord | None:
         """The job whose result (preferred: it carries the buttons) or status message this is."""
-        async with self.db.snapshot() as conn:
-            for column in ("result_message_id", "status_message_id"):
-                record = await _job_row(conn, f"{column} = ? ORDER BY created_at DESC, rowid DESC LIMIT 1",
-                                        (message_id,))
-                if record is not None:
-                    return record
-        return None
+        rows = await self._select(
+            "WHERE result_message_id = ? OR status_message_id = ?"
+            " ORDER BY result_message_id = ? DESC, created_at DESC, rowid DESC LIMIT 1",
+            (message_id, message_id, message_id))
+        return rows[0] if rows else None
 
     async def unfinished_jobs(self) -> list[JobRecord]:
         """Queued and running jobs, oldest first: what a restarted bot must resume or report as lost."""
@@ -161,17 +159,25 @@ class JobQueries:
         Stops early at a missing parent (pruned or never stored) or a cycle; [] when ``job_id`` is unknown
         or ``limit`` < 1.
         """
+        if limit < 1:
+            return []
+        # One statement, so the walk sees one state of the table; cycles are cut below.
+        rows = await self.db.fetchall(
+            "WITH RECURSIVE walk(id, depth) AS ("
+            " SELECT ?, 0"
+            " UNION ALL"
+            " SELECT jobs.parent_id, walk.depth + 1 FROM walk JOIN jobs ON jobs.id = walk.id"
+            " WHERE jobs.parent_id IS NOT NULL AND walk.depth + 1 < ?)"
+            f" SELECT {', '.join('jobs.' + c for c in _JOB_COLUMNS)} FROM walk JOIN jobs ON jobs.id = walk.id"
+            " ORDER BY walk.depth",
+            (job_id, limit))
         records: list[JobRecord] = []
         seen: set[str] = set()
-        current: str | None = job_id
-        async with self.db.snapshot() as conn:
-            while current is not None and current not in seen and len(records) < limit:
-                record = await _job_row(conn, "id = ?", (current,))
-                if record is None:
-                    break
-                records.append(record)
-                seen.add(current)
-                current = record.parent_id
+        for row in rows:  # newest first; a missing parent ends the walk (its row is simply absent)
+            if row["id"] in seen:
+                break
+            seen.add(row["id"])
+            records.append(_row_to_job(row))
         records.reverse()
         return records
 
