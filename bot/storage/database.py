@@ -101,6 +101,7 @@ class Database:
         self._asked = 0  # writes asked for so far; each has its number
         self._unfinished: set[int] = set()  # numbers of writes asked for and not yet over
         self._write_over = asyncio.Condition()
+        self._readers_waiting = 0
 
     @classmethod
     async def open(cls, path: Path) -> Database:
@@ -139,7 +140,8 @@ class Database:
 
     def _finish(self, ticket: int) -> None:
         self._unfinished.discard(ticket)
-        asyncio.ensure_future(self._announce_write_over())
+        if self._readers_waiting:
+            asyncio.ensure_future(self._announce_write_over())
 
     async def _announce_write_over(self) -> None:
         async with self._write_over:
@@ -149,8 +151,12 @@ class Database:
         """Return once every write asked for before now is over (at once when none is pending)."""
         last = self._asked
         if any(t <= last for t in self._unfinished):
-            async with self._write_over:
-                await self._write_over.wait_for(lambda: not any(t <= last for t in self._unfinished))
+            self._readers_waiting += 1
+            try:
+                async with self._write_over:
+                    await self._write_over.wait_for(lambda: not any(t <= last for t in self._unfinished))
+            finally:
+                self._readers_waiting -= 1
 
     @contextlib.asynccontextmanager
     async def turn(self) -> AsyncIterator[aiosqlite.Connection]:
