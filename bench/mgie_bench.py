@@ -5,7 +5,7 @@
 Prints one table (latency p50/p90, 32-edit burst throughput, refine latency, peak memory, ratios
 against the reference, fraction of the physical floor) and writes the same numbers as JSON with the
 card's name and library versions. The reference flow is the one the parity test keeps
-(tests/reference.py: stock generate + diffusers' StableDiffusionInstructPix2PixPipeline).
+(tests/support/reference.py: stock generate + diffusers' StableDiffusionInstructPix2PixPipeline).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import PIL.Image
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "support")]
 
 from full_size import build  # noqa: E402
 

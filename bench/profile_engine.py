@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests" / "support")]
 import mgie_bench  # noqa: E402
 from full_size import build  # noqa: E402
 from mgie_bench import item, pipe_image, run_engine, sync, warm_up_home_shape_only  # noqa: E402

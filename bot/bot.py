@@ -29,6 +29,9 @@ from .views import JobButton
 
 log = logging.getLogger(__name__)
 
+# A worker ends its current step before the process may exit (a step takes a fraction of a second on a GPU,
+# seconds on a CPU); past this, exit anyway.
+WORKER_STOP_SECONDS = 30.0
 COGS = ("cogs.edit", "cogs.results", "cogs.history", "cogs.admin", "cogs.moderation")
 T = TypeVar("T")
 
@@ -198,6 +201,8 @@ class MgieBot(commands.Bot):
             await asyncio.gather(*tasks, return_exceptions=True)
             self.intake_slots.close()
             self.engine.shutdown()
+            if not await asyncio.to_thread(self.engine.join, WORKER_STOP_SECONDS):
+                log.warning("a worker is still inside a step after %.0f s; exiting anyway", WORKER_STOP_SECONDS)
             await super().close()
             if self.http_session is not None:
                 await self.http_session.close()

@@ -4,7 +4,7 @@ This re-implements ``transformers.models.llama.modeling_llama.LlamaDecoderLayer`
 embeddings via transformers' own ``apply_rotary_pos_emb``, grouped-query SDPA attention, SiLU MLP) with
 the same rounding, so that decoding.py can compile and graph it with its own KV cache. It was checked
 (the parity tests: tokens and hidden states equal to stock ``generate``) against the transformers
-versions in ``CHECKED_TRANSFORMERS``; tests/test_decoding.py fails on any other, since a new release may
+versions in ``CHECKED_TRANSFORMERS``; tests/engine/test_decoding.py fails on any other, since a new release may
 change the layer's arithmetic (norm placement, rotary layout, attention scaling) without an error here.
 """
 

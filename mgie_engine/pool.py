@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 from .protocol import WorkerState
@@ -61,3 +62,8 @@ class WorkerPool:
         """Stop every worker."""
         for worker in self.workers:
             worker.shutdown()
+
+    def join(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s in all for every worker's thread to end."""
+        deadline = time.monotonic() + timeout
+        return all([worker.join(max(0.0, deadline - time.monotonic())) for worker in self.workers])

@@ -70,7 +70,7 @@ class PromptEncoder:
         """Ids of the whole prompt, BOS first where the tokenizer config asks for it.
 
         For text without special-token strings in its user parts these are the ids of the joined string
-        encoded by the original tokenizer (tests/test_prompt_tokens.py checks it).
+        encoded by the original tokenizer (tests/engine/test_prompt_tokens.py checks it).
         """
         ids = [self._real_id.get(i, i) for i in self._tokenizer.encode(self.text(parts)).ids]
         if self.add_bos and (not ids or ids[0] != self.bos):

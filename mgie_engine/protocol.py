@@ -102,3 +102,6 @@ class Worker(Protocol):
 
     def shutdown(self) -> None:
         """Stop taking jobs; the jobs it holds end with ``JobCancelledError``."""
+
+    def join(self, timeout: float) -> bool:
+        """After ``shutdown``: wait (blocking) up to ``timeout`` s for its threads to end; whether they did."""

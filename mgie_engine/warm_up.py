@@ -50,7 +50,7 @@ def warm_up_batches(side: int, max_jobs: int) -> list[tuple[int, tuple[int, int]
 def warm_up(pipe: MgiePipeline, max_jobs: int = 1) -> None:
     """Throwaway batches of two steps each (``warm_up_batches``) that compile every class of shape a
     worker taking up to ``max_jobs`` jobs a step will meet. After it, new shapes only record CUDA graphs
-    (about a second), and no user's edit waits minutes for a compile (tests/test_warm_up.py)."""
+    (about a second), and no user's edit waits minutes for a compile (tests/engine/test_warm_up.py)."""
     pipe.denoiser.static_jobs = {1, pipe.denoiser.padded(max_jobs)}
     batches = warm_up_batches(pipe.max_side, max_jobs)
     for k, (count, size, guided) in enumerate(batches):

@@ -147,3 +147,10 @@ class LocalWorker:
         """Stop the thread after its current step; queued input work is cancelled."""
         self.inbox.stop()
         self.cpu.shutdown(wait=False, cancel_futures=True)
+
+    def join(self, timeout: float) -> bool:
+        """Wait for the worker thread to end its current step and stop. A process must not exit while the
+        thread is inside a torch call: that aborts it ("terminate called without an active exception")."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self._thread is None or not self._thread.is_alive()

@@ -147,7 +147,7 @@ def test_a_run_the_model_leaves_keeps_only_the_models_own_picks(tiny_models_babb
 
 def test_the_visual_tokens_of_an_answer_are_checked_in_one_pass(tiny_models):
     """The planted answer ends in [IMG0]..[IMG7]: the engine checks [IMG2]..[IMG7] in one pass and its
-    guidance equals stock generate's (tests/test_parity.py holds the images to the reference)."""
+    guidance equals stock generate's (tests/engine/test_parity.py holds the images to the reference)."""
     models = tiny_models
     pipe = MgiePipeline(models, max_side=64)
     calls = _counted(pipe.language.decoder)
@@ -232,7 +232,7 @@ def test_the_installed_transformers_is_one_the_llama_layer_was_checked_against()
         f"transformers {transformers.__version__} is outside the versions mgie_engine/llama_layer.py was checked "
         f"against ({CHECKED_TRANSFORMERS[0]} to {CHECKED_TRANSFORMERS[-1]}). Compare LlamaDecoderLayer, "
         "LlamaAttention, LlamaRMSNorm and apply_rotary_pos_emb in transformers/models/llama/modeling_llama.py "
-        "with llama_layer.layer_function, run tests/test_decoding.py and tests/test_parity.py (and the GPU parity "
+        "with llama_layer.layer_function, run tests/engine/test_decoding.py and tests/engine/test_parity.py (and the GPU parity "
         "in bench/mgie_bench.py), then add the version to CHECKED_TRANSFORMERS.")
 
 

@@ -30,7 +30,7 @@ from bot.storage import (
     load_migrations,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_job(**overrides) -> JobRecord:

@@ -20,11 +20,11 @@ def world(fake_discord):
     return basic_world(fake_discord)
 
 
-async def _start(fake, guild, tiny_paths, data_dir):
+async def _start(fake, guild, tiny_paths, data_dir, grace: float = 60):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DISCORD_", "MGIE_"))}
     env.update(tiny_paths.env(), DISCORD_TOKEN=fake.token, DISCORD_API_BASE=fake.api_base,
                DISCORD_GATEWAY_URL=fake.gateway_url, DISCORD_GUILD_IDS=str(guild.id), MGIE_DATA_DIR=str(data_dir),
-               MGIE_DEVICE="cpu", MGIE_MAX_SIDE="128", MGIE_SHUTDOWN_GRACE="60", MGIE_PROGRESS_INTERVAL="0.2",
+               MGIE_DEVICE="cpu", MGIE_MAX_SIDE="128", MGIE_SHUTDOWN_GRACE=str(grace), MGIE_PROGRESS_INTERVAL="0.2",
                HF_HUB_OFFLINE="1")
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot", env=env,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
@@ -59,6 +59,28 @@ async def test_sigterm_finishes_the_running_edit_then_exits(world, tmp_path, tin
     assert inter.original.attachments and not inter.failed
     assert _state(tmp_path / "data") == ["done"]
     assert fake.token not in out.decode()
+
+
+async def test_sigterm_past_the_grace_exits_cleanly_and_the_next_start_resumes_the_edit(world, tmp_path, tiny_paths):
+    fake, guild, channel, alice = world
+    proc = await _start(fake, guild, tiny_paths, tmp_path / "data", grace=0.5)
+    try:
+        inter = await _slow_edit(fake, channel, alice)
+        proc.send_signal(signal.SIGTERM)  # the edit has far more than half a second left
+        out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    # A clean exit (not an abort from the worker thread still running at exit), the edit left to resume.
+    assert proc.returncode == 0, out.decode()[-2000:]
+    assert "unfinished" in out.decode() and "terminate called" not in out.decode()
+    assert _state(tmp_path / "data") == ["running"]
+    proc = await _start(fake, guild, tiny_paths, tmp_path / "data")
+    try:
+        await fake.wait_for(lambda: inter.original.attachments, timeout=120)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 60)
 
 
 async def test_after_sigkill_the_next_start_resumes_the_running_edit(world, tmp_path, tiny_paths):

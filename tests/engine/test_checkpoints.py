@@ -163,7 +163,7 @@ def test_the_download_tool_named_is_the_one_huggingface_hub_installs():
 
 
 def test_the_readme_shows_the_same_download_commands():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for setting, command in _weights_commands().items():
         assert command in readme and f"{setting}=" in readme
     assert "huggingface-cli" not in readme
