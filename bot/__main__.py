@@ -64,11 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     from mgie_engine.settings import load_env_file
 
     from .config import BotConfig, ConfigError
+    from .redis_engine import RedisSetupError
 
     load_env_file()
     try:
         config = BotConfig.from_env()
-    except ConfigError as err:
+        _check_redis()
+    except (ConfigError, RedisSetupError) as err:
         return _fail(err)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -117,6 +119,15 @@ async def _check_store(store_class, config) -> None:
     """Open (and migrate) the database before going online, so a damaged or locked one is reported first."""
     store = await store_class.open(config.data_dir)
     await store.close()
+
+
+def _check_redis() -> None:
+    """With MGIE_REDIS_URL: a wrong password, an unreachable Redis or one older than 7 stops the start here."""
+    from .redis_engine import check_redis, redis_settings_from_env
+
+    settings = redis_settings_from_env()
+    if settings is not None:
+        asyncio.run(check_redis(settings))
 
 
 async def _run(bot, token: str, grace: float) -> None:

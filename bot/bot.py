@@ -23,6 +23,7 @@ from .jobs import JobManager
 from .privacy import ForgetButton
 from .queue import JobEvent, JobQueue
 from .quiet_refusals import NoticeThrottle
+from .redis_engine import RedisPool, redis_settings_from_env
 from .retention import Retention
 from .storage import Store
 from .views import JobButton
@@ -56,7 +57,10 @@ class MgieBot(commands.Bot):
         )
         self.config = config
         # One worker per GPU; the fair queue spreads jobs across them.
-        self.engine = WorkerPool(workers) if workers else WorkerPool.from_settings(config.engine)
+        # With MGIE_REDIS_URL the workers run elsewhere (mgie-worker) and this process loads no model.
+        redis = None if workers else redis_settings_from_env()
+        self.engine = (WorkerPool(workers) if workers else RedisPool(redis) if redis is not None
+                       else WorkerPool.from_settings(config.engine))
         # Made in setup_hook (they need the event loop or the database); reached through the properties below.
         self._store: Store | None = None
         self._queue: JobQueue | None = None
@@ -115,6 +119,8 @@ class MgieBot(commands.Bot):
         self._jobs = JobManager(self, self._store, self._queue, self.engine, self.config.progress_interval)
         self._rate_limiter = JobRateLimiter(self.config.user_jobs_per_minute)
         self._reply_notices = NoticeThrottle()
+        if isinstance(self.engine, RedisPool):
+            self.engine.on_capacity = self._queue.wake  # a worker joined or left: release up to the free slots
         self.add_dynamic_items(JobButton, ForgetButton)
         for name in COGS:
             await self.load_extension(name)

@@ -236,6 +236,10 @@ class JobQueue:
     def accepting(self) -> bool:
         return self._accepting
 
+    def wake(self) -> None:
+        """Workers' capacity changed (a remote pool's worker joined or left): look for jobs to release."""
+        self._wakeup.set()
+
     async def all_ready(self) -> None:
         """Until every worker has finished loading (or failed to)."""
         while len(self._ready) < len(self.workers):

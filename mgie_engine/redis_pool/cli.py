@@ -1,0 +1,128 @@
+"""`mgie-worker`: a GPU worker process that takes edits from a Redis Streams pool (see README, "Several GPUs
+or hosts"). One process per device; ``--devices all`` starts one per local GPU."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+from ..arguments import OneLineParser
+from ..errors import MgieError
+from ..settings import EngineSettings, load_env_file
+from .connection import RedisSettings, RedisSetupError, check_server, client
+
+log = logging.getLogger("mgie_engine.redis_pool")
+
+DESCRIPTION = """\
+Run MGIE edits for a bot on another host (or this one), through Redis Streams.
+
+Reads the same engine settings as the bot (from the environment or a .env file): MGIE_CKPT_DIR, MGIE_IP2P,
+MGIE_CLIP, MGIE_DEVICE, MGIE_DTYPE, MGIE_MAX_SIDE, MGIE_MAX_BATCH, MGIE_COMPILE, ... and:
+  MGIE_REDIS_URL     redis://:PASSWORD@HOST:6379/0 (rediss:// for TLS); the same as the bot's
+  MGIE_REDIS_PREFIX  key namespace (default mgie); the same as the bot's
+Start as many workers, on as many hosts, as you like: each takes up to MGIE_MAX_BATCH jobs at once.
+A worker that dies loses no job: its jobs go to the other workers once its claims stop being renewed.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="mgie-worker", description=DESCRIPTION,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devices", default=None,
+                        help="'all' (one process per local GPU, or the CPU when there is none), one device "
+                             "(cuda:1, cpu), or a comma list (cuda:0,cuda:1) to start one process each. "
+                             "Default: MGIE_DEVICE, else all.")
+    parser.add_argument("--env-file", default=None,
+                        help="read settings from this file (default: the first .env from here upwards); "
+                             "values already in the environment win")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.env_file:
+        from dotenv import load_dotenv
+
+        load_dotenv(args.env_file, override=False)
+    else:
+        load_env_file()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        redis_settings = RedisSettings.from_env()
+        if redis_settings is None:
+            raise RedisSetupError("MGIE_REDIS_URL is not set; it names the Redis that the bot and the workers "
+                                  "share (redis://:PASSWORD@HOST:6379/0).")
+        engine = EngineSettings.from_env()
+        asyncio.run(_check(redis_settings))
+        devices = _devices(engine, args.devices)
+    except (RedisSetupError, MgieError) as err:
+        print(f"mgie-worker: {err}", file=sys.stderr)
+        return 2
+    if len(devices) > 1:
+        return _run_children(devices, args.env_file)
+    engine = dataclasses.replace(engine, device=devices[0])
+    return asyncio.run(_serve(engine, redis_settings))
+
+
+async def _check(settings: RedisSettings) -> None:
+    conn = client(settings)
+    try:
+        version = await check_server(conn, settings)
+    finally:
+        await conn.aclose()
+    log.info("Redis %s at %s (prefix %r)", version, settings.safe_url, settings.prefix)
+
+
+def _devices(engine: EngineSettings, flag: str | None) -> list[str]:
+    name = (flag or engine.device or "auto").strip().lower()
+    if name in ("all", "auto"):
+        return dataclasses.replace(engine, device="auto").device_list()
+    return dataclasses.replace(engine, device=name).device_list()
+
+
+def _run_children(devices: list[str], env_file: str | None) -> int:
+    """One process per device (no GIL shared between GPUs); signals are passed on; exits when all have."""
+    children = []
+    for device in devices:
+        cmd = [sys.executable, "-m", "mgie_engine.redis_pool.cli", "--devices", device]
+        if env_file:
+            cmd += ["--env-file", env_file]
+        children.append(subprocess.Popen(cmd, env={**os.environ, "MGIE_DEVICE": device}))
+    log.info("started %d worker processes: %s", len(children), ", ".join(devices))
+
+    def forward(signum, _frame) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    return max(child.wait() for child in children)
+
+
+async def _serve(engine: EngineSettings, redis_settings: RedisSettings) -> int:
+    from ..worker import LocalWorker
+    from .service import WorkerService, consumer_name
+    from .streams import StreamProtocol
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    conn = client(redis_settings)
+    name = consumer_name(engine.device)
+    service = WorkerService(LocalWorker(engine, name=engine.device), StreamProtocol(conn, redis_settings), name)
+    try:
+        return await service.run(stop, grace=float(os.environ.get("MGIE_SHUTDOWN_GRACE") or 30))
+    finally:
+        await conn.aclose()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
