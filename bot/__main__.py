@@ -1,4 +1,4 @@
-"""`mgie-bot`: start the bot from `.env` / the environment, or print its invite URL.
+"""`mgie-bot`: start the bot from `.env` / the environment, print its invite URL, or sync its commands.
 
 Everything that can be checked without the network is checked first, in this order: the arguments, every
 setting (``BotConfig.from_env``), the database; each problem ends in one line on stderr and exit code 2
@@ -39,8 +39,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "directory (or a folder above it); every one is listed in .env.example. DISCORD_TOKEN is required.",
         epilog="Exit codes: 0 stopped normally, 1 Discord could not be reached, 2 a setting, argument, the token "
                "or the database needs fixing (the message says which).")
-    sub = p.add_subparsers(dest="command", metavar="{run,invite}")
+    sub = p.add_subparsers(dest="command", metavar="{run,invite,sync}")
     sub.add_parser("run", help="run the bot (the default)", description="Run the bot until SIGTERM or Ctrl-C.")
+    sub.add_parser("sync", help="register the slash commands with Discord now, then exit",
+                   description="Register the slash commands now (a start registers them only when they changed).")
     invite = sub.add_parser("invite", help="print the URL that adds the bot to a server",
                             description="Print the invite URL with the permissions the bot needs.")
     invite.add_argument("application_id", metavar="APPLICATION_ID", type=_application_id,
@@ -86,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     apply_endpoints(config.api_base, config.gateway_url)
     try:
         asyncio.run(_check_store(Store, config))
+        if args.command == "sync":
+            from .command_sync import sync_now
+
+            asyncio.run(sync_now(config))
+            return 0
         from .bot import MgieBot
 
         bot = MgieBot(config)

@@ -47,6 +47,7 @@ class Ticket:
 
     @property
     def open(self) -> bool:
+        """Whether the ticket still holds its place (neither consumed nor released)."""
         return self._open
 
     def consume(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import TypeVar
 
 import aiohttp
 import discord
@@ -14,12 +15,14 @@ from discord.ext import commands
 from mgie_engine.pool import WorkerPool
 from mgie_engine.worker import LocalWorker
 
+from .command_sync import sync_commands
 from .config import BotConfig
-from .deferred import fail_after_defer
-from .intake import IntakeSlots
+from .deferred import tell_privately
+from .intake import IntakeSlots, JobRateLimiter
 from .jobs import JobManager
 from .privacy import ForgetButton
 from .queue import JobEvent, JobQueue
+from .quiet_refusals import NoticeThrottle
 from .redis_engine import RedisPool, redis_settings_from_env
 from .retention import Retention
 from .storage import Store
@@ -31,9 +34,18 @@ log = logging.getLogger(__name__)
 # seconds on a CPU); past this, exit anyway.
 WORKER_STOP_SECONDS = 30.0
 COGS = ("cogs.edit", "cogs.results", "cogs.history", "cogs.admin", "cogs.moderation")
+T = TypeVar("T")
+
+
+def _ready(part: T | None, name: str) -> T:
+    if part is None:
+        raise RuntimeError(f"the bot's {name} is made in setup_hook; it is not set up (yet)")
+    return part
 
 
 class MgieBot(commands.Bot):
+    """The MGIE bot: one per process; cogs reach its parts through the typed properties below."""
+
     def __init__(self, config: BotConfig, workers: list[LocalWorker] | None = None) -> None:
         intents = discord.Intents.default()
         intents.message_content = config.message_content
@@ -49,34 +61,73 @@ class MgieBot(commands.Bot):
         redis = None if workers else redis_settings_from_env()
         self.engine = (WorkerPool(workers) if workers else RedisPool(redis) if redis is not None
                        else WorkerPool.from_settings(config.engine))
-        self.store: Store | None = None
-        self.queue: JobQueue | None = None
-        self.jobs: JobManager | None = None
-        self.retention: Retention | None = None
+        # Made in setup_hook (they need the event loop or the database); reached through the properties below.
+        self._store: Store | None = None
+        self._queue: JobQueue | None = None
+        self._jobs: JobManager | None = None
+        self._retention: Retention | None = None
+        self._rate_limiter: JobRateLimiter | None = None
+        self._reply_notices: NoticeThrottle | None = None
         self.intake_slots = IntakeSlots()  # downloads and decodes of attachments at once
         # Every task the bot starts: the loop keeps only weak references, so a task nobody holds can be
         # garbage-collected mid-run; and close() must be able to cancel them. Tasks leave the set when done.
         self.background_tasks: set[asyncio.Task] = set()
         self.started_at = time.time()
+        self._recovered = False  # restart recovery ran (once per process)
+        self.http_session: aiohttp.ClientSession | None = None  # made in setup_hook (needs the loop)
+
+    # -- the parts made in setup_hook ----------------------------------------------------------------
+    @property
+    def store(self) -> Store:
+        """Jobs, server settings, bans and image files (SQLite + the data dir)."""
+        return _ready(self._store, "store")
+
+    @property
+    def queue(self) -> JobQueue:
+        """The fair queue in front of the GPU workers."""
+        return _ready(self._queue, "queue")
+
+    @property
+    def jobs(self) -> JobManager:
+        """Every job from its stored record to its delivered result."""
+        return _ready(self._jobs, "jobs")
+
+    @property
+    def retention(self) -> Retention:
+        """What is deleted when: old chains, storage over its cap, expired tokens, forget-me."""
+        return _ready(self._retention, "retention")
+
+    @property
+    def rate_limiter(self) -> JobRateLimiter:
+        """New jobs per user per minute (``MGIE_USER_JOBS_PER_MINUTE``)."""
+        return _ready(self._rate_limiter, "rate_limiter")
+
+    @property
+    def reply_notices(self) -> NoticeThrottle:
+        """How often a refused reply-refine may get a public notice (see bot.quiet_refusals)."""
+        return _ready(self._reply_notices, "reply_notices")
 
     async def setup_hook(self) -> None:
+        """Open storage, start the workers and the queue, load the cogs, sync commands if they changed."""
         self.http_session = aiohttp.ClientSession()  # attachment downloads (see bot.downloads)
-        self.store = await Store.open(self.config.data_dir)
+        self._store = await Store.open(self.config.data_dir)
         # Models load in the background: the bot is online at once and queues early jobs.
         self.engine.start()
-        self.retention = Retention(self.store, self.config.retention_days, self.config.max_storage_gb)
-        self.queue = JobQueue(self.engine.workers, on_event=self._on_job_event, max_total=self.config.max_queue,
-                              stall_timeout=self.config.stall_timeout, replace_worker=self.engine.replace)
-        self.jobs = JobManager(self, self.store, self.queue, self.engine, self.config.progress_interval)
+        self._retention = Retention(self._store, self.config.retention_days, self.config.max_storage_gb)
+        self._queue = JobQueue(self.engine.workers, on_event=self._on_job_event, max_total=self.config.max_queue,
+                               stall_timeout=self.config.stall_timeout, replace_worker=self.engine.replace)
+        self._jobs = JobManager(self, self._store, self._queue, self.engine, self.config.progress_interval)
+        self._rate_limiter = JobRateLimiter(self.config.user_jobs_per_minute)
+        self._reply_notices = NoticeThrottle()
         if isinstance(self.engine, RedisPool):
-            self.engine.on_capacity = self.queue.wake  # a worker joined or left: release up to the free slots
+            self.engine.on_capacity = self._queue.wake  # a worker joined or left: release up to the free slots
         self.add_dynamic_items(JobButton, ForgetButton)
         for name in COGS:
             await self.load_extension(name)
         self.tree.on_error = self.on_app_command_error
-        await self._sync_commands()
-        self.queue.start()
-        self.spawn(self.retention.run(), name="mgie-retention")
+        await sync_commands(self, self._store.data_dir, self.config.guild_ids)
+        self._queue.start()
+        self.spawn(self._retention.run(), name="mgie-retention")
 
     def spawn(self, coro, *, name: str | None = None) -> asyncio.Task:
         """Start ``coro`` as a task the bot holds until it ends; close() cancels it, a failure is logged."""
@@ -99,21 +150,13 @@ class MgieBot(commands.Bot):
     def _on_job_event(self, event: JobEvent) -> None:
         self.spawn(self.jobs.on_event(event), name=f"mgie-event-{event.kind}-{event.job_id[:8]}")
 
-    async def _sync_commands(self) -> None:
-        if self.config.guild_ids:
-            for gid in self.config.guild_ids:
-                guild = discord.Object(gid)
-                self.tree.copy_global_to(guild=guild)
-                await self.tree.sync(guild=guild)
-        else:
-            await self.tree.sync()
-
     async def on_message(self, message: discord.Message) -> None:
         """No prefix commands: everything is a slash command, and replies are handled by the Edit cog."""
 
     async def on_ready(self) -> None:
+        """Connected: the first time, resume what a previous run left unfinished."""
         log.info("logged in as %s (%s) in %d guild(s)", self.user, self.user.id if self.user else "?", len(self.guilds))
-        if not getattr(self, "_recovered", False):
+        if not self._recovered:  # on_ready comes again after every reconnect
             self._recovered = True
             await self.jobs.recover()
 
@@ -127,12 +170,7 @@ class MgieBot(commands.Bot):
             log.error("command %s failed", interaction.command and interaction.command.name, exc_info=error)
             message = "Something went wrong on my side; the error is logged."
         try:
-            if interaction.response.type is discord.InteractionResponseType.deferred_channel_message:
-                await fail_after_defer(interaction, message)  # a plain follow-up would replace it publicly
-            elif interaction.response.is_done():
-                await interaction.followup.send(message, ephemeral=True)
-            else:
-                await interaction.response.send_message(message, ephemeral=True)
+            await tell_privately(interaction, message)
         except discord.HTTPException:
             pass
 
@@ -141,32 +179,39 @@ class MgieBot(commands.Bot):
 
         Whatever is still queued or running stays so in the database and is resumed on the next start.
         """
-        if self.queue is not None:
-            self.queue.stop_accepting()
+        if self._queue is not None:
+            self._queue.stop_accepting()
             deadline = time.monotonic() + grace
-            while self.queue.running and time.monotonic() < deadline:
+            while self._queue.running and time.monotonic() < deadline:
                 await asyncio.sleep(0.2)
-            if self.queue.running:
+            if self._queue.running:
                 log.warning("shutting down with %d job(s) unfinished; they resume on the next start",
-                            len(self.queue.running))
+                            len(self._queue.running))
             else:
                 await asyncio.sleep(0.5)  # let the last result's message go out
         await self.close()
 
     async def close(self) -> None:
-        if self.queue is not None:
-            self.queue.stop_accepting()
-            await self.queue.stop()
-        tasks = list(self.background_tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self.intake_slots.close()
-        self.engine.shutdown()
-        if not await asyncio.to_thread(self.engine.join, WORKER_STOP_SECONDS):
-            log.warning("a worker is still inside a step after %.0f s; exiting anyway", WORKER_STOP_SECONDS)
-        await super().close()
-        if getattr(self, "http_session", None) is not None:
-            await self.http_session.close()
-        if self.store is not None:
-            await self.store.close()
+        """Stop the queue and every task, shut the workers down, then Discord, downloads and storage.
+
+        Storage closes whatever failed before it: its connection thread would otherwise keep the process
+        from exiting.
+        """
+        try:
+            if self._queue is not None:
+                self._queue.stop_accepting()
+                await self._queue.stop()
+            tasks = list(self.background_tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.intake_slots.close()
+            self.engine.shutdown()
+            if not await asyncio.to_thread(self.engine.join, WORKER_STOP_SECONDS):
+                log.warning("a worker is still inside a step after %.0f s; exiting anyway", WORKER_STOP_SECONDS)
+            await super().close()
+            if self.http_session is not None:
+                await self.http_session.close()
+        finally:
+            if self._store is not None:
+                await self._store.close()

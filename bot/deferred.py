@@ -77,16 +77,24 @@ async def failures_told_privately(interaction: discord.Interaction,
         await fail_after_defer(interaction, describe_failure(err))
 
 
+async def tell_privately(interaction: discord.Interaction, message: str) -> None:
+    """Answer ``message`` to the user alone, whether or not (and how) the interaction was answered yet.
+
+    Not answered: an ephemeral response. After a public thinking defer: :func:`fail_after_defer` (a plain
+    follow-up would replace the placeholder publicly). Otherwise: an ephemeral follow-up.
+    """
+    if not interaction.response.is_done():
+        await interaction.response.send_message(message, ephemeral=True)
+    elif interaction.response.type is discord.InteractionResponseType.deferred_channel_message:
+        await fail_after_defer(interaction, message)
+    else:
+        await interaction.followup.send(message, ephemeral=True)
+
+
 async def answer_failure(interaction: discord.Interaction, err: BaseException) -> None:
     """An error nothing else caught, answered privately whatever state the response is in."""
-    message = describe_failure(err)
     try:
-        if not interaction.response.is_done():
-            await interaction.response.send_message(message, ephemeral=True)
-        elif interaction.response.type is discord.InteractionResponseType.deferred_channel_message:
-            await fail_after_defer(interaction, message)
-        else:
-            await interaction.followup.send(message, ephemeral=True)
+        await tell_privately(interaction, describe_failure(err))
     except discord.HTTPException as http_err:
         log.warning("could not tell the user about an error: %s", http_err)
 

@@ -30,6 +30,7 @@ def via_interaction(job: JobRecord) -> bool:
 
 
 def token_alive(job: JobRecord, now: float | None = None) -> bool:
+    """Whether the job's interaction token can still edit its response (15 minutes, with a margin)."""
     if not job.interaction_token or not job.application_id or not job.token_created_at:
         return False
     return (now or time.time()) - job.token_created_at < TOKEN_LIFETIME - TOKEN_MARGIN

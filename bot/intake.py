@@ -12,7 +12,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import discord
 import PIL.Image
@@ -22,11 +22,13 @@ from mgie_engine.images import MAX_INPUT_BYTES, load_image, prepare_image
 from mgie_engine.png import encode_png
 
 from .admission import Ticket, fair_share_allows
-from .config import DEFAULT_USER_JOBS_PER_MINUTE
 from .downloads import allowed_hosts, check_attachment_meta, download
 from .moderation_text import contains_blocked_word
 from .presets import EDGE_ANALYSIS_SIDE
 from .storage import GuildSettings
+
+if TYPE_CHECKING:
+    from .bot import MgieBot
 
 T = TypeVar("T")
 
@@ -52,6 +54,7 @@ class Refusal(MgieError):
 
 
 def first_image(attachments: list[discord.Attachment]) -> discord.Attachment | None:
+    """The first attachment that looks like an image (by content type or file name), if any."""
     for attachment in attachments:
         ctype = (attachment.content_type or "").lower()
         if ctype.startswith("image/") or attachment.filename.lower().endswith((".png", ".jpg", ".jpeg", ".webp", ".gif")):
@@ -74,6 +77,7 @@ class IntakeSlots:
         self.executor = concurrent.futures.ThreadPoolExecutor(self.decodes, thread_name_prefix="mgie-decode")
 
     def close(self) -> None:
+        """Stop the decode threads (the bot is closing); queued decodes are dropped."""
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -83,7 +87,7 @@ def _decode_and_fit(data: bytes, max_side: int, analyse: Callable[[PIL.Image.Ima
     return png, analyse(picture)
 
 
-async def fetch_image(bot, attachment: discord.Attachment,
+async def fetch_image(bot: MgieBot, attachment: discord.Attachment,
                       analyse: Callable[[PIL.Image.Image], T]) -> tuple[bytes, T]:
     """Download (Discord's CDN only, capped), decode once, fit to the engine's size and encode that as the
     PNG the job stores and its worker reads; ``analyse`` (e.g. the auto preset) sees the decoded picture.
@@ -153,17 +157,7 @@ class JobRateLimiter:
             starts.remove(start)
 
 
-def job_rate_limiter(bot) -> JobRateLimiter:
-    """The bot's limiter, made on first use from ``bot.config.user_jobs_per_minute``."""
-    limiter = getattr(bot, "_mgie_job_rate_limiter", None)
-    if limiter is None:
-        limit = getattr(bot.config, "user_jobs_per_minute", DEFAULT_USER_JOBS_PER_MINUTE)
-        limiter = JobRateLimiter(limit)
-        bot._mgie_job_rate_limiter = limiter  # noqa: SLF001 - ours; bot.py is not ours to add it in setup_hook
-    return limiter
-
-
-async def check_access(bot, user: discord.abc.User, guild_id: int | None, channel_id: int,
+async def check_access(bot: MgieBot, user: discord.abc.User, guild_id: int | None, channel_id: int,
                        settings: GuildSettings, instruction: str | None = None,
                        app_permissions: discord.Permissions | None = None) -> Ticket:
     """Raise Refusal unless ``user`` may start a new job here; on success reserve its place and return it.
@@ -196,7 +190,7 @@ async def check_access(bot, user: discord.abc.User, guild_id: int | None, channe
     if pending >= settings.user_pending_cap:
         raise Refusal(f"You already have {pending} edit(s) waiting; the limit here is {settings.user_pending_cap}. "
                       "Wait for one to finish or cancel one.")
-    limiter = job_rate_limiter(bot)
+    limiter = bot.rate_limiter
     wait = limiter.retry_after(user.id)
     if wait > 0:
         raise Refusal(f"You've started {limiter.limit} edit(s) in the last minute, the most allowed. "

@@ -1,21 +1,21 @@
 """Jobs from request to reply: store, queue, follow progress, deliver, recover after a restart.
 
-Cogs validate input and call :meth:`JobManager.submit`; everything after that happens here, driven by
-the queue's events. The record in SQLite is the truth: a restart resumes from it.
+bot.job_requests builds a new job's record and calls :meth:`JobManager.submit`; everything after that
+happens here, driven by the queue's events. The record in SQLite is the truth: a restart resumes from it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import logging
-import secrets
 import time
-import uuid
 
 import discord
 
-from mgie_engine.images import encode_under
+from mgie_engine.images import encode_under, load_image
+from mgie_engine.pool import WorkerPool
 from mgie_engine.protocol import EditJob, JobProgress, WorkerState
 
 from . import render
@@ -31,13 +31,13 @@ DEFAULT_UPLOAD_LIMIT = 10 * 2**20
 REDELIVERY_WINDOW = 3600.0  # seconds: a result older than this when the bot is back stays in /history only
 
 
-def new_seed() -> int:
-    return secrets.randbelow(2**32)
-
-
 @dataclasses.dataclass
-class _Live:
-    """Per-job state that need not survive a restart."""
+class StatusUpdates:
+    """How a job's status message is being kept up to date; memory only (a restart starts afresh).
+
+    ``lock`` keeps one edit of the message at a time, ``last_edit`` paces progress edits, and
+    ``upload_limit`` is the largest result file the job's channel takes.
+    """
 
     last_edit: float = 0.0
     upload_limit: int = DEFAULT_UPLOAD_LIMIT
@@ -45,16 +45,17 @@ class _Live:
 
 
 class JobManager:
-    def __init__(self, bot: discord.Client, store: Store, queue: JobQueue, engine, progress_interval: float = 2.0):
+    """Every job from its stored record to its delivered result (or failure), across restarts."""
+
+    def __init__(self, bot: discord.Client, store: Store, queue: JobQueue, engine: WorkerPool,
+                 progress_interval: float = 2.0) -> None:
         self.bot, self.store, self.queue, self.engine = bot, store, queue, engine
         self.delivery = Delivery(bot, store)
         self.progress_interval = progress_interval
-        self._live: dict[str, _Live] = {}
+        self._updates: dict[str, StatusUpdates] = {}
 
-    # -- creating jobs ------------------------------------------------------------------------------
-    def new_record(self, **fields) -> JobRecord:
-        return JobRecord(id=uuid.uuid4().hex, **fields)
 
+    # -- submitting jobs ----------------------------------------------------------------------------
     async def history_for(self, parent_id: str | None, depth: int) -> tuple[tuple[str, str], ...]:
         """Earlier turns for the prompt: the chain ending at the job whose output we edit, newest `depth`."""
         if not parent_id or depth <= 0:
@@ -77,15 +78,15 @@ class JobManager:
         if image is not None:
             record.input_image = await self.store.save_image(record.id, "in", image)
         record = await self.store.create_job(record)
-        self._live[record.id] = _Live(upload_limit=upload_limit or DEFAULT_UPLOAD_LIMIT)
+        self._updates[record.id] = StatusUpdates(upload_limit=upload_limit or DEFAULT_UPLOAD_LIMIT)
         try:
             await self._enqueue(record, ticket)
         except QueueFullError:
-            self._live.pop(record.id, None)
+            self._updates.pop(record.id, None)
             await self.store.delete_new_job(record.id, record.input_image if image is not None else None)
             raise
         except Exception as err:
-            self._live.pop(record.id, None)
+            self._updates.pop(record.id, None)
             try:
                 await self.store.update_job(record.id, state="failed", error=str(err) or type(err).__name__,
                                             finished_at=time.time())
@@ -119,17 +120,18 @@ class JobManager:
 
     # -- events from the queue ----------------------------------------------------------------------
     async def on_event(self, event: JobEvent) -> None:
-        live = self._live.setdefault(event.job_id, _Live())
+        """Show what happened to a job (started, progress, done, failed, ...) on its status message."""
+        updates = self._updates.setdefault(event.job_id, StatusUpdates())
         if event.kind == "progress":
-            if live.lock.locked() or time.monotonic() - live.last_edit < self.progress_interval:
+            if updates.lock.locked() or time.monotonic() - updates.last_edit < self.progress_interval:
                 return  # Discord's edit rate limits: drop intermediate frames, never queue them up
-        async with live.lock:
+        async with updates.lock:
             try:
-                await self._handle(event, live)
+                await self._handle(event, updates)
             except Exception:
                 log.exception("could not report %s of job %s", event.kind, event.job_id)
 
-    async def _handle(self, event: JobEvent, live: _Live) -> None:
+    async def _handle(self, event: JobEvent, updates: StatusUpdates) -> None:
         job_id = event.job_id
         if event.kind == "started":
             record = await self.store.update_job(job_id, state="running", started_at=time.time())
@@ -141,22 +143,22 @@ class JobManager:
             eta = self.queue.eta(job_id)
             await self._show(job_id, render.working(record, p.stage, p.step, p.total, eta), view=cancel_view(job_id))
         elif event.kind == "done":
-            await self._deliver(job_id, event, live)
+            await self._deliver(job_id, event, updates)
         elif event.kind == "failed":
             record = await self.store.update_job(job_id, state="failed", error=event.error, finished_at=time.time())
             await self._show(job_id, render.failed(record, event.error or "unknown error"), view=None, ping=True)
-            self._live.pop(job_id, None)
+            self._updates.pop(job_id, None)
         elif event.kind == "requeued":  # its worker stopped responding before it began painting
             record = await self.store.update_job(job_id, state="queued", started_at=None)
             await self._show_queued(record)
         elif event.kind == "cancelled":
             record = await self.store.update_job(job_id, state="cancelled", finished_at=time.time())
             await self._show(job_id, render.cancelled(record), view=None)
-            self._live.pop(job_id, None)
+            self._updates.pop(job_id, None)
             await self._refresh_positions()
-        live.last_edit = time.monotonic()
+        updates.last_edit = time.monotonic()
 
-    async def _deliver(self, job_id: str, event: JobEvent, live: _Live) -> None:
+    async def _deliver(self, job_id: str, event: JobEvent, updates: StatusUpdates) -> None:
         outcome = event.outcome
         try:
             path = await self.store.save_image(job_id, "out", outcome.png)
@@ -169,28 +171,28 @@ class JobManager:
         record = await self.store.update_job(job_id, state="done", output_image=path, finished_at=time.time(),
                                              expressive=outcome.expressive_instruction, llm_cached=outcome.llm_cached,
                                              flagged=outcome.flagged)
-        await self._announce(record, outcome.png, live)
+        await self._announce(record, outcome.png, updates)
 
-    async def _announce(self, record: JobRecord, png: bytes, live: _Live) -> None:
+    async def _announce(self, record: JobRecord, png: bytes, updates: StatusUpdates) -> None:
         """Post a stored result (with the guild's policy for flagged outputs) and remember its message."""
         job_id = record.id
         data, ext = png, "png"
-        if len(data) > live.upload_limit:
-            data, ext = await asyncio.to_thread(_smaller, data, live.upload_limit)
+        if len(data) > updates.upload_limit:
+            data, ext = await asyncio.to_thread(_smaller, data, updates.upload_limit)
         filename = f"mgie-{job_id[:8]}.{ext}"
         embed = render.result_embed(record, filename, random_weights=self.engine.random_weights)
-        content, file = render.result_content(record), discord.File(_bytes_io(data), filename=filename)
+        content, file = render.DONE, discord.File(io.BytesIO(data), filename=filename)
         if record.flagged and not self._age_restricted(record.channel_id):
             policy = (await self.store.guild_settings(record.guild_id)).flagged_outputs
             embed.set_image(url=None)
             if policy == "withhold":
                 content, file = render.WITHHELD, None
             else:  # a spoiler attachment: shown blurred until clicked; embeds can't be blurred, so none there
-                content, file = render.SPOILERED, discord.File(_bytes_io(data), filename=filename, spoiler=True)
+                content, file = render.SPOILERED, discord.File(io.BytesIO(data), filename=filename, spoiler=True)
         record = await self._show(job_id, content, embed=embed, file=file,
-                                  view=result_view(job_id, can_undo=True), ping=True)
+                                  view=result_view(job_id), ping=True)
         await self.store.update_job(job_id, result_message_id=record.status_message_id)
-        self._live.pop(job_id, None)
+        self._updates.pop(job_id, None)
 
     def _age_restricted(self, channel_id: int) -> bool:
         channel = self.bot.get_channel(channel_id)
@@ -216,7 +218,7 @@ class JobManager:
         post results that were stored but never delivered (a stop that came between the two)."""
         resumed = lost = 0
         for record in await self.store.unfinished_jobs():
-            self._live[record.id] = _Live()
+            self._updates[record.id] = StatusUpdates()
             record = await self.store.update_job(record.id, state="queued", started_at=None)
             try:
                 await self._enqueue(record)
@@ -236,7 +238,7 @@ class JobManager:
             try:
                 if png is None:
                     raise FileNotFoundError(record.output_image)
-                await self._announce(record, png, _Live())
+                await self._announce(record, png, StatusUpdates())
                 resumed += 1
             except (OSError, discord.HTTPException) as err:
                 log.warning("could not deliver the stored result of job %s: %s", record.id, err)
@@ -245,13 +247,5 @@ class JobManager:
         return resumed, lost
 
 
-def _bytes_io(data: bytes):
-    import io
-
-    return io.BytesIO(data)
-
-
 def _smaller(png: bytes, limit: int) -> tuple[bytes, str]:
-    from mgie_engine.images import load_image
-
     return encode_under(load_image(png), limit)

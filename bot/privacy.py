@@ -19,11 +19,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import discord
 
 from .retention import ForgetReport
 from .storage import UNFINISHED_STATES
+
+if TYPE_CHECKING:
+    from .bot import MgieBot
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +36,7 @@ _TRY_AGAIN = ("Some edits that need your images are still running, so nothing wa
               "Please try again in a minute.")
 
 
-async def describe(bot, user_id: int) -> tuple[str, bool]:
+async def describe(bot: MgieBot, user_id: int) -> tuple[str, bool]:
     """What the confirmation asks about (how much is stored, what happens to it), and whether there is any."""
     jobs = await bot.store.recent_jobs(user_id, limit=1_000_000)
     pending = sum(j.state in UNFINISHED_STATES for j in jobs)
@@ -45,7 +49,7 @@ async def describe(bot, user_id: int) -> tuple[str, bool]:
             "stay (use Delete on a result to remove it). This can't be undone."), True
 
 
-async def forget(bot, user_id: int) -> str:
+async def forget(bot: MgieBot, user_id: int) -> str:
     """Cancel what needs the user's data, wait for it to stop, delete it all; the answer for the user."""
     deadline = time.monotonic() + SETTLE_TIMEOUT
     asked: set[str] = set()
@@ -88,6 +92,7 @@ class ForgetButton(discord.ui.DynamicItem[discord.ui.Button],
         return cls(match["choice"], int(match["user"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
+        """Only the user it asks may answer; "yes" deletes and says what went."""
         if interaction.user.id != self.user_id:
             await interaction.response.send_message("That button is not yours.", ephemeral=True)
         elif self.choice == "no":
@@ -98,6 +103,7 @@ class ForgetButton(discord.ui.DynamicItem[discord.ui.Button],
 
 
 def confirm_view(user_id: int) -> discord.ui.View:
+    """The two buttons under /mgie forget-me: delete, or keep."""
     view = discord.ui.View(timeout=None)
     view.add_item(ForgetButton("yes", user_id))
     view.add_item(ForgetButton("no", user_id))

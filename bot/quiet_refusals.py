@@ -14,8 +14,12 @@ import collections
 import logging
 import time
 from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING
 
 import discord
+
+if TYPE_CHECKING:
+    from .bot import MgieBot
 
 log = logging.getLogger(__name__)
 
@@ -52,23 +56,19 @@ class NoticeThrottle:
         return True
 
 
-def reply_notices(bot) -> NoticeThrottle:
-    """The bot's throttle, made on first use."""
-    throttle = getattr(bot, "_mgie_reply_notices", None)
-    if throttle is None:
-        throttle = NoticeThrottle()
-        bot._mgie_reply_notices = throttle  # noqa: SLF001 - ours, like intake's rate limiter
-    return throttle
+async def refuse_reply(bot: MgieBot, message: discord.Message, text: str, *, reaction: str = REFUSED_REACTION) -> None:
+    """Refuse ``message`` quietly: a reaction always, the reason in public at most once per window.
 
-
-async def refuse_reply(bot, message: discord.Message, text: str, *, reaction: str = REFUSED_REACTION) -> None:
-    """Refuse ``message`` quietly: a reaction always, the reason in public at most once per window."""
+    Whether the notice is due is decided first, so of a burst of refused replies the first to get here
+    gets it, whichever reaction Discord confirms first.
+    """
+    place = message.guild.id if message.guild is not None else message.channel.id
+    notice_due = bot.reply_notices.allow((place, message.author.id))
     try:
         await message.add_reaction(reaction)
     except discord.HTTPException as err:  # no Add Reactions here: the notice (if due) still explains
         log.info("could not react to message %s: %s", message.id, err)
-    place = message.guild.id if message.guild is not None else message.channel.id
-    if not reply_notices(bot).allow((place, message.author.id)):
+    if not notice_due:
         return
     minutes = max(1, round(NOTICE_WINDOW_S / 60))
     try:

@@ -20,8 +20,10 @@ import sqlite3
 import time
 from pathlib import Path
 
+import aiosqlite
+
 from .delivery import TOKEN_LIFETIME
-from .storage import DB_FILENAME, IMAGES_DIRNAME, UNFINISHED_STATES, Store, _write
+from .storage import DB_FILENAME, IMAGES_DIRNAME, TMP_PREFIX, UNFINISHED_STATES, Store
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,6 @@ DEFAULT_MAX_STORAGE_GB = 10.0
 TOKEN_SWEEP_EVERY = 60.0  # seconds; interaction tokens live 15 minutes
 FULL_SWEEP_EVERY = 3600.0  # seconds between age and size passes (they stat every stored file)
 ORPHAN_GRACE = 3600.0  # a file younger than this may belong to a job row about to be written
-_TMP_PREFIX = ".tmp-"
 
 
 @dataclasses.dataclass
@@ -56,6 +57,7 @@ class DiskUse:
 
     @property
     def total(self) -> int:
+        """Images and database together."""
         return self.images + self.database
 
 
@@ -134,6 +136,7 @@ def _database_bytes(data_dir: Path) -> int:
 
 
 def disk_use_sync(store: Store) -> DiskUse:
+    """What the stored images and database files take on disk (blocking: a directory scan)."""
     images = files = 0
     with contextlib.suppress(FileNotFoundError), os.scandir(store.images_dir) as entries:
         for entry in entries:
@@ -144,77 +147,98 @@ def disk_use_sync(store: Store) -> DiskUse:
     return DiskUse(images=images, files=files, database=_database_bytes(store.data_dir))
 
 
-def clear_expired_tokens_sync(conn: sqlite3.Connection, now: float) -> int:
+async def _clear_expired_tokens(store: Store, now: float) -> int:
     """Drop interaction tokens older than Discord's 15 minutes: a leaked database then holds none that work.
 
     ``application_id`` stays, so delivery still knows the job answered an interaction.
     """
-    with _write(conn):
-        cursor = conn.execute(
+    async with store.db.transaction() as conn:
+        cursor = await conn.execute(
             "UPDATE jobs SET interaction_token = NULL WHERE interaction_token IS NOT NULL"
             " AND COALESCE(token_created_at, 0) <= ?", (now - TOKEN_LIFETIME,))
     return cursor.rowcount
 
 
-def sweep_sync(store: Store, conn: sqlite3.Connection, now: float, max_age: float | None,
-               max_bytes: int | None) -> SweepReport:
-    """Delete chains idle longer than ``max_age`` seconds, then the oldest others while storage is over
-    ``max_bytes``; and image files no row names (left by a crash) once ORPHAN_GRACE old."""
-    report = SweepReport()
-    doomed: list[_Chain] = []
-    with _write(conn):
-        rows = conn.execute(
-            "SELECT id, parent_id, input_image, output_image, state, created_at, finished_at FROM jobs").fetchall()
-        chains = sorted((c for c in _chains(rows) if not c.pending), key=lambda c: c.last_active)
-        used = disk_use_sync(store).total
-        for chain in chains:
-            too_old = max_age is not None and chain.last_active < now - max_age
-            too_big = max_bytes is not None and used > max_bytes
-            if not (too_old or too_big):
-                continue
-            doomed.append(chain)
-            used -= sum(_size(store.data_dir / p) for p in chain.files)
-        for chain in doomed:
-            conn.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in chain.ids])
-            report.jobs += len(chain.ids)
-        referenced = {p for row in rows for p in (row["input_image"], row["output_image"]) if p}
-    report.files, report.bytes = _unlink(store, {p for c in doomed for p in c.files})
+def _doomed(store: Store, rows: list[sqlite3.Row], now: float, max_age: float | None,
+            max_bytes: int | None) -> list[_Chain]:
+    """Chains idle longer than ``max_age``, then the oldest others while storage is over ``max_bytes``."""
+    chains = sorted((c for c in _chains(rows) if not c.pending), key=lambda c: c.last_active)
+    used = disk_use_sync(store).total
+    doomed = []
+    for chain in chains:
+        too_old = max_age is not None and chain.last_active < now - max_age
+        too_big = max_bytes is not None and used > max_bytes
+        if not (too_old or too_big):
+            continue
+        doomed.append(chain)
+        used -= sum(_size(store.data_dir / p) for p in chain.files)
+    return doomed
+
+
+def _remove_files(store: Store, doomed: set[str], referenced: set[str], now: float) -> tuple[int, int]:
+    """Unlink ``doomed`` files, and image files no row names (left by a crash) once ORPHAN_GRACE old."""
+    files, freed = _unlink(store, doomed)
     for entry in store.images_dir.iterdir():
         relative = f"{IMAGES_DIRNAME}/{entry.name}"
-        if entry.name.startswith(_TMP_PREFIX) or relative in referenced or not entry.is_file():
+        if entry.name.startswith(TMP_PREFIX) or relative in referenced or not entry.is_file():
             continue
         with contextlib.suppress(OSError):
             if now - entry.stat().st_mtime > ORPHAN_GRACE:  # newer rows only name files newer than this
                 size = entry.stat().st_size
                 entry.unlink()
-                report.files, report.bytes = report.files + 1, report.bytes + size
+                files, freed = files + 1, freed + size
+    return files, freed
+
+
+async def _sweep(store: Store, now: float, max_age: float | None, max_bytes: int | None) -> SweepReport:
+    """Delete chains idle longer than ``max_age`` seconds, then the oldest others while storage is over
+    ``max_bytes``; and image files no row names (left by a crash) once ORPHAN_GRACE old.
+
+    Rows go in one transaction, files after it commits (in a worker thread, like every file scan here).
+    """
+    report = SweepReport()
+    async with store.db.transaction() as conn:
+        rows = list(await conn.execute_fetchall(
+            "SELECT id, parent_id, input_image, output_image, state, created_at, finished_at FROM jobs"))
+        doomed = await asyncio.to_thread(_doomed, store, rows, now, max_age, max_bytes)
+        for chain in doomed:
+            await conn.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in chain.ids])
+            report.jobs += len(chain.ids)
+    referenced = {p for row in rows for p in (row["input_image"], row["output_image"]) if p}
+    report.files, report.bytes = await asyncio.to_thread(
+        _remove_files, store, {p for c in doomed for p in c.files}, referenced, now)
     return report
 
 
-def user_jobs_sync(conn: sqlite3.Connection, user_id: int) -> tuple[list[str], list[str]]:
+async def _user_jobs(conn: aiosqlite.Connection, user_id: int) -> tuple[list[str], list[str]]:
     """(every job id of ``user_id``, the unfinished jobs anyone has that read one of their images)."""
-    ids = [r[0] for r in conn.execute("SELECT id FROM jobs WHERE user_id = ?", (user_id,))]
+    ids = [r[0] for r in await conn.execute_fetchall("SELECT id FROM jobs WHERE user_id = ?", (user_id,))]
     mine = set(ids)
     placeholders = ", ".join("?" * len(UNFINISHED_STATES))
-    pending = [r["id"] for r in conn.execute(
+    rows = await conn.execute_fetchall(
         f"SELECT id, user_id, input_image FROM jobs WHERE state IN ({placeholders})", UNFINISHED_STATES)
-        if r["user_id"] == user_id or file_owner(r["input_image"]) in mine]
+    pending = [r["id"] for r in rows if r["user_id"] == user_id or file_owner(r["input_image"]) in mine]
     return ids, pending
 
 
-def forget_user_sync(store: Store, conn: sqlite3.Connection, user_id: int) -> ForgetReport | list[str]:
+def _remove_user_files(store: Store, owned: set[str], mine: set[str]) -> int:
+    on_disk = {f"{IMAGES_DIRNAME}/{p.name}" for i in mine for p in store.images_dir.glob(f"{i}-*")}
+    return _unlink(store, owned | on_disk)[0]
+
+
+async def _forget_user(store: Store, user_id: int) -> ForgetReport | list[str]:
     """Delete every job row and image of ``user_id``; other users' jobs keep their own results but lose
     the link to theirs (parent_id) and any input that was one of their images.
 
     Returns the ids of jobs still queued or running that need their data (cancel those first) instead.
     """
     report = ForgetReport()
-    with _write(conn):
-        ids, pending = user_jobs_sync(conn, user_id)
+    async with store.db.transaction() as conn:
+        ids, pending = await _user_jobs(conn, user_id)
         if pending:
             return pending
         mine = set(ids)
-        rows = conn.execute("SELECT id, user_id, parent_id, input_image, output_image FROM jobs").fetchall()
+        rows = await conn.execute_fetchall("SELECT id, user_id, parent_id, input_image, output_image FROM jobs")
         owned = {p for r in rows for p in (r["input_image"], r["output_image"]) if file_owner(p) in mine}
         for row in rows:
             if row["user_id"] == user_id:
@@ -228,12 +252,11 @@ def forget_user_sync(store: Store, conn: sqlite3.Connection, user_id: int) -> Fo
                 changes["output_image"] = None
             if changes:
                 sets = ", ".join(f"{k} = ?" for k in changes)
-                conn.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*changes.values(), row["id"]))
+                await conn.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*changes.values(), row["id"]))
                 report.detached += 1
-        conn.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in ids])
+        await conn.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in ids])
         report.jobs = len(ids)
-    on_disk = {f"{IMAGES_DIRNAME}/{p.name}" for i in mine for p in store.images_dir.glob(f"{i}-*")}
-    report.files, _ = _unlink(store, owned | on_disk)
+    report.files = await asyncio.to_thread(_remove_user_files, store, owned, mine)
     return report
 
 
@@ -255,10 +278,12 @@ class Retention:
 
     @property
     def max_age(self) -> float | None:
+        """Seconds a finished chain is kept; None: forever."""
         return self.days * 86400.0 if self.days > 0 else None
 
     @property
     def max_bytes(self) -> int | None:
+        """The storage cap in bytes; None: no cap."""
         return int(self.max_gb * 2**30) if self.max_gb > 0 else None
 
     def describe(self, use: DiskUse) -> str:
@@ -268,8 +293,9 @@ class Retention:
         return f"{_human(use.total)} ({use.files} images + database) · {cap} · {kept}"
 
     async def sweep(self, now: float | None = None) -> SweepReport:
+        """One full pass: old chains, storage over the cap, orphaned files and expired tokens."""
         now = time.time() if now is None else now
-        report = await self.store.run(lambda conn: sweep_sync(self.store, conn, now, self.max_age, self.max_bytes))
+        report = await _sweep(self.store, now, self.max_age, self.max_bytes)
         report.tokens = await self.clear_expired_tokens(now)
         if report.jobs or report.files:
             log.info("retention: deleted %d job(s) and %d file(s) (%.1f MB)", report.jobs, report.files,
@@ -277,11 +303,13 @@ class Retention:
         return report
 
     async def clear_expired_tokens(self, now: float | None = None) -> int:
+        """Drop interaction tokens past Discord's 15 minutes; how many."""
         now = time.time() if now is None else now
-        return await self.store.run(lambda conn: clear_expired_tokens_sync(conn, now))
+        return await _clear_expired_tokens(self.store, now)
 
     async def disk_use(self) -> DiskUse:
-        return await self.store.run(lambda conn: disk_use_sync(self.store))
+        """Bytes in stored images and the database files (a scan in a worker thread)."""
+        return await asyncio.to_thread(disk_use_sync, self.store)
 
     async def run(self) -> None:
         """Forever: a full sweep now and every FULL_SWEEP_EVERY, expired tokens every TOKEN_SWEEP_EVERY."""
@@ -298,7 +326,10 @@ class Retention:
             await asyncio.sleep(TOKEN_SWEEP_EVERY)
 
     async def pending_for_forget(self, user_id: int) -> list[str]:
-        return (await self.store.run(lambda conn: user_jobs_sync(conn, user_id)))[1]
+        """Unfinished jobs that need ``user_id``'s data: to cancel before :meth:`forget_user` can run."""
+        async with self.store.db.turn() as conn:
+            return (await _user_jobs(conn, user_id))[1]
 
     async def forget_user(self, user_id: int) -> ForgetReport | list[str]:
-        return await self.store.run(lambda conn: forget_user_sync(self.store, conn, user_id))
+        """Delete ``user_id``'s data (see :func:`_forget_user`), or the jobs that must stop first."""
+        return await _forget_user(self.store, user_id)

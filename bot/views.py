@@ -33,6 +33,7 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=r"mgie:(?P<a
         return cls(match["action"], match["job"])
 
     async def callback(self, interaction: discord.Interaction) -> None:
+        """Hand the press to the Results cog (or say the bot is restarting when it is not loaded)."""
         cog = interaction.client.get_cog("Results")
         if cog is None:
             await interaction.response.send_message("The bot is restarting; try again in a moment.", ephemeral=True)
@@ -40,7 +41,7 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=r"mgie:(?P<a
         await cog.on_button(interaction, self.action, self.job_id)
 
 
-def result_view(job_id: str, can_undo: bool = True, owner_job_id: str | None = None) -> discord.ui.View:
+def result_view(job_id: str, owner_job_id: str | None = None) -> discord.ui.View:
     """Buttons for a message showing ``job_id``'s result.
 
     Re-roll, Stronger, Closer and Refine act on the result shown. Undo and Delete carry ``owner_job_id``,
@@ -51,13 +52,13 @@ def result_view(job_id: str, can_undo: bool = True, owner_job_id: str | None = N
     view = discord.ui.View(timeout=None)
     for action in ("reroll", "stronger", "closer", "refine"):
         view.add_item(JobButton(action, job_id))
-    if can_undo:
-        view.add_item(JobButton("undo", owner_job_id))
+    view.add_item(JobButton("undo", owner_job_id))
     view.add_item(JobButton("delete", owner_job_id))
     return view
 
 
 def cancel_view(job_id: str) -> discord.ui.View:
+    """The Cancel button under a queued or running job's status."""
     view = discord.ui.View(timeout=None)
     view.add_item(JobButton("cancel", job_id))
     return view

@@ -3,17 +3,22 @@ you), for everyone; moderation is in cogs/moderation.py."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import discord
 from discord import app_commands
 from discord.ext import commands
 
 from bot import privacy, render
 
+if TYPE_CHECKING:
+    from bot.bot import MgieBot
+
 
 @app_commands.allowed_installs(guilds=True, users=True)
 @app_commands.allowed_contexts(guilds=True, dms=True, private_channels=True)
 class AdminCog(commands.GroupCog, group_name="mgie", name="Admin"):
-    def __init__(self, bot) -> None:
+    def __init__(self, bot: MgieBot) -> None:
         self.bot = bot
         super().__init__()
 
@@ -57,5 +62,6 @@ class AdminCog(commands.GroupCog, group_name="mgie", name="Admin"):
         await interaction.response.send_message(text, view=privacy.confirm_view(interaction.user.id), ephemeral=True)
 
 
-async def setup(bot) -> None:
+async def setup(bot: MgieBot) -> None:
+    """discord.py extension entry point."""
     await bot.add_cog(AdminCog(bot))

@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import logging
 import re
+from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot import presets
-from bot.deferred import answer_failure, failures_told_privately, status_message_id
-from bot.intake import Refusal, check_access, fetch_image, first_image
-from bot.jobs import new_seed
+from bot import job_requests, presets
+from bot.deferred import answer_failure
+from bot.intake import first_image
 from bot.quiet_refusals import refuse_reply
-from mgie_engine.errors import MgieError
-from mgie_engine.instructions import MAX_INSTRUCTION_CHARS, normalize_instruction
-from mgie_engine.options import DEFAULT_STEPS, IMAGE_CFG_RANGE, TEXT_CFG_RANGE, check_options
+from mgie_engine.instructions import MAX_INSTRUCTION_CHARS
+from mgie_engine.options import IMAGE_CFG_RANGE, TEXT_CFG_RANGE
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from bot.bot import MgieBot
 
 EVERYWHERE = {"allowed_installs": app_commands.AppInstallationType(guild=True, user=True),
               "allowed_contexts": app_commands.AppCommandContext(guild=True, dm_channel=True, private_channel=True)}
@@ -29,19 +28,19 @@ class InstructionModal(discord.ui.Modal, title="Edit image with MGIE"):
                                        max_length=MAX_INSTRUCTION_CHARS, style=discord.TextStyle.short,
                                        custom_id="instruction")
 
-    def __init__(self, cog: EditCog, attachment: discord.Attachment) -> None:
+    def __init__(self, bot: MgieBot, attachment: discord.Attachment) -> None:
         super().__init__()
-        self.cog, self.attachment = cog, attachment
+        self.bot, self.attachment = bot, attachment
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
-        await self.cog.start_edit(interaction, self.attachment, self.instruction.value)
+        await job_requests.start_edit(self.bot, interaction, self.attachment, self.instruction.value)
 
     async def on_error(self, interaction: discord.Interaction, error: Exception) -> None:
         await answer_failure(interaction, error)
 
 
 class EditCog(commands.Cog, name="Edit"):
-    def __init__(self, bot) -> None:
+    def __init__(self, bot: MgieBot) -> None:
         self.bot = bot
         self.menu = app_commands.ContextMenu(name="Edit image with MGIE", callback=self.edit_message_image,
                                              **EVERYWHERE)
@@ -70,56 +69,21 @@ class EditCog(commands.Cog, name="Edit"):
                    seed: app_commands.Range[int, 0, 2**53] | None = None,
                    steps: app_commands.Range[int, 1, 200] | None = None,
                    preset: str = "auto") -> None:
-        await self.start_edit(interaction, image, instruction, text_cfg=text_cfg, image_cfg=image_cfg, seed=seed,
-                              steps=steps, preset=preset)
+        await job_requests.start_edit(self.bot, interaction, image, instruction, text_cfg=text_cfg,
+                                      image_cfg=image_cfg, seed=seed, steps=steps, preset=preset)
 
     async def edit_message_image(self, interaction: discord.Interaction, message: discord.Message) -> None:
+        """The "Edit image with MGIE" message command: ask for the instruction in a modal."""
         attachment = first_image(message.attachments)
         if attachment is None:
             await interaction.response.send_message("That message has no image attached.", ephemeral=True)
             return
-        await interaction.response.send_modal(InstructionModal(self, attachment))
-
-    async def start_edit(self, interaction: discord.Interaction, attachment: discord.Attachment, instruction: str,
-                         *, text_cfg: float | None = None, image_cfg: float | None = None, seed: int | None = None,
-                         steps: int | None = None, preset: str = "auto") -> None:
-        """Validate cheaply, answer within Discord's 3 seconds (defer), then fetch, decode and queue."""
-        settings = await self.bot.store.guild_settings(interaction.guild_id)
-        try:
-            instruction = normalize_instruction(instruction)
-            steps = steps if steps is not None else min(DEFAULT_STEPS, settings.max_steps)
-            if steps > settings.max_steps:
-                raise Refusal(f"This server allows at most {settings.max_steps} steps.")
-            seed = new_seed() if seed is None else seed
-            check_options(text_cfg if text_cfg is not None else 7.5, image_cfg if image_cfg is not None else 1.5,
-                          steps, seed)
-            if preset not in presets.PRESET_CHOICES:
-                raise Refusal(f"Unknown preset {preset!r}; choose one of {', '.join(presets.PRESET_CHOICES)}.")
-            ticket = await check_access(self.bot, interaction.user, interaction.guild_id, interaction.channel_id,
-                                        settings, instruction=instruction, app_permissions=interaction.app_permissions)
-        except MgieError as err:
-            await interaction.response.send_message(str(err), ephemeral=True)
-            return
-        try:  # the ticket holds this request's place from the check on; it is given back unless queued
-            await interaction.response.defer(thinking=True)
-            async with failures_told_privately(interaction, ticket):
-                # Decoded once, off the event loop; 'auto' looks at the picture in the same worker thread.
-                data, guidance = await fetch_image(self.bot, attachment, lambda picture: presets.choose_guidance(
-                    preset, picture, instruction, text_cfg, image_cfg))
-                record = self.bot.jobs.new_record(
-                    user_id=interaction.user.id, channel_id=interaction.channel_id, guild_id=interaction.guild_id,
-                    instruction=instruction, seed=seed, text_cfg=guidance.text_cfg, image_cfg=guidance.image_cfg,
-                    steps=steps, preset=guidance.preset, preset_reason=guidance.reason, kind="edit",
-                    application_id=interaction.application_id, interaction_token=interaction.token,
-                    token_created_at=interaction.created_at.timestamp(),
-                    status_message_id=await status_message_id(interaction))
-                await self.bot.jobs.submit(record, data, upload_limit=_upload_limit(interaction), ticket=ticket)
-        finally:
-            ticket.release()
+        await interaction.response.send_modal(InstructionModal(self.bot, attachment))
 
     # -- refining by replying to a result ---------------------------------------------------------------
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
+        """A reply to a result is a refinement of it (with a mention when the bot cannot read content)."""
         if message.author.bot or message.reference is None or message.reference.message_id is None:
             return
         if self.bot.user is None:
@@ -133,13 +97,10 @@ class EditCog(commands.Cog, name="Edit"):
                 await refuse_reply(self.bot, message, "Tell me what to change, e.g. `make it night`.",
                                    reaction="\N{BLACK QUESTION MARK ORNAMENT}")
             return  # without the message content intent, only mentions carry text
-        await self.bot.get_cog("Results").refine(source, text, message.author, message.guild and message.guild.id,
-                                                 message.channel.id, reply_to=message)
+        await job_requests.start_refine(self.bot, source, text, message.author, message.guild and message.guild.id,
+                                        message.channel.id, reply_to=message)
 
 
-def _upload_limit(interaction: discord.Interaction) -> int | None:
-    return getattr(interaction, "filesize_limit", None) or None
-
-
-async def setup(bot) -> None:
+async def setup(bot: MgieBot) -> None:
+    """discord.py extension entry point."""
     await bot.add_cog(EditCog(bot))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
@@ -10,15 +11,19 @@ from discord.ext import commands
 
 from bot import render
 
+if TYPE_CHECKING:
+    from bot.bot import MgieBot
+
 
 class HistoryCog(commands.Cog, name="History"):
-    def __init__(self, bot) -> None:
+    def __init__(self, bot: MgieBot) -> None:
         self.bot = bot
 
     @app_commands.command(name="history", description="Your recent MGIE edits")
     @app_commands.allowed_installs(guilds=True, users=True)
     @app_commands.allowed_contexts(guilds=True, dms=True, private_channels=True)
     async def history(self, interaction: discord.Interaction) -> None:
+        """The user's last ten edits, each with its chain of refinements."""
         jobs = await self.bot.store.recent_jobs(interaction.user.id, limit=10)
         if not jobs:
             await interaction.response.send_message("You have no edits yet. Try `/edit`.", ephemeral=True)
@@ -35,5 +40,6 @@ class HistoryCog(commands.Cog, name="History"):
         await interaction.response.send_message(embed=embed, ephemeral=True)
 
 
-async def setup(bot) -> None:
+async def setup(bot: MgieBot) -> None:
+    """discord.py extension entry point."""
     await bot.add_cog(HistoryCog(bot))

@@ -11,6 +11,7 @@ each interaction, and every request made in that server, user-installed or not, 
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
@@ -18,6 +19,9 @@ from discord.ext import commands
 
 from bot import render
 from bot.storage import MAX_BAN_REASON_CHARS, GuildSettings
+
+if TYPE_CHECKING:
+    from bot.bot import MgieBot
 
 _LISTED_WORDS_CHARS = 800  # the settings reply must stay under Discord's 2000 characters
 _NONE = ("none", "clear", "-")
@@ -28,7 +32,7 @@ _NONE = ("none", "clear", "-")
 @app_commands.allowed_contexts(guilds=True, dms=False, private_channels=False)
 class ModerationCog(commands.GroupCog, group_name="mgie-admin", name="Moderation",
                     group_description="Server moderation for MGIE (Manage Server)"):
-    def __init__(self, bot) -> None:
+    def __init__(self, bot: MgieBot) -> None:
         self.bot = bot
         super().__init__()
 
@@ -129,5 +133,6 @@ def _listed_words(settings: GuildSettings) -> str:
     return f"{len(settings.blocked_words)}: " + ", ".join(shown)
 
 
-async def setup(bot) -> None:
+async def setup(bot: MgieBot) -> None:
+    """discord.py extension entry point."""
     await bot.add_cog(ModerationCog(bot))

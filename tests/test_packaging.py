@@ -29,7 +29,7 @@ def test_requires_python_and_ruffs_target_agree():
 def test_the_code_parses_and_runs_at_the_minimum_python():
     minimum = _minimum_python()
     assert sys.version_info[:2] >= minimum
-    for path in [*ROOT.glob("bot/*.py"), *ROOT.glob("cogs/*.py"), *ROOT.rglob("mgie_engine/**/*.py")]:
+    for path in [*ROOT.glob("bot/**/*.py"), *ROOT.glob("cogs/*.py"), *ROOT.rglob("mgie_engine/**/*.py")]:
         ast.parse(path.read_text(), filename=str(path), feature_version=minimum)
 
 
@@ -45,7 +45,7 @@ _NEWER_FEATURES = {
 
 def test_the_code_uses_nothing_newer_than_requires_python():
     minimum = _minimum_python()
-    for path in [*ROOT.glob("bot/*.py"), *ROOT.glob("cogs/*.py"), *ROOT.rglob("mgie_engine/**/*.py")]:
+    for path in [*ROOT.glob("bot/**/*.py"), *ROOT.glob("cogs/*.py"), *ROOT.rglob("mgie_engine/**/*.py")]:
         text = path.read_text()
         for version, features in _NEWER_FEATURES.items():
             used = [f for f in features if f in text]

@@ -14,8 +14,8 @@ from botharness import bot_running, make_config, png_bytes, team_world
 from fakediscord import permissions as perms
 
 from bot.config import DEFAULT_USER_JOBS_PER_MINUTE, BotConfig, ConfigError
-from bot.intake import BANNED_MESSAGE, JobRateLimiter, contains_blocked_word, job_rate_limiter
-from bot.storage import fold_text
+from bot.intake import BANNED_MESSAGE, JobRateLimiter, contains_blocked_word
+from bot.moderation_text import fold_text
 
 pytest_plugins = ["fakediscord.fixtures"]
 
@@ -60,7 +60,7 @@ async def test_rate_limit_refuses_the_extra_job_until_the_window_moves(world, tm
     fake, guild, channel, alice, bob, _ = world
     config = make_config(fake, tmp_path / "data", [guild.id], user_jobs_per_minute=2)
     async with bot_running(fake, config, tiny_models) as bot:
-        limiter = job_rate_limiter(bot)
+        limiter = bot.rate_limiter
         skew = [0.0]
         limiter.clock = lambda: time.monotonic() + skew[0]
         first = await finished(fake, await edit(fake, alice, channel))

@@ -12,7 +12,7 @@ from botharness import bot_running, make_config, png_bytes, team_world
 from fakediscord import permissions as perms
 
 from bot.intake import BANNED_MESSAGE
-from bot.quiet_refusals import NOTICE_WINDOW_S, REFUSED_REACTION, reply_notices
+from bot.quiet_refusals import NOTICE_WINDOW_S, REFUSED_REACTION
 
 pytest_plugins = ["fakediscord.fixtures"]
 
@@ -84,7 +84,7 @@ async def test_twenty_refused_replies_give_one_public_notice(world, tmp_path, ti
         assert len(answers_to(fake, channel, asked)) == 1 and await job_count(bot) == 1
 
         # Once the window has passed, one more notice is allowed.
-        throttle = reply_notices(bot)
+        throttle = bot.reply_notices
         throttle.clock = lambda: time.monotonic() + NOTICE_WINDOW_S + 1
         late = await fake.send_message(bob, channel, "now make it green", reply_to=first)
         await fake.wait_for(lambda: answers_to(fake, channel, [late]) and late.reactions.get(REFUSED_REACTION),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from bot.intake import contains_blocked_word
-from bot.storage import fold_text
+from bot.moderation_text import fold_text
 
 WORDS = ["bad", "evil plan", "ass", "burn", "clown", "ice"]
 

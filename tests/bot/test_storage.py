@@ -393,7 +393,7 @@ async def test_save_image_disk_full_leaves_nothing(store, monkeypatch, failing):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(storage.os, failing, full)
+    monkeypatch.setattr(storage.images.os, failing, full)
     with pytest.raises(OSError) as info:
         await store.save_image(job.id, "out", b"new image that does not fit")
     with pytest.raises(OSError):
@@ -436,11 +436,12 @@ async def test_fresh_db_gets_latest_version_and_pragmas(tmp_path):
     async with await Store.open(tmp_path / "new" / "dir") as store:
         assert store.schema_version == latest
         assert store.data_dir == (tmp_path / "new" / "dir").resolve()
-        conn = store._conn
-        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
-        assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
-        indexed = {r[0] for r in conn.execute("SELECT sql FROM sqlite_master WHERE type = 'index'") if r[0]}
+        conn = store.db.connection
+        assert (await conn.execute_fetchall("PRAGMA journal_mode"))[0][0] == "wal"
+        assert (await conn.execute_fetchall("PRAGMA synchronous"))[0][0] == 1  # NORMAL
+        assert (await conn.execute_fetchall("PRAGMA foreign_keys"))[0][0] == 1
+        indexed = {r[0] for r in await conn.execute_fetchall("SELECT sql FROM sqlite_master WHERE type = 'index'")
+                   if r[0]}
         for columns in ["(user_id, state)", "(result_message_id)", "(status_message_id)", "(parent_id)"]:
             assert any(columns in sql for sql in indexed), columns
     rows = version_rows(tmp_path / "new" / "dir" / DB_FILENAME)
@@ -566,11 +567,11 @@ async def test_sigkill_mid_transaction_keeps_committed_data(tmp_path):
             store = await Store.open({str(tmp_path)!r})
             job = await store.create_job(JobRecord(id="committed", user_id=1, channel_id=2, guild_id=None,
                                                    instruction="x", seed=1, text_cfg=7.0, image_cfg=1.5, steps=5))
-            conn = store._conn
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("UPDATE jobs SET state = 'done' WHERE id = 'committed'")
-            conn.execute("INSERT INTO jobs (id, user_id, channel_id, instruction, seed, text_cfg, image_cfg,"
-                         " steps, created_at) VALUES ('uncommitted', 1, 2, 'y', 1, 7, 1.5, 5, 0)")
+            conn = store.db.connection
+            await conn.execute("BEGIN IMMEDIATE")
+            await conn.execute("UPDATE jobs SET state = 'done' WHERE id = 'committed'")
+            await conn.execute("INSERT INTO jobs (id, user_id, channel_id, instruction, seed, text_cfg, image_cfg,"
+                               " steps, created_at) VALUES ('uncommitted', 1, 2, 'y', 1, 7, 1.5, 5, 0)")
             os.kill(os.getpid(), signal.SIGKILL)
 
         asyncio.run(main())
@@ -579,7 +580,7 @@ async def test_sigkill_mid_transaction_keeps_committed_data(tmp_path):
                                    capture_output=True, text=True, timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     async with await Store.open(tmp_path) as store:
-        assert store._conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert (await store.db.connection.execute_fetchall("PRAGMA integrity_check"))[0][0] == "ok"
         assert (await store.get_job("committed")).state == "queued"
         assert await store.get_job("uncommitted") is None
         await store.update_job("committed", state="failed")  # the write lock was released
