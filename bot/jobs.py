@@ -21,7 +21,7 @@ from mgie_engine.protocol import EditJob, JobProgress, WorkerState
 from . import render
 from .admission import Ticket
 from .delivery import Delivery
-from .queue import JobEvent, JobQueue, QueueFullError
+from .queue import EventKind, JobEvent, JobQueue, QueueFullError
 from .storage import JobRecord, Store
 from .views import cancel_view, result_view
 
@@ -122,7 +122,7 @@ class JobManager:
     async def on_event(self, event: JobEvent) -> None:
         """Show what happened to a job (started, progress, done, failed, ...) on its status message."""
         updates = self._updates.setdefault(event.job_id, StatusUpdates())
-        if event.kind == "progress":
+        if event.kind is EventKind.PROGRESS:
             if updates.lock.locked() or time.monotonic() - updates.last_edit < self.progress_interval:
                 return  # Discord's edit rate limits: drop intermediate frames, never queue them up
         async with updates.lock:
@@ -133,25 +133,25 @@ class JobManager:
 
     async def _handle(self, event: JobEvent, updates: StatusUpdates) -> None:
         job_id = event.job_id
-        if event.kind == "started":
+        if event.kind is EventKind.STARTED:
             record = await self.store.update_job(job_id, state="running", started_at=time.time())
             await self._show(job_id, render.working(record, "language", 0, 1, None), view=cancel_view(job_id))
             await self._refresh_positions()
-        elif event.kind == "progress":
+        elif event.kind is EventKind.PROGRESS:
             record = await self.store.get_job(job_id)
             p: JobProgress = event.progress
             eta = self.queue.eta(job_id)
             await self._show(job_id, render.working(record, p.stage, p.step, p.total, eta), view=cancel_view(job_id))
-        elif event.kind == "done":
+        elif event.kind is EventKind.DONE:
             await self._deliver(job_id, event, updates)
-        elif event.kind == "failed":
+        elif event.kind is EventKind.FAILED:
             record = await self.store.update_job(job_id, state="failed", error=event.error, finished_at=time.time())
             await self._show(job_id, render.failed(record, event.error or "unknown error"), view=None, ping=True)
             self._updates.pop(job_id, None)
-        elif event.kind == "requeued":  # its worker stopped responding before it began painting
+        elif event.kind is EventKind.REQUEUED:  # its worker stopped responding before it began painting
             record = await self.store.update_job(job_id, state="queued", started_at=None)
             await self._show_queued(record)
-        elif event.kind == "cancelled":
+        elif event.kind is EventKind.CANCELLED:
             record = await self.store.update_job(job_id, state="cancelled", finished_at=time.time())
             await self._show(job_id, render.cancelled(record), view=None)
             self._updates.pop(job_id, None)

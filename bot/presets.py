@@ -20,7 +20,7 @@ from PIL import Image
 __all__ = [
     "PRESETS",
     "PRESET_CHOICES",
-    "Guidance",
+    "CfgChoice",
     "choose_guidance",
     "edge_density",
     "instruction_complexity",
@@ -87,7 +87,7 @@ _EDIT_SEPARATOR = re.compile(r"[,;.!?\uff0c\u3001\uff1b\u3002\uff01\uff1f]|\b(?:
 
 
 @dataclasses.dataclass(frozen=True)
-class Guidance:
+class CfgChoice:
     """The guidance scales for one edit, with a sentence telling the user why they were picked."""
 
     text_cfg: float
@@ -208,7 +208,7 @@ def _auto(image: Image.Image, instruction: str) -> tuple[float, float, str]:
 
 
 def choose_guidance(preset: str, image: Image.Image, instruction: str,
-                    text_cfg: float | None = None, image_cfg: float | None = None) -> Guidance:
+                    text_cfg: float | None = None, image_cfg: float | None = None) -> CfgChoice:
     """Pick the scales for one edit and say why, so the user sees what 'auto' did and can override it.
 
     'auto' applies the study (see _auto and the module constants) and keeps image_cfg >= 1 so guidance stays
@@ -243,4 +243,4 @@ def choose_guidance(preset: str, image: Image.Image, instruction: str,
                    " (as diffusers does), so neither scale applies and the whole picture may change")
     elif text <= 1.0:
         reason += "; text guidance at or below 1.0 switches classifier-free guidance off, so neither scale applies"
-    return Guidance(text_cfg=text, image_cfg=img, preset=name, reason=reason + ".")
+    return CfgChoice(text_cfg=text, image_cfg=img, preset=name, reason=reason + ".")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import enum
 import logging
 import threading
 import time
@@ -24,10 +25,21 @@ class QueueFullError(MgieError):
     """The whole queue is at its cap."""
 
 
+class EventKind(enum.StrEnum):
+    """What happened to a job, as the queue reports it to the bot."""
+
+    STARTED = "started"
+    PROGRESS = "progress"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    REQUEUED = "requeued"  # its worker stopped responding before it began painting
+
+
 @dataclasses.dataclass(frozen=True)
 class JobEvent:
     job_id: str
-    kind: str  # "started" | "progress" | "done" | "failed" | "cancelled" | "requeued"
+    kind: EventKind
     progress: JobProgress | None = None
     outcome: EditOutcome | None = None
     error: str | None = None
@@ -149,7 +161,7 @@ class JobQueue:
     def cancel(self, job_id: str) -> bool:
         """Cancel a queued job at once, or a running one at its next step."""
         if self._queue.remove(job_id) is not None:
-            self._emit(JobEvent(job_id, "cancelled"))
+            self._emit(JobEvent(job_id, EventKind.CANCELLED))
             return True
         entry = self._running.get(job_id)
         if entry is not None:
@@ -305,12 +317,12 @@ class JobQueue:
             if entry is None:
                 continue
             if entry.denoising_started:
-                self._emit(JobEvent(job_id, "failed", error="The GPU worker stopped responding in the middle of "
+                self._emit(JobEvent(job_id, EventKind.FAILED, error="The GPU worker stopped responding in the middle of "
                                                              "this edit. Please try again."))
             else:
                 entry.cancel = threading.Event()
                 self._queue.push(entry, front=True)
-                self._emit(JobEvent(job_id, "requeued"))
+                self._emit(JobEvent(job_id, EventKind.REQUEUED))
         worker.shutdown()
         if self.replace_worker is not None:
             new = self.replace_worker(worker)
@@ -322,26 +334,26 @@ class JobQueue:
         job_id = entry.job.job_id
         self._running[job_id] = entry
         self._started[job_id] = time.monotonic()
-        self._emit(JobEvent(job_id, "started"))
+        self._emit(JobEvent(job_id, EventKind.STARTED))
         def progress(p: JobProgress) -> None:
             if p.stage is JobStage.DENOISE:
                 entry.denoising_started = True
-            self._emit(JobEvent(job_id, "progress", progress=p))
+            self._emit(JobEvent(job_id, EventKind.PROGRESS, progress=p))
 
         try:
             outcome = await worker.run(entry.job, progress, entry.cancel)
         except JobCancelledError:
-            self._emit(JobEvent(job_id, "cancelled"))
+            self._emit(JobEvent(job_id, EventKind.CANCELLED))
         except MgieError as err:
-            self._emit(JobEvent(job_id, "failed", error=str(err)))
+            self._emit(JobEvent(job_id, EventKind.FAILED, error=str(err)))
         except asyncio.CancelledError:
             raise  # the watchdog took the job away (it reports what happens next), or shutdown
         except Exception as err:  # a bug or a device fault must not kill the dispatcher
             log.exception("job %s failed on %s", job_id, worker.name)
-            self._emit(JobEvent(job_id, "failed", error=f"Something went wrong on the GPU ({type(err).__name__})."))
+            self._emit(JobEvent(job_id, EventKind.FAILED, error=f"Something went wrong on the GPU ({type(err).__name__})."))
         else:
             self._durations.append(outcome.seconds)
-            self._emit(JobEvent(job_id, "done", outcome=outcome))
+            self._emit(JobEvent(job_id, EventKind.DONE, outcome=outcome))
         finally:
             owner = self._assigned.get(job_id)
             if owner is not None and owner[1] is asyncio.current_task():  # not taken away by the watchdog

@@ -16,7 +16,7 @@ from bot.presets import (
     PRESET_CHOICES,
     PRESETS,
     STRONG_TEXT_POINT,
-    Guidance,
+    CfgChoice,
     choose_guidance,
     edge_density,
     instruction_complexity,
@@ -65,7 +65,7 @@ def test_preset_table():
 @pytest.mark.parametrize("name", ["preserve", "balanced", "dramatic"])
 def test_named_presets_return_their_values(name):
     g = choose_guidance(name, noise(), LONG_MULTI_PART)
-    assert isinstance(g, Guidance)
+    assert isinstance(g, CfgChoice)
     assert (g.text_cfg, g.image_cfg, g.preset) == (*PRESETS[name], name)
     assert f"{PRESETS[name][0]:.1f}" in g.reason and f"{PRESETS[name][1]:.1f}" in g.reason
 
@@ -256,7 +256,7 @@ _IMAGES = st.one_of(
 )
 
 
-def _auto_bounds(g: Guidance) -> None:
+def _auto_bounds(g: CfgChoice) -> None:
     assert 7.0 <= g.text_cfg <= 8.5 and MIN_GUIDED_IMAGE_CFG <= g.image_cfg <= 2.0
     assert round(g.text_cfg, 1) == g.text_cfg and round(g.image_cfg, 1) == g.image_cfg
 
