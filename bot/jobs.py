@@ -160,6 +160,10 @@ class JobManager:
 
     async def _deliver(self, job_id: str, event: JobEvent, updates: StatusUpdates) -> None:
         outcome = event.outcome
+        current = await self.store.get_job(job_id)
+        if current is not None and current.state == "done":  # a job that ran twice (a worker's job reclaimed)
+            log.info("job %s already has its result; a second one is dropped", job_id)
+            return
         try:
             path = await self.store.save_image(job_id, "out", outcome.png)
         except OSError as err:

@@ -108,10 +108,14 @@ def denoise(pipe, image, prompt_embeds, seed, text_cfg, image_cfg, steps):
     while not state.done:
         pipe.denoise_step([state])
     return state.latents
+
+
 # Tests that keep both cores busy on their own (inductor compiles, the benchmark scripts' subprocesses) or that
-# time the bot's answers under load (the soak, the lifecycle) run one after another on one pytest-xdist worker
+# time the bot's answers under load (the soak, the lifecycle, the 500-request admission test, the Redis pool's
+# processes) run one after another on one pytest-xdist worker
 # (`-n auto --dist loadgroup`), so that none of them starves another; the rest share the other worker(s).
-_ONE_AT_A_TIME = {"test_warm_up.py", "test_bench_scripts.py", "test_soak.py", "test_bot_lifecycle.py"}
+_ONE_AT_A_TIME = {"test_warm_up.py", "test_bench_scripts.py", "test_soak.py", "test_bot_lifecycle.py",
+                  "test_bot_redis_pool.py", "test_redis_worker.py", "test_bench_redis.py", "test_bot_admission.py"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,7 +10,17 @@ import re
 import time
 
 import pytest
-from botharness import bot_running, make_config, png_bytes, team_world
+from botharness import (
+    bot_running,
+    button,
+    command,
+    edit,
+    finished,
+    job_count,
+    make_config,
+    private_answer,
+    team_world,
+)
 from fakediscord import permissions as perms
 
 from bot.config import DEFAULT_USER_JOBS_PER_MINUTE, BotConfig, ConfigError
@@ -23,34 +33,6 @@ pytest_plugins = ["fakediscord.fixtures"]
 @pytest.fixture()
 def world(fake_endpoints):
     return team_world(fake_endpoints, "owner", perms.MANAGE_GUILD)
-
-
-def button(message, action: str) -> str:
-    return next(c for c in message.custom_ids if c.startswith(f"mgie:{action}:"))
-
-
-async def edit(fake, user, channel, instruction="make the sky a sunset"):
-    att = fake.upload_user_attachment(channel, "cat.png", png_bytes())
-    return await fake.slash(user, channel, "edit", {"image": att, "instruction": instruction, "steps": 3})
-
-
-async def finished(fake, inter, timeout=60):
-    return await fake.wait_for_original(inter, lambda m: m.attachments, timeout=timeout)
-
-
-async def private_answer(fake, inter) -> str:
-    """The ephemeral text a refused interaction got (and that it got no public reply)."""
-    await fake.wait_for(lambda: inter.callbacks)
-    assert inter.ephemeral and not inter.failed and not inter.deferred
-    return inter.callbacks[0].data["content"]
-
-
-async def command(fake, user, channel, name, options=None) -> str:
-    return await private_answer(fake, await fake.slash(user, channel, name, options))
-
-
-async def job_count(bot) -> int:
-    return sum((await bot.store.counts_by_state()).values())
 
 
 # --- rate limit -------------------------------------------------------------------------------------

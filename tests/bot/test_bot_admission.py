@@ -10,7 +10,7 @@ import threading
 from collections import Counter
 
 import pytest
-from botharness import bot_running, make_config, png_bytes, team_world
+from botharness import bot_running, button, make_config, png_bytes, team_world
 from fakediscord import permissions as perms
 from faults import inject_faults
 
@@ -25,10 +25,6 @@ pytest_plugins = ["fakediscord.fixtures"]
 @pytest.fixture()
 def world(fake_endpoints):
     return team_world(fake_endpoints, "owner", perms.MANAGE_GUILD)
-
-
-def button(message, action: str) -> str:
-    return next(c for c in message.custom_ids if c.startswith(f"mgie:{action}:"))
 
 
 async def edit(fake, user, channel, instruction="make the sky a sunset"):

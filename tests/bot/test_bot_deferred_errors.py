@@ -8,7 +8,7 @@ import errno
 import sqlite3
 
 import pytest
-from botharness import basic_world, bot_running, make_config, png_bytes
+from botharness import basic_world, bot_running, button, make_config, png_bytes
 from fakediscord import errors as api_errors
 
 from bot.deferred import STORAGE_TROUBLE
@@ -19,10 +19,6 @@ pytest_plugins = ["fakediscord.fixtures"]
 @pytest.fixture()
 def world(fake_endpoints):
     return basic_world(fake_endpoints)
-
-
-def button(message, action: str) -> str:
-    return next(c for c in message.custom_ids if c.startswith(f"mgie:{action}:"))
 
 
 async def edit(fake, user, channel, instruction="make it night"):

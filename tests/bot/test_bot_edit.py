@@ -10,7 +10,7 @@ import asyncio
 import threading
 
 import pytest
-from botharness import bot_running, make_config, png_bytes, team_world
+from botharness import bot_running, button, edit, finished, make_config, png_bytes, team_world
 from fakediscord import permissions as perms
 
 from bot import render
@@ -28,10 +28,6 @@ def fields_of(message) -> dict[str, str]:
     return {f["name"]: f["value"] for f in message.embeds[0]["fields"]}
 
 
-def button(message, action: str) -> str:
-    return next(c for c in message.custom_ids if c.startswith(f"mgie:{action}:"))
-
-
 async def job_of(bot, message, timeout: float = 10.0):
     """The stored job a message shows, once the bot has recorded it (it posts first, then records)."""
     deadline = asyncio.get_running_loop().time() + timeout
@@ -40,15 +36,6 @@ async def job_of(bot, message, timeout: float = 10.0):
             raise TimeoutError(f"no job recorded for message {message.id}")
         await asyncio.sleep(0.05)
     return job
-
-
-async def edit(fake, user, channel, instruction="make the sky a sunset", **options):
-    att = fake.upload_user_attachment(channel, "cat.png", options.pop("data", png_bytes()))
-    return await fake.slash(user, channel, "edit", {"image": att, "instruction": instruction, "steps": 3, **options})
-
-
-async def finished(fake, inter, timeout=60):
-    return await fake.wait_for_original(inter, lambda m: m.attachments, timeout=timeout)
 
 
 async def test_edit_shows_the_result_with_everything_used(world, tmp_path, tiny_models):

@@ -8,7 +8,16 @@ import asyncio
 import time
 
 import pytest
-from botharness import bot_running, make_config, png_bytes, team_world
+from botharness import (
+    bot_running,
+    command,
+    edit,
+    finished,
+    job_count,
+    make_config,
+    private_answer,
+    team_world,
+)
 from fakediscord import permissions as perms
 
 from bot.intake import BANNED_MESSAGE
@@ -20,29 +29,6 @@ pytest_plugins = ["fakediscord.fixtures"]
 @pytest.fixture()
 def world(fake_endpoints):
     return team_world(fake_endpoints, "owner", perms.MANAGE_GUILD)
-
-
-async def edit(fake, user, channel, instruction="make the sky a sunset"):
-    att = fake.upload_user_attachment(channel, "cat.png", png_bytes())
-    return await fake.slash(user, channel, "edit", {"image": att, "instruction": instruction, "steps": 3})
-
-
-async def finished(fake, inter, timeout=60):
-    return await fake.wait_for_original(inter, lambda m: m.attachments, timeout=timeout)
-
-
-async def private_answer(fake, inter) -> str:
-    await fake.wait_for(lambda: inter.callbacks)
-    assert inter.ephemeral and not inter.failed and not inter.deferred
-    return inter.callbacks[0].data["content"]
-
-
-async def command(fake, user, channel, name, options=None) -> str:
-    return await private_answer(fake, await fake.slash(user, channel, name, options))
-
-
-async def job_count(bot) -> int:
-    return sum((await bot.store.counts_by_state()).values())
 
 
 async def refused_quietly(fake, channel, asked) -> list:

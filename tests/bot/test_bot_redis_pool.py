@@ -10,7 +10,7 @@ import signal
 import sqlite3
 
 import pytest
-from botharness import basic_world, png_bytes
+from botharness import basic_world, button, png_bytes
 from redis_pool_harness import owner_of, pid_of, pool_env, start_bot, start_worker, wait_workers
 
 from mgie_engine.redis_pool.connection import RedisSettings, client
@@ -83,10 +83,6 @@ async def delivered(fake, inter, timeout: float = 90.0):
 
 def posts_with_files(fake, inter) -> int:
     return sum(1 for r in fake.requests if r.files and inter.token in r.path)
-
-
-def button(message, action: str) -> str:
-    return next(c for c in message.custom_ids if c.startswith(f"mgie:{action}:"))
 
 
 async def test_several_users_edits_in_fair_order_and_buttons_and_replies_across_workers(world, pool, proto):

@@ -14,7 +14,7 @@ import time
 import PIL.Image
 import pytest
 from bigimages import png_16bit_rgba
-from botharness import bot_running, make_config, png_bytes, team_world
+from botharness import bot_running, button, make_config, png_bytes, team_world
 from fakediscord import permissions as perms
 
 from bot import presets
@@ -32,10 +32,6 @@ def world(fake_endpoints):
 @pytest.fixture(scope="module")
 def huge_png() -> bytes:
     return png_16bit_rgba()  # 40 MP, 16-bit RGBA, ~330 KB on disk
-
-
-def button(message, action: str) -> str:
-    return next(c for c in message.custom_ids if c.startswith(f"mgie:{action}:"))
 
 
 async def edit(fake, user, channel, data: bytes, name: str = "cat.png", **options):
@@ -284,10 +280,17 @@ async def test_the_bots_background_tasks_are_tracked_and_cancelled_on_close(worl
     fake, guild, channel, alice, *_ = world
     seen: dict[str, asyncio.Task] = {}
     async with bot_running(fake, make_config(fake, tmp_path / "data", [guild.id]), tiny_models) as bot:
+        seen.update((t.get_name(), t) for t in bot.background_tasks)  # those started with the bot
+        spawn = bot.spawn
+
+        def spawn_and_note(*args, **kwargs):  # a job event's task can start and end between two looks
+            task = spawn(*args, **kwargs)
+            seen[task.get_name()] = task
+            return task
+
+        bot.spawn = spawn_and_note
         inter = await edit(fake, alice, channel, png_bytes())
-        while not (inter.original and inter.original.attachments):
-            seen.update((t.get_name(), t) for t in bot.background_tasks)
-            await asyncio.sleep(0.005)
+        await fake.wait_for(lambda: inter.original and inter.original.attachments, timeout=60)
         assert "mgie-retention" in seen and any(name.startswith("mgie-event-done") for name in seen)
         await fake.wait_for(lambda: not any(n.startswith("mgie-event") for n in map(asyncio.Task.get_name,
                                                                                    bot.background_tasks)))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from botharness import bot_running, make_config, png_bytes, team_world
+from botharness import bot_running, button, make_config, png_bytes, team_world
 from fakediscord import permissions as perms
 
 pytest_plugins = ["fakediscord.fixtures"]
@@ -12,10 +12,6 @@ pytest_plugins = ["fakediscord.fixtures"]
 @pytest.fixture()
 def world(fake_endpoints):
     return team_world(fake_endpoints, "mod", perms.MANAGE_MESSAGES)
-
-
-def button(message, action: str) -> str:
-    return next(c for c in message.custom_ids if c.startswith(f"mgie:{action}:"))
 
 
 async def private_answer(fake, inter) -> str:

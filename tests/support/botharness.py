@@ -68,3 +68,37 @@ def team_world(fake, third: str, third_permissions: int):
     fake.add_member(guild, bob)
     fake.add_member(guild, other, permissions=third_permissions)
     return fake, guild, channel, alice, bob, other
+
+
+# -- what a user does, and what they see -------------------------------------------------------------
+def button(message, action: str) -> str:
+    """The custom id of a result message's ``action`` button (reroll, stronger, undo, ...)."""
+    return next(c for c in message.custom_ids if c.startswith(f"mgie:{action}:"))
+
+
+async def edit(fake, user, channel, instruction="make the sky a sunset", **options):
+    """``/edit`` with a small PNG (or ``data=`` bytes) and 3 steps unless ``options`` say otherwise."""
+    att = fake.upload_user_attachment(channel, "cat.png", options.pop("data") if "data" in options else png_bytes())
+    return await fake.slash(user, channel, "edit", {"image": att, "instruction": instruction, "steps": 3, **options})
+
+
+async def finished(fake, inter, timeout=60):
+    """The interaction's original message once it carries the result image."""
+    return await fake.wait_for_original(inter, lambda m: m.attachments, timeout=timeout)
+
+
+async def private_answer(fake, inter) -> str:
+    """The ephemeral text a refused interaction got (and that it got no public reply)."""
+    await fake.wait_for(lambda: inter.callbacks)
+    assert inter.ephemeral and not inter.failed and not inter.deferred
+    return inter.callbacks[0].data["content"]
+
+
+async def command(fake, user, channel, name, options=None) -> str:
+    """A slash command answered privately: its answer's text."""
+    return await private_answer(fake, await fake.slash(user, channel, name, options))
+
+
+async def job_count(bot) -> int:
+    """Jobs stored, in any state."""
+    return sum((await bot.store.counts_by_state()).values())
