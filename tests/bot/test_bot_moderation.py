@@ -57,7 +57,8 @@ async def test_twenty_refused_replies_give_one_public_notice(world, tmp_path, ti
         asked = [await fake.send_message(bob, channel, f"now make it red {i}", reply_to=first) for i in range(20)]
         notices = await refused_quietly(fake, channel, asked)
         assert len(notices) == 1 and BANNED_MESSAGE in notices[0].content
-        assert not notices[0].mentions and notices[0].referenced is asked[0]
+        # The notice answers one of the refused replies (whichever the bot handled first) and pings nobody.
+        assert not notices[0].mentions and any(notices[0].referenced is m for m in asked)
         assert await job_count(bot) == 1
 
         # A channel moderators closed: the same, counted per user (alice's first refusal gets its notice).
