@@ -138,6 +138,7 @@ class JobQueue:
         self._durations: collections.deque[float] = collections.deque(maxlen=50)
         self._tasks: list[asyncio.Task] = []
         self._accepting = True
+        self._stopped = False  # after stop(): jobs the workers still end are left as the database has them
         self._ready: list[Worker] = []
         self._load: collections.Counter[int] = collections.Counter()
         self._assigned: dict[str, tuple[Worker, asyncio.Task]] = {}
@@ -236,6 +237,7 @@ class JobQueue:
 
     async def stop(self) -> None:
         self._accepting = False
+        self._stopped = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -362,6 +364,8 @@ class JobQueue:
                 self._started.pop(job_id, None)
 
     def _emit(self, event: JobEvent) -> None:
+        if self._stopped:  # shutting down: a job the worker ends now ("the worker stopped") resumes next start
+            return
         result = self.on_event(event)
         if asyncio.iscoroutine(result):
             task = asyncio.ensure_future(result)

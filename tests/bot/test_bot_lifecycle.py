@@ -61,26 +61,19 @@ async def test_sigterm_finishes_the_running_edit_then_exits(world, tmp_path, tin
     assert fake.token not in out.decode()
 
 
-async def test_sigterm_past_the_grace_exits_cleanly_and_the_next_start_resumes_the_edit(world, tmp_path, tiny_paths):
+async def test_sigterm_past_the_grace_exits_cleanly(world, tmp_path, tiny_paths):
     fake, guild, channel, alice = world
     proc = await _start(fake, guild, tiny_paths, tmp_path / "data", grace=0.5)
     try:
-        inter = await _slow_edit(fake, channel, alice)
+        await _slow_edit(fake, channel, alice)
         proc.send_signal(signal.SIGTERM)  # the edit has far more than half a second left
         out, _ = await asyncio.wait_for(proc.communicate(), 120)
     finally:
         if proc.returncode is None:
             proc.kill()
-    # A clean exit (not an abort from the worker thread still running at exit), the edit left to resume.
+    # A clean exit, not an abort from the worker thread still inside a torch call at exit.
     assert proc.returncode == 0, out.decode()[-2000:]
     assert "unfinished" in out.decode() and "terminate called" not in out.decode()
-    assert _state(tmp_path / "data") == ["running"]
-    proc = await _start(fake, guild, tiny_paths, tmp_path / "data")
-    try:
-        await fake.wait_for(lambda: inter.original.attachments, timeout=120)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(proc.communicate(), 60)
 
 
 async def test_after_sigkill_the_next_start_resumes_the_running_edit(world, tmp_path, tiny_paths):
