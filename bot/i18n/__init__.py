@@ -1,0 +1,75 @@
+"""Every message the bot writes, in the reader's language.
+
+Messages live in one catalogue per language: ``bot/i18n/locales/<language>/<area>.toml``, one file per
+feature area (so features add their messages without touching each other's files). A message's key is
+``<area>.<name>``; placeholders are ``{name}`` (``str.format`` syntax). English is the reference: every
+shipped language has every English key with the same placeholders (tests/bot/test_i18n_catalogue.py).
+
+Use :func:`text` with the reader's Discord locale (``interaction.locale``; the guild's for public notices).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import string
+import tomllib
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+LOCALES_DIR = Path(__file__).parent / "locales"
+REFERENCE = "en"
+# Shipped languages and their names in themselves. Keys are catalogue folder names.
+LANGUAGES = {"en": "English", "de": "Deutsch", "es": "Español", "fr": "Français", "ja": "日本語",
+             "pt-BR": "Português (Brasil)"}
+
+
+def language_of(locale: object) -> str:
+    """The shipped language for a Discord locale (a ``discord.Locale`` or its string, e.g. ``"es-419"``);
+    English for anything else, ``None`` included."""
+    value = str(getattr(locale, "value", locale) or "")
+    if value in LANGUAGES:
+        return value
+    base = value.split("-")[0]
+    return base if base in LANGUAGES and base != "pt" else REFERENCE
+
+
+def _flatten(table: dict, prefix: str) -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = str(value)
+    return flat
+
+
+@functools.cache
+def catalogue(language: str) -> dict[str, str]:
+    """All messages of one shipped language, keyed ``<area>.<name>``."""
+    messages: dict[str, str] = {}
+    for path in sorted((LOCALES_DIR / language).glob("*.toml")):
+        with path.open("rb") as f:
+            messages.update(_flatten(tomllib.load(f), f"{path.stem}."))
+    return messages
+
+
+def placeholders(message: str) -> set[str]:
+    """The ``{name}`` fields of a message (what a translation must keep)."""
+    return {field for _, field, _, _ in string.Formatter().parse(message) if field is not None}
+
+
+def text(key: str, locale: object = None, /, **params: object) -> str:
+    """The message ``key`` in the language of ``locale``, with ``params`` filled in.
+
+    A key missing in a language falls back to English (the catalogue test keeps that from shipping); a key
+    missing in English is a bug and raises ``KeyError``.
+    """
+    language = language_of(locale)
+    template = catalogue(language).get(key)
+    if template is None:
+        if language != REFERENCE:
+            log.warning("message %r has no %s entry; using English", key, language)
+        template = catalogue(REFERENCE)[key]
+    return template.format(**params)
