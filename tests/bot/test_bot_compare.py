@@ -150,3 +150,21 @@ async def test_mgie_help_answers_privately_in_the_users_language(world, tmp_path
     fields = {f["name"]: f["value"] for f in french["fields"]}
     assert "```" in fields["Préréglages"] and "preserve" in fields["Préréglages"]  # the one table
     assert "CFG image" in fields["CFG texte et CFG image"]
+
+
+async def test_a_flagged_result_compares_behind_a_spoiler_or_not_at_all_as_the_server_says(world, tmp_path,
+                                                                                           tiny_models):
+    fake, guild, channel, alice, bob, _mod = world
+    async with bot_running(fake, make_config(fake, tmp_path / "data", [guild.id]), tiny_models) as bot:
+        await bot.engine.workers[0].wait_ready()  # loading sets the check: replace it after
+        bot.engine.workers[0].safety_check = lambda image: True  # flags everything
+        result = await fake.wait_for_original(await edit(fake, alice, channel), lambda m: m.attachments, timeout=60)
+        assert result.attachments[0].filename.startswith("SPOILER_")
+
+        pressed = await fake.click(bob, result, button(result, "compare"))
+        shown = await fake.wait_for_original(pressed, lambda m: m.attachments, timeout=20)
+        assert pressed.ephemeral and shown.attachments[0].filename.startswith("SPOILER_")
+
+        await bot.store.update_guild_settings(guild.id, flagged_outputs="withhold")
+        withheld = await private_answer(fake, await fake.click(bob, result, button(result, "compare")))
+        assert withheld == i18n.text("compare.withheld")
