@@ -168,3 +168,23 @@ async def test_a_flagged_result_compares_behind_a_spoiler_or_not_at_all_as_the_s
         await bot.store.update_guild_settings(guild.id, flagged_outputs="withhold")
         withheld = await private_answer(fake, await fake.click(bob, result, button(result, "compare")))
         assert withheld == i18n.text("compare.withheld")
+
+
+async def test_after_forget_me_a_refine_of_that_persons_image_says_its_original_is_gone(world, tmp_path,
+                                                                                         tiny_models):
+    fake, guild, channel, alice, bob, _mod = world
+    async with bot_running(fake, make_config(fake, tmp_path / "data", [guild.id]), tiny_models) as bot:
+        first = await finished(fake, await edit(fake, alice, channel))
+        opened = await fake.click(bob, first, button(first, "refine"))  # bob builds on alice's result
+        await fake.wait_for(lambda: opened.modal)
+        refined = await finished(fake, await fake.submit_modal(bob, opened, {"instruction": "add snow"}))
+        refine_job = await _job_by_message(bot, refined)
+
+        asked = await fake.slash(alice, channel, "mgie forget-me")
+        await fake.wait_for(lambda: asked.callbacks)
+        await fake.click(alice, asked.original, f"mgie-forget:yes:{alice.id}")
+        await fake.wait_for(lambda: "Done" in (asked.original.content or ""), timeout=60)
+        assert (await bot.store.get_job(refine_job.id)).input_image == ""  # alice's image is gone
+
+        answer = await private_answer(fake, await fake.click(bob, refined, button(refined, "compare")))
+        assert answer == i18n.text("compare.input_gone")
