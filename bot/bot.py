@@ -16,6 +16,7 @@ from mgie_engine.pool import WorkerPool
 from mgie_engine.worker import LocalWorker
 
 from .command_sync import sync_commands
+from .comparison import HistoryPicker
 from .config import BotConfig
 from .deferred import tell_privately
 from .intake import IntakeSlots, JobRateLimiter
@@ -121,7 +122,7 @@ class MgieBot(commands.Bot):
         self._reply_notices = NoticeThrottle()
         if isinstance(self.engine, RedisPool):
             self.engine.on_capacity = self._queue.wake  # a worker joined or left: release up to the free slots
-        self.add_dynamic_items(JobButton, ForgetButton)
+        self.add_dynamic_items(JobButton, ForgetButton, HistoryPicker)
         for name in COGS:
             await self.load_extension(name)
         self.tree.on_error = self.on_app_command_error

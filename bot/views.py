@@ -9,6 +9,8 @@ import re
 
 import discord
 
+from . import i18n
+
 ACTIONS = {
     "reroll": ("Re-roll", "🎲", discord.ButtonStyle.secondary),
     "stronger": ("Stronger edit", "💪", discord.ButtonStyle.secondary),
@@ -17,6 +19,7 @@ ACTIONS = {
     "undo": ("Undo", "↩️", discord.ButtonStyle.secondary),
     "delete": ("Delete", "🗑️", discord.ButtonStyle.danger),
     "cancel": ("Cancel", "✖️", discord.ButtonStyle.danger),
+    "compare": (i18n.text("compare.button"), "🔍", discord.ButtonStyle.secondary),
 }
 
 
@@ -44,13 +47,13 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=r"mgie:(?P<a
 def result_view(job_id: str, owner_job_id: str | None = None) -> discord.ui.View:
     """Buttons for a message showing ``job_id``'s result.
 
-    Re-roll, Stronger, Closer and Refine act on the result shown. Undo and Delete carry ``owner_job_id``,
+    Re-roll, Stronger, Closer, Refine and Compare act on the result shown. Undo and Delete carry ``owner_job_id``,
     the job that made the message (default: the one shown): after an Undo the message shows an earlier
     step, possibly someone else's, but it is still its maker's to undo further or delete.
     """
     owner_job_id = owner_job_id or job_id
     view = discord.ui.View(timeout=None)
-    for action in ("reroll", "stronger", "closer", "refine"):
+    for action in ("reroll", "stronger", "closer", "refine", "compare"):
         view.add_item(JobButton(action, job_id))
     view.add_item(JobButton("undo", owner_job_id))
     view.add_item(JobButton("delete", owner_job_id))

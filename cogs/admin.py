@@ -1,5 +1,5 @@
-"""/mgie status, /mgie cancel (your own queued edit) and /mgie forget-me (delete what the bot stores about
-you), for everyone; moderation is in cogs/moderation.py."""
+"""/mgie status, /mgie cancel (your own queued edit), /mgie forget-me (delete what the bot stores about
+you) and /mgie help, for everyone; moderation is in cogs/moderation.py."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import privacy, render
+from bot.help import help_embed
 
 if TYPE_CHECKING:
     from bot.bot import MgieBot
@@ -60,6 +61,10 @@ class AdminCog(commands.GroupCog, group_name="mgie", name="Admin"):
             await interaction.response.send_message(text, ephemeral=True)
             return
         await interaction.response.send_message(text, view=privacy.confirm_view(interaction.user.id), ephemeral=True)
+
+    @app_commands.command(name="help", description="What MGIE does, good instructions, presets and CFG")
+    async def help_command(self, interaction: discord.Interaction) -> None:
+        await interaction.response.send_message(embed=help_embed(interaction.locale), ephemeral=True)
 
 
 async def setup(bot: MgieBot) -> None:

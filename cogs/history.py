@@ -1,4 +1,4 @@
-"""/history: a user's recent edits and how each chain of refinements went."""
+"""/history: a user's recent edits and how each chain of refinements went, with a before/after picker."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot import render
+from bot.comparison import history_picker
 
 if TYPE_CHECKING:
     from bot.bot import MgieBot
@@ -37,7 +38,8 @@ class HistoryCog(commands.Cog, name="History"):
             if job.expressive:
                 value += f"\n*{render.quote(job.expressive, 150)}*"
             embed.add_field(name=render.quote(job.instruction, 200), value=value[:1024], inline=False)
-        await interaction.response.send_message(embed=embed, ephemeral=True)
+        picker = history_picker(jobs, interaction.locale) or discord.utils.MISSING
+        await interaction.response.send_message(embed=embed, ephemeral=True, view=picker)
 
 
 async def setup(bot: MgieBot) -> None:

@@ -1,4 +1,4 @@
-"""The buttons under a result (re-roll, stronger, closer, refine, undo, delete) and cancel while queued.
+"""The buttons under a result (re-roll, stronger, closer, refine, compare, undo, delete) and cancel while queued.
 
 Re-roll, Stronger, Closer and Refine by anyone start that person's own job (their own quota); Undo,
 Delete and Cancel are the requester's, or a moderator's (Manage Messages).
@@ -13,6 +13,7 @@ import discord
 from discord.ext import commands
 
 from bot import job_requests, render
+from bot.comparison import send_comparison
 from bot.deferred import answer_failure
 from bot.intake import Refusal
 from bot.storage import JobRecord
@@ -80,6 +81,10 @@ class ResultsCog(commands.Cog, name="Results"):
         if source.state != "done":
             raise Refusal("That edit has not finished yet.")
         await interaction.response.send_modal(RefineModal(self.bot, source))
+
+    async def _on_compare(self, interaction: discord.Interaction, source: JobRecord) -> None:
+        # Anyone may look; the answer is private to whoever pressed (bot.comparison).
+        await send_comparison(self.bot, interaction, source)
 
     # -- owner actions ------------------------------------------------------------------------------
     async def _shown_on(self, message: discord.Message, maker: JobRecord) -> JobRecord:

@@ -52,7 +52,7 @@ async def test_edit_shows_the_result_with_everything_used(world, tmp_path, tiny_
         assert (f["Seed"], f["Text CFG"], f["Image CFG"], f["Steps"], f["Preset"]) == ("42", "7", "2", "3", "preserve")
         assert "RANDOM" in msg.embeds[0]["footer"]["text"]
         actions = {c.split(":")[1] for c in msg.custom_ids}
-        assert actions == {"reroll", "stronger", "closer", "refine", "undo", "delete"}
+        assert actions == {"reroll", "stronger", "closer", "refine", "compare", "undo", "delete"}
         # Progress went through the same message before the result replaced it.
         assert any("queued" in (h.get("content") or "").lower() for h in msg.history)
         assert not fake.unknown_routes
