@@ -74,7 +74,9 @@ class StatsCog(commands.Cog, name="Stats"):
             group.add_command(self.command)
 
     async def cog_unload(self) -> None:
-        self._group().remove_command(self.command.name)
+        admin = self.bot.get_cog("Admin")  # gone already when the bot closes: the command went with it
+        if admin is not None and isinstance(admin.app_command, app_commands.Group):
+            admin.app_command.remove_command(self.command.name)
 
     def _group(self) -> app_commands.Group:
         admin = self.bot.get_cog("Admin")
