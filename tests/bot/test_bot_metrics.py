@@ -4,6 +4,7 @@ and ``/mgie stats`` (a server's own last day and week) for its managers only."""
 from __future__ import annotations
 
 import errno
+import socket
 import threading
 import time
 
@@ -102,6 +103,18 @@ async def test_two_bots_in_one_process_keep_their_own_numbers(world, tmp_path, t
     port = free_port()
     async with bot_running(fake, make_config(fake, tmp_path / "two", [guild.id], metrics_port=port), tiny_models):
         assert value(await scrape(port), "mgie_results_total", outcome="done") == 0
+
+
+async def test_a_taken_metrics_port_is_logged_and_the_bot_still_edits(world, tmp_path, tiny_models, caplog):
+    fake, guild, channel, alice, *_ = world
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = make_config(fake, tmp_path / "data", [guild.id], metrics_port=port)
+        async with bot_running(fake, config, tiny_models):
+            assert (await finished(fake, await edit(fake, alice, channel))).attachments
+        assert any("no metrics endpoint" in r.getMessage() and str(port) in r.getMessage() for r in caplog.records)
 
 
 HOUR, DAY = 3600.0, 86_400.0
