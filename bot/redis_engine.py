@@ -343,4 +343,5 @@ async def _with_bytes(job: EditJob) -> EditJob:
     return dataclasses.replace(job, image=data)
 
 
-__all__ = ["JobDeadLetteredError", "RedisPool", "RemoteWorker", "RedisSetupError", "check_redis", "redis_settings_from_env"]
+__all__ = ["JobDeadLetteredError", "RedisPool", "RemoteWorker", "RedisSetupError", "check_redis",
+           "redis_settings_from_env"]

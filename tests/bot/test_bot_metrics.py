@@ -16,6 +16,7 @@ from faults import inject_faults
 from metrics_scrape import free_port, scrape, scrape_until, value
 
 from bot.storage import JobRecord
+from mgie_engine.errors import BadImageError
 
 pytest_plugins = ["fakediscord.fixtures"]
 
@@ -71,6 +72,17 @@ async def test_metrics_endpoint_counts_waits_stages_results_failures_and_workers
         samples = await scrape_until(port, "mgie_failures_total", 1, cause="engine_error")
         assert value(samples, "mgie_results_total", outcome="failed") == 1
         assert not any("CUDA" in str(key) for key in samples)
+
+        # An input the engine finds it cannot edit is the user's to fix: counted apart from engine errors.
+        def unusable_input(stage, job_ids):
+            if stage == "language":
+                raise BadImageError("That image cannot be edited.")
+
+        inject_faults(bot.engine.workers[0], unusable_input)
+        await edit(fake, bob, channel)
+        samples = await scrape_until(port, "mgie_failures_total", 1, cause="bad_input")
+        assert value(samples, "mgie_results_total", outcome="failed") == 2
+        assert value(samples, "mgie_failures_total", cause="engine_error") == 1
         inject_faults(bot.engine.workers[0], lambda stage, job_ids: None)
 
         # A result the disk cannot store fails as a storage failure.
@@ -84,11 +96,11 @@ async def test_metrics_endpoint_counts_waits_stages_results_failures_and_workers
         bot.store.save_image = disk_full
         await edit(fake, bob, channel)
         samples = await scrape_until(port, "mgie_failures_total", 1, cause="storage")
-        assert value(samples, "mgie_results_total", outcome="failed") == 2
+        assert value(samples, "mgie_results_total", outcome="failed") == 3
         assert value(samples, "mgie_results_total", outcome="done") == 1
         assert value(samples, "mgie_results_total", outcome="dead_lettered") == 0
-        assert value(samples, "mgie_failures_total", cause="bad_input") == 0
-        assert value(samples, "mgie_wait_seconds_count") == 3
+        assert value(samples, "mgie_failures_total", cause="worker_lost") == 0
+        assert value(samples, "mgie_wait_seconds_count") == 4
 
     with pytest.raises(aiohttp.ClientConnectionError):  # the endpoint stops with the bot
         await scrape(port)
