@@ -21,6 +21,7 @@ from .config import BotConfig
 from .deferred import tell_privately
 from .intake import IntakeSlots, JobRateLimiter
 from .jobs import JobManager
+from .metrics import BotMetrics
 from .privacy import ForgetButton
 from .queue import JobEvent, JobQueue
 from .quiet_refusals import NoticeThrottle
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 # A worker ends its current step before the process may exit (a step takes a fraction of a second on a GPU,
 # seconds on a CPU); past this, exit anyway.
 WORKER_STOP_SECONDS = 30.0
-COGS = ("cogs.edit", "cogs.results", "cogs.history", "cogs.admin", "cogs.moderation")
+COGS = ("cogs.edit", "cogs.results", "cogs.history", "cogs.admin", "cogs.moderation", "cogs.stats")
 T = TypeVar("T")
 
 
@@ -70,6 +71,7 @@ class MgieBot(commands.Bot):
         self._rate_limiter: JobRateLimiter | None = None
         self._reply_notices: NoticeThrottle | None = None
         self.intake_slots = IntakeSlots()  # downloads and decodes of attachments at once
+        self.metrics = BotMetrics()  # served at MGIE_METRICS_PORT when set (see bot.metrics)
         # Every task the bot starts: the loop keeps only weak references, so a task nobody holds can be
         # garbage-collected mid-run; and close() must be able to cancel them. Tasks leave the set when done.
         self.background_tasks: set[asyncio.Task] = set()
@@ -117,7 +119,17 @@ class MgieBot(commands.Bot):
         self._retention = Retention(self._store, self.config.retention_days, self.config.max_storage_gb)
         self._queue = JobQueue(self.engine.workers, on_event=self._on_job_event, max_total=self.config.max_queue,
                                stall_timeout=self.config.stall_timeout, replace_worker=self.engine.replace)
-        self._jobs = JobManager(self, self._store, self._queue, self.engine, self.config.progress_interval)
+        self._jobs = JobManager(self, self._store, self._queue, self.engine, self.config.progress_interval,
+                                metrics=self.metrics)
+        queue, engine = self._queue, self.engine
+        self.metrics.watch(depth=lambda: queue.depth, running=lambda: len(queue.running),
+                           workers=lambda: [(str(i["name"]), str(i["state"])) for i in engine.info()])
+        if self.config.metrics_port:
+            try:
+                await self.metrics.serve(self.config.metrics_addr, self.config.metrics_port)
+            except OSError as err:  # edits matter more than numbers: the bot runs on, and says why loudly
+                log.error("no metrics endpoint: cannot listen on %s:%d (%s)", self.config.metrics_addr,
+                          self.config.metrics_port, err)
         self._rate_limiter = JobRateLimiter(self.config.user_jobs_per_minute)
         self._reply_notices = NoticeThrottle()
         if isinstance(self.engine, RedisPool):
@@ -149,6 +161,7 @@ class MgieBot(commands.Bot):
             await asyncio.wait(busy, timeout=timeout)
 
     def _on_job_event(self, event: JobEvent) -> None:
+        self.metrics.on_event(event)  # as emitted: the stage timings need the moment, not the handler's turn
         self.spawn(self.jobs.on_event(event), name=f"mgie-event-{event.kind}-{event.job_id[:8]}")
 
     async def on_message(self, message: discord.Message) -> None:
@@ -207,6 +220,7 @@ class MgieBot(commands.Bot):
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self.intake_slots.close()
+            await self.metrics.close()
             self.engine.shutdown()
             if not await asyncio.to_thread(self.engine.join, WORKER_STOP_SECONDS):
                 log.warning("a worker is still inside a step after %.0f s; exiting anyway", WORKER_STOP_SECONDS)

@@ -8,7 +8,9 @@ engine setting in ``mgie-edit``).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -37,6 +39,17 @@ def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | N
     return raw
 
 
+def _host(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = (env.get(name) or "").strip() or default
+    try:
+        ipaddress.ip_address(raw)
+    except ValueError:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}", raw):
+            raise ConfigError(f"{name} must be an IP address (127.0.0.1, 0.0.0.0, ::) or a host name, "
+                              f"not {raw[:60]!r}.") from None
+    return raw
+
+
 @dataclasses.dataclass(frozen=True)
 class BotConfig:
     token: str = dataclasses.field(repr=False)  # never printed, never logged
@@ -54,6 +67,8 @@ class BotConfig:
     retention_days: float = 30.0  # finished chains idle this long are deleted; 0 = keep forever
     max_storage_gb: float = 10.0  # above this the oldest finished chains go first; 0 = no cap
     shutdown_grace: float = 30.0  # SIGTERM waits this long for running edits
+    metrics_port: int = 0  # Prometheus endpoint (bot/metrics.py) on this port; 0 = none
+    metrics_addr: str = "127.0.0.1"  # the address it listens on; 0.0.0.0 to let other hosts scrape
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> BotConfig:
@@ -78,4 +93,6 @@ class BotConfig:
             retention_days=read_float(env, "MGIE_RETENTION_DAYS", 30.0, 0.0, 36_500.0),
             max_storage_gb=read_float(env, "MGIE_MAX_STORAGE_GB", 10.0, 0.0, 1_000_000.0),
             shutdown_grace=read_float(env, "MGIE_SHUTDOWN_GRACE", 30.0, 0.0, 86_400.0),
+            metrics_port=read_int(env, "MGIE_METRICS_PORT", 0, 0, 65_535),
+            metrics_addr=_host(env, "MGIE_METRICS_ADDR", "127.0.0.1"),
         )

@@ -21,6 +21,8 @@ from mgie_engine.protocol import EditJob, JobProgress, WorkerState
 from . import render
 from .admission import Ticket
 from .delivery import Delivery
+from .failure_causes import QUEUE_FULL, STORAGE, cause_of
+from .metrics import BotMetrics
 from .queue import EventKind, JobEvent, JobQueue, QueueFullError
 from .storage import JobRecord, Store
 from .views import cancel_view, result_view
@@ -48,8 +50,9 @@ class JobManager:
     """Every job from its stored record to its delivered result (or failure), across restarts."""
 
     def __init__(self, bot: discord.Client, store: Store, queue: JobQueue, engine: WorkerPool,
-                 progress_interval: float = 2.0) -> None:
+                 progress_interval: float = 2.0, metrics: BotMetrics | None = None) -> None:
         self.bot, self.store, self.queue, self.engine = bot, store, queue, engine
+        self.metrics = metrics if metrics is not None else BotMetrics()
         self.delivery = Delivery(bot, store)
         self.progress_interval = progress_interval
         self._updates: dict[str, StatusUpdates] = {}
@@ -90,6 +93,7 @@ class JobManager:
             try:
                 await self.store.update_job(record.id, state="failed", error=str(err) or type(err).__name__,
                                             finished_at=time.time())
+                self.metrics.job_ended("failed", cause_of(err))
             except Exception:  # the disk that failed the job may fail this too; the user is told anyway
                 log.exception("could not mark job %s failed", record.id)
             raise
@@ -146,6 +150,7 @@ class JobManager:
             await self._deliver(job_id, event, updates)
         elif event.kind is EventKind.FAILED:
             record = await self.store.update_job(job_id, state="failed", error=event.error, finished_at=time.time())
+            self.metrics.job_ended("failed", event.cause)
             await self._show(job_id, render.failed(record, event.error or "unknown error"), view=None, ping=True)
             self._updates.pop(job_id, None)
         elif event.kind is EventKind.REQUEUED:  # its worker stopped responding before it began painting
@@ -153,6 +158,7 @@ class JobManager:
             await self._show_queued(record)
         elif event.kind is EventKind.CANCELLED:
             record = await self.store.update_job(job_id, state="cancelled", finished_at=time.time())
+            self.metrics.job_ended("cancelled")
             await self._show(job_id, render.cancelled(record), view=None)
             self._updates.pop(job_id, None)
             await self._refresh_positions()
@@ -170,11 +176,13 @@ class JobManager:
             log.error("could not store the result of job %s: %s", job_id, err)
             record = await self.store.update_job(job_id, state="failed", finished_at=time.time(),
                                                  error="The server could not store the result (disk problem).")
+            self.metrics.job_ended("failed", STORAGE)
             await self._show(job_id, render.failed(record, record.error), view=None, ping=True)
             return
         record = await self.store.update_job(job_id, state="done", output_image=path, finished_at=time.time(),
                                              expressive=outcome.expressive_instruction, llm_cached=outcome.llm_cached,
                                              flagged=outcome.flagged)
+        self.metrics.job_ended("done")
         await self._announce(record, outcome.png, updates)
 
     async def _announce(self, record: JobRecord, png: bytes, updates: StatusUpdates) -> None:
@@ -233,6 +241,7 @@ class JobManager:
                 reason = ("the bot restarted and your input image was lost" if isinstance(err, FileNotFoundError)
                           else str(err))
                 record = await self.store.update_job(record.id, state="failed", error=reason, finished_at=time.time())
+                self.metrics.job_ended("failed", STORAGE if isinstance(err, FileNotFoundError) else QUEUE_FULL)
                 try:
                     await self.delivery.show(record, render.failed(record, reason), view=None, ping=True)
                 except discord.HTTPException as http_err:

@@ -18,6 +18,8 @@ from collections.abc import Awaitable, Callable
 from mgie_engine.errors import JobCancelledError, MgieError
 from mgie_engine.protocol import EditJob, EditOutcome, JobProgress, JobStage, Worker
 
+from .failure_causes import WORKER_LOST, cause_of
+
 log = logging.getLogger(__name__)
 
 
@@ -43,6 +45,8 @@ class JobEvent:
     progress: JobProgress | None = None
     outcome: EditOutcome | None = None
     error: str | None = None
+    cause: str | None = None  # FAILED: why, as a word of bot.failure_causes (the metrics' label)
+    waited: float | None = None  # STARTED: seconds the job waited in the queue
 
 
 @dataclasses.dataclass
@@ -320,9 +324,9 @@ class JobQueue:
                 continue
             if entry.denoising_started:
                 self._emit(JobEvent(job_id, EventKind.FAILED, error="The GPU worker stopped responding in the middle of "
-                                                             "this edit. Please try again."))
+                                                             "this edit. Please try again.", cause=WORKER_LOST))
             else:
-                entry.cancel = threading.Event()
+                entry.cancel, entry.enqueued_at = threading.Event(), time.monotonic()
                 self._queue.push(entry, front=True)
                 self._emit(JobEvent(job_id, EventKind.REQUEUED))
         worker.shutdown()
@@ -336,7 +340,7 @@ class JobQueue:
         job_id = entry.job.job_id
         self._running[job_id] = entry
         self._started[job_id] = time.monotonic()
-        self._emit(JobEvent(job_id, EventKind.STARTED))
+        self._emit(JobEvent(job_id, EventKind.STARTED, waited=time.monotonic() - entry.enqueued_at))
         def progress(p: JobProgress) -> None:
             if p.stage is JobStage.DENOISE:
                 entry.denoising_started = True
@@ -347,12 +351,13 @@ class JobQueue:
         except JobCancelledError:
             self._emit(JobEvent(job_id, EventKind.CANCELLED))
         except MgieError as err:
-            self._emit(JobEvent(job_id, EventKind.FAILED, error=str(err)))
+            self._emit(JobEvent(job_id, EventKind.FAILED, error=str(err), cause=cause_of(err)))
         except asyncio.CancelledError:
             raise  # the watchdog took the job away (it reports what happens next), or shutdown
         except Exception as err:  # a bug or a device fault must not kill the dispatcher
             log.exception("job %s failed on %s", job_id, worker.name)
-            self._emit(JobEvent(job_id, EventKind.FAILED, error=f"Something went wrong on the GPU ({type(err).__name__})."))
+            self._emit(JobEvent(job_id, EventKind.FAILED, error=f"Something went wrong on the GPU ({type(err).__name__}).",
+                                cause=cause_of(err)))
         else:
             self._durations.append(outcome.seconds)
             self._emit(JobEvent(job_id, EventKind.DONE, outcome=outcome))

@@ -32,6 +32,12 @@ WATCH_INTERVAL = 1.0  # heartbeats and the reclaimer
 RECONCILE_INTERVAL = 5.0
 
 
+class JobDeadLetteredError(MgieError):
+    """The job stopped its workers too often and was moved to the dead-letter stream; the message says so."""
+
+    failure_cause = "dead_letter"  # bot.failure_causes.DEAD_LETTER: the metrics count it apart
+
+
 def _connection_errors() -> tuple[type[BaseException], ...]:
     import redis.exceptions as rex
 
@@ -188,6 +194,8 @@ class RedisPool:
             return outcome
         if status == "cancelled":
             raise JobCancelledError("The edit was cancelled.")
+        if status == "dead":
+            raise JobDeadLetteredError(error or "The edit failed on a GPU worker.")
         raise MgieError(error or "The edit failed on a GPU worker.")
 
     async def _submit(self, job: EditJob) -> None:
@@ -335,4 +343,5 @@ async def _with_bytes(job: EditJob) -> EditJob:
     return dataclasses.replace(job, image=data)
 
 
-__all__ = ["RedisPool", "RemoteWorker", "RedisSetupError", "check_redis", "redis_settings_from_env"]
+__all__ = ["JobDeadLetteredError", "RedisPool", "RemoteWorker", "RedisSetupError", "check_redis",
+           "redis_settings_from_env"]

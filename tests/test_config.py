@@ -88,3 +88,15 @@ def test_dotenv_is_found_from_the_current_directory_up(tmp_path, monkeypatch):
     monkeypatch.delenv("MGIE_TEST_ONLY_SETTING", raising=False)
     assert load_env_file() == tmp_path / ".env"
     assert os.environ.pop("MGIE_TEST_ONLY_SETTING") == "from-dotenv"
+
+
+def test_metrics_endpoint_settings():
+    assert BotConfig.from_env({"DISCORD_TOKEN": "t"}).metrics_port == 0  # unset: no endpoint
+    config = BotConfig.from_env({"DISCORD_TOKEN": "t", "MGIE_METRICS_PORT": "9464", "MGIE_METRICS_ADDR": "0.0.0.0"})
+    assert (config.metrics_port, config.metrics_addr) == (9464, "0.0.0.0")
+    assert BotConfig.from_env({"DISCORD_TOKEN": "t", "MGIE_METRICS_PORT": "9464"}).metrics_addr == "127.0.0.1"
+    assert BotConfig.from_env({"DISCORD_TOKEN": "t", "MGIE_METRICS_ADDR": "::1"}).metrics_addr == "::1"
+    for name, bad in (("MGIE_METRICS_PORT", "http"), ("MGIE_METRICS_PORT", "70000"), ("MGIE_METRICS_PORT", "-1"),
+                      ("MGIE_METRICS_ADDR", "http://0.0.0.0"), ("MGIE_METRICS_ADDR", "a b")):
+        with pytest.raises(ConfigError, match=name):
+            BotConfig.from_env({"DISCORD_TOKEN": "t", name: bad})

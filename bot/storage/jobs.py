@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 import uuid
 from typing import Any
@@ -49,6 +50,20 @@ class JobRecord:
     history_depth: int = 0  # how many earlier turns went into the prompt
     llm_cached: bool = False
     flagged: bool = False  # the safety check flagged the output
+
+
+@dataclasses.dataclass(frozen=True)
+class GuildStats:
+    """One server's jobs that ended in a time window, for ``/mgie stats``.
+
+    ``edits`` counts results delivered (done), ``failures`` jobs that failed; the medians are over the done
+    jobs: ``median_wait`` from stored to started, ``median_edit`` from started to finished (None if none).
+    """
+
+    edits: int
+    failures: int
+    median_wait: float | None
+    median_edit: float | None
 
 
 _JOB_COLUMNS = tuple(f.name for f in dataclasses.fields(JobRecord))
@@ -199,6 +214,19 @@ class JobQueries:
             (last_n,),
         )
         return None if row[0] is None else float(row[0])
+
+    async def guild_stats(self, guild_id: int, since: float) -> GuildStats:
+        """Jobs of ``guild_id`` that ended (done or failed) at or after ``since`` (a time.time())."""
+        # idx_jobs_state_finished narrows the rows to the window; the guild is filtered among them.
+        rows = await self.db.fetchall(
+            "SELECT state, started_at - created_at, finished_at - started_at FROM jobs"
+            " WHERE state IN ('done', 'failed') AND finished_at >= ? AND guild_id = ?", (since, guild_id))
+        done = [r for r in rows if r[0] == "done"]
+        waits = [max(float(r[1]), 0.0) for r in done if r[1] is not None]
+        edits = [max(float(r[2]), 0.0) for r in done if r[2] is not None]
+        return GuildStats(edits=len(done), failures=len(rows) - len(done),
+                          median_wait=statistics.median(waits) if waits else None,
+                          median_edit=statistics.median(edits) if edits else None)
 
     async def counts_by_state(self) -> dict[str, int]:
         """Number of jobs per state; every state in JOB_STATES is present, 0 when unused."""
