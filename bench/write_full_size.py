@@ -37,7 +37,7 @@ if str(ROOT / "bench") not in sys.path:
 from full_size import LLAMA_7B, SMALL, plant_answer  # noqa: E402
 
 from mgie_engine.models import IMG_TOKENS, RANDOM_WEIGHTS_MARKER, load_tokenizer  # noqa: E402
-from mgie_engine.tiny.writer import LLAVA_VOCAB, MGIE_VOCAB, TinyPaths  # noqa: E402
+from mgie_engine.tiny.writer import LLAVA_VOCAB, TinyPaths  # noqa: E402
 
 DTYPE = torch.float16
 LLM_STD = 0.02  # LLaMA's initializer_range, as bench/full_size.py's modules get by default
@@ -268,7 +268,7 @@ def write_full_size(root: str | Path, *, small: bool = False, seed: int = 0, tok
     stats["parts"]["llm"]["gb"] = sum(f.stat().st_size for f in llava.glob("pytorch_model-*.bin")) / 1e9
     timed("mllm", lambda: _write_mllm(mgie / "mllm.pt", llava, kept, SMALL_EDIT_HEAD if small else EDIT_HEAD,
                                       llm["hidden_size"], rnd, seed), mgie / "mllm.pt")
-    del kept
+    kept.clear()  # the 0.5 GB of embeddings are no longer needed
     timed("clip", lambda: _write_clip(paths.clip, vision, SMALL_CLIP_TEXT if small else CLIP_TEXT_L14, rnd),
           paths.clip / "model.safetensors")
     unet, vae = _unet_and_vae(SMALL["unet"] if small else UNET_SD15, SMALL["vae"] if small else VAE_SD)
