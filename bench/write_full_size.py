@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -279,6 +280,19 @@ def write_full_size(root: str | Path, *, small: bool = False, seed: int = 0, tok
     stats["total_gb"] = sum(p["gb"] for p in stats["parts"].values())
     stats["total_seconds"] = sum(p["seconds"] for p in stats["parts"].values())
     return paths, stats
+
+
+def evict_page_cache(root: Path) -> None:
+    """Drop ``root``'s files from the page cache (per file, as their owner may; nothing machine-wide), so that
+    the next load reads the disk, as a first start after a boot or a download does."""
+    files = [f for f in Path(root).rglob("*") if f.is_file()]
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # only clean pages can be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def ensure_full_size(root: Path, small: bool, tokenizer_dir: Path | None, progress: Progress | None = None) -> TinyPaths:
