@@ -168,3 +168,23 @@ def test_loadtest_script_reports_latency_throughput_and_compiles_under_poisson_l
         assert load["submitted"] > 0 and load["unfinished"] == 0 and load["ok"] == load["submitted"]
         assert load["p50_s"] <= load["p95_s"] and load["throughput_per_s"] > 0 and load["compiles"] == 0
         assert len(load["by_size"]) > 1 and load["p95_over_lone_p50"] > 0
+
+
+def test_coldstart_counts_full_speed_from_the_workers_final_mode():
+    """Workers that report a mode serve eagerly while compiling; older ones report none and warm up before READY."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from coldstart import final_mode, summarize
+
+    assert not final_mode({"mode": "eager (compiling)"}, "ready") and not final_mode({}, "loading")
+    assert final_mode({"mode": "compiled"}, "ready") and final_mode({"mode": "eager (compile failed)"}, "ready")
+    assert final_mode({}, "ready")
+    edit = {"event": "edit", "ok": True, "error": None, "mode_at_submit": None, "mode_at_done": None}
+    events = [{"event": "weights_loaded", "t": 110.0},
+              {**edit, "n": 0, "submitted": 101.0, "done": 115.0, "latency": 14.0, "after_final": False, "t": 115.0},
+              {**edit, "n": 1, "submitted": 115.0, "done": 118.0, "latency": 3.0, "after_final": False, "t": 118.0},
+              *({**edit, "n": n, "submitted": 118.0 + n, "done": 119.0 + n, "latency": 1.0 + n / 100,
+                 "after_final": True, "t": 119.0 + n} for n in (2, 3, 4)),
+              {"event": "finished", "t": 124.0, "final_at": 118.5, "info": {}, "dynamo": {}, "peak_gib": 0.0}]
+    summary = summarize(events, launched=100.0, steady_edits=3)
+    assert summary["weights_loaded_s"] == 10.0 and summary["first_edit_served_s"] == 15.0
+    assert summary["steady_latency_s"] == 1.03 and summary["full_speed_s"] == 21.0 and summary["complete"]
