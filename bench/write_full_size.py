@@ -248,11 +248,11 @@ def write_full_size(root: str | Path, *, small: bool = False, seed: int = 0, tok
     vision = {**CLIP_VISION_L14, **(SMALL["clip"] if small else {})}
     stats: dict = {"small": small, "seed": seed, "parts": {}}
 
-    def timed(name: str, fn, *files: Path):
+    def timed(name: str, fn, files: Callable[[], list[Path]]):
         started = time.perf_counter()
         result = fn()
         seconds = time.perf_counter() - started
-        gb = sum(f.stat().st_size for p in files for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()) / 1e9
+        gb = sum(f.stat().st_size for f in files()) / 1e9
         stats["parts"][name] = {"seconds": seconds, "gb": gb}
         say(f"wrote {name}: {gb:.2f} GB in {seconds:.1f} s")
         return result
@@ -265,16 +265,16 @@ def write_full_size(root: str | Path, *, small: bool = False, seed: int = 0, tok
 
         write_llama_tokenizer(llava, seed=seed)
     kept = timed("llm", lambda: _write_llava(llava, llm, vision["hidden_size"], rnd, shards=2, say=say),
-                 *llava.glob("pytorch_model-*.bin"))
-    stats["parts"]["llm"]["gb"] = sum(f.stat().st_size for f in llava.glob("pytorch_model-*.bin")) / 1e9
+                 lambda: list(llava.glob("pytorch_model-*.bin")))
     timed("mllm", lambda: _write_mllm(mgie / "mllm.pt", llava, kept, SMALL_EDIT_HEAD if small else EDIT_HEAD,
-                                      llm["hidden_size"], rnd, seed), mgie / "mllm.pt")
+                                      llm["hidden_size"], rnd, seed), lambda: [mgie / "mllm.pt"])
     kept.clear()  # the 0.5 GB of embeddings are no longer needed
     timed("clip", lambda: _write_clip(paths.clip, vision, SMALL_CLIP_TEXT if small else CLIP_TEXT_L14, rnd),
-          paths.clip / "model.safetensors")
+          lambda: [paths.clip / "model.safetensors"])
     unet, vae = _unet_and_vae(SMALL["unet"] if small else UNET_SD15, SMALL["vae"] if small else VAE_SD)
-    timed("unet", lambda: torch.save(rnd.state_dict(unet), mgie / "unet.pt"), mgie / "unet.pt")
-    timed("vae", lambda: _write_ip2p(paths.ip2p, unet, vae, rnd), paths.ip2p / "vae" / "diffusion_pytorch_model.safetensors")
+    timed("unet", lambda: torch.save(rnd.state_dict(unet), mgie / "unet.pt"), lambda: [mgie / "unet.pt"])
+    timed("vae", lambda: _write_ip2p(paths.ip2p, unet, vae, rnd),
+          lambda: [paths.ip2p / "vae" / "diffusion_pytorch_model.safetensors"])
     (paths.mgie / RANDOM_WEIGHTS_MARKER).write_text(
         "These checkpoints hold random weights written by bench/write_full_size.py, for benchmarks.\n", encoding="utf-8")
     stats["total_gb"] = sum(p["gb"] for p in stats["parts"].values())

@@ -276,7 +276,7 @@ def load_diffusion(folder: Path, unet_path: Path, dtype: torch.dtype, copier: We
 
 
 def load_models(settings: EngineSettings, progress: Progress | None = None, staged: bool | None = None) -> MgieModels:
-    """Load all parts onto the configured device. Seconds for real weights from a local disk; call once.
+    """Load all parts onto the configured device. Slow for real weights (15 GB); call once.
 
     The LLM and UNet weights go from their memory-mapped files straight to where they run (the device, or
     the CPU under offload) in the target dtype (``weight_copies.py``; ``staged`` False forces plain copies,
