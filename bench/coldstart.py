@@ -105,22 +105,32 @@ async def child(args: argparse.Namespace) -> int:
     seen = {"state": None, "mode": None}
     final_at: list[float] = []
 
+    def note(state: str, info: dict) -> None:
+        if (state, info.get("mode")) != (seen["state"], seen["mode"]):
+            seen.update(state=state, mode=info.get("mode"))
+            log.write("worker", state=state, mode=info.get("mode"), info=_jsonable(info))
+            print(f"[child] worker {state} mode={info.get('mode')}", flush=True)
+        if not final_at and final_mode(info, state):
+            final_at.append(time.time())
+
     async def watch() -> None:
+        """The worker's state the moment it is ready, then its info (the mode) twice a second: ``info()``
+        queries the GPU, as the bot's status and heartbeat do, and is not polled faster than they might."""
+        note(worker.state.value, {})
+        await worker.wait_ready()
         while not stop.is_set():
-            info = worker.info()
             state = worker.state.value
-            if (state, info.get("mode")) != (seen["state"], seen["mode"]):
-                seen.update(state=state, mode=info.get("mode"))
-                log.write("worker", state=state, mode=info.get("mode"), info=_jsonable(info))
-                print(f"[child] worker {state} mode={info.get('mode')}", flush=True)
-            if not final_at and final_mode(info, state):
-                final_at.append(time.time())
-            await asyncio.sleep(0.05)
+            note(state, worker.info() if state == "ready" else {})
+            await asyncio.sleep(0.5)
 
     watcher = asyncio.create_task(watch())
     deadline = args.launched + args.deadline
     n, after_final = 0, 0
     while time.time() < deadline and after_final < args.steady_edits:
+        if worker.state.value == "failed":  # every edit would fail at once: say why and stop
+            log.write("worker_failed", error=worker.error)
+            print(f"[child] the worker failed: {worker.error}", flush=True)
+            break
         item = {"image": encode(image(10_000 + n, args.side)), "instruction": INSTRUCTIONS[n % len(INSTRUCTIONS)]}
         job = EditJob(job_id=uuid.uuid4().hex, image=item["image"], instruction=item["instruction"], seed=n,
                       text_cfg=7.5, image_cfg=1.5, steps=args.steps)
@@ -195,6 +205,7 @@ def summarize(events: list[dict], launched: float, steady_edits: int) -> dict:
                   for e in events if e["event"] == "worker"],
         "edits": edits, "failed_edits": sum(not e["ok"] for e in edits),
         "unfinished_edit": any(e["event"] == "edit_unfinished" for e in events),
+        "worker_error": next((e["error"] for e in events if e["event"] == "worker_failed"), None),
         "worker_info_at_end": finished.get("info"), "dynamo_counters": finished.get("dynamo"),
         "peak_gib": finished.get("peak_gib"), "complete": bool(finished) and full is not None,
     }

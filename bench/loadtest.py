@@ -151,12 +151,13 @@ async def run(args: argparse.Namespace, report: dict, out_name: str) -> None:
     runner.queue = queue
     queue.start()
     deadline = t0 + args.deadline
-    while not final_mode(worker.info(), worker.state.value):
+    await worker.wait_ready()
+    while not final_mode(worker.info(), worker.state.value):  # polled no faster than the bot's status might
         if worker.state.value == "failed":
             raise RuntimeError(f"the worker failed to start: {worker.error}")
         if time.perf_counter() > deadline:
             raise RuntimeError("the worker did not reach its final mode before --deadline")
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(1.0)
     report["warm_up_seconds"] = time.perf_counter() - t0
     report["worker_info_after_warm_up"] = _jsonable(worker.info())
     print(f"worker serving in {report['warm_up_seconds']:.0f} s: {worker.info()}", flush=True)
