@@ -1,7 +1,7 @@
 """Full-size MGIE parts with random weights: the released architecture and dims, built in memory.
 
-Writing 15 GB of checkpoint files would only measure the disk; the loader is tested on tiny files
-of the same layout. The LLM is wired (as the tiny checkpoints are) to answer with 40 tokens, then
+Built in memory, for the speed benchmarks; ``bench/write_full_size.py`` writes the same dims to disk in the
+released layout, for the load and start-up benchmarks. The LLM is wired (as the tiny checkpoints are) to answer with 40 tokens, then
 [IMG0]..[IMG7] and </s>, so both flows decode the ~48 tokens a trained MGIE writes.
 """
 
@@ -19,11 +19,12 @@ LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
 ANSWER_TOKENS = 40
 
 
-def _plant_answer(llm, colon: int, vocab_base: int, img_ids: tuple[int, ...], eos: int, seed: int) -> None:
+def plant_answer(embed: torch.Tensor, head: torch.Tensor, colon: int, vocab_base: int, img_ids: tuple[int, ...],
+                 eos: int, seed: int) -> None:
+    """Wire the embeddings and LM head so that greedy decoding after ":" writes 40 words, the [IMG] tokens, </s>."""
     gen = torch.Generator().manual_seed(seed)
     words = torch.randperm(vocab_base - 2000, generator=gen)[:ANSWER_TOKENS] + 1000
     chain = [colon, *words.tolist(), *img_ids, eos]
-    embed, head = llm.get_input_embeddings().weight, llm.lm_head.weight
     with torch.no_grad():
         for cur, nxt in zip(chain, chain[1:], strict=False):
             d = torch.randn(embed.shape[1], generator=gen)
@@ -81,7 +82,8 @@ def build(device: torch.device, dtype: torch.dtype, tokenizer_dir: Path, seed: i
     finally:
         torch.set_default_dtype(previous)
     colon = tokenizer.encode(":", add_special_tokens=False).ids[-1]
-    _plant_answer(llm, colon, 32000, token_ids.img, token_ids.eos[0], seed)
+    plant_answer(llm.get_input_embeddings().weight, llm.lm_head.weight, colon, 32000, token_ids.img, token_ids.eos[0],
+                 seed)
     img_embeds = llm.get_input_embeddings().weight[-len(IMG_TOKENS):].detach().clone().unsqueeze(0) / 5000.0
     hidden = llm.config.hidden_size
     scheduler_config = {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,

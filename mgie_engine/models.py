@@ -27,6 +27,7 @@ from .edit_head import EditHead
 from .errors import CheckpointError
 from .prompt_tokens import PromptEncoder
 from .settings import EngineSettings
+from .weight_copies import WeightCopier
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +163,10 @@ def _no_meta_left(module: nn.Module, what: str, path: Path) -> None:
 
 
 def load_llm(llava: Path, raw_config: dict[str, Any], mllm: dict[str, Any], mllm_path: Path,
-             dtype: torch.dtype, progress: Progress) -> tuple[nn.Module, nn.Linear]:
-    """LLaMA + the multimodal projector, filled shard by shard without a random init."""
+             dtype: torch.dtype, progress: Progress, copier: WeightCopier | None = None) -> tuple[nn.Module, nn.Linear]:
+    """LLaMA + the multimodal projector, filled shard by shard without a random init: each tensor goes from
+    its memory-mapped file to ``copier``'s device in ``dtype`` (default: stays on the CPU)."""
+    copier = copier or WeightCopier(torch.device("cpu"), dtype, staged=False)
     from transformers import LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -182,7 +185,7 @@ def load_llm(llava: Path, raw_config: dict[str, Any], mllm: dict[str, Any], mllm
     projector_sd: dict[str, torch.Tensor] = {}
 
     def assign(sd: dict[str, torch.Tensor]) -> None:
-        llm.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=True)
+        llm.load_state_dict(copier.place(sd), strict=False, assign=True)
         loaded.update(sd)
 
     for shard, tensors in ck.iter_sharded_state_dict(llava):
@@ -201,7 +204,7 @@ def load_llm(llava: Path, raw_config: dict[str, Any], mllm: dict[str, Any], mllm
     if missing:
         raise CheckpointError(f"{llava / 'pytorch_model.bin.index.json'}: no weights for '{missing[0]}' "
                               f"({len(missing)} missing); the LLaVA-7B-v1 download is incomplete.")
-    llm.model.rotary_emb = LlamaRotaryEmbedding(config=config)
+    llm.model.rotary_emb = LlamaRotaryEmbedding(config=config).to(copier.device)
     _no_meta_left(llm, "the language model", llava)
 
     if "weight" not in projector_sd or "bias" not in projector_sd:
@@ -209,8 +212,8 @@ def load_llm(llava: Path, raw_config: dict[str, Any], mllm: dict[str, Any], mllm
     out_features, in_features = projector_sd["weight"].shape
     if out_features != config.hidden_size:
         raise CheckpointError(f"{llava}: mm_projector outputs {out_features}, hidden_size is {config.hidden_size}.")
-    projector = nn.Linear(in_features, out_features, dtype=dtype)
-    projector.load_state_dict({k: v.to(dtype) for k, v in projector_sd.items()})
+    projector = nn.Linear(in_features, out_features, dtype=dtype, device="meta")
+    projector.load_state_dict(copier.place(projector_sd), assign=True)
     return llm.eval(), projector.eval()
 
 
@@ -234,10 +237,13 @@ def load_vision(spec: str, dtype: torch.dtype) -> tuple[nn.Module, Any, Path]:
     return vision.eval(), processor, folder
 
 
-def load_diffusion(folder: Path, unet_path: Path, dtype: torch.dtype):
-    """The InstructPix2Pix UNet (from ``unet.pt``), VAE and scheduler of the instruct-pix2pix folder."""
+def load_diffusion(folder: Path, unet_path: Path, dtype: torch.dtype, copier: WeightCopier | None = None,
+                   progress: Progress | None = None):
+    """The InstructPix2Pix UNet (from ``unet.pt``, placed by ``copier`` as ``load_llm``'s weights are), VAE and
+    scheduler of the instruct-pix2pix folder."""
     import diffusers
 
+    copier = copier or WeightCopier(torch.device("cpu"), dtype, staged=False)
     sched_cfg = ck.read_json(folder / "scheduler" / "scheduler_config.json")
     class_name = sched_cfg.get("_class_name", "")
     scheduler_class = getattr(diffusers, class_name, None)
@@ -254,10 +260,13 @@ def load_diffusion(folder: Path, unet_path: Path, dtype: torch.dtype):
         raise CheckpointError(f"{unet_path}: conv_in takes {conv_in.shape[1]} channels, the instruct-pix2pix "
                               f"UNet config says {unet.config.in_channels}.")
     try:
-        unet.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
+        unet.load_state_dict(copier.place(sd), strict=True, assign=True)
     except RuntimeError as err:
         raise CheckpointError(f"{unet_path} does not fit the instruct-pix2pix UNet in {folder}: {err}") from err
     _no_meta_left(unet, "the UNet", unet_path)
+    del sd
+    if progress is not None:
+        progress("VAE")
     try:
         with _quiet_transformers():
             vae = diffusers.AutoencoderKL.from_pretrained(str(folder), subfolder="vae", torch_dtype=dtype)
@@ -266,12 +275,23 @@ def load_diffusion(folder: Path, unet_path: Path, dtype: torch.dtype):
     return unet.eval(), vae.eval(), scheduler_class, scheduler_config
 
 
-def load_models(settings: EngineSettings, progress: Progress | None = None) -> MgieModels:
-    """Load all parts onto the configured device. Slow (minutes for real weights); call once."""
+def load_models(settings: EngineSettings, progress: Progress | None = None, staged: bool | None = None) -> MgieModels:
+    """Load all parts onto the configured device. Slow for real weights (15 GB); call once.
+
+    The LLM and UNet weights go from their memory-mapped files straight to where they run (the device, or
+    the CPU under offload) in the target dtype (``weight_copies.py``; ``staged`` False forces plain copies,
+    for ``bench/load_weights.py``'s comparison)."""
     say = progress or (lambda msg: log.info("loading %s", msg))
     device = settings.torch_device()
     dtype = settings.torch_dtype(device)
+    # With offload the pipeline brings the LLM and the UNet/VAE to the GPU in turn; they load to the CPU.
+    big_device = torch.device("cpu") if settings.offload and device.type == "cuda" else device
+    with WeightCopier(big_device, dtype, staged=staged) as copier:
+        return _load_models(settings, say, device, dtype, copier)
 
+
+def _load_models(settings: EngineSettings, say: Progress, device: torch.device, dtype: torch.dtype,
+                 copier: WeightCopier) -> MgieModels:
     root = ck.resolve_mgie_dir(settings.ckpt_dir, settings.ckpt_repo)
     llava, mgie = root / ck.LLAVA_DIR, root / ck.MGIE_DIR
     raw_config = ck.read_json(llava / "config.json")
@@ -291,7 +311,7 @@ def load_models(settings: EngineSettings, progress: Progress | None = None) -> M
     if rows != vocab:
         raise CheckpointError(f"{mllm_path} has {rows} token embeddings but the tokenizer with MGIE's [IMG] tokens "
                               f"has {vocab}; the two files do not belong together.")
-    llm, projector = load_llm(llava, raw_config, mllm, mllm_path, dtype, say)
+    llm, projector = load_llm(llava, raw_config, mllm, mllm_path, dtype, say, copier)
 
     say("edit head")
     head_sd = {k.removeprefix("edit_head."): v for k, v in mllm.items() if k.startswith("edit_head.")}
@@ -314,7 +334,7 @@ def load_models(settings: EngineSettings, progress: Progress | None = None) -> M
 
     say(f"instruct-pix2pix ({settings.ip2p})")
     ip2p = ck.resolve_component(settings.ip2p, ck.IP2P_FILES, ck.IP2P_PATTERNS, "instruct-pix2pix")
-    unet, vae, scheduler_class, scheduler_config = load_diffusion(ip2p, mgie / "unet.pt", dtype)
+    unet, vae, scheduler_class, scheduler_config = load_diffusion(ip2p, mgie / "unet.pt", dtype, copier, say)
     if unet.config.cross_attention_dim != edit_head.hid2feat.out_features:
         raise CheckpointError(f"{mllm_path}: the edit head writes {edit_head.hid2feat.out_features}-wide features "
                               f"but the UNet attends over {unet.config.cross_attention_dim}.")
