@@ -13,23 +13,12 @@ import pytest
 from botharness import basic_world, button, png_bytes
 from redis_pool_harness import owner_of, pid_of, pool_env, start_bot, start_worker, wait_workers
 
-from mgie_engine.redis_pool.connection import RedisSettings, client
-from mgie_engine.redis_pool.streams import StreamProtocol
-
 pytest_plugins = ["fakediscord.fixtures", "redis_server"]
 
 
 @pytest.fixture()
 def world(fake_discord):
     return basic_world(fake_discord)
-
-
-@pytest.fixture()
-async def proto(redis_server):
-    settings = RedisSettings.from_env({"MGIE_REDIS_URL": redis_server.url, "MGIE_REDIS_PREFIX": "test"})
-    conn = client(settings)
-    yield StreamProtocol(conn, settings)
-    await conn.aclose()
 
 
 class Pool:

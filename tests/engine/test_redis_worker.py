@@ -13,8 +13,6 @@ from botharness import png_bytes
 from redis_pool_harness import free_port, owner_of, pid_of, pool_env, start_worker, wait_workers
 
 from mgie_engine.protocol import EditJob
-from mgie_engine.redis_pool.connection import RedisSettings, client
-from mgie_engine.redis_pool.streams import StreamProtocol
 
 pytest_plugins = ["redis_server"]
 
@@ -22,14 +20,6 @@ pytest_plugins = ["redis_server"]
 def job(job_id: str, steps: int = 4) -> EditJob:
     return EditJob(job_id=job_id, image=png_bytes(128, 128), instruction="make it night", seed=1, text_cfg=7.5,
                    image_cfg=1.5, steps=steps)
-
-
-@pytest.fixture()
-async def proto(redis_server):
-    settings = RedisSettings.from_env({"MGIE_REDIS_URL": redis_server.url, "MGIE_REDIS_PREFIX": "test"})
-    conn = client(settings)
-    yield StreamProtocol(conn, settings)
-    await conn.aclose()
 
 
 async def result_of(proto, job_id: str, timeout: float = 60.0):

@@ -1,7 +1,8 @@
 """A real `redis-server` for tests: free loopback port, its own folder, a password, AOF `everysec`.
 
 Tests that need Redis use the ``redis_server`` fixture; it can SIGKILL the server and start it again on the
-same folder (so the AOF is replayed), and always stops it at the end.
+same folder (so the AOF is replayed), and always stops it at the end. ``proto`` is the pool's stream protocol
+on it (prefix ``test``, as ``redis_pool_harness.pool_env`` sets), for tests that look into Redis.
 """
 
 from __future__ import annotations
@@ -103,3 +104,13 @@ if pytest is not None:
             yield server
         finally:
             server.kill()
+
+    @pytest.fixture()
+    async def proto(redis_server: RedisServer):
+        from mgie_engine.redis_pool.connection import RedisSettings, client
+        from mgie_engine.redis_pool.streams import StreamProtocol
+
+        settings = RedisSettings.from_env({"MGIE_REDIS_URL": redis_server.url, "MGIE_REDIS_PREFIX": "test"})
+        conn = client(settings)
+        yield StreamProtocol(conn, settings)
+        await conn.aclose()
