@@ -76,7 +76,6 @@ class MgieBot(commands.Bot):
         # garbage-collected mid-run; and close() must be able to cancel them. Tasks leave the set when done.
         self.background_tasks: set[asyncio.Task] = set()
         self.started_at = time.time()
-        self._recovered = False  # restart recovery ran (once per process)
         self.http_session: aiohttp.ClientSession | None = None  # made in setup_hook (needs the loop)
 
     # -- the parts made in setup_hook ----------------------------------------------------------------
@@ -139,6 +138,9 @@ class MgieBot(commands.Bot):
             await self.load_extension(name)
         self.tree.on_error = self.on_app_command_error
         await sync_commands(self, self._store.data_dir, self.config.guild_ids)
+        # Before the gateway connects: on_ready comes seconds after interactions already queue new jobs, and
+        # a recovery run then would take those for leftovers and queue them a second time.
+        await self._jobs.recover()
         self._queue.start()
         self.spawn(self._retention.run(), name="mgie-retention")
 
@@ -168,11 +170,8 @@ class MgieBot(commands.Bot):
         """No prefix commands: everything is a slash command, and replies are handled by the Edit cog."""
 
     async def on_ready(self) -> None:
-        """Connected: the first time, resume what a previous run left unfinished."""
+        """Connected (again after every reconnect); what a previous run left was resumed in setup_hook."""
         log.info("logged in as %s (%s) in %d guild(s)", self.user, self.user.id if self.user else "?", len(self.guilds))
-        if not self._recovered:  # on_ready comes again after every reconnect
-            self._recovered = True
-            await self.jobs.recover()
 
     async def on_app_command_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
         """Nothing a user does may end in Discord's bare "This interaction failed"."""

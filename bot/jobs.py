@@ -237,6 +237,8 @@ class JobManager:
                 await self._show_queued(record)
                 resumed += 1
             except (FileNotFoundError, QueueFullError) as err:
+                if isinstance(err, QueueFullError) and not self.queue.accepting:
+                    break  # a stop came during start-up: this job and the rest stay for the next start
                 lost += 1
                 reason = ("the bot restarted and your input image was lost" if isinstance(err, FileNotFoundError)
                           else str(err))

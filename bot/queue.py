@@ -70,7 +70,9 @@ class FairQueue:
         return sum(len(q) for q in self._queues.values())
 
     def push(self, entry: _Entry, front: bool = False) -> None:
-        """Queue a job; ``front`` puts it first in line (a job given back by a failed worker)."""
+        """Queue a job at the back of its user's line; ``front`` (a job given back by a failed worker) puts it
+        first among its user's jobs instead, never ahead of other users' turns: a user with jobs waiting keeps
+        their place in the round, and one with none gets back the turn the job was taken on, at the front."""
         queue = self._queues.setdefault(entry.user_id, collections.deque())
         if not queue:
             if front:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,24 @@ def test_redis_throughput_benchmark_reports_every_section(tmp_path):
     assert report["throughput"][0]["workers"] == 1 and report["throughput"][0]["edits_per_s"] > 0
     assert report["takeover"]["new_owner_differs"] and report["takeover"]["sigkill_to_running_elsewhere_s"] > 1
     assert report["redis_server"].startswith("7.")
+
+
+@pytest.mark.slow
+def test_redis_throughput_benchmark_names_a_worker_that_dies_at_once(tmp_path):
+    """A worker that cannot start (here: python-dotenv broken on its path, as a host missing a package) stops
+    the run in seconds with the worker's exit code and its traceback's last lines, not after the ready timeout."""
+    broken = tmp_path / "site" / "dotenv"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text('raise ImportError("python-dotenv is missing on this host")\n')
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "redis_throughput.py"), "--workers", "1", "--jobs", "1",
+                           "--steps", "2", "--size", "64", "--out", str(tmp_path / "out"), "--ready-timeout", "250"],
+                          capture_output=True, text=True, timeout=200, cwd=ROOT, env=env)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "exited with code 1" in done.stderr and "python-dotenv is missing on this host" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr.split("exited with code")[0]  # the bench's own message, then the tail
+    assert time.monotonic() - started < 100 and not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

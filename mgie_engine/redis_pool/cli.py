@@ -26,6 +26,8 @@ Reads the same engine settings as the bot (from the environment or a .env file):
 MGIE_CLIP, MGIE_DEVICE, MGIE_DTYPE, MGIE_MAX_SIDE, MGIE_MAX_BATCH, MGIE_COMPILE, ... and:
   MGIE_REDIS_URL     redis://:PASSWORD@HOST:6379/0 (rediss:// for TLS); the same as the bot's
   MGIE_REDIS_PREFIX  key namespace (default mgie); the same as the bot's
+  MGIE_REDIS_CA_FILE the CA of the server's certificate (rediss://); MGIE_REDIS_CERT_FILE and
+                     MGIE_REDIS_KEY_FILE: a client certificate, if the server asks for one
 Start as many workers, on as many hosts, as you like: each takes up to MGIE_MAX_BATCH jobs at once.
 A worker that dies loses no job: its jobs go to the other workers once its claims stop being renewed.
 """

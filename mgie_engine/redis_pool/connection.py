@@ -45,6 +45,11 @@ class RedisSettings:
     blob_ttl: int = 86_400  # input images wait this long at most for a worker
     result_ttl: int = 3_600  # results wait this long for the bot (it keeps them in SQLite after that)
     max_deliveries: int = 3  # a job delivered this many times without finishing is dead-lettered
+    # rediss:// only: the CA that signed the server's certificate (else the system's), and a client
+    # certificate and key for servers that ask for one (redis.conf ``tls-auth-clients yes``, its default).
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
 
     @property
     def safe_url(self) -> str:
@@ -67,7 +72,25 @@ class RedisSettings:
         reclaim = _seconds(env, "MGIE_REDIS_RECLAIM_IDLE", 30.0, 1.0, 110.0)
         renew = _seconds(env, "MGIE_REDIS_RENEW_INTERVAL", min(2.0, reclaim / 5), 0.1, reclaim / 3)
         return cls(url=url, prefix=prefix, reclaim_idle=reclaim, renew_interval=renew,
-                   heartbeat_ttl=max(3 * renew, 3.0))
+                   heartbeat_ttl=max(3 * renew, 3.0), **_tls_files(env, scheme))
+
+
+_TLS_FILES = {"ca_file": "MGIE_REDIS_CA_FILE", "cert_file": "MGIE_REDIS_CERT_FILE", "key_file": "MGIE_REDIS_KEY_FILE"}
+
+
+def _tls_files(env: Mapping[str, str], scheme: str) -> dict[str, str | None]:
+    """The TLS files named in the environment, each checked to be readable; only with rediss://."""
+    files = {field: (env.get(name) or "").strip() or None for field, name in _TLS_FILES.items()}
+    named = [_TLS_FILES[field] for field, path in files.items() if path]
+    if named and scheme != "rediss":
+        raise RedisSetupError(f"{', '.join(named)} need a TLS connection: MGIE_REDIS_URL must start with rediss://.")
+    if bool(files["cert_file"]) != bool(files["key_file"]):
+        raise RedisSetupError("MGIE_REDIS_CERT_FILE and MGIE_REDIS_KEY_FILE go together (a client certificate "
+                              "and its key).")
+    for field, path in files.items():
+        if path and not os.access(path, os.R_OK):
+            raise RedisSetupError(f"{_TLS_FILES[field]}={path!r} is not a readable file.")
+    return files
 
 
 def _seconds(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
@@ -90,11 +113,15 @@ def client(settings: RedisSettings):
     from redis.backoff import ExponentialBackoff
     from redis.exceptions import ConnectionError, TimeoutError
 
+    tls = {}
+    if settings.url.startswith("rediss:"):  # the server's certificate and host name are always checked
+        tls = {"ssl_cert_reqs": "required", "ssl_ca_certs": settings.ca_file, "ssl_certfile": settings.cert_file,
+               "ssl_keyfile": settings.key_file}
     # A dropped connection (Redis restarted) is retried on a fresh one; every script here is safe to repeat.
     return aioredis.Redis.from_url(settings.url, protocol=2, socket_timeout=SOCKET_TIMEOUT,
                                    socket_connect_timeout=5.0, health_check_interval=30, decode_responses=False,
                                    retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
-                                   retry_on_error=[ConnectionError, TimeoutError])
+                                   retry_on_error=[ConnectionError, TimeoutError], **tls)
 
 
 async def check_server(redis_client, settings: RedisSettings) -> str:

@@ -117,6 +117,12 @@ class WorkerService:
             log.warning("dropping malformed job entry %s", delivery.entry_id)
             await self.proto.discard(delivery)
             return
+        if delivery.entry_id in self.running:
+            # XAUTOCLAIM gave this worker its own entry back (its renewals paused while the job made no visible
+            # progress): the run already going on here keeps it; a second run beside it would only waste a slot.
+            log.warning("job %s: this worker's own claim went stale (delivery %d); its run here goes on",
+                        delivery.job_id, delivery.deliveries)
+            return
         if delivery.deliveries > self.settings.max_deliveries:
             await self.proto.dead_letter(delivery.entry_id, delivery.job_id, self.consumer)
             return

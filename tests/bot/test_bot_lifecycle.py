@@ -20,7 +20,9 @@ def world(fake_discord):
     return basic_world(fake_discord)
 
 
-async def _start(fake, guild, tiny_paths, data_dir, grace: float = 60):
+async def _start(fake, guild, tiny_paths, data_dir, grace: float = 60, early: bool = False):
+    """The bot as a process; ``early``: return once it has connected to the gateway, before its on_ready
+    (discord.py waits 2 s for guilds first), as users' edits do while a restarted bot comes up."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DISCORD_", "MGIE_"))}
     env.update(tiny_paths.env(), DISCORD_TOKEN=fake.token, DISCORD_API_BASE=fake.api_base,
                DISCORD_GATEWAY_URL=fake.gateway_url, DISCORD_GUILD_IDS=str(guild.id), MGIE_DATA_DIR=str(data_dir),
@@ -28,8 +30,12 @@ async def _start(fake, guild, tiny_paths, data_dir, grace: float = 60):
                HF_HUB_OFFLINE="1")
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bot", env=env,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    identified = fake.gateway.identify_count
     await fake.wait_for(lambda: any(c.name == "edit" for c in fake.commands), timeout=60)
-    await asyncio.sleep(1.0)  # commands are synced before on_ready: let start-up finish
+    if early:
+        await fake.wait_for(lambda: fake.gateway.identify_count > identified, timeout=60)
+    else:
+        await asyncio.sleep(1.0)  # commands are synced before on_ready: let start-up finish
     return proc
 
 
@@ -61,11 +67,11 @@ async def test_sigterm_finishes_the_running_edit_then_exits(world, tmp_path, tin
     assert fake.token not in out.decode()
 
 
-async def test_sigterm_past_the_grace_exits_cleanly(world, tmp_path, tiny_paths):
+async def test_sigterm_past_the_grace_exits_cleanly_and_the_next_start_resumes_the_edit(world, tmp_path, tiny_paths):
     fake, guild, channel, alice = world
-    proc = await _start(fake, guild, tiny_paths, tmp_path / "data", grace=0.5)
+    proc = await _start(fake, guild, tiny_paths, tmp_path / "data", grace=0.5, early=True)
     try:
-        await _slow_edit(fake, channel, alice)
+        inter = await _slow_edit(fake, channel, alice)
         proc.send_signal(signal.SIGTERM)  # the edit has far more than half a second left
         out, _ = await asyncio.wait_for(proc.communicate(), 120)
     finally:
@@ -74,6 +80,15 @@ async def test_sigterm_past_the_grace_exits_cleanly(world, tmp_path, tiny_paths)
     # A clean exit, not an abort from the worker thread still inside a torch call at exit.
     assert proc.returncode == 0, out.decode()[-2000:]
     assert "unfinished" in out.decode() and "terminate called" not in out.decode()
+    # The edit is left as it was (running), not failed with "the bot is restarting", and the next start ends it.
+    assert _state(tmp_path / "data") == ["running"], out.decode()[-2000:]
+    proc = await _start(fake, guild, tiny_paths, tmp_path / "data")
+    try:
+        await fake.wait_for(lambda: inter.original.attachments, timeout=120)
+        await fake.wait_for(lambda: _state(tmp_path / "data") == ["done"], timeout=10)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 60)
 
 
 async def test_after_sigkill_the_next_start_resumes_the_running_edit(world, tmp_path, tiny_paths):

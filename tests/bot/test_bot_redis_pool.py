@@ -13,23 +13,12 @@ import pytest
 from botharness import basic_world, button, png_bytes
 from redis_pool_harness import owner_of, pid_of, pool_env, start_bot, start_worker, wait_workers
 
-from mgie_engine.redis_pool.connection import RedisSettings, client
-from mgie_engine.redis_pool.streams import StreamProtocol
-
 pytest_plugins = ["fakediscord.fixtures", "redis_server"]
 
 
 @pytest.fixture()
 def world(fake_discord):
     return basic_world(fake_discord)
-
-
-@pytest.fixture()
-async def proto(redis_server):
-    settings = RedisSettings.from_env({"MGIE_REDIS_URL": redis_server.url, "MGIE_REDIS_PREFIX": "test"})
-    conn = client(settings)
-    yield StreamProtocol(conn, settings)
-    await conn.aclose()
 
 
 class Pool:
@@ -77,6 +66,13 @@ async def edit(fake, user, channel, instruction: str, steps: int = 6, size: int 
     return await fake.slash(user, channel, "edit", {"image": att, "instruction": instruction, "steps": steps})
 
 
+async def queued_edit(fake, user, channel, instruction: str, steps: int = 6):
+    """``/edit``, returned once its job is in the bot's queue (its status message quotes the instruction)."""
+    inter = await edit(fake, user, channel, instruction, steps=steps)
+    await fake.wait_for(lambda: inter.original and f"> {instruction}" in (inter.original.content or ""), timeout=60)
+    return inter
+
+
 async def delivered(fake, inter, timeout: float = 90.0):
     return await fake.wait_for_original(inter, lambda m: m.attachments, timeout=timeout)
 
@@ -91,17 +87,19 @@ async def test_several_users_edits_in_fair_order_and_buttons_and_replies_across_
     fake.add_member(guild, bob)
     fake.add_member(guild, carol)
     await pool.start_bot()
+    # Every edit is queued before any worker exists, one after the other (so their order in SQLite is known).
+    mine = [await queued_edit(fake, alice, channel, f"alice {i}", steps=30) for i in range(3)]  # the per-user cap
+    others = [await queued_edit(fake, user, channel, f"{user.username} 0", steps=30) for user in (bob, carol)]
+    assert await proto.redis.xlen(proto.keys.jobs) == 0  # no capacity, nothing released
     await pool.start_worker()
     await pool.start_worker()
-    await wait_workers(proto, 2)
-    mine = [await edit(fake, alice, channel, f"alice {i}", steps=30) for i in range(3)]  # the per-user cap
-    others = [await edit(fake, bob, channel, "bob 0", steps=30), await edit(fake, carol, channel, "carol 0", steps=30)]
     for inter in mine + others:
         await delivered(fake, inter)
         assert posts_with_files(fake, inter) == 1
     with sqlite3.connect(pool.data_dir / "mgie.sqlite3") as conn:
-        order = [row[0] for row in conn.execute("SELECT instruction FROM jobs ORDER BY started_at")]
-    assert len(order) == 5, order  # (the order itself depends on which uploads were decoded first)
+        order = [row[0] for row in conn.execute("SELECT instruction FROM jobs ORDER BY started_at, rowid")]
+    # Released only up to the workers' free slots, so the fair queue's round robin decides who starts when.
+    assert order == ["alice 0", "bob 0", "carol 0", "alice 1", "alice 2"], order
     first = (await delivered(fake, mine[0]))
     reroll = await fake.click(bob, first, button(first, "reroll"))
     await fake.send_message(alice, channel, "add some stars", reply_to=first)

@@ -80,6 +80,14 @@ def test_a_job_given_back_goes_before_its_own_users_other_jobs():
     assert served(queue).index("a1") < 2
 
 
+def test_a_job_given_back_does_not_jump_other_users_turns():
+    queue = filled((1, "a1"), (2, "b1"), (1, "a2"), (3, "c1"))
+    first = queue.pop()  # user 1 still has a2 waiting, so their next turn is after bob's and carol's
+    queue.push(first, front=True)
+    assert names(queue.order()) == ["b1", "c1", "a1", "a2"]
+    assert served(queue) == ["b1", "c1", "a1", "a2"]
+
+
 def test_remove_takes_a_job_out_and_a_user_with_none_left_out_of_the_round():
     queue = filled((1, "a1"), (2, "b1"), (2, "b2"), (3, "c1"))
     assert queue.remove("a1").user_id == 1

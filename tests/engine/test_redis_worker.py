@@ -13,8 +13,6 @@ from botharness import png_bytes
 from redis_pool_harness import free_port, owner_of, pid_of, pool_env, start_worker, wait_workers
 
 from mgie_engine.protocol import EditJob
-from mgie_engine.redis_pool.connection import RedisSettings, client
-from mgie_engine.redis_pool.streams import StreamProtocol
 
 pytest_plugins = ["redis_server"]
 
@@ -22,14 +20,6 @@ pytest_plugins = ["redis_server"]
 def job(job_id: str, steps: int = 4) -> EditJob:
     return EditJob(job_id=job_id, image=png_bytes(128, 128), instruction="make it night", seed=1, text_cfg=7.5,
                    image_cfg=1.5, steps=steps)
-
-
-@pytest.fixture()
-async def proto(redis_server):
-    settings = RedisSettings.from_env({"MGIE_REDIS_URL": redis_server.url, "MGIE_REDIS_PREFIX": "test"})
-    conn = client(settings)
-    yield StreamProtocol(conn, settings)
-    await conn.aclose()
 
 
 async def result_of(proto, job_id: str, timeout: float = 60.0):
@@ -151,3 +141,49 @@ async def test_the_bot_refuses_a_wrong_redis_password_with_one_line(redis_server
     assert proc.returncode == 2 and out.strip().splitlines() == [
         f"mgie-bot: Redis at redis://***@127.0.0.1:{redis_server.port}/0 refused the password (check the password "
         "in MGIE_REDIS_URL)."], out
+
+
+async def test_a_worker_that_reclaims_its_own_stale_job_does_not_run_it_a_second_time(redis_server, tiny_paths,
+                                                                                      tiny_models):
+    """XAUTOCLAIM does not skip the caller's own entries: a worker whose claim on a running job went stale (its
+    renewals paused while the machine was overloaded) takes the job back from itself. It must go on with the
+    run it has, not start a second one beside it."""
+    from conftest import tiny_settings
+
+    from mgie_engine.redis_pool.connection import RedisSettings, client
+    from mgie_engine.redis_pool.service import WorkerService
+    from mgie_engine.redis_pool.streams import StreamProtocol
+    from mgie_engine.worker import LocalWorker
+
+    settings = RedisSettings.from_env({"MGIE_REDIS_URL": redis_server.url, "MGIE_REDIS_PREFIX": "self",
+                                       "MGIE_REDIS_RECLAIM_IDLE": "1", "MGIE_REDIS_RENEW_INTERVAL": "0.2"})
+    conn = client(settings)
+    proto = StreamProtocol(conn, settings)
+    worker = LocalWorker(tiny_settings(tiny_paths, max_side=128), loader=lambda _s: tiny_models, max_batch=2)
+    runs = []
+    run = worker.run
+
+    async def counted(job, *args, **kwargs):
+        runs.append(job.job_id)
+        return await run(job, *args, **kwargs)
+
+    worker.run = counted
+    service = WorkerService(worker, proto, "w-self")
+    worker.start()
+    try:
+        await worker.wait_ready()
+        await proto.ensure_groups()
+        await proto.submit(job("mine", steps=100))
+        [delivery] = await proto.fetch("w-self", 1, 100)
+        await service._start(delivery)  # noqa: SLF001 - no renew loop runs here: the claim goes stale
+        await asyncio.sleep(settings.reclaim_idle + 0.3)
+        assert service.running, "the job ended before its claim went stale; give it more steps"
+        await service._take_jobs(asyncio.Event())  # noqa: SLF001 - one round: XAUTOCLAIM finds its own entry
+        while service.running:
+            await asyncio.sleep(0.1)
+        status, outcome, _ = await result_of(proto, "mine")
+    finally:
+        worker.shutdown()
+        await conn.aclose()
+    assert status == "done" and outcome.png.startswith(b"\x89PNG")
+    assert runs == ["mine"]
