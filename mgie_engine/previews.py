@@ -86,7 +86,7 @@ def start_preview(latents: torch.Tensor, noise_scale: torch.Tensor | float = 1.0
     host = torch.empty(rgb.shape, dtype=rgb.dtype, pin_memory=True)
     host.copy_(rgb, non_blocking=True)
     event = torch.cuda.Event()
-    event.record()
+    event.record(torch.cuda.current_stream(rgb.device))  # the stream the copy was queued on
     return PendingPreview(host, event)
 
 

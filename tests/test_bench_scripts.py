@@ -75,3 +75,13 @@ def test_kernel_choices_script_times_every_backend_and_matmul(tmp_path):
     assert kernels["unet_rows3_total_ms"]["flash"] > 0 or kernels["unet_rows3_total_ms"]["cudnn"] > 0
     assert {f"gemv_{name}_cublas_ms" for name in ("qkv", "o", "gate_up", "down", "lm_head")} <= set(kernels)
     assert {"decode_batch1_cudnn", "decode_batch32_efficient"} <= set(kernels)
+
+
+@pytest.mark.slow
+def test_preview_cost_script_measures_edits_with_and_without_previews(tokenizer_dir, tmp_path):
+    out = _run("preview_cost.py", "--tokenizer-dir", str(tokenizer_dir), "--small", "--steps", "20", "--runs", "1",
+               "--stress-interval", "0.01", "--out", str(tmp_path))
+    report = json.loads(next(tmp_path.glob("preview-cost-*.json")).read_text())
+    stress = report["intervals"]["0.01"]
+    assert stress["previews_per_edit"] >= 1 and stress["ratio"] > 0 and report["preview_bytes"] > 0
+    assert "measured ratio" in out
