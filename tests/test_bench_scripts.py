@@ -85,3 +85,16 @@ def test_preview_cost_script_measures_edits_with_and_without_previews(tokenizer_
     stress = report["intervals"]["0.01"]
     assert stress["previews_per_edit"] >= 1 and stress["ratio"] > 0 and report["preview_bytes"] > 0
     assert "measured ratio" in out
+
+
+@pytest.mark.slow
+def test_preview_sequence_script_draws_the_strip_the_bot_made(tmp_path):
+    out = tmp_path / "strip.png"
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "preview_sequence.py"), "--out", str(out),
+                           "--steps", "60", "--frames", "3"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    from PIL import Image
+
+    with Image.open(out) as strip:
+        assert strip.format == "PNG" and strip.width >= 5 * 256 and strip.height > 192  # input, 3 previews, result
+    assert "previews sent" in done.stdout
