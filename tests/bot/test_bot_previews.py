@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 
 import PIL.Image
 import pytest
 from botharness import bot_running, button, command, edit, make_config, team_world
 from fakediscord import permissions as perms
+from faults import inject_faults
 
 from mgie_engine.settings import EngineSettings
 
@@ -49,9 +51,10 @@ async def result_of(fake, inter, timeout: float = 90.0):
 
 async def test_progress_shows_previews_paced_then_the_result_replaces_them(world, tmp_path, tiny_models):
     fake, guild, channel, alice, *_ = world
-    # A preview every 0.4 s of denoising, progress edits every 0.2 s: some edits bring a new preview, the
-    # ones between keep the last one.
-    async with bot_running(fake, previews_config(fake, tmp_path, guild, preview_seconds=0.4), tiny_models) as bot:
+    # A preview every second of denoising (steps of 30 ms or more: 3 s or more), progress edits every 0.2 s:
+    # a few edits bring a new preview, the ones between keep the last one.
+    async with bot_running(fake, previews_config(fake, tmp_path, guild, preview_seconds=1.0), tiny_models) as bot:
+        inject_faults(bot.engine.workers[0], lambda stage, _jobs: time.sleep(0.03) if stage == "step" else None)
         inter = await edit(fake, alice, channel, steps=100)
         msg = await result_of(fake, inter)
         await asyncio.sleep(1.0)  # anything still in flight would land now
