@@ -14,6 +14,8 @@ from botharness import bot_running, button, command, edit, make_config, team_wor
 from fakediscord import permissions as perms
 from faults import inject_faults
 
+from bot.queue import EventKind, JobEvent
+from mgie_engine.protocol import JobProgress, JobStage
 from mgie_engine.settings import EngineSettings
 
 pytest_plugins = ["fakediscord.fixtures"]
@@ -82,6 +84,24 @@ async def test_progress_shows_previews_paced_then_the_result_replaces_them(world
         first = with_preview[0]
         assert all(preview_files(v) for v in shown[first:-1])
         assert len(uploads) < len(shown) - 1 - first  # some of those edits kept it without uploading again
+
+
+async def test_a_tick_that_arrives_after_the_result_changes_nothing(world, tmp_path, tiny_models):
+    """A preview encoded on a CPU thread (or carried by Redis) can reach the bot after the result: the
+    result message must stay as it is."""
+    fake, guild, channel, alice, *_ = world
+    async with bot_running(fake, previews_config(fake, tmp_path, guild), tiny_models) as bot:
+        inter = await edit(fake, alice, channel, steps=10)
+        msg = await result_of(fake, inter)
+        job = await bot.store.job_by_message(msg.id)
+        before, edits = msg.payload(with_reference=False), len(edits_of(fake, inter))
+        buf = io.BytesIO()
+        PIL.Image.new("RGB", (256, 192), (255, 0, 0)).save(buf, format="JPEG")
+        late = JobProgress(job.id, JobStage.DENOISE, 9, 10, preview=buf.getvalue())
+        await bot.jobs.on_event(JobEvent(job.id, EventKind.PROGRESS, progress=late))
+        await asyncio.sleep(0.5)
+        assert msg.payload(with_reference=False) == before and len(edits_of(fake, inter)) == edits
+        assert bot.jobs.previews_sent == 0
 
 
 async def test_a_cancelled_edit_keeps_no_preview(world, tmp_path, tiny_models):
