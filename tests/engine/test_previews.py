@@ -107,3 +107,14 @@ async def test_a_worker_set_to_zero_sends_none(tiny_models):
     finally:
         worker.shutdown()
     assert seen and not any(p.preview for p in seen)
+
+
+def test_the_interval_setting_is_checked():
+    from mgie_engine.errors import SettingsError
+
+    assert EngineSettings.from_env({}).preview_seconds == 3.0
+    assert EngineSettings.from_env({"MGIE_PREVIEW_SECONDS": "0"}).preview_seconds == 0.0
+    assert EngineSettings.from_env({"MGIE_PREVIEW_SECONDS": "1.5"}).preview_seconds == 1.5
+    for bad in ("-1", "soon", "nan"):
+        with pytest.raises(SettingsError, match="MGIE_PREVIEW_SECONDS"):
+            EngineSettings.from_env({"MGIE_PREVIEW_SECONDS": bad})
