@@ -45,22 +45,25 @@ class Delivery:
 
     async def show(self, job: JobRecord, content: str, *, embed: discord.Embed | None = None,
                    file: discord.File | None = None, view: discord.ui.View | None = None,
-                   ping: bool = False) -> JobRecord:
+                   ping: bool = False, keep_attachments: bool = False) -> JobRecord:
         """Replace what the job's status message says; returns the record (its message ids may change).
 
         ``ping`` marks a final word (result or failure). An edit never notifies anyone, so when the live
         interaction response cannot carry it, it goes out as a new message that mentions the user.
+        The message's attachments become ``file`` (none without one), unless ``keep_attachments`` and no
+        ``file``: a progress edit leaves the live preview already shown in place rather than upload it again.
         """
         kwargs = {"content": content, "embed": embed, "view": view}
+        if file is not None or not keep_attachments:
+            kwargs["attachments"] = [file] if file else []
         try:
             if token_alive(job) and job.status_message_id:
-                await self._webhook(job).edit_message(job.status_message_id, attachments=[file] if file else [],
-                                                      allowed_mentions=NO_PINGS, **kwargs)
+                await self._webhook(job).edit_message(job.status_message_id, allowed_mentions=NO_PINGS, **kwargs)
                 return job
             if not ping and not via_interaction(job) and job.status_message_id:
                 channel = self.bot.get_partial_messageable(job.channel_id)
                 message = channel.get_partial_message(job.status_message_id)
-                await message.edit(attachments=[file] if file else [], allowed_mentions=NO_PINGS, **kwargs)
+                await message.edit(allowed_mentions=NO_PINGS, **kwargs)
                 return job
             if not ping and via_interaction(job):
                 return job  # the response can no longer be edited; progress is not worth a new message

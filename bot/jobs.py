@@ -31,19 +31,23 @@ log = logging.getLogger(__name__)
 
 DEFAULT_UPLOAD_LIMIT = 10 * 2**20
 REDELIVERY_WINDOW = 3600.0  # seconds: a result older than this when the bot is back stays in /history only
+PREVIEW_FILENAME = "preview.jpg"
+FINAL_STATES = ("done", "failed", "cancelled")
 
 
 @dataclasses.dataclass
 class StatusUpdates:
     """How a job's status message is being kept up to date; memory only (a restart starts afresh).
 
-    ``lock`` keeps one edit of the message at a time, ``last_edit`` paces progress edits, and
-    ``upload_limit`` is the largest result file the job's channel takes.
+    ``lock`` keeps one edit of the message at a time, ``last_edit`` paces progress edits,
+    ``upload_limit`` is the largest result file the job's channel takes, and ``preview`` the newest live
+    preview not yet shown (it rides on the next progress edit; frames in between are dropped).
     """
 
     last_edit: float = 0.0
     upload_limit: int = DEFAULT_UPLOAD_LIMIT
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    preview: bytes | None = None
 
 
 class JobManager:
@@ -56,6 +60,7 @@ class JobManager:
         self.delivery = Delivery(bot, store)
         self.progress_interval = progress_interval
         self._updates: dict[str, StatusUpdates] = {}
+        self.previews_sent = 0  # progress edits that carried a live preview (metrics read it)
 
 
     # -- submitting jobs ----------------------------------------------------------------------------
@@ -111,8 +116,10 @@ class JobManager:
         # parent_id is the job whose output is this job's input, so the chain up to it is the history
         # (a re-roll shares its source's parent, input and history).
         history = await self.history_for(record.parent_id, record.history_depth)
+        previews = (await self.store.guild_settings(record.guild_id)).previews  # DMs: the defaults (on)
         job = EditJob(job_id=record.id, image=image, instruction=record.instruction, seed=record.seed,
-                      text_cfg=record.text_cfg, image_cfg=record.image_cfg, steps=record.steps, history=history)
+                      text_cfg=record.text_cfg, image_cfg=record.image_cfg, steps=record.steps, history=history,
+                      previews=previews)
         self.queue.submit(job, record.user_id, reserved=ticket is not None and ticket.open)
         if ticket is not None:
             ticket.consume()
@@ -125,10 +132,16 @@ class JobManager:
     # -- events from the queue ----------------------------------------------------------------------
     async def on_event(self, event: JobEvent) -> None:
         """Show what happened to a job (started, progress, done, failed, ...) on its status message."""
-        updates = self._updates.setdefault(event.job_id, StatusUpdates())
         if event.kind is EventKind.PROGRESS:
+            updates = self._updates.get(event.job_id)
+            if updates is None:
+                return  # the job has ended (a late tick, e.g. one through Redis after the result): nothing to show
+            if event.progress is not None and event.progress.preview:
+                updates.preview = event.progress.preview  # the newest; shown with the next progress edit
             if updates.lock.locked() or time.monotonic() - updates.last_edit < self.progress_interval:
                 return  # Discord's edit rate limits: drop intermediate frames, never queue them up
+        else:
+            updates = self._updates.setdefault(event.job_id, StatusUpdates())
         async with updates.lock:
             try:
                 await self._handle(event, updates)
@@ -143,9 +156,16 @@ class JobManager:
             await self._refresh_positions()
         elif event.kind is EventKind.PROGRESS:
             record = await self.store.get_job(job_id)
+            if record is None or record.state in FINAL_STATES or job_id not in self._updates:
+                return  # its final word is out: a late tick must not replace it
             p: JobProgress = event.progress
             eta = self.queue.eta(job_id)
-            await self._show(job_id, render.working(record, p.stage, p.step, p.total, eta), view=cancel_view(job_id))
+            preview, updates.preview = updates.preview, None
+            file = discord.File(io.BytesIO(preview), filename=PREVIEW_FILENAME) if preview else None
+            await self._show(job_id, render.working(record, p.stage, p.step, p.total, eta), view=cancel_view(job_id),
+                             file=file, keep_attachments=True)
+            if file is not None:
+                self.preview_sent(job_id)
         elif event.kind is EventKind.DONE:
             await self._deliver(job_id, event, updates)
         elif event.kind is EventKind.FAILED:
@@ -210,9 +230,19 @@ class JobManager:
         channel = self.bot.get_channel(channel_id)
         return bool(getattr(channel, "nsfw", False) or (hasattr(channel, "is_nsfw") and channel.is_nsfw()))
 
-    async def _show(self, job_id: str, content: str, *, view, embed=None, file=None, ping: bool = False) -> JobRecord:
+    def preview_sent(self, job_id: str) -> None:
+        """A progress edit carrying a live preview went out: counted here (``previews_sent``) and, where the
+        bot has Prometheus metrics (``self.metrics``, bot/metrics.py), in ``mgie_previews_sent_total``."""
+        self.previews_sent += 1
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            metrics.preview_sent()
+
+    async def _show(self, job_id: str, content: str, *, view, embed=None, file=None, ping: bool = False,
+                    keep_attachments: bool = False) -> JobRecord:
         record = await self.store.get_job(job_id)
-        return await self.delivery.show(record, content, embed=embed, file=file, view=view, ping=ping)
+        return await self.delivery.show(record, content, embed=embed, file=file, view=view, ping=ping,
+                                        keep_attachments=keep_attachments)
 
     async def _refresh_positions(self) -> None:
         """Queue positions moved: tell waiting users, gently (only those whose status changed matters)."""

@@ -267,11 +267,13 @@ class RedisPool:
                     if message is None or message.get("type") != "message":
                         continue
                     try:
-                        progress = payloads.decode_progress(message.get("data"))
+                        progress, has_preview = payloads.decode_progress_message(message.get("data"))
                     except payloads.BadPayloadError:
                         continue
                     callback = self._progress.get(progress.job_id)
                     if callback is not None:
+                        if has_preview:
+                            progress = dataclasses.replace(progress, preview=await self._preview(progress.job_id))
                         callback(progress)
             except asyncio.CancelledError:
                 raise
@@ -283,6 +285,16 @@ class RedisPool:
                     await pubsub.aclose()
                 except Exception:
                     pass
+
+    async def _preview(self, job_id: str) -> bytes | None:
+        """A job's latest preview from its key (checked and size-capped); None when gone or malformed."""
+        try:
+            return await self.proto.read_preview(job_id)
+        except payloads.BadPayloadError as err:
+            log.warning("the preview of job %s is malformed: %s", job_id, err)
+        except _connection_errors():
+            pass  # best effort: the next tick brings another
+        return None
 
     async def _watch_loop(self) -> None:
         """Heartbeats -> capacity; the reclaimer's dead letters; reconciling SQLite's view with Redis."""

@@ -17,7 +17,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot import render
+from bot import i18n, render
 from bot.storage import MAX_BAN_REASON_CHARS, GuildSettings
 
 if TYPE_CHECKING:
@@ -43,15 +43,18 @@ class ModerationCog(commands.GroupCog, group_name="mgie-admin", name="Moderation
                            refine_depth="Earlier turns put in the prompt when refining (0-10)",
                            blocked_words="Comma-separated words or phrases refused in instructions; "
                                          "replaces the list ('none' clears it)",
-                           flagged_outputs="Results the safety check flags, outside age-restricted channels")
+                           flagged_outputs="Results the safety check flags, outside age-restricted channels",
+                           previews="Show a live preview of the image on the progress message while an edit runs")
     @app_commands.choices(flagged_outputs=[app_commands.Choice(name="send behind a spoiler", value="spoiler"),
                                            app_commands.Choice(name="withhold", value="withhold")])
     @app_commands.checks.has_permissions(manage_guild=True)
     async def settings(self, interaction: discord.Interaction, allowed_channels: str | None = None,
                        max_steps: int | None = None, user_pending_cap: int | None = None,
                        refine_depth: int | None = None, blocked_words: str | None = None,
-                       flagged_outputs: str | None = None) -> None:
+                       flagged_outputs: str | None = None, previews: bool | None = None) -> None:
         changes: dict = {}
+        if previews is not None:
+            changes["previews"] = previews
         if allowed_channels is not None:
             if allowed_channels.strip().lower() in ("all", "*", ""):
                 changes["allowed_channel_ids"] = []
@@ -81,7 +84,8 @@ class ModerationCog(commands.GroupCog, group_name="mgie-admin", name="Moderation
         await interaction.response.send_message(
             f"**MGIE settings**\nChannels: {channels}\nMax steps: {settings.max_steps}\n"
             f"Pending edits per user: {settings.user_pending_cap}\nRefine history depth: {settings.refine_depth}\n"
-            f"Blocked words: {_listed_words(settings)}\nFlagged results: {settings.flagged_outputs}",
+            f"Blocked words: {_listed_words(settings)}\nFlagged results: {settings.flagged_outputs}"
+            + "\n" + _previews_line(settings, interaction.locale),
             ephemeral=True)
 
     @app_commands.command(name="ban", description="Stop a user from using MGIE in this server (managers only)")
@@ -117,6 +121,11 @@ class ModerationCog(commands.GroupCog, group_name="mgie-admin", name="Moderation
         else:
             message = f"{user.mention} was not banned from MGIE here."
         await interaction.response.send_message(message, ephemeral=True)
+
+
+def _previews_line(settings: GuildSettings, locale: object) -> str:
+    state = i18n.text("previews.on" if settings.previews else "previews.off", locale)
+    return i18n.text("previews.setting_line", locale, state=state)
 
 
 def _listed_words(settings: GuildSettings) -> str:

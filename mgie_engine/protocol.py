@@ -47,16 +47,19 @@ class EditJob:
     image_cfg: float
     steps: int
     history: tuple[tuple[str, str], ...] = ()
+    previews: bool = False  # send a small preview of the image with progress every few seconds (previews.py)
 
 
 @dataclasses.dataclass(frozen=True)
 class JobProgress:
-    """How far a job is: ``step`` of ``total`` in ``stage``."""
+    """How far a job is: ``step`` of ``total`` in ``stage``; ``preview`` a small JPEG of the image so far
+    (only for jobs that asked for previews, every few seconds)."""
 
     job_id: str
     stage: JobStage
     step: int
     total: int
+    preview: bytes | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -131,6 +131,7 @@ class EngineSettings:
     compile_cache_dir: str | None = None  # where compiled kernels persist across restarts (else torch's /tmp)
     safety_checker: bool = False  # run instruct-pix2pix's NSFW checker on every output
     offload: bool = False  # keep the LLM and the UNet/VAE on the GPU in turn (16 GB cards)
+    preview_seconds: float = 3.0  # live previews: one per job every this many seconds (0: none from this worker)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> EngineSettings:
@@ -149,6 +150,7 @@ class EngineSettings:
             compile_cache_dir=_raw(env, "MGIE_COMPILE_CACHE_DIR") or None,
             safety_checker=read_flag(env, "MGIE_SAFETY_CHECKER", False),
             offload=read_flag(env, "MGIE_OFFLOAD", False),
+            preview_seconds=read_float(env, "MGIE_PREVIEW_SECONDS", 3.0, 0.0, 3600.0),
         )
 
     def device_list(self) -> list[str]:

@@ -80,10 +80,10 @@ class LocalWorker:
         """Run one edit; progress callbacks arrive on the caller's event loop."""
         loop = asyncio.get_running_loop()
 
-        def progress(stage: JobStage, step: int, total: int) -> None:
+        def progress(stage: JobStage, step: int, total: int, preview: bytes | None = None) -> None:
             if on_progress is not None and not loop.is_closed():
                 try:
-                    loop.call_soon_threadsafe(on_progress, JobProgress(job.job_id, stage, step, total))
+                    loop.call_soon_threadsafe(on_progress, JobProgress(job.job_id, stage, step, total, preview))
                 except RuntimeError:  # the loop closed meanwhile: nobody is listening any more
                     pass
 

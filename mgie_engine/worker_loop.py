@@ -23,6 +23,7 @@ from .errors import JobCancelledError, MgieError
 from .faults import fail, free_memory, is_out_of_memory, user_error
 from .inputs import Prompt
 from .language import Guidance
+from .previews import PendingPreview, PreviewThrottle, encode_preview, start_preview
 from .protocol import EditJob, EditOutcome, JobStage, WorkerState
 from .vae import DECODE_BATCH
 
@@ -40,7 +41,7 @@ class Task:
     """One job inside a worker, from hand-in to delivery."""
 
     job: EditJob
-    progress: Callable[[JobStage, int, int], None]
+    progress: Callable[..., None]  # (stage, step, total, preview=None)
     cancel: threading.Event | None
     future: concurrent.futures.Future
     image: ImageInput | None = None  # the decoded input; prepared for both stages once a model is loaded
@@ -51,6 +52,7 @@ class Task:
     llm_seconds: float = 0.0
     state: DenoiseState | None = None  # while denoising
     flagged: bool = False
+    previews: PreviewThrottle | None = None  # while denoising, for a job that asked for previews
 
 
 class BatchLoop:
@@ -128,6 +130,9 @@ class BatchLoop:
             if state is None:
                 continue
             task.state = state
+            interval = self.worker.settings.preview_seconds
+            if task.job.previews and interval > 0:
+                task.previews = PreviewThrottle(interval)
             task.progress(JobStage.LANGUAGE, 1, 1)
             admitted.append(task)
         return admitted
@@ -189,10 +194,24 @@ class BatchLoop:
                     if index == total or index % max(1, total // PROGRESS_EVERY) == 0:
                         task.progress(JobStage.DENOISE, index, total)
                     (finished if task.state.done else running).append(task)
+                    if not task.state.done and task.previews is not None and task.previews.ready():
+                        self._preview(task)
             for task in finished:
                 task.progress(JobStage.DECODE, 0, 1)
             self._finish_groups([finished[k:k + DECODE_BATCH] for k in range(0, len(finished), DECODE_BATCH)])
         return running
+
+    def _preview(self, task: Task) -> None:
+        """Queue a preview of the job's latents (GPU work of a few microseconds); it is encoded and sent
+        with a progress event from a CPU thread. Best effort: a preview that fails is skipped."""
+        state = task.state
+        try:
+            sigmas = getattr(state.scheduler, "sigmas", None)
+            scale = (sigmas[state.index] ** 2 + 1) ** 0.5 if sigmas is not None and state.index < len(sigmas) else 1.0
+            pending = start_preview(state.latents, scale)
+            self.worker.cpu.submit(_send_preview, task, pending, state.index, state.total)
+        except Exception:
+            log.warning("preview of job %s failed", task.job.job_id, exc_info=True)
 
     def _step_group(self, group: list[Task]) -> list[list[Task]]:
         """One UNet call for the group. Out of memory: free what we can and retry each job alone once,
@@ -271,6 +290,17 @@ class BatchLoop:
                 self.worker.cpu.submit(_deliver, task, image)
             except RuntimeError:  # shutting down: no pool any more, finish here
                 _deliver(task, image)
+
+
+def _send_preview(task: Task, pending: PendingPreview, step: int, total: int) -> None:
+    """Encode a preview and send it with a progress event (on a CPU thread); never once the job has ended."""
+    try:
+        data = encode_preview(pending.wait())
+    except Exception:
+        log.warning("encoding the preview of job %s failed", task.job.job_id, exc_info=True)
+        return
+    if not task.future.done():
+        task.progress(JobStage.DENOISE, step, total, preview=data)
 
 
 def _deliver(task: Task, image: PIL.Image.Image) -> None:

@@ -115,7 +115,8 @@ def denoise(pipe, image, prompt_embeds, seed, text_cfg, image_cfg, steps):
 # processes) run one after another on one pytest-xdist worker
 # (`-n auto --dist loadgroup`), so that none of them starves another; the rest share the other worker(s).
 _ONE_AT_A_TIME = {"test_warm_up.py", "test_bench_scripts.py", "test_soak.py", "test_bot_lifecycle.py",
-                  "test_bot_redis_pool.py", "test_redis_worker.py", "test_bench_redis.py", "test_bot_admission.py"}
+                  "test_bot_redis_pool.py", "test_redis_worker.py", "test_bench_redis.py", "test_bot_admission.py",
+                  "test_bot_redis_previews.py"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -188,3 +188,26 @@ def test_coldstart_counts_full_speed_from_the_workers_final_mode():
     summary = summarize(events, launched=100.0, steady_edits=3)
     assert summary["weights_loaded_s"] == 10.0 and summary["first_edit_served_s"] == 15.0
     assert summary["steady_latency_s"] == 1.03 and summary["full_speed_s"] == 21.0 and summary["complete"]
+
+
+@pytest.mark.slow
+def test_preview_cost_script_measures_edits_with_and_without_previews(tokenizer_dir, tmp_path):
+    out = _run("preview_cost.py", "--tokenizer-dir", str(tokenizer_dir), "--small", "--steps", "20", "--runs", "1",
+               "--stress-interval", "0.01", "--out", str(tmp_path))
+    report = json.loads(next(tmp_path.glob("preview-cost-*.json")).read_text())
+    stress = report["intervals"]["0.01"]
+    assert stress["previews_per_edit"] >= 1 and stress["ratio"] > 0 and report["preview_bytes"] > 0
+    assert "measured ratio" in out
+
+
+@pytest.mark.slow
+def test_preview_sequence_script_draws_the_strip_the_bot_made(tmp_path):
+    out = tmp_path / "strip.png"
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "preview_sequence.py"), "--out", str(out),
+                           "--steps", "60", "--frames", "3"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    from PIL import Image
+
+    with Image.open(out) as strip:
+        assert strip.format == "PNG" and strip.width >= 5 * 256 and strip.height > 192  # input, 3 previews, result
+    assert "previews sent" in done.stdout

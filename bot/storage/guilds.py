@@ -23,6 +23,7 @@ class GuildSettings:
     refine_depth: int = 3
     blocked_words: list[str] = dataclasses.field(default_factory=list)  # folded with moderation_text.fold_text; [] = none
     flagged_outputs: str = "spoiler"  # flagged results outside age-restricted channels: spoiler | withhold
+    previews: bool = True  # live previews on the progress message of this server's edits
 
 
 # name -> (lowest, highest, how moderators see it)
@@ -31,7 +32,8 @@ _SETTING_LIMITS = {
     "user_pending_cap": (1, 20, "Pending jobs per user"),
     "refine_depth": (0, 10, "Refine depth"),
 }
-_SETTING_FIELDS = frozenset(_SETTING_LIMITS) | {"allowed_channel_ids", "blocked_words", "flagged_outputs"}
+_SETTING_FIELDS = frozenset(_SETTING_LIMITS) | {"allowed_channel_ids", "blocked_words", "flagged_outputs",
+                                                 "previews"}
 FLAGGED_OUTPUT_CHOICES = ("spoiler", "withhold")
 MAX_BLOCKED_WORDS = 100  # one compiled pattern per server; keeps matching cheap and the settings reply short
 MAX_BLOCKED_WORD_CHARS = 60
@@ -58,6 +60,11 @@ def _validate_settings(changes: dict[str, Any]) -> dict[str, Any]:
         if name == "flagged_outputs":
             if value not in FLAGGED_OUTPUT_CHOICES:
                 raise ValueError(f"Flagged outputs must be one of {', '.join(FLAGGED_OUTPUT_CHOICES)}.")
+            clean[name] = value
+            continue
+        if name == "previews":
+            if not isinstance(value, bool):
+                raise ValueError("Previews must be on or off.")
             clean[name] = value
             continue
         low, high, label = _SETTING_LIMITS[name]
@@ -107,6 +114,7 @@ def _settings_from_row(guild_id: int | None, row: Any) -> GuildSettings:
         refine_depth=row["refine_depth"],
         blocked_words=[str(w) for w in json.loads(row["blocked_words"])],
         flagged_outputs=row["flagged_outputs"],
+        previews=bool(row["previews"]),
     )
 
 
@@ -141,11 +149,11 @@ class GuildQueries:
             await conn.execute(
                 "INSERT INTO guild_settings"
                 " (guild_id, allowed_channel_ids, max_steps, user_pending_cap, refine_depth, blocked_words,"
-                " flagged_outputs) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " flagged_outputs, previews) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (guild_id) DO UPDATE SET allowed_channel_ids = excluded.allowed_channel_ids,"
                 " max_steps = excluded.max_steps, user_pending_cap = excluded.user_pending_cap,"
                 " refine_depth = excluded.refine_depth, blocked_words = excluded.blocked_words,"
-                " flagged_outputs = excluded.flagged_outputs",
+                " flagged_outputs = excluded.flagged_outputs, previews = excluded.previews",
                 (
                     guild_id,
                     json.dumps(settings.allowed_channel_ids),
@@ -154,6 +162,7 @@ class GuildQueries:
                     settings.refine_depth,
                     json.dumps(settings.blocked_words),
                     settings.flagged_outputs,
+                    int(settings.previews),
                 ),
             )
         return settings

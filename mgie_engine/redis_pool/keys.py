@@ -47,6 +47,10 @@ class Keys:
     def result_png(self, job_id: str) -> str:
         return f"{self.prefix}:png:{job_id}"
 
+    def preview(self, job_id: str) -> str:
+        """The job's latest live preview (a small JPEG, short TTL); progress messages carry only a flag."""
+        return f"{self.prefix}:preview:{job_id}"
+
     def cancel(self, job_id: str) -> str:
         return f"{self.prefix}:cancel:{job_id}"
 

@@ -6,6 +6,7 @@ Everything read back is type-checked and size-capped before it is used; a bad pa
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from typing import Any
@@ -18,6 +19,9 @@ MAX_RESULT_BYTES = 200 * 2**20  # a PNG at MGIE_MAX_SIDE up to 4096 fits comfort
 MAX_JOB_JSON = 64 * 1024
 MAX_META_JSON = 16 * 1024
 MAX_PROGRESS_JSON = 512
+MAX_PREVIEW_BYTES = 256 * 1024  # a 256 px JPEG is ~10-30 KB
+MAX_PREVIEW_SIDE = 1024
+PREVIEW_TTL = 30  # seconds a preview key lives: long enough for the bot to read it, short enough to forget it
 MAX_HEARTBEAT_JSON = 4096
 MAX_TEXT = 4000
 MAX_HISTORY = 32
@@ -76,7 +80,8 @@ def encode_job(job: EditJob) -> bytes:
     """The stream entry's body: ids and options only; the image goes in its own key."""
     return json.dumps({"id": job.job_id, "instruction": job.instruction, "seed": job.seed,
                        "text_cfg": job.text_cfg, "image_cfg": job.image_cfg, "steps": job.steps,
-                       "history": [list(turn) for turn in job.history]}, separators=(",", ":")).encode()
+                       "history": [list(turn) for turn in job.history], "previews": job.previews},
+                      separators=(",", ":")).encode()
 
 
 def decode_job(raw: Any, image: bytes) -> EditJob:
@@ -92,7 +97,8 @@ def decode_job(raw: Any, image: bytes) -> EditJob:
     return EditJob(job_id=job_id(data.get("id")), image=image, instruction=_text(data.get("instruction"), "instruction"),
                    seed=_int(data.get("seed"), "seed", 0, 2**63 - 1), text_cfg=_float(data.get("text_cfg"), "text_cfg"),
                    image_cfg=_float(data.get("image_cfg"), "image_cfg"),
-                   steps=_int(data.get("steps"), "steps", 1, 10_000), history=tuple(turns))
+                   steps=_int(data.get("steps"), "steps", 1, 10_000), history=tuple(turns),
+                   previews=data.get("previews") is True)
 
 
 # -- results ------------------------------------------------------------------------------------------
@@ -132,17 +138,43 @@ def decode_result(job: str, raw: Any, png: bytes | None) -> tuple[str, EditOutco
 
 # -- progress -----------------------------------------------------------------------------------------
 def encode_progress(progress: JobProgress) -> bytes:
-    return json.dumps({"j": progress.job_id, "s": str(progress.stage), "n": progress.step, "t": progress.total},
-                      separators=(",", ":")).encode()
+    """A progress tick; a preview's bytes never go in it (they are in ``Keys.preview``), only ``"p": 1``."""
+    data = {"j": progress.job_id, "s": str(progress.stage), "n": progress.step, "t": progress.total}
+    if progress.preview:
+        data["p"] = 1
+    return json.dumps(data, separators=(",", ":")).encode()
 
 
-def decode_progress(raw: Any) -> JobProgress:
+def decode_progress_message(raw: Any) -> tuple[JobProgress, bool]:
+    """A progress tick, and whether a new preview waits in the job's preview key."""
     data = _loads(raw, MAX_PROGRESS_JSON, "progress")
     stage = data.get("s")
     if stage not in STAGES:
         raise BadPayloadError("progress: unknown stage")
     total = _int(data.get("t"), "total", 1, 100_000)
-    return JobProgress(job_id(data.get("j")), JobStage(stage), _int(data.get("n"), "step", 0, total), total)
+    progress = JobProgress(job_id(data.get("j")), JobStage(stage), _int(data.get("n"), "step", 0, total), total)
+    return progress, data.get("p") == 1
+
+
+def decode_progress(raw: Any) -> JobProgress:
+    return decode_progress_message(raw)[0]
+
+
+def check_preview(raw: Any) -> bytes:
+    """A preview read from Redis: bytes, at most MAX_PREVIEW_BYTES, a JPEG, PNG or WEBP whose header says at
+    most MAX_PREVIEW_SIDE pixels a side (the bot uploads it to Discord as it is)."""
+    import PIL.Image
+
+    if not isinstance(raw, bytes | bytearray) or not raw or len(raw) > MAX_PREVIEW_BYTES:
+        raise BadPayloadError(f"preview: missing or larger than {MAX_PREVIEW_BYTES} bytes")
+    try:
+        with PIL.Image.open(io.BytesIO(raw), formats=("JPEG", "PNG", "WEBP")) as image:
+            width, height = image.size
+    except Exception:
+        raise BadPayloadError("preview: not a JPEG, PNG or WEBP image") from None
+    if not (0 < width <= MAX_PREVIEW_SIDE and 0 < height <= MAX_PREVIEW_SIDE):
+        raise BadPayloadError("preview: too large")
+    return bytes(raw)
 
 
 # -- heartbeats ---------------------------------------------------------------------------------------

@@ -213,7 +213,15 @@ class StreamProtocol:
         await self.redis.xdel(self.keys.jobs, delivery.entry_id)
 
     async def publish_progress(self, progress: JobProgress) -> None:
+        """A progress tick on the channel; a preview first goes to its own key (short TTL), never the channel."""
+        if progress.preview:
+            await self.redis.set(self.keys.preview(progress.job_id), progress.preview, ex=payloads.PREVIEW_TTL)
         await self.redis.publish(self.keys.progress, payloads.encode_progress(progress))
+
+    async def read_preview(self, job_id: str) -> bytes | None:
+        """The job's latest preview, checked (``payloads.check_preview``); None when it has expired."""
+        raw = await self.redis.get(self.keys.preview(job_id))
+        return None if raw is None else payloads.check_preview(raw)
 
     async def heartbeat(self, consumer: str, **fields: Any) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:

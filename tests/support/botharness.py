@@ -25,7 +25,7 @@ def png_bytes(width: int = 64, height: int = 48, seed: int = 0) -> bytes:
 def make_config(fake, data_dir: Path, guild_ids=(), **overrides) -> BotConfig:
     values = dict(token=fake.token, api_base=fake.api_base, gateway_url=fake.gateway_url, guild_ids=tuple(guild_ids),
                   data_dir=data_dir, message_content=True, max_queue=100, progress_interval=0.2,
-                  engine=EngineSettings(device="cpu", max_side=64))
+                  engine=EngineSettings(device="cpu", max_side=64, preview_seconds=0))  # previews: tests opt in
     values.update(overrides)
     return BotConfig(**values)
 

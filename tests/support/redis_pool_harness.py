@@ -24,7 +24,8 @@ def pool_env(redis_server, tiny_paths, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DISCORD_", "MGIE_"))}
     env.update(tiny_paths.env(), MGIE_DEVICE="cpu", MGIE_MAX_SIDE="128", MGIE_MAX_BATCH="2",
                MGIE_REDIS_URL=redis_server.url, MGIE_REDIS_PREFIX="test", MGIE_REDIS_RECLAIM_IDLE="4",
-               MGIE_REDIS_RENEW_INTERVAL="0.5", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               MGIE_REDIS_RENEW_INTERVAL="0.5", MGIE_PREVIEW_SECONDS="0",  # previews: tests opt in
+               HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     env.update(extra)
     return env
