@@ -231,12 +231,10 @@ class JobManager:
         return bool(getattr(channel, "nsfw", False) or (hasattr(channel, "is_nsfw") and channel.is_nsfw()))
 
     def preview_sent(self, job_id: str) -> None:
-        """A progress edit carrying a live preview went out: counted here (``previews_sent``) and, where the
-        bot has Prometheus metrics (``self.metrics``, bot/metrics.py), in ``mgie_previews_sent_total``."""
+        """A progress edit carrying a live preview went out: counted here (``previews_sent``) and in
+        ``mgie_previews_sent_total`` (bot/metrics.py)."""
         self.previews_sent += 1
-        metrics = getattr(self, "metrics", None)
-        if metrics is not None:
-            metrics.preview_sent()
+        self.metrics.preview_sent()
 
     async def _show(self, job_id: str, content: str, *, view, embed=None, file=None, ping: bool = False,
                     keep_attachments: bool = False) -> JobRecord:

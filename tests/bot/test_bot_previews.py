@@ -78,6 +78,7 @@ async def test_progress_shows_previews_paced_then_the_result_replaces_them(world
         # progress interval after the edit before it.
         uploads = [k for k, r in enumerate(patches) if "preview.jpg" in r.files]
         assert uploads and sum("preview.jpg" in r.files for r in patches) == bot.jobs.previews_sent
+        assert f"mgie_previews_sent_total {float(bot.jobs.previews_sent)}" in bot.jobs.metrics.render().decode()
         for k in uploads:
             assert patches[k].at - patches[k - 1].at >= PROGRESS_INTERVAL * 0.9
         # Between uploads the preview stays: progress edits after the first keep it rather than drop it.
