@@ -87,6 +87,7 @@ class MgiePipeline:
                  compile_unet: bool = False, offload: bool = False) -> None:
         self.models = models
         self.max_side = max_side
+        self.compile_unet = compile_unet  # asked for; ``compiles`` says whether it happens (CUDA, no offload)
         cuda = models.device.type == "cuda"
         graphs = compile_unet and cuda and not offload
         unet = prepare_for_cuda(models, graphs)
