@@ -81,9 +81,14 @@ class ServingModes:
         self.error: str | None = None  # why compiling failed
         self.compile_seconds: float | None = None
         self.serving_thread: int | None = None  # the batch loop's thread (its compiles are counted)
+        self._compiles_before = 0  # that thread's count when it began serving (thread ids are reused)
         self.settled = threading.Event()  # set once the mode is final: no compile running
         self._compiled: MgiePipeline | None = None
         self._lock = threading.Lock()
+
+    def serving_from(self, thread: int) -> None:
+        """The batch loop runs in ``thread`` from now on: count its compiles from here."""
+        self.serving_thread, self._compiles_before = thread, compiles_in(thread)
 
     def eager_only(self) -> None:
         """No background compile: the one pipeline serves (eager, or compiled without a warm-up)."""
@@ -112,7 +117,8 @@ class ServingModes:
 
     def info(self) -> dict[str, Any]:
         """For /mgie status, the Redis heartbeat and the load test: mode, compiles during service."""
-        out: dict[str, Any] = {"mode": self.mode, "compiles": compiles_in(self.serving_thread)}
+        compiles = compiles_in(self.serving_thread) - self._compiles_before
+        out: dict[str, Any] = {"mode": self.mode, "compiles": compiles}
         if self.error:
             out["compile_error"] = self.error
         if self.compile_seconds is not None:

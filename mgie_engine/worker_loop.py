@@ -69,7 +69,7 @@ class BatchLoop:
     def run(self) -> None:
         """Until the inbox is stopped; jobs still running then end with ``JobCancelledError``."""
         worker = self.worker
-        worker.modes.serving_thread = threading.get_ident()
+        worker.modes.serving_from(threading.get_ident())
         active: list[Task] = []
         while True:
             admitted = worker.inbox.take(block=not active, room=worker.capacity - len(active))
