@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .serving_modes import ServingModes, compile_in_background
+from .serving_modes import ServingModes, compile_in_background, count_compiles
 from .settings import EngineSettings
 
 if TYPE_CHECKING:
@@ -44,12 +44,16 @@ def load(settings: EngineSettings, name: str, capacity: int, loader: Callable[[E
 
     modes = modes or ServingModes()
     device = settings.torch_device()
+    compile_on = settings.compile_on(device)
     models = (loader or load_models)(settings)
     # The compiled pipeline first: it sets the models up for compiled kernels (memory layouts) before the
     # eager one records any CUDA graph of them. Nothing compiles before its first call.
-    pipeline = new_pipeline(settings, models, compile_unet=settings.compile_on(device))
-    if pipeline.compiles:
+    pipeline = new_pipeline(settings, models, compile_unet=compile_on)
+    folder = None
+    if compile_on and (pipeline.compiles or device.type == "cuda"):  # (offload: the decoder's layers)
+        count_compiles()
         folder = prepare_compile_cache(settings, device, capacity)
+    if pipeline.compiles:
         eager = new_pipeline(settings, models, compile_unet=False)
         eager.language.cache = pipeline.language.cache  # one guidance cache whichever mode serves
         publish(eager)

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import device_turns
+from .warm_up import WarmUpStopped
 
 if TYPE_CHECKING:
     from .pipeline import MgiePipeline
@@ -83,6 +84,8 @@ class ServingModes:
         self.serving_thread: int | None = None  # the batch loop's thread (its compiles are counted)
         self._compiles_before = 0  # that thread's count when it began serving (thread ids are reused)
         self.settled = threading.Event()  # set once the mode is final: no compile running
+        self.stop = threading.Event()  # set at shutdown: the compile stops after its current warm-up batch
+        self.thread: threading.Thread | None = None  # the compile thread
         self._compiled: MgiePipeline | None = None
         self._lock = threading.Lock()
 
@@ -105,6 +108,10 @@ class ServingModes:
 
     def compile_failed(self, err: BaseException) -> None:
         self.mode, self.error = COMPILE_FAILED, f"{type(err).__name__}: {err}"[:300]
+        self.settled.set()
+
+    def compile_stopped(self) -> None:
+        self.mode = EAGER
         self.settled.set()
 
     def take_compiled(self) -> MgiePipeline | None:
@@ -145,16 +152,23 @@ def compile_in_background(name: str, compiled: MgiePipeline, capacity: int, mode
         log.info("worker %s: serving eagerly while compiling for every class of shape (minutes on a first "
                  "start; the cache in %s keeps it short after)", name, cache_folder or "torch's default folder")
         started = time.perf_counter()
+        compiled.stop_warm_up = modes.stop
         try:
             compiled.warm_up(capacity)
+        except WarmUpStopped:
+            log.info("worker %s: compiling stopped (shutting down)", name)
+            device_turns.end_background_compile(device)
+            modes.compile_stopped()
+            return
         except Exception as err:
             log.exception("worker %s: compiling failed; running without compiled steps (slower)", name)
             _undo_compile(compiled)
             device_turns.end_background_compile(device)
             modes.compile_failed(err)
             return
-        except BaseException:
+        except BaseException as err:
             device_turns.end_background_compile(device)
+            modes.compile_failed(err)
             raise
         seconds = time.perf_counter() - started
         device_turns.end_background_compile(device)
@@ -165,7 +179,7 @@ def compile_in_background(name: str, compiled: MgiePipeline, capacity: int, mode
             save_artifacts(cache_folder)
         modes.compiled_ready(compiled, seconds)
 
-    thread = threading.Thread(target=main, name=f"mgie-{name}-compile", daemon=True)
+    modes.thread = thread = threading.Thread(target=main, name=f"mgie-{name}-compile", daemon=True)
     thread.start()
     return thread
 

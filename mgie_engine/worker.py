@@ -156,13 +156,18 @@ class LocalWorker:
         return out
 
     def shutdown(self) -> None:
-        """Stop the thread after its current step; queued input work is cancelled."""
+        """Stop the thread after its current step, and a background compile after its current warm-up
+        batch; queued input work is cancelled."""
         self.inbox.stop()
+        self.modes.stop.set()
         self.cpu.shutdown(wait=False, cancel_futures=True)
 
     def join(self, timeout: float) -> bool:
-        """Wait for the worker thread to end its current step and stop. A process must not exit while the
-        thread is inside a torch call: that aborts it ("terminate called without an active exception")."""
-        if self._thread is not None:
-            self._thread.join(timeout)
-        return self._thread is None or not self._thread.is_alive()
+        """Wait for the worker thread to end its current step and stop (and the compile thread, if any). A
+        process must not exit while a thread is inside a torch call: that aborts it ("terminate called
+        without an active exception")."""
+        deadline = time.monotonic() + timeout
+        threads = [t for t in (self._thread, self.modes.thread) if t is not None]
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in threads)

@@ -179,3 +179,43 @@ async def test_compiles_during_service_are_counted_and_the_warm_ups_are_not(tiny
     finally:
         worker.shutdown()
     assert before == 0 and after >= 1
+
+
+def test_the_redis_heartbeat_carries_the_mode_and_the_compiles_in_service(tiny_models, tmp_path):
+    from mgie_engine.redis_pool import payloads
+    from mgie_engine.redis_pool.service import _mode_fields
+
+    worker = _worker(tiny_models, tmp_path)
+    assert _mode_fields(worker) == {}  # still loading: no mode yet
+    worker.pipeline = object()  # loaded
+    worker.modes.compiling()
+    beat = payloads.decode_heartbeat(payloads.encode_heartbeat(name="h:1:cuda:0", state="ready", capacity=8,
+                                                               active=0, **_mode_fields(worker)))
+    assert (beat["mode"], beat["compiles"]) == ("eager (compiling)", 0)
+    older = payloads.decode_heartbeat(payloads.encode_heartbeat(name="h:1:cuda:0", state="ready", capacity=8,
+                                                                active=0))
+    assert (older["mode"], older["compiles"]) == (None, 0)  # a worker from before modes
+    with pytest.raises(payloads.BadPayloadError):
+        payloads.decode_heartbeat(payloads.encode_heartbeat(name="w", state="ready", capacity=1, active=0,
+                                                            mode="x" * 41))
+
+
+async def test_a_shutdown_stops_the_compile_between_warm_up_batches(tiny_models, tmp_path, monkeypatch, as_on_a_gpu):
+    """A worker shut down while it compiles does not compile on for minutes: its warm-up stops after the
+    batch it is in, and ``join`` sees both threads end."""
+    worker = _worker(tiny_models, tmp_path)
+    batches = []
+    original = MgiePipeline.guidance
+
+    def guidance(self, prompts, cancel=None, use_cache=True):
+        if not use_cache:  # a warm-up batch
+            batches.append(len(prompts))
+            worker.shutdown()
+        return original(self, prompts, cancel, use_cache)
+
+    monkeypatch.setattr(MgiePipeline, "guidance", guidance)
+    worker.start()
+    await worker.wait_ready()
+    assert await worker.wait_compiled() == "eager"
+    assert worker.join(30)
+    assert batches == [1]  # of the 7
