@@ -147,13 +147,13 @@ def compile_in_background(name: str, compiled: MgiePipeline, capacity: int, mode
 
     def main() -> None:
         turn.compile_thread = threading.get_ident()
-        prepare_thread()
-        device_turns.adopt_cudagraph_state(state)
         log.info("worker %s: serving eagerly while compiling for every class of shape (minutes on a first "
                  "start; the cache in %s keeps it short after)", name, cache_folder or "torch's default folder")
         started = time.perf_counter()
         compiled.stop_warm_up = modes.stop
         try:
+            prepare_thread()
+            device_turns.adopt_cudagraph_state(state)
             compiled.warm_up(capacity)
         except WarmUpStopped:
             log.info("worker %s: compiling stopped (shutting down)", name)

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 class WarmUpStopped(Exception):
     """The worker is shutting down: the warm-up stopped between two batches (``MgiePipeline.stop_warm_up``)."""
 
+
 # The warm-up's prompts: a short one, and (second batch) one over 64 tokens longer, a full-length instruction
 # after an earlier turn. On CUDA prompts are padded to a multiple of 64 tokens, so the decoder's compiled
 # layers meet a second prompt width during the warm-up and not at a user's first long prompt.
