@@ -77,21 +77,24 @@ def _key(device: Any) -> str:
 
 
 def begin_background_compile(device: Any) -> DeviceTurn:
-    """Mark ``device`` as compiling in the background (the compile thread sets ``compile_thread``)."""
+    """Mark ``device`` as compiling in the background (the compile thread sets ``compile_thread``). A
+    worker that replaces a stalled one takes the device over, even from a compile still running there."""
     key = _key(device)
     if key.startswith("cuda"):
         install_inductor_turns()
     with _turns_lock:
         if key in _turns:
-            raise RuntimeError(f"{key} is already compiling in the background")
+            log.warning("%s: another worker's background compile is still running; this one takes over", key)
         _turns[key] = turn = DeviceTurn()
     return turn
 
 
-def end_background_compile(device: Any) -> None:
-    """The compile is over: every thread may record again, and nobody takes turns."""
+def end_background_compile(device: Any, turn: DeviceTurn) -> None:
+    """``turn``'s compile is over: every thread may record again, and nobody takes turns."""
+    key = _key(device)
     with _turns_lock:
-        _turns.pop(_key(device), None)
+        if _turns.get(key) is turn:
+            del _turns[key]
 
 
 def _turn(device: Any) -> DeviceTurn | None:

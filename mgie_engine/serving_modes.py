@@ -157,21 +157,21 @@ def compile_in_background(name: str, compiled: MgiePipeline, capacity: int, mode
             compiled.warm_up(capacity)
         except WarmUpStopped:
             log.info("worker %s: compiling stopped (shutting down)", name)
-            device_turns.end_background_compile(device)
+            device_turns.end_background_compile(device, turn)
             modes.compile_stopped()
             return
         except Exception as err:
             log.exception("worker %s: compiling failed; running without compiled steps (slower)", name)
             _undo_compile(compiled)
-            device_turns.end_background_compile(device)
+            device_turns.end_background_compile(device, turn)
             modes.compile_failed(err)
             return
         except BaseException as err:
-            device_turns.end_background_compile(device)
+            device_turns.end_background_compile(device, turn)
             modes.compile_failed(err)
             raise
         seconds = time.perf_counter() - started
-        device_turns.end_background_compile(device)
+        device_turns.end_background_compile(device, turn)
         log.info("worker %s: compiled in %.0f s; edits move to compiled kernels at their next step", name, seconds)
         if cache_folder is not None:
             from .compile_cache import save_artifacts

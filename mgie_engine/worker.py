@@ -127,6 +127,7 @@ class LocalWorker:
         except Exception as err:  # any load failure ends in a state the bot can report
             self.state, self.error = WorkerState.FAILED, str(err) if isinstance(err, MgieError) else repr(err)
             log.exception("worker %s failed to load the models", self.name)
+            self.modes.stop.set()  # a compile started before the failure stops too
             self.modes.eager_only()
         else:
             self.state = WorkerState.READY

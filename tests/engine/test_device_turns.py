@@ -54,7 +54,11 @@ def test_only_the_compile_thread_records_while_a_device_compiles():
         assert not device_turns.may_record("cpu")  # the serving thread runs its calls without a graph
         with device_turns.serving("cpu"):
             assert turn._owner == threading.get_ident()
+        stale = device_turns.begin_background_compile("cpu")  # a replacing worker takes the device over
+        device_turns.end_background_compile("cpu", turn)  # the first compile ending does not end the second
+        assert not device_turns.may_record("cpu")
+        turn = stale
     finally:
-        device_turns.end_background_compile("cpu")
+        device_turns.end_background_compile("cpu", turn)
     assert device_turns.may_record("cpu")
     assert device_turns.serving("cpu").__class__.__name__ == "nullcontext"  # no turns without a compile
