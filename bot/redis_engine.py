@@ -141,7 +141,8 @@ class RedisPool:
         return any(w["random_weights"] for w in self._heartbeats)
 
     def info(self) -> list[dict[str, Any]]:
-        return [{"name": w["name"], "state": w["state"], "device": f"{w['device']} · {w['active']}/{w['capacity']} jobs"}
+        return [{"name": w["name"], "state": w["state"], "device": f"{w['device']} · {w['active']}/{w['capacity']} jobs",
+                 **({"mode": w["mode"], "compiles": w.get("compiles", 0)} if w.get("mode") else {})}
                 for w in self._heartbeats]
 
     def replace(self, worker: Any) -> Any:

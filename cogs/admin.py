@@ -9,7 +9,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot import privacy, render
+from bot import i18n, privacy, render
 from bot.help import help_embed
 
 if TYPE_CHECKING:
@@ -34,7 +34,8 @@ class AdminCog(commands.GroupCog, group_name="mgie", name="Admin"):
         for info in engine.info():
             device = f"{info.get('device', info['name'])} {info.get('dtype', '')}".strip()
             memory = f" · {info['memory']}" if "memory" in info else ""
-            embed.add_field(name=f"Worker {info['name']}", value=f"{info['state']} · {device}{memory}")
+            mode = f" · {engine_mode(info['mode'], interaction.locale)}" if info.get("mode") else ""
+            embed.add_field(name=f"Worker {info['name']}", value=f"{info['state']} · {device}{memory}{mode}")
         embed.add_field(name="Queue", value=f"{queue.depth} waiting, {len(queue.running)} running")
         embed.add_field(name="Average edit", value=render.seconds(average) if average else "no edits yet")
         embed.add_field(name="All time", value=", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none")
@@ -70,3 +71,14 @@ class AdminCog(commands.GroupCog, group_name="mgie", name="Admin"):
 async def setup(bot: MgieBot) -> None:
     """discord.py extension entry point."""
     await bot.add_cog(AdminCog(bot))
+
+
+# A worker's mode (mgie_engine/serving_modes.py) -> its name in the catalogue.
+_MODES = {"eager": "eager", "eager (compiling)": "compiling", "compiled": "compiled",
+          "eager (compile failed)": "compile_failed"}
+
+
+def engine_mode(mode: str, locale: object) -> str:
+    """A worker's mode ("mode: compiled") in the reader's language; an unknown mode is shown as it came."""
+    name = _MODES.get(mode)
+    return i18n.text("engine_mode.label", locale, mode=i18n.text(f"engine_mode.{name}", locale) if name else mode)

@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from . import device_turns
 from .decode_buffers import DecodeBuffers
 
 log = logging.getLogger(__name__)
@@ -19,7 +20,7 @@ class DecodeGraphs:
         eagerly; its second is the recording's warm-up run and records the graph (so a shape seen once, as
         under offload where buffers go at every stage change, never pays for a recording); later ones replay."""
         b.prefills += 1
-        if b.prefill_graph is None and b.prefills < 2:
+        if b.prefill_graph is None and (b.prefills < 2 or not device_turns.may_record(ids.device)):
             self._prefill(b, ids, embeds, mask)
             return
         if b.prefill_graph is None:
@@ -31,7 +32,7 @@ class DecodeGraphs:
                     self._prefill(b, *prompt)  # this call's prefill; recording below runs nothing
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                with device_turns.capturing(ids.device), torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     self._prefill(b, *prompt)
                 b.prompt, b.prefill_graph = prompt, graph
             except Exception:  # never worse than eager: log once, prefill eagerly from now on
@@ -59,7 +60,7 @@ class DecodeGraphs:
             for buf, value in zip(buffers, saved, strict=True):
                 buf.copy_(value)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with device_turns.capturing(b.ids.device), torch.cuda.graph(graph):
             work(b)
         if check:
             b.verify_graph = graph

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from . import device_turns
 from .decode_buffers import DecodeBuffers
 from .decode_graphs import DecodeGraphs
 from .errors import JobCancelledError
@@ -242,7 +243,8 @@ class GreedyDecoder(RunCheck, DecodeGraphs):
                 self._prefill_replayed(b, ids, embeds, mask)
             else:
                 self._prefill(b, ids, embeds, mask)
-        use_graph = self.graphs and max_new > 1
+        # Not recorded, for now, in a thread that may not record while the device compiles (device_turns.py).
+        use_graph = self.graphs and max_new > 1 and (b.graph is not None or device_turns.may_record(ids.device))
         if use_graph and b.graph is None:
             try:
                 self._capture(b)

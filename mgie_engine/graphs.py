@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import torch
 
+from . import device_turns
+
 log = logging.getLogger(__name__)
 
 
@@ -31,7 +33,7 @@ class GraphedCall:
     ordinary function. The recordings share one memory pool: each replay finishes with the clone before
     the next one starts, so one recording's scratch memory can be another's. The ``keep`` most recent
     shapes are kept. On CPU, when ``enabled`` is False, and after a recording fails (logged once), ``fn``
-    just runs.
+    just runs; so it does, without recording, in a thread that may not record now (device_turns.py).
     """
 
     def __init__(self, fn: Callable[..., torch.Tensor], name: str, keep: int = 8, enabled: bool = True,
@@ -47,6 +49,8 @@ class GraphedCall:
         key = tuple((tuple(x.shape), x.stride(), x.dtype, x.device) for x in inputs)
         recorded = self._recorded.get(key)
         if recorded is None:
+            if not device_turns.may_record(inputs[0].device):  # the device compiles in the background
+                return self.fn(*inputs)
             try:
                 recorded = self._record(inputs)
             except Exception:  # never worse than eager: say so once, then run eagerly from now on
@@ -84,6 +88,7 @@ class GraphedCall:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         # thread_local: another worker thread's CUDA calls (one per GPU) do not break this recording.
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+        with device_turns.capturing(mine[0].device), \
+                torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             output = self.fn(*mine)
         return _Recorded(graph=graph, inputs=mine, output=output)

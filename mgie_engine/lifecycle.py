@@ -1,18 +1,22 @@
-"""A worker's start: the worker thread's CUDA set-up, loading the models, and the compile warm-up."""
+"""A worker's start: the worker thread's CUDA set-up, loading the models, and the compile warm-up (in the
+background, while the eager pipeline serves: serving_modes.py)."""
 
 from __future__ import annotations
 
 import collections
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .serving_modes import ServingModes, compile_in_background, count_compiles
 from .settings import EngineSettings
 
 if TYPE_CHECKING:
+    import torch
+
     from .models import MgieModels
     from .pipeline import MgiePipeline
 
@@ -31,20 +35,32 @@ def prepare_thread(settings: EngineSettings) -> None:
 
 
 def load(settings: EngineSettings, name: str, capacity: int, loader: Callable[[EngineSettings], MgieModels] | None,
-         publish: Callable[[MgiePipeline], None]) -> SafetyCheck | None:
-    """Load the models and build the pipeline (compiled and warmed up when settings ask for it), handing
-    each pipeline built to ``publish`` at once (inputs arriving during the warm-up are prepared for it);
-    returns the optional safety check. Raises whatever loading raises."""
+         publish: Callable[[MgiePipeline], None], modes: ServingModes | None = None) -> SafetyCheck | None:
+    """Load the models and publish the pipeline that serves first. When the worker compiles (MGIE_COMPILE,
+    ``EngineSettings.compile_on``), that is an eager pipeline, and the compiled one warms up in the
+    background (serving_modes.py; ``modes`` says which serves). Returns the optional safety check.
+    Raises whatever loading raises."""
     from .models import load_models
 
-    if settings.compile and settings.compile_cache_dir:
-        # Read by inductor when it compiles: kernels compiled before a restart are reused after it.
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(settings.compile_cache_dir)
+    modes = modes or ServingModes()
+    device = settings.torch_device()
+    compile_on = settings.compile_on(device)
     models = (loader or load_models)(settings)
-    pipeline = new_pipeline(settings, models, compile_unet=settings.compile)
-    publish(pipeline)
+    # The compiled pipeline first: it sets the models up for compiled kernels (memory layouts) before the
+    # eager one records any CUDA graph of them. Nothing compiles before its first call.
+    pipeline = new_pipeline(settings, models, compile_unet=compile_on)
+    folder = None
+    if compile_on and (pipeline.compiles or device.type == "cuda"):  # (offload: the decoder's layers)
+        count_compiles()
+        folder = prepare_compile_cache(settings, device, capacity)
     if pipeline.compiles:
-        _warm_up(settings, name, capacity, models, pipeline, publish)
+        eager = new_pipeline(settings, models, compile_unet=False)
+        eager.language.cache = pipeline.language.cache  # one guidance cache whichever mode serves
+        publish(eager)
+        compile_in_background(name, pipeline, capacity, modes, lambda: prepare_thread(settings), folder)
+    else:
+        publish(pipeline)
+        modes.eager_only()
     if settings.safety_checker:
         from .safety import load_safety_checker
 
@@ -59,23 +75,50 @@ def new_pipeline(settings: EngineSettings, models: MgieModels, compile_unet: boo
     return MgiePipeline(models, max_side=settings.max_side, compile_unet=compile_unet, offload=settings.offload)
 
 
-def _warm_up(settings: EngineSettings, name: str, capacity: int, models: MgieModels, pipeline: MgiePipeline,
-             publish: Callable[[MgiePipeline], None]) -> None:
-    """Compile now, while the bot says "warming up", not in the first users' edits. A compiler that
-    fails here would fail every job: run uncompiled instead (slower), and say so."""
-    from .faults import free_memory
+def prepare_compile_cache(settings: EngineSettings, device: torch.device, capacity: int) -> Path | None:
+    """Point torch at this worker's kept compile cache and load its saved artifacts (compile_cache.py);
+    None, logged, when the folder cannot be used (the compile then uses torch's default folder)."""
+    from .compile_cache import cache_folder, load_artifacts, use_cache_folder
 
-    log.info("worker %s: compiling for every class of shape (8 minutes or more the first time on an H100; "
-             "MGIE_COMPILE_CACHE_DIR keeps the kernels across restarts)", name)
-    started = time.perf_counter()
     try:
-        pipeline.warm_up(capacity)
+        folder = cache_folder(settings, device, capacity)
+        use_cache_folder(folder)
     except Exception:
-        log.exception("worker %s: compiling failed; running without compiled steps (slower)", name)
-        free_memory()
-        publish(new_pipeline(settings, models, compile_unet=False))
-    else:
-        log.info("worker %s: compiled in %.0f s", name, time.perf_counter() - started)
+        log.warning("cannot use the compile cache folder; compiling without a kept cache", exc_info=True)
+        return None
+    load_artifacts(folder)
+    return folder
+
+
+def precompile(settings: EngineSettings, capacity: int | None = None,
+               loader: Callable[[EngineSettings], MgieModels] | None = None) -> Path:
+    """``mgie-worker --precompile``: load the models, run the production warm-up compiled (in this
+    thread, nothing served), save the cache artifacts; returns the artifact file. Raises on any failure,
+    and when this device does not compile (the CPU, offload)."""
+    from .compile_cache import ARTIFACTS_FILE, save_artifacts
+    from .errors import MgieError
+    from .models import load_models
+
+    capacity = capacity or settings.max_batch
+    prepare_thread(settings)
+    device = settings.torch_device()
+    if not settings.compile_on(device):
+        raise MgieError(f"nothing to precompile: a worker on {device} does not compile (MGIE_COMPILE, "
+                        "MGIE_OFFLOAD)")
+    folder = prepare_compile_cache(settings, device, capacity)
+    if folder is None:
+        raise MgieError("cannot use the compile cache folder (see the log)")
+    models = (loader or load_models)(settings)
+    pipeline = new_pipeline(settings, models, compile_unet=True)
+    if not pipeline.compiles:
+        raise MgieError(f"nothing to precompile: the pipeline on {device} runs without compiled steps")
+    started = time.perf_counter()
+    pipeline.warm_up(capacity)
+    log.info("precompiled in %.0f s", time.perf_counter() - started)
+    path = save_artifacts(folder)
+    if path is None:
+        raise MgieError(f"the compile left no cache artifacts to save in {folder / ARTIFACTS_FILE}")
+    return path
 
 
 def _cudagraphs_in_this_thread() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -87,6 +88,8 @@ class MgiePipeline:
                  compile_unet: bool = False, offload: bool = False) -> None:
         self.models = models
         self.max_side = max_side
+        self.compile_unet = compile_unet  # asked for; ``compiles`` says whether it happens (CUDA, no offload)
+        self.stop_warm_up: threading.Event | None = None  # set, ``warm_up`` stops between batches
         cuda = models.device.type == "cuda"
         graphs = compile_unet and cuda and not offload
         unet = prepare_for_cuda(models, graphs)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from . import device_turns
 from .decode_buffers import DecodeBuffers
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class RunCheck:
         b.guesses.copy_(torch.tensor(guesses, dtype=torch.long))
         saved = b.key_ok.clone()
         try:
-            if self.graphs:
+            if self.graphs and (b.verify_graph is not None or device_turns.may_record(b.ids.device)):
                 if b.verify_graph is None:
                     self._capture(b, check=True)
                 b.verify_graph.replay()

@@ -110,6 +110,16 @@ def read_dtype(env: Mapping[str, str], name: str = "MGIE_DTYPE") -> str:
     return raw
 
 
+def read_compile(env: Mapping[str, str], name: str = "MGIE_COMPILE") -> bool | None:
+    """auto (None: decided per device, ``EngineSettings.compile_on``) or a flag that forces it."""
+    raw = _raw(env, name).lower()
+    if raw in ("", "auto"):
+        return None
+    if raw in _TRUE or raw in _FALSE:
+        return raw in _TRUE
+    raise SettingsError(f"{name} must be auto, 1 (on) or 0 (off), not {raw[:40]!r}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineSettings:
     """Where the weights are and how to run them.
@@ -127,8 +137,11 @@ class EngineSettings:
     dtype: str = "auto"
     max_side: int = 512
     max_batch: int = 8  # jobs whose denoising steps share one UNet call
-    compile: bool = False  # torch.compile the UNet, VAE and decoder on CUDA (minutes of warm-up, faster steps)
-    compile_cache_dir: str | None = None  # where compiled kernels persist across restarts (else torch's /tmp)
+    # torch.compile the UNet, VAE and decoder (faster steps; compiled in the background while eager serves).
+    # None (MGIE_COMPILE=auto): on for CUDA, off for the CPU and under offload (``compile_on``).
+    compile: bool | None = None
+    compile_cache_dir: str | None = None  # root of the kept compile caches (else <data_dir>/compile-cache)
+    data_dir: str = "./data"  # MGIE_DATA_DIR, as the bot reads it: the compile cache lives under it by default
     safety_checker: bool = False  # run instruct-pix2pix's NSFW checker on every output
     offload: bool = False  # keep the LLM and the UNet/VAE on the GPU in turn (16 GB cards)
     preview_seconds: float = 3.0  # live previews: one per job every this many seconds (0: none from this worker)
@@ -146,12 +159,20 @@ class EngineSettings:
             dtype=read_dtype(env),
             max_side=read_int(env, "MGIE_MAX_SIDE", 512, *MAX_SIDE_RANGE),
             max_batch=read_int(env, "MGIE_MAX_BATCH", 8, *MAX_BATCH_RANGE),
-            compile=read_flag(env, "MGIE_COMPILE", False),
+            compile=read_compile(env),
             compile_cache_dir=_raw(env, "MGIE_COMPILE_CACHE_DIR") or None,
+            data_dir=_raw(env, "MGIE_DATA_DIR") or "./data",
             safety_checker=read_flag(env, "MGIE_SAFETY_CHECKER", False),
             offload=read_flag(env, "MGIE_OFFLOAD", False),
             preview_seconds=read_float(env, "MGIE_PREVIEW_SECONDS", 3.0, 0.0, 3600.0),
         )
+
+    def compile_on(self, device: torch.device) -> bool:
+        """Whether a worker on ``device`` compiles: MGIE_COMPILE=1/0 decide; auto is on for CUDA without
+        offload (offloaded weights move, so compiled CUDA graphs could not keep their addresses)."""
+        if self.compile is not None:
+            return self.compile
+        return device.type == "cuda" and not self.offload
 
     def device_list(self) -> list[str]:
         """One entry per worker: "auto" means every visible GPU (or the CPU); a comma list names them."""

@@ -17,6 +17,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
+class WarmUpStopped(Exception):
+    """The worker is shutting down: the warm-up stopped between two batches (``MgiePipeline.stop_warm_up``)."""
+
+
 # The warm-up's prompts: a short one, and (second batch) one over 64 tokens longer, a full-length instruction
 # after an earlier turn. On CUDA prompts are padded to a multiple of 64 tokens, so the decoder's compiled
 # layers meet a second prompt width during the warm-up and not at a user's first long prompt.
@@ -54,6 +59,8 @@ def warm_up(pipe: MgiePipeline, max_jobs: int = 1) -> None:
     pipe.denoiser.static_jobs = {1, pipe.denoiser.padded(max_jobs)}
     batches = warm_up_batches(pipe.max_side, max_jobs)
     for k, (count, size, guided) in enumerate(batches):
+        if pipe.stop_warm_up is not None and pipe.stop_warm_up.is_set():
+            raise WarmUpStopped(f"stopped before warm-up batch {k + 1}/{len(batches)}")
         started = time.perf_counter()
         images = [pipe.fit_and_prepare(PIL.Image.new("RGB", size, (40 * i, 90, 160))) for i in range(count)]
         instruction, history = WARM_UP_PROMPTS[k == 1]

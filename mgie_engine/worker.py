@@ -2,7 +2,8 @@
 
 The bot talks to workers only through the types in protocol.py (plain data: bytes in, bytes out), so a
 worker on another host behind a stream is a drop-in later. GPU work never runs on the event loop:
-heartbeats stay on time while an edit runs. The thread's loop is worker_loop.py; loading, lifecycle.py.
+heartbeats stay on time while an edit runs. The thread's loop is worker_loop.py; loading, lifecycle.py;
+serving eagerly while compiling in the background, serving_modes.py.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .errors import MgieError
 from .inbox import Inbox
 from .lifecycle import SafetyCheck, load, prepare_thread
 from .protocol import EditJob, EditOutcome, JobProgress, JobStage, ProgressCallback, WorkerState
+from .serving_modes import ServingModes
 from .settings import EngineSettings
 from .worker_loop import BatchLoop, Task
 
@@ -56,7 +58,8 @@ class LocalWorker:
         self._ready = threading.Event()
         self.state = WorkerState.LOADING
         self.error: str | None = None
-        self.pipeline: MgiePipeline | None = None
+        self.pipeline: MgiePipeline | None = None  # the one serving now (eager while the compiled one warms up)
+        self.modes = ServingModes()
         self.heartbeat = time.monotonic()  # last time the worker made progress; the queue's watchdog reads it
         self.safety_check: SafetyCheck | None = None  # set at load when enabled
 
@@ -69,6 +72,12 @@ class LocalWorker:
         """Until the models have loaded (READY) or failed to (FAILED, with ``error`` saying why)."""
         await asyncio.get_running_loop().run_in_executor(None, self._ready.wait)
         return self.state
+
+    async def wait_compiled(self) -> str:
+        """Until the background compile has ended (at once when there is none); returns the mode
+        (``serving_modes``: "compiled", "eager (compile failed)", "eager")."""
+        await asyncio.get_running_loop().run_in_executor(None, self.modes.settled.wait)
+        return self.modes.mode
 
     @property
     def random_weights(self) -> bool:
@@ -113,10 +122,13 @@ class LocalWorker:
     def _load(self) -> None:
         started = time.perf_counter()
         try:
-            self.safety_check = load(self.settings, self.name, self.capacity, self.loader, self._use_pipeline)
+            self.safety_check = load(self.settings, self.name, self.capacity, self.loader, self._use_pipeline,
+                                     self.modes)
         except Exception as err:  # any load failure ends in a state the bot can report
             self.state, self.error = WorkerState.FAILED, str(err) if isinstance(err, MgieError) else repr(err)
             log.exception("worker %s failed to load the models", self.name)
+            self.modes.stop.set()  # a compile started before the failure stops too
+            self.modes.eager_only()
         else:
             self.state = WorkerState.READY
             log.info("worker %s ready on %s in %.1f s", self.name, self.pipeline.models.device,
@@ -128,11 +140,12 @@ class LocalWorker:
         self.pipeline = pipeline
 
     def info(self) -> dict[str, Any]:
-        """Device and memory, for /mgie status."""
+        """Device, memory and mode (eager, compiling, compiled; compiles during service), for /mgie status."""
         out: dict[str, Any] = {"name": self.name, "state": self.state.value, "error": self.error,
                                "max_batch": self.capacity}
         if self.pipeline is None:
             return out
+        out.update(self.modes.info())
         import torch
 
         device = self.pipeline.models.device
@@ -144,13 +157,18 @@ class LocalWorker:
         return out
 
     def shutdown(self) -> None:
-        """Stop the thread after its current step; queued input work is cancelled."""
+        """Stop the thread after its current step, and a background compile after its current warm-up
+        batch; queued input work is cancelled."""
         self.inbox.stop()
+        self.modes.stop.set()
         self.cpu.shutdown(wait=False, cancel_futures=True)
 
     def join(self, timeout: float) -> bool:
-        """Wait for the worker thread to end its current step and stop. A process must not exit while the
-        thread is inside a torch call: that aborts it ("terminate called without an active exception")."""
-        if self._thread is not None:
-            self._thread.join(timeout)
-        return self._thread is None or not self._thread.is_alive()
+        """Wait for the worker thread to end its current step and stop (and the compile thread, if any). A
+        process must not exit while a thread is inside a torch call: that aborts it ("terminate called
+        without an active exception")."""
+        deadline = time.monotonic() + timeout
+        threads = [t for t in (self._thread, self.modes.thread) if t is not None]
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in threads)

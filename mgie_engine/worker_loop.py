@@ -3,7 +3,9 @@
 Each loop admits new jobs (their language stage runs as one batch, their denoising starts as one),
 takes one denoising step for every running job (one call per latent size), and VAE-decodes the jobs
 that are done in groups, each group's decode queued before the one before it is collected. Failures
-follow the fault policy in faults.py.
+follow the fault policy in faults.py. While the compiled pipeline warms up in the background, each
+loop's GPU work is one turn on the device, and the loop moves to the compiled pipeline at the top of the
+loop after it is ready (serving_modes.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import PIL.Image
 
+from . import device_turns
 from .denoiser import DenoiseJob, DenoiseState
 from .errors import JobCancelledError, MgieError
 from .faults import fail, free_memory, is_out_of_memory, user_error
@@ -68,6 +71,7 @@ class BatchLoop:
     def run(self) -> None:
         """Until the inbox is stopped; jobs still running then end with ``JobCancelledError``."""
         worker = self.worker
+        worker.modes.serving_from(threading.get_ident())
         active: list[Task] = []
         while True:
             admitted = worker.inbox.take(block=not active, room=worker.capacity - len(active))
@@ -78,10 +82,20 @@ class BatchLoop:
                 for task in admitted:
                     fail(task.future, MgieError(f"The model is not available ({worker.error or 'still loading'})."))
                 continue
-            active += self.admit(admitted)
-            active = self._step(active)
+            self._switch_mode()
+            with device_turns.serving(worker.pipeline.models.device):
+                active += self.admit(admitted)
+                active = self._step(active)
         for task in active:
             fail(task.future, JobCancelledError("The worker stopped."))
+
+    def _switch_mode(self) -> None:
+        """Serve with the compiled pipeline from this loop on, once its warm-up has run: running jobs take
+        their next step compiled (a denoising state is the same for both)."""
+        compiled = self.worker.modes.take_compiled()
+        if compiled is not None:
+            self.worker.pipeline = compiled
+            log.info("worker %s: serving compiled from now on", self._name)
 
     # -- admitting: checks, the language stage, the start of denoising -------------------------------
     def admit(self, tasks: list[Task]) -> list[Task]:

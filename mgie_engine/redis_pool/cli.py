@@ -30,6 +30,11 @@ MGIE_CLIP, MGIE_DEVICE, MGIE_DTYPE, MGIE_MAX_SIDE, MGIE_MAX_BATCH, MGIE_COMPILE,
                      MGIE_REDIS_KEY_FILE: a client certificate, if the server asks for one
 Start as many workers, on as many hosts, as you like: each takes up to MGIE_MAX_BATCH jobs at once.
 A worker that dies loses no job: its jobs go to the other workers once its claims stop being renewed.
+
+On a GPU a worker serves edits as soon as its weights are loaded (eagerly) and compiles in the background
+(MGIE_COMPILE=auto); the kernels are kept in MGIE_COMPILE_CACHE_DIR, else MGIE_DATA_DIR/compile-cache.
+--precompile fills that cache ahead of time (no Redis needed), e.g. when building an image or after an
+upgrade, so that later starts reach full speed sooner.
 """
 
 
@@ -40,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="'all' (one process per local GPU, or the CPU when there is none), one device "
                              "(cuda:1, cpu), or a comma list (cuda:0,cuda:1) to start one process each. "
                              "Default: MGIE_DEVICE, else all.")
+    parser.add_argument("--precompile", action="store_true",
+                        help="load the models, compile them as a worker's warm-up does (on the first device "
+                             "given), save the compile cache and exit (0 when done); needs no Redis")
     parser.add_argument("--env-file", default=None,
                         help="read settings from this file (default: the first .env from here upwards); "
                              "values already in the environment win")
@@ -55,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         load_env_file()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.precompile:
+        return _precompile(args.devices)
     try:
         redis_settings = RedisSettings.from_env()
         if redis_settings is None:
@@ -70,6 +80,23 @@ def main(argv: list[str] | None = None) -> int:
         return _run_children(devices, args.env_file)
     engine = dataclasses.replace(engine, device=devices[0])
     return asyncio.run(_serve(engine, redis_settings))
+
+
+def _precompile(devices: str | None) -> int:
+    """``--precompile``: 0 once the cache artifacts are saved; 1 with a one-line error otherwise."""
+    from ..lifecycle import precompile
+
+    try:
+        engine = EngineSettings.from_env()
+        engine = dataclasses.replace(engine, device=_devices(engine, devices)[0])
+        path = precompile(engine)
+    except Exception as err:  # one line for the host; the details are in the log above
+        log.error("precompile failed", exc_info=True)
+        message = str(err) if isinstance(err, MgieError) else f"{type(err).__name__}: {err}"
+        print(f"mgie-worker --precompile: {' '.join(message.split())[:300]}", file=sys.stderr)
+        return 1
+    print(f"mgie-worker --precompile: compile cache saved to {path}")
+    return 0
 
 
 async def _check(settings: RedisSettings) -> None:

@@ -193,4 +193,7 @@ def decode_heartbeat(raw: Any) -> dict[str, Any]:
             "active": _int(data.get("active"), "active", 0, MAX_CAPACITY),
             "device": _text(data.get("device", "?"), "device", 64),
             "random_weights": bool(data.get("random_weights")),
-            "error": _text(data["error"], "error", 500) if data.get("error") is not None else None}
+            "error": _text(data["error"], "error", 500) if data.get("error") is not None else None,
+            # serving_modes: "eager (compiling)", "compiled", ...; dynamo compiles while serving
+            "mode": _text(data["mode"], "mode", 40) if data.get("mode") is not None else None,
+            "compiles": _int(data.get("compiles", 0), "compiles", 0, 10**9)}

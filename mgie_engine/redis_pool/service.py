@@ -24,6 +24,15 @@ from .streams import Delivery, StreamProtocol
 log = logging.getLogger(__name__)
 
 
+def _mode_fields(worker: LocalWorker) -> dict:
+    """The heartbeat's mode and compiles during service (serving_modes.py), once the worker has loaded
+    (read without a CUDA call: the heartbeat runs beside the GPU thread)."""
+    if worker.pipeline is None:
+        return {}
+    info = worker.modes.info()
+    return {"mode": info["mode"], "compiles": info["compiles"]}
+
+
 def consumer_name(device: str) -> str:
     """host:pid:device, unique per process: the consumer in the group and the heartbeat key's name."""
     host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:60] or "host"
@@ -214,7 +223,8 @@ class WorkerService:
                 await self.proto.heartbeat(self.consumer, state=state, capacity=0 if self._stopping else
                                            (self.worker.capacity if state == "ready" else 0),
                                            active=len(self.running), device=self.worker.settings.device,
-                                           random_weights=self.worker.random_weights, error=self.worker.error)
+                                           random_weights=self.worker.random_weights, error=self.worker.error,
+                                           **_mode_fields(self.worker))
             except Exception as err:
                 log.warning("could not send heartbeat (%s)", type(err).__name__)
             await asyncio.sleep(self.settings.renew_interval)

@@ -346,15 +346,17 @@ def _queued_task(worker: LocalWorker, i: int):
                  future=concurrent.futures.Future())
 
 
-async def test_a_compiling_worker_warms_up_before_it_is_ready_and_keeps_its_kernels(tiny_models, tmp_path,
+async def test_a_compiling_worker_warms_up_in_the_background_and_keeps_its_kernels(tiny_models, tmp_path,
                                                                                    monkeypatch, caplog):
-    """With compiled steps (CUDA), the first shapes are compiled at load, while the bot says "warming
-    up", in the cache folder the self-hoster chose, and the log says how far it is; the warm-up leaves
-    nothing behind in the LLM cache."""
+    """With compiled steps (CUDA), the first shapes are compiled once the models are loaded, in the
+    background (the worker serves eagerly meanwhile), in a folder under the one the self-hoster chose,
+    and the log says how far it is; the warm-up leaves nothing behind in the LLM cache."""
     import os
 
     monkeypatch.setattr(MgiePipeline, "compiles", property(lambda self: True))  # as on a GPU with MGIE_COMPILE=1
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE",
+                 "TORCHINDUCTOR_AUTOGRAD_CACHE"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test
     batches, original = [], LanguageStage._run
 
     def counting(self, prompts, cancel=None):
@@ -368,6 +370,7 @@ async def test_a_compiling_worker_warms_up_before_it_is_ready_and_keeps_its_kern
     try:
         with caplog.at_level("INFO", logger="mgie_engine.warm_up"):
             await worker.wait_ready()
+            assert await worker.wait_compiled() == "compiled"
         # guided: the home square alone and at the batch limit; two jobs, then one, at another size; the
         # limit small. Unguided: two jobs, then one.
         assert batches == [[(64, 64)], [(64, 64)] * 4, [(48, 40)] * 2, [(48, 40)], [(64, 64)] * 4,
@@ -375,16 +378,15 @@ async def test_a_compiling_worker_warms_up_before_it_is_ready_and_keeps_its_kern
         progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("warm-up ")]
         assert [line.split(":")[0] for line in progress] == [f"warm-up {k}/7" for k in range(1, 8)]
         assert progress[-1].startswith("warm-up 7/7: 1 unguided job(s) at 48x40 in ")
-        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "kernels")
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"].startswith(str(tmp_path / "kernels") + os.sep)
         assert not worker.pipeline.language.cache  # throwaway prompts are not cached as anyone's edit
         outcome = await worker.run(_job("a" * 32, 1, steps=2))
     finally:
         worker.shutdown()
-        monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     assert outcome.png.startswith(b"\x89PNG")
 
 
-async def test_a_worker_whose_compiler_fails_runs_uncompiled(tiny_models, monkeypatch, caplog):
+async def test_a_worker_whose_compiler_fails_runs_uncompiled(tiny_models, monkeypatch, caplog, tmp_path):
     """A broken compiler (no triton, an inductor bug) must not take the worker down, nor fail every job."""
     built = []
     init = MgiePipeline.__init__
@@ -399,11 +401,15 @@ async def test_a_worker_whose_compiler_fails_runs_uncompiled(tiny_models, monkey
     monkeypatch.setattr(MgiePipeline, "__init__", recording)
     monkeypatch.setattr(MgiePipeline, "compiles", property(lambda self: built[-1]))  # what a GPU reports
     monkeypatch.setattr(MgiePipeline, "warm_up", broken)
-    worker = LocalWorker(EngineSettings(device="cpu", max_side=64, compile=True), loader=lambda _s: tiny_models)
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test
+    worker = LocalWorker(EngineSettings(device="cpu", max_side=64, compile=True, data_dir=str(tmp_path)),
+                         loader=lambda _s: tiny_models)
     worker.start()
     try:
         with caplog.at_level("ERROR", logger="mgie_engine.worker"):
             assert await worker.wait_ready() is WorkerState.READY
+            await worker.wait_compiled()
         outcome = await worker.run(_job("a" * 32, 1, steps=2))
     finally:
         worker.shutdown()
