@@ -18,7 +18,7 @@ from mgie_engine.images import encode_under, load_image
 from mgie_engine.pool import WorkerPool
 from mgie_engine.protocol import EditJob, JobProgress, WorkerState
 
-from . import render
+from . import i18n, render
 from .admission import Ticket
 from .delivery import Delivery
 from .queue import EventKind, JobEvent, JobQueue, QueueFullError
@@ -74,7 +74,8 @@ class JobManager:
         anything is stored, and should the queue refuse it anyway, the row and file just written go again.
         """
         if (ticket is None or not ticket.open) and self.queue.taken >= self.queue.max_total:
-            raise QueueFullError(f"The queue is full ({self.queue.max_total} edits waiting); please try again later.")
+            raise QueueFullError(f"The queue is full ({self.queue.max_total} edits waiting); please try again later.",
+                                 key="errors.queue_full", max_total=self.queue.max_total)
         if image is not None:
             record.input_image = await self.store.save_image(record.id, "in", image)
         record = await self.store.create_job(record)
@@ -116,7 +117,7 @@ class JobManager:
     async def _show_queued(self, record: JobRecord) -> None:
         warming = self.engine.state is WorkerState.LOADING
         text = render.queued(record, self.queue.position(record.id), self.queue.eta(record.id), warming)
-        await self._show(record.id, text, view=cancel_view(record.id))
+        await self._show(record.id, text, view=cancel_view(record.id, record.locale))
 
     # -- events from the queue ----------------------------------------------------------------------
     async def on_event(self, event: JobEvent) -> None:
@@ -135,18 +136,20 @@ class JobManager:
         job_id = event.job_id
         if event.kind is EventKind.STARTED:
             record = await self.store.update_job(job_id, state="running", started_at=time.time())
-            await self._show(job_id, render.working(record, "language", 0, 1, None), view=cancel_view(job_id))
+            await self._show(job_id, render.working(record, "language", 0, 1, None),
+                             view=cancel_view(job_id, record.locale))
             await self._refresh_positions()
         elif event.kind is EventKind.PROGRESS:
             record = await self.store.get_job(job_id)
             p: JobProgress = event.progress
             eta = self.queue.eta(job_id)
-            await self._show(job_id, render.working(record, p.stage, p.step, p.total, eta), view=cancel_view(job_id))
+            await self._show(job_id, render.working(record, p.stage, p.step, p.total, eta),
+                             view=cancel_view(job_id, record.locale))
         elif event.kind is EventKind.DONE:
             await self._deliver(job_id, event, updates)
         elif event.kind is EventKind.FAILED:
             record = await self.store.update_job(job_id, state="failed", error=event.error, finished_at=time.time())
-            await self._show(job_id, render.failed(record, event.error or "unknown error"), view=None, ping=True)
+            await self._show(job_id, render.failed(record, failure_text(event, record.locale)), view=None, ping=True)
             self._updates.pop(job_id, None)
         elif event.kind is EventKind.REQUEUED:  # its worker stopped responding before it began painting
             record = await self.store.update_job(job_id, state="queued", started_at=None)
@@ -169,8 +172,9 @@ class JobManager:
         except OSError as err:
             log.error("could not store the result of job %s: %s", job_id, err)
             record = await self.store.update_job(job_id, state="failed", finished_at=time.time(),
-                                                 error="The server could not store the result (disk problem).")
-            await self._show(job_id, render.failed(record, record.error), view=None, ping=True)
+                                                 error=i18n.text("errors.result_not_stored"))
+            await self._show(job_id, render.failed(record, i18n.text("errors.result_not_stored", record.locale)),
+                             view=None, ping=True)
             return
         record = await self.store.update_job(job_id, state="done", output_image=path, finished_at=time.time(),
                                              expressive=outcome.expressive_instruction, llm_cached=outcome.llm_cached,
@@ -185,16 +189,17 @@ class JobManager:
             data, ext = await asyncio.to_thread(_smaller, data, updates.upload_limit)
         filename = f"mgie-{job_id[:8]}.{ext}"
         embed = render.result_embed(record, filename, random_weights=self.engine.random_weights)
-        content, file = render.DONE, discord.File(io.BytesIO(data), filename=filename)
+        content, file = render.done(record), discord.File(io.BytesIO(data), filename=filename)
         if record.flagged and not self._age_restricted(record.channel_id):
             policy = (await self.store.guild_settings(record.guild_id)).flagged_outputs
             embed.set_image(url=None)
             if policy == "withhold":
-                content, file = render.WITHHELD, None
+                content, file = render.withheld(record), None
             else:  # a spoiler attachment: shown blurred until clicked; embeds can't be blurred, so none there
-                content, file = render.SPOILERED, discord.File(io.BytesIO(data), filename=filename, spoiler=True)
+                content, file = render.spoilered(record), discord.File(io.BytesIO(data), filename=filename,
+                                                                       spoiler=True)
         record = await self._show(job_id, content, embed=embed, file=file,
-                                  view=result_view(job_id), ping=True)
+                                  view=result_view(job_id, locale=record.locale), ping=True)
         await self.store.update_job(job_id, result_message_id=record.status_message_id)
         self._updates.pop(job_id, None)
 
@@ -230,11 +235,13 @@ class JobManager:
                 resumed += 1
             except (FileNotFoundError, QueueFullError) as err:
                 lost += 1
-                reason = ("the bot restarted and your input image was lost" if isinstance(err, FileNotFoundError)
+                reason = (i18n.text("errors.input_lost_on_restart") if isinstance(err, FileNotFoundError)
                           else str(err))
                 record = await self.store.update_job(record.id, state="failed", error=reason, finished_at=time.time())
+                told = (i18n.text("errors.input_lost_on_restart", record.locale) if isinstance(err, FileNotFoundError)
+                        else i18n.error_text(err, record.locale))
                 try:
-                    await self.delivery.show(record, render.failed(record, reason), view=None, ping=True)
+                    await self.delivery.show(record, render.failed(record, told), view=None, ping=True)
                 except discord.HTTPException as http_err:
                     log.warning("could not tell user of job %s: %s", record.id, http_err)
         for record in await self.store.undelivered_results(since=time.time() - REDELIVERY_WINDOW):
@@ -249,6 +256,14 @@ class JobManager:
         if resumed or lost:
             log.info("restart recovery: %d job(s) resumed or delivered, %d could not be", resumed, lost)
         return resumed, lost
+
+
+def failure_text(event: JobEvent, locale: str | None) -> str:
+    """Why a job failed, in its language: the event's message key, else its English text (translated when
+    it is a known engine message, e.g. from a worker over Redis)."""
+    if event.error_key and event.error_key in i18n.catalogue(i18n.REFERENCE):
+        return i18n.text(event.error_key, locale, **(event.error_params or {}))
+    return i18n.translate_english(event.error, locale) if event.error else i18n.text("errors.unknown_error", locale)
 
 
 def _smaller(png: bytes, limit: int) -> tuple[bytes, str]:

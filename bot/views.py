@@ -9,20 +9,24 @@ import re
 
 import discord
 
+from . import i18n
+
+# action: (emoji, style); the label is the catalogue's "results.button_<action>" in the job's language.
 ACTIONS = {
-    "reroll": ("Re-roll", "🎲", discord.ButtonStyle.secondary),
-    "stronger": ("Stronger edit", "💪", discord.ButtonStyle.secondary),
-    "closer": ("Closer to original", "🖼️", discord.ButtonStyle.secondary),
-    "refine": ("Refine", "✏️", discord.ButtonStyle.primary),
-    "undo": ("Undo", "↩️", discord.ButtonStyle.secondary),
-    "delete": ("Delete", "🗑️", discord.ButtonStyle.danger),
-    "cancel": ("Cancel", "✖️", discord.ButtonStyle.danger),
+    "reroll": ("🎲", discord.ButtonStyle.secondary),
+    "stronger": ("💪", discord.ButtonStyle.secondary),
+    "closer": ("🖼️", discord.ButtonStyle.secondary),
+    "refine": ("✏️", discord.ButtonStyle.primary),
+    "undo": ("↩️", discord.ButtonStyle.secondary),
+    "delete": ("🗑️", discord.ButtonStyle.danger),
+    "cancel": ("✖️", discord.ButtonStyle.danger),
 }
 
 
 class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=r"mgie:(?P<action>[a-z]+):(?P<job>[0-9a-f]{32})"):
-    def __init__(self, action: str, job_id: str) -> None:
-        label, emoji, style = ACTIONS[action]
+    def __init__(self, action: str, job_id: str, locale: object = None) -> None:
+        emoji, style = ACTIONS[action]
+        label = i18n.text(f"results.button_{action}", locale)
         super().__init__(discord.ui.Button(label=label, emoji=emoji, style=style, custom_id=f"mgie:{action}:{job_id}"))
         self.action, self.job_id = action, job_id
 
@@ -36,13 +40,14 @@ class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=r"mgie:(?P<a
         """Hand the press to the Results cog (or say the bot is restarting when it is not loaded)."""
         cog = interaction.client.get_cog("Results")
         if cog is None:
-            await interaction.response.send_message("The bot is restarting; try again in a moment.", ephemeral=True)
+            await interaction.response.send_message(i18n.text("results.restarting", interaction.locale),
+                                                    ephemeral=True)
             return
         await cog.on_button(interaction, self.action, self.job_id)
 
 
-def result_view(job_id: str, owner_job_id: str | None = None) -> discord.ui.View:
-    """Buttons for a message showing ``job_id``'s result.
+def result_view(job_id: str, owner_job_id: str | None = None, locale: object = None) -> discord.ui.View:
+    """Buttons for a message showing ``job_id``'s result, labelled in ``locale``'s language.
 
     Re-roll, Stronger, Closer and Refine act on the result shown. Undo and Delete carry ``owner_job_id``,
     the job that made the message (default: the one shown): after an Undo the message shows an earlier
@@ -51,14 +56,14 @@ def result_view(job_id: str, owner_job_id: str | None = None) -> discord.ui.View
     owner_job_id = owner_job_id or job_id
     view = discord.ui.View(timeout=None)
     for action in ("reroll", "stronger", "closer", "refine"):
-        view.add_item(JobButton(action, job_id))
-    view.add_item(JobButton("undo", owner_job_id))
-    view.add_item(JobButton("delete", owner_job_id))
+        view.add_item(JobButton(action, job_id, locale))
+    view.add_item(JobButton("undo", owner_job_id, locale))
+    view.add_item(JobButton("delete", owner_job_id, locale))
     return view
 
 
-def cancel_view(job_id: str) -> discord.ui.View:
+def cancel_view(job_id: str, locale: object = None) -> discord.ui.View:
     """The Cancel button under a queued or running job's status."""
     view = discord.ui.View(timeout=None)
-    view.add_item(JobButton("cancel", job_id))
+    view.add_item(JobButton("cancel", job_id, locale))
     return view

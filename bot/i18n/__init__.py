@@ -6,12 +6,17 @@ feature area (so features add their messages without touching each other's files
 shipped language has every English key with the same placeholders (tests/bot/test_i18n_catalogue.py).
 
 Use :func:`text` with the reader's Discord locale (``interaction.locale``; the guild's for public notices).
+A job stores its requester's locale (``JobRecord.locale``), so its later status lines and result, written
+with no interaction at hand, are in their language too. Errors (``MgieError`` and the bot's refusals) carry
+a message key and params: :func:`error_text` shows them in the reader's language. Command names and
+descriptions are localized from area ``commands`` by :mod:`bot.i18n.commands`.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import re
 import string
 import tomllib
 from pathlib import Path
@@ -73,3 +78,52 @@ def text(key: str, locale: object = None, /, **params: object) -> str:
             log.warning("message %r has no %s entry; using English", key, language)
         template = catalogue(REFERENCE)[key]
     return template.format(**params)
+
+
+def locale_value(locale: object) -> str | None:
+    """A Discord locale as the string stored with a job (``"ja"``, ``"pt-BR"``); None when unknown."""
+    value = str(getattr(locale, "value", locale) or "")
+    return value or None
+
+
+ENGLISH_MATCHED_AREAS = ("engine",)
+"""Areas whose English text may reach the bot without its key (an error that came from a worker process
+over Redis as plain text): :func:`error_text` recognizes such text and translates it all the same."""
+
+
+@functools.cache
+def _english_patterns(areas: tuple[str, ...]) -> tuple[tuple[str, re.Pattern[str]], ...]:
+    patterns = []
+    for key, template in catalogue(REFERENCE).items():
+        if key.split(".", 1)[0] not in areas:
+            continue
+        regex = "".join(re.escape(literal) + (f"(?P<{field}>.+?)" if field is not None else "")
+                        for literal, field, _, _ in string.Formatter().parse(template))
+        patterns.append((key, re.compile(regex + r"\Z", re.DOTALL)))
+    return tuple(patterns)
+
+
+def match_english(message: str, areas: tuple[str, ...] = ENGLISH_MATCHED_AREAS) -> tuple[str, dict[str, str]] | None:
+    """The key and params of an English catalogue message of ``areas``, if ``message`` is one."""
+    for key, pattern in _english_patterns(areas):
+        found = pattern.match(message)
+        if found is not None:
+            return key, found.groupdict()
+    return None
+
+
+def error_text(err: BaseException, locale: object = None) -> str:
+    """What to show the reader of ``err`` (an ``MgieError`` or a refusal): its keyed message in their
+    language; English text of a known engine message translated; anything else as it is."""
+    key, params = getattr(err, "key", None), getattr(err, "params", None) or {}
+    if key and key in catalogue(REFERENCE):
+        return text(key, locale, **params)
+    return translate_english(str(err), locale)
+
+
+def translate_english(message: str, locale: object = None,
+                      areas: tuple[str, ...] = ENGLISH_MATCHED_AREAS) -> str:
+    """``message`` in the reader's language when it is a known English message of ``areas`` (by default
+    the engine's), else as it is."""
+    matched = match_english(message, areas)
+    return text(matched[0], locale, **matched[1]) if matched else message
