@@ -35,14 +35,16 @@ class AdminCog(commands.GroupCog, group_name="mgie", name="Admin",
         average = await self.bot.store.average_duration()
         embed = discord.Embed(title=t("status_title"), color=render.COLOR_OK)
         error = engine.error
-        embed.add_field(name=t("model"), value=engine.state.value + (f" ({render.quote(error, 200)})" if error else ""))
+        embed.add_field(name=t("model"), value=_state(engine.state.value, loc)
+                        + (f" ({render.quote(error, 200)})" if error else ""))
         for info in engine.info():
             device = f"{info.get('device', info['name'])} {info.get('dtype', '')}".strip()
             memory = f" · {info['memory']}" if "memory" in info else ""
-            embed.add_field(name=t("worker", name=info["name"]), value=f"{info['state']} · {device}{memory}")
+            embed.add_field(name=t("worker", name=info["name"]),
+                            value=f"{_state(info['state'], loc)} · {device}{memory}")
         embed.add_field(name=t("queue"), value=t("queue_value", waiting=queue.depth, running=len(queue.running)))
         embed.add_field(name=t("average_edit"), value=render.seconds(average, loc) if average else t("no_edits_yet"))
-        embed.add_field(name=t("all_time"), value=", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        embed.add_field(name=t("all_time"), value=", ".join(f"{_state(k, loc)} {v}" for k, v in sorted(counts.items()))
                         or t("none"))
         embed.add_field(name=t("storage"), value=self.bot.retention.describe(await self.bot.retention.disk_use(), loc))
         if engine.random_weights:
@@ -70,6 +72,12 @@ class AdminCog(commands.GroupCog, group_name="mgie", name="Admin",
             return
         await interaction.response.send_message(text, view=privacy.confirm_view(interaction.user.id, interaction.locale),
                                                 ephemeral=True)
+
+
+def _state(value: str, locale: object) -> str:
+    """A worker's or job's state ("ready", "done"...) in the reader's language; unknown ones as they are."""
+    key = f"admin.state_{value}"
+    return i18n.text(key, locale) if key in i18n.catalogue(i18n.REFERENCE) else value
 
 
 async def setup(bot: MgieBot) -> None:

@@ -70,6 +70,18 @@ async def test_a_japanese_users_progress_result_and_buttons_are_in_japanese(worl
         again = await finished(fake, await fake.click(alice, msg, button(msg, "reroll")))
         assert fields_of(again)["この値の理由"] == "振り直し：同じ設定、新しいシード"
 
+        # Her own commands answer in Japanese too.
+        history = await fake.slash(alice, channel, "history")
+        await fake.wait_for(lambda: history.callbacks)
+        embed = history.callbacks[0].data["embeds"][0]
+        assert embed["title"] == "最近の編集" and embed["fields"][0]["value"].startswith("完了 · ")
+        status = await fake.slash(alice, channel, "mgie status")
+        await fake.wait_for(lambda: status.callbacks)
+        embed = status.callbacks[0].data["embeds"][0]
+        names = {f["name"]: f["value"] for f in embed["fields"]}
+        assert embed["title"] == "MGIE の状態" and names["キュー"].startswith("待機 ")
+        assert names["モデル"] == "準備完了" and "完了 2" in names["累計"]
+
 
 async def test_public_notices_follow_the_server_and_a_reply_refine_its_users_language(fake_endpoints, tmp_path,
                                                                                       tiny_models):
