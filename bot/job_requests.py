@@ -21,7 +21,7 @@ from mgie_engine.errors import MgieError
 from mgie_engine.instructions import normalize_instruction
 from mgie_engine.options import DEFAULT_STEPS, IMAGE_CFG_RANGE, TEXT_CFG_RANGE, check_options
 
-from . import i18n, presets, render
+from . import i18n, presets
 from .admission import Ticket
 from .deferred import describe_failure, failures_told_privately, status_message_id, tell_privately
 from .intake import Refusal, check_access, fetch_image
@@ -124,7 +124,8 @@ async def start_edit(bot: MgieBot, interaction: discord.Interaction, attachment:
         record = new_job_record(
             await interaction_origin(interaction), instruction=instruction, seed=seed,
             text_cfg=guidance.text_cfg, image_cfg=guidance.image_cfg, steps=steps, preset=guidance.preset,
-            preset_reason=guidance.reason, kind="edit")
+            preset_reason=i18n.stored(guidance.reason_message) if guidance.reason_message else guidance.reason,
+            kind="edit")
         return record, data
 
     await submit_after_defer(bot, interaction, ticket, build)
@@ -141,20 +142,20 @@ def variant_settings(source: JobRecord, kind: str) -> tuple[dict, str]:
     fields = {"seed": source.seed, "text_cfg": source.text_cfg, "image_cfg": source.image_cfg}
     if kind == "reroll":
         fields["seed"] = new_seed()
-        return fields, render.reason_code("reason_reroll")
+        return fields, i18n.stored(i18n.message("render.reason_reroll"))
     if kind == "stronger":
         if source.text_cfg >= TEXT_CFG_RANGE[1]:
             raise Refusal("errors.text_cfg_at_max", maximum=f"{TEXT_CFG_RANGE[1]:g}")
         fields["text_cfg"] = min(source.text_cfg + STRONGER_STEP, TEXT_CFG_RANGE[1])
-        return fields, render.reason_code("reason_stronger", before=f"{source.text_cfg:g}",
-                                          after=f"{fields['text_cfg']:g}")
+        return fields, i18n.stored(i18n.message("render.reason_stronger", before=f"{source.text_cfg:g}",
+                                                       after=f"{fields['text_cfg']:g}"))
     if kind == "closer":
         if source.image_cfg >= IMAGE_CFG_RANGE[1]:
             raise Refusal("errors.image_cfg_at_max", maximum=f"{IMAGE_CFG_RANGE[1]:g}")
         image_cfg = max(source.image_cfg + CLOSER_STEP, 1.0)  # below 1 diffusers ignores the image entirely
         fields["image_cfg"] = min(image_cfg, IMAGE_CFG_RANGE[1])
-        return fields, render.reason_code("reason_closer", before=f"{source.image_cfg:g}",
-                                          after=f"{fields['image_cfg']:g}")
+        return fields, i18n.stored(i18n.message("render.reason_closer", before=f"{source.image_cfg:g}",
+                                                       after=f"{fields['image_cfg']:g}"))
     raise ValueError(f"unknown variant {kind!r}; expected one of {', '.join(VARIANT_KINDS)}")
 
 
@@ -235,7 +236,7 @@ async def start_refine(bot: MgieBot, source: JobRecord, text: str, user: discord
         return new_job_record(
             origin, instruction=instruction, seed=source.seed, text_cfg=source.text_cfg,
             image_cfg=source.image_cfg, steps=min(source.steps, settings.max_steps), preset="custom",
-            preset_reason=render.reason_code("reason_refine", turns=len(chain)),
+            preset_reason=i18n.stored(i18n.message("render.reason_refine", turns=len(chain))),
             kind="refine", parent_id=source.id, input_image=source.output_image,
             history_depth=min(len(chain), settings.refine_depth))
 

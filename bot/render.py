@@ -66,23 +66,8 @@ def cancelled(job: JobRecord) -> str:
 
 
 def preset_reason(job: JobRecord) -> str:
-    """Why the job has its CFG values, in its language: stored as a message key and params (variants and
-    refinements, see bot.job_requests), or as text from the auto preset."""
-    reason = job.preset_reason
-    if reason.startswith(REASON_PREFIX):
-        key, _, raw = reason[len(REASON_PREFIX):].partition("?")
-        params = dict(pair.split("=", 1) for pair in raw.split("&") if "=" in pair)
-        if f"render.{key}" in i18n.catalogue(i18n.REFERENCE):
-            return i18n.text(f"render.{key}", job.locale, **params)
-    return reason
-
-
-def reason_code(key: str, **params: object) -> str:
-    """A preset reason stored as a message key of area ``render`` and its params (shown by preset_reason)."""
-    return REASON_PREFIX + key + "?" + "&".join(f"{name}={value}" for name, value in params.items())
-
-
-REASON_PREFIX = "i18n:"
+    """Why the job has its CFG values, in its language (stored as a message, see bot.i18n.stored)."""
+    return i18n.stored_text(job.preset_reason, job.locale)
 
 
 def result_embed(job: JobRecord, filename: str, random_weights: bool = False) -> discord.Embed:

@@ -15,6 +15,7 @@ descriptions are localized from area ``commands`` by :mod:`bot.i18n.commands`.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import re
 import string
@@ -78,6 +79,58 @@ def text(key: str, locale: object = None, /, **params: object) -> str:
             log.warning("message %r has no %s entry; using English", key, language)
         template = catalogue(REFERENCE)[key]
     return template.format(**params)
+
+
+Message = tuple[str, dict[str, object]]
+"""A message not yet in any language: its key and params, where a param may be a Message itself (a
+sentence built of parts, each translated). :func:`render` writes it in a language; :func:`stored` keeps it
+in a text column (a job's preset reason) so it is written in the reader's language when shown."""
+STORED_PREFIX = "i18n:"
+
+
+def message(key: str, **params: object) -> Message:
+    """A :data:`Message` for ``key`` with ``params`` (values: text, numbers or Messages)."""
+    return key, params
+
+
+def _is_message(value: object) -> bool:
+    return isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], dict)
+
+
+def render(msg: Message, locale: object = None) -> str:
+    """``msg`` in the language of ``locale``, its nested messages first."""
+    key, params = msg
+    return text(key, locale, **{name: render(value, locale) if _is_message(value) else value
+                                for name, value in params.items()})
+
+
+def _to_json(value: object) -> object:
+    if _is_message(value):
+        return {"$m": value[0], "p": {name: _to_json(v) for name, v in value[1].items()}}
+    return value
+
+
+def _from_json(value: object) -> object:
+    if isinstance(value, dict) and "$m" in value:
+        return str(value["$m"]), {name: _from_json(v) for name, v in dict(value.get("p") or {}).items()}
+    return value
+
+
+def stored(msg: Message) -> str:
+    """``msg`` as text for a database column; :func:`stored_text` shows it in a reader's language."""
+    return STORED_PREFIX + json.dumps(_to_json(msg), ensure_ascii=False, separators=(",", ":"))
+
+
+def stored_text(value: str, locale: object = None) -> str:
+    """A column's text for the reader: a :func:`stored` message in their language, plain text as it is."""
+    if not value.startswith(STORED_PREFIX):
+        return value
+    try:
+        msg = _from_json(json.loads(value[len(STORED_PREFIX):]))
+        return render(msg, locale) if _is_message(msg) else value
+    except (ValueError, KeyError, IndexError, TypeError):  # a damaged or unknown message: show nothing wrong
+        log.warning("could not show stored message %r", value[:200])
+        return ""
 
 
 def locale_value(locale: object) -> str | None:

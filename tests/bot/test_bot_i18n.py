@@ -60,6 +60,7 @@ async def test_a_japanese_users_progress_result_and_buttons_are_in_japanese(worl
         assert msg.content == "✅ 完了"
         f = fields_of(msg)
         assert f["シード"] == "7" and f["ステップ数"] == "3" and "テキスト CFG" in f
+        assert f["この値の理由"].startswith("自動：")  # the auto preset explains itself in her language
         assert msg.embeds[0]["description"].startswith("**詳しい指示：**")
         assert msg.embeds[0]["footer"]["text"].startswith("ジョブ ")
         assert "ランダムなテスト用の重み" in msg.embeds[0]["footer"]["text"]
