@@ -74,3 +74,13 @@ def test_refusals_and_download_errors_are_english_for_logs_and_translated_for_us
         check_attachment_meta("cat.bmp", "image/bmp", 10, 1024)
     assert str(caught.value) == "cat.bmp is not a PNG, JPEG, WEBP or GIF image (image/bmp)."
     assert i18n.error_text(caught.value, "es") == "cat.bmp no es una imagen PNG, JPEG, WEBP o GIF (image/bmp)."
+
+
+@pytest.mark.parametrize("english", ["This image is too large for the GPU workers.",
+                                     "The input image of this edit was lost on the server; please send it again.",
+                                     "The edit failed on a GPU worker."])
+def test_the_redis_pools_own_failures_are_recognized_and_translated(english: str) -> None:
+    """bot/redis_engine.py raises these as plain English MgieErrors; users still read them translated."""
+    matched = i18n.match_english(english)
+    assert matched is not None and i18n.text(matched[0], "en") == english
+    assert i18n.error_text(MgieError(english), "pt-BR") == i18n.text(matched[0], "pt-BR") != english
