@@ -76,8 +76,7 @@ class ModerationCog(commands.GroupCog, group_name="mgie-admin", name="Moderation
             settings = (await self.bot.store.update_guild_settings(interaction.guild_id, **changes) if changes
                         else await self.bot.store.guild_settings(interaction.guild_id))
         except ValueError as err:
-            await interaction.response.send_message(i18n.translate_english(str(err), loc, ("moderation",)),
-                                                    ephemeral=True)
+            await interaction.response.send_message(_refused_setting(err, loc), ephemeral=True)
             return
         channels = (", ".join(f"<#{c}>" for c in settings.allowed_channel_ids)
                     or i18n.text("moderation.every_channel", loc))
@@ -121,6 +120,18 @@ class ModerationCog(commands.GroupCog, group_name="mgie-admin", name="Moderation
             else "moderation.not_banned"
         message = i18n.text(key, interaction.locale, user=user.mention)
         await interaction.response.send_message(message, ephemeral=True)
+
+
+def _refused_setting(err: ValueError, locale: object) -> str:
+    """A setting the store refused (its English message, see bot/storage/guilds.py), in the reader's language."""
+    matched = i18n.match_english(str(err), ("moderation",))
+    if matched is None:
+        return str(err)
+    key, params = matched
+    label = "moderation.label_" + re.sub(r"\W+", "_", params.get("label", "").lower()).strip("_")
+    if label in i18n.catalogue(i18n.REFERENCE):
+        params["label"] = i18n.text(label, locale)
+    return i18n.text(key, locale, **params)
 
 
 def _listed_words(settings: GuildSettings, locale: object = None) -> str:

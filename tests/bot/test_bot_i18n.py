@@ -4,7 +4,7 @@ fake Discord: refusals, progress, results, failures, buttons and reply-refines."
 from __future__ import annotations
 
 import pytest
-from botharness import basic_world, bot_running, button, edit, finished, make_config, private_answer
+from botharness import basic_world, bot_running, button, command, edit, finished, make_config, private_answer
 from fakediscord import permissions as perms
 from faults import inject_faults
 
@@ -129,3 +129,17 @@ async def test_a_failed_edit_is_told_in_its_users_language(world, tmp_path, tiny
         await fake.wait_for(lambda: inter.original and (inter.original.content or "").startswith("❌"), timeout=60)
         assert inter.original.content.startswith(
             "❌ Não consegui terminar esta edição: A GPU ficou sem memória para esta edição")
+
+
+async def test_a_french_moderator_configures_in_french(fake_endpoints, tmp_path, tiny_models):
+    fake = fake_endpoints
+    guild = fake.add_guild("Lab")
+    channel = fake.add_channel(guild, "edits")
+    owner = fake.add_user("owner", locale="fr")
+    fake.add_member(guild, owner, permissions=perms.MANAGE_GUILD)
+    async with bot_running(fake, make_config(fake, tmp_path / "data", [guild.id]), tiny_models):
+        refused = await command(fake, owner, channel, "mgie-admin settings", {"max_steps": 500})
+        assert refused == "Étapes max. doit être un nombre entier de 1 à 200 (reçu : 500)."
+        done = await command(fake, owner, channel, "mgie-admin settings", {"max_steps": 20})
+        assert done.startswith("**Réglages de MGIE**\nSalons : tous les salons\nÉtapes max. : 20\n")
+        assert "Résultats signalés : spoiler" in done
