@@ -1,4 +1,5 @@
-"""What users read: status lines and result embeds, built from stored job records.
+"""What users read: status lines and result embeds, built from stored job records, in the language of the
+job's requester (``JobRecord.locale``; see bot.i18n).
 
 User text (instructions, model output) is escaped so it cannot inject markdown or mentions.
 """
