@@ -9,6 +9,8 @@ where the string sits, so the cogs keep plain English decorators:
 - a choice shown as ``send behind a spoiler``: ``commands.choices.send_behind_a_spoiler``
 - a context menu ``Edit image with MGIE``: ``commands.menus.edit_image_with_mgie``
 
+A feature's own area file may hold its commands' strings too, under a ``commands`` table (``help.toml``:
+``[commands.mgie.help]`` gives ``help.commands.mgie.help.name``), so features never share a file.
 English locales get no localization (the decorators' text is English); a key with no entry gets none
 either, so Discord shows the English. Localized command and option names must obey Discord's name rules
 (:data:`NAME_RULE`; tests/bot/test_i18n_commands.py checks every shipped language).
@@ -16,6 +18,7 @@ either, so Discord shows the English. Localized command and option names must ob
 
 from __future__ import annotations
 
+import functools
 import re
 
 import discord
@@ -56,10 +59,24 @@ def catalogue_key(context: app_commands.TranslationContext) -> str | None:
     return None
 
 
+@functools.cache
+def command_strings(language: str) -> dict[str, str]:
+    """Every command string of ``language`` keyed ``commands.<...>``: area ``commands`` and any area's own
+    ``commands`` table (``<area>.commands.<...>``)."""
+    strings: dict[str, str] = {}
+    for key, value in catalogue(language).items():
+        area, _, rest = key.partition(".")
+        if area == "commands":
+            strings[key] = value
+        elif rest.startswith("commands."):
+            strings.setdefault(rest, value)
+    return strings
+
+
 def localized(key: str, locale: discord.Locale | str) -> str | None:
     """``key``'s text for ``locale`` when a shipped non-English language has it, else None."""
     language = language_of(locale)
-    return None if language == REFERENCE else catalogue(language).get(key)
+    return None if language == REFERENCE else command_strings(language).get(key)
 
 
 class CatalogueTranslator(app_commands.Translator):

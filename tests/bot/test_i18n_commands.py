@@ -14,7 +14,7 @@ from discord.ext import commands
 from bot import i18n
 from bot.bot import COGS
 from bot.command_sync import DIGEST_FILENAME
-from bot.i18n.commands import NAME_RULE, CatalogueTranslator, catalogue_key
+from bot.i18n.commands import NAME_RULE, CatalogueTranslator, catalogue_key, command_strings, localized
 
 pytest_plugins = ["fakediscord.fixtures"]
 
@@ -51,10 +51,10 @@ def _walk(payload: dict, chat: bool):
 async def test_every_command_string_has_its_english_entry_in_the_catalogue() -> None:
     recorder = _Recorder()
     await _payloads(recorder)
-    english = i18n.catalogue(i18n.REFERENCE)
+    english = command_strings(i18n.REFERENCE)
     assert len(recorder.seen) > 40
     missing = {key: text for key, text in recorder.seen.items() if key not in english}
-    assert not missing, f"add these to bot/i18n/locales/en/commands.toml: {missing}"
+    assert not missing, f"add these to commands.toml (or a [commands] table of the feature's area): {missing}"
     differs = {key: (text, english[key]) for key, text in recorder.seen.items() if english[key] != text}
     assert not differs, f"commands.toml's English differs from the cogs' decorators: {differs}"
 
@@ -126,15 +126,35 @@ async def test_synced_commands_carry_localizations_and_a_changed_translation_res
         "Deine letzten MGIE-Bearbeitungen", "Deine neuesten MGIE-Bearbeitungen"), encoding="utf-8")
     monkeypatch.setattr(i18n, "LOCALES_DIR", locales)
     i18n.catalogue.cache_clear()
+    command_strings.cache_clear()
     try:
         async with bot_running(fake, config, tiny_models):
             history = next(c for c in fake.commands if c.name == "history")
             assert history.raw["description_localizations"]["de"] == "Deine neuesten MGIE-Bearbeitungen"
     finally:
         i18n.catalogue.cache_clear()
+        command_strings.cache_clear()
     assert len(syncs(fake)) == 2 and (config.data_dir / DIGEST_FILENAME).read_text() != digest
 
 
 def syncs(fake) -> list[str]:
     """Every bulk command write the bot made."""
     return [r.path for r in fake.requests if r.route.startswith("PUT /applications/") and r.status == 200]
+
+
+def test_a_features_own_area_may_hold_its_commands_strings(tmp_path, monkeypatch) -> None:
+    """A feature adds its command's strings in its own file (a [commands] table), not in commands.toml."""
+    for language, body in (("en", '[commands.mgie.ping]\nname = "ping"\ndescription = "Answers pong"'),
+                           ("de", '[commands.mgie.ping]\nname = "ping"\ndescription = "Antwortet pong"')):
+        (tmp_path / language).mkdir()
+        (tmp_path / language / "ping.toml").write_text(body, encoding="utf-8")
+    monkeypatch.setattr(i18n, "LOCALES_DIR", tmp_path)
+    i18n.catalogue.cache_clear()
+    command_strings.cache_clear()
+    try:
+        assert command_strings("de")["commands.mgie.ping.description"] == "Antwortet pong"
+        assert localized("commands.mgie.ping.description", discord.Locale.german) == "Antwortet pong"
+        assert localized("commands.mgie.ping.description", discord.Locale.american_english) is None
+    finally:
+        i18n.catalogue.cache_clear()
+        command_strings.cache_clear()
