@@ -11,22 +11,32 @@ import discord
 
 from . import i18n
 
-# action: (emoji, style); the label is the catalogue's "results.button_<action>" in the job's language.
+# action: (English label, emoji, style); shown in the job's language as the catalogue's "results.button_<action>"
+# (any area's "<area>.button_<action>" for a feature's own button), the English label where there is none.
 ACTIONS = {
-    "reroll": ("🎲", discord.ButtonStyle.secondary),
-    "stronger": ("💪", discord.ButtonStyle.secondary),
-    "closer": ("🖼️", discord.ButtonStyle.secondary),
-    "refine": ("✏️", discord.ButtonStyle.primary),
-    "undo": ("↩️", discord.ButtonStyle.secondary),
-    "delete": ("🗑️", discord.ButtonStyle.danger),
-    "cancel": ("✖️", discord.ButtonStyle.danger),
+    "reroll": ("Re-roll", "🎲", discord.ButtonStyle.secondary),
+    "stronger": ("Stronger edit", "💪", discord.ButtonStyle.secondary),
+    "closer": ("Closer to original", "🖼️", discord.ButtonStyle.secondary),
+    "refine": ("Refine", "✏️", discord.ButtonStyle.primary),
+    "undo": ("Undo", "↩️", discord.ButtonStyle.secondary),
+    "delete": ("Delete", "🗑️", discord.ButtonStyle.danger),
+    "cancel": ("Cancel", "✖️", discord.ButtonStyle.danger),
 }
+
+
+def button_label(action: str, locale: object = None) -> str:
+    """The label of ``action``'s button in the language of ``locale`` (English when it has no entry)."""
+    english, messages = ACTIONS[action][0], i18n.catalogue(i18n.REFERENCE)
+    key = f"results.button_{action}"
+    if key not in messages:
+        key = next((k for k in messages if k.endswith(f".button_{action}") and k.count(".") == 1), None)
+    return i18n.text(key, locale) if key is not None else english
 
 
 class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=r"mgie:(?P<action>[a-z]+):(?P<job>[0-9a-f]{32})"):
     def __init__(self, action: str, job_id: str, locale: object = None) -> None:
-        emoji, style = ACTIONS[action]
-        label = i18n.text(f"results.button_{action}", locale)
+        _, emoji, style = ACTIONS[action]
+        label = button_label(action, locale)
         super().__init__(discord.ui.Button(label=label, emoji=emoji, style=style, custom_id=f"mgie:{action}:{job_id}"))
         self.action, self.job_id = action, job_id
 
