@@ -150,16 +150,20 @@ def _english_patterns(areas: tuple[str, ...]) -> tuple[tuple[str, re.Pattern[str
     for key, template in catalogue(REFERENCE).items():
         if key.split(".", 1)[0] not in areas:
             continue
-        regex = "".join(re.escape(literal) + (f"(?P<{field}>.+?)" if field is not None else "")
-                        for literal, field, _, _ in string.Formatter().parse(template))
+        regex, seen = "", set()
+        for literal, field, _, _ in string.Formatter().parse(template):
+            regex += re.escape(literal)
+            if field is not None:  # a placeholder used twice must match the same text twice
+                regex += f"(?P={field})" if field in seen else f"(?P<{field}>.+?)"
+                seen.add(field)
         patterns.append((key, re.compile(regex + r"\Z", re.DOTALL)))
     return tuple(patterns)
 
 
-def match_english(message: str, areas: tuple[str, ...] = ENGLISH_MATCHED_AREAS) -> tuple[str, dict[str, str]] | None:
-    """The key and params of an English catalogue message of ``areas``, if ``message`` is one."""
+def match_english(english: str, areas: tuple[str, ...] = ENGLISH_MATCHED_AREAS) -> tuple[str, dict[str, str]] | None:
+    """The key and params of an English catalogue message of ``areas``, if ``english`` is one."""
     for key, pattern in _english_patterns(areas):
-        found = pattern.match(message)
+        found = pattern.match(english)
         if found is not None:
             return key, found.groupdict()
     return None
@@ -174,9 +178,9 @@ def error_text(err: BaseException, locale: object = None) -> str:
     return translate_english(str(err), locale)
 
 
-def translate_english(message: str, locale: object = None,
+def translate_english(english: str, locale: object = None,
                       areas: tuple[str, ...] = ENGLISH_MATCHED_AREAS) -> str:
-    """``message`` in the reader's language when it is a known English message of ``areas`` (by default
+    """``english`` in the reader's language when it is a known English message of ``areas`` (by default
     the engine's), else as it is."""
-    matched = match_english(message, areas)
-    return text(matched[0], locale, **matched[1]) if matched else message
+    matched = match_english(english, areas)
+    return text(matched[0], locale, **matched[1]) if matched else english
