@@ -15,10 +15,12 @@ from discord.ext import commands
 from mgie_engine.pool import WorkerPool
 from mgie_engine.worker import LocalWorker
 
+from . import i18n
 from .command_sync import sync_commands
 from .comparison import HistoryPicker
 from .config import BotConfig
 from .deferred import tell_privately
+from .i18n.commands import CatalogueTranslator
 from .intake import IntakeSlots, JobRateLimiter
 from .jobs import JobManager
 from .metrics import BotMetrics
@@ -137,6 +139,7 @@ class MgieBot(commands.Bot):
         for name in COGS:
             await self.load_extension(name)
         self.tree.on_error = self.on_app_command_error
+        await self.tree.set_translator(CatalogueTranslator())  # localized names and descriptions (bot/i18n)
         await sync_commands(self, self._store.data_dir, self.config.guild_ids)
         # Before the gateway connects: on_ready comes seconds after interactions already queue new jobs, and
         # a recovery run then would take those for leftovers and queue them a second time.
@@ -175,13 +178,16 @@ class MgieBot(commands.Bot):
 
     async def on_app_command_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
         """Nothing a user does may end in Discord's bare "This interaction failed"."""
-        if isinstance(error, app_commands.CheckFailure):
-            message = str(error) or "You can't use that here."
+        locale = interaction.locale
+        if isinstance(error, app_commands.MissingPermissions):
+            message = i18n.text("errors.missing_user_permissions", locale)
+        elif isinstance(error, app_commands.CheckFailure):
+            message = str(error) or i18n.text("errors.check_failed", locale)
         elif isinstance(error, app_commands.TransformerError):
-            message = f"That value doesn't work for {error.type.name.lower()}: {error.value!r}."
+            message = i18n.text("errors.bad_value", locale, type=error.type.name.lower(), value=repr(error.value))
         else:
             log.error("command %s failed", interaction.command and interaction.command.name, exc_info=error)
-            message = "Something went wrong on my side; the error is logged."
+            message = i18n.text("errors.command_failed", locale)
         try:
             await tell_privately(interaction, message)
         except discord.HTTPException:

@@ -2,7 +2,8 @@
 
 discord.py's advice: a sync on every start spends Discord's daily limit on command writes and makes
 clients refetch the commands, for nothing when they did not change. So the payload a sync would send
-(for each scope: the global commands, or every server in ``DISCORD_GUILD_IDS``) is hashed together with
+(for each scope: the global commands, or every server in ``DISCORD_GUILD_IDS``; with the tree's translator,
+the localized names and descriptions too, so a changed translation resyncs) is hashed together with
 the application id and the scopes, and the hash of the last successful sync is kept in the data dir. A
 start syncs only when the hash differs: first start, new code with changed commands, another
 application or other servers. ``mgie-bot sync`` syncs at once (say, after commands were removed in the
@@ -22,6 +23,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from .config import BotConfig
+from .i18n.commands import CatalogueTranslator
 from .storage.images import atomic_write
 
 log = logging.getLogger(__name__)
@@ -42,13 +44,23 @@ def sync_targets(tree: app_commands.CommandTree, guild_ids: Sequence[int]) -> li
     return targets
 
 
-def commands_digest(tree: app_commands.CommandTree, application_id: int | None,
-                    targets: Sequence[discord.Object | None]) -> str:
-    """SHA-256 of what syncing ``targets`` would send, with the application and the scopes it goes to."""
+async def command_payloads(tree: app_commands.CommandTree, target: discord.Object | None) -> list[dict]:
+    """What ``tree.sync(guild=target)`` sends: each command's payload, localized when a translator is set."""
+    translator = tree.translator
+    commands_ = tree.get_commands(guild=target)
+    if translator is None:
+        return [command.to_dict(tree) for command in commands_]
+    return [await command.get_translated_payload(tree, translator) for command in commands_]
+
+
+async def commands_digest(tree: app_commands.CommandTree, application_id: int | None,
+                          targets: Sequence[discord.Object | None]) -> str:
+    """SHA-256 of what syncing ``targets`` would send (localizations included), with the application and the
+    scopes it goes to."""
     payload = {
         "application_id": application_id,
         "scopes": [{"guild_id": None if target is None else target.id,
-                    "commands": [command.to_dict(tree) for command in tree.get_commands(guild=target)]}
+                    "commands": await command_payloads(tree, target)}
                    for target in targets],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
@@ -74,7 +86,7 @@ async def sync_commands(bot: commands.Bot, data_dir: Path, guild_ids: Sequence[i
     and records nothing, so the next start tries again.
     """
     targets = sync_targets(bot.tree, guild_ids)
-    digest = commands_digest(bot.tree, bot.application_id, targets)
+    digest = await commands_digest(bot.tree, bot.application_id, targets)
     path = Path(data_dir) / DIGEST_FILENAME
     if not force and _last_synced(path) == digest:
         log.info("application commands unchanged since the last sync; not syncing (`mgie-bot sync` forces it)")
@@ -93,6 +105,7 @@ async def sync_now(config: BotConfig) -> None:
 
     bot = commands.Bot(command_prefix=commands.when_mentioned, intents=discord.Intents.default(), help_command=None)
     async with bot:
+        await bot.tree.set_translator(CatalogueTranslator())
         for name in COGS:
             await bot.load_extension(name)
         await bot.login(config.token)

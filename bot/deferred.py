@@ -19,27 +19,26 @@ import discord
 
 from mgie_engine.errors import MgieError
 
+from . import i18n
 from .admission import Ticket
 
 log = logging.getLogger(__name__)
 
-STORAGE_TROUBLE = "The server could not store your edit right now (a disk problem). Please try again later."
-UNEXPECTED = "Something went wrong on my side; the error is logged. Please try again."
-NOT_STARTED = "This edit could not be started."
-QUEUED = "⏳ Queued"
+STORAGE_TROUBLE = i18n.text("errors.storage_trouble")  # English, for logs and tests
 _STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EACCES,
                              errno.EPERM})
 
 
-def describe_failure(err: BaseException) -> str:
-    """What to tell the user about ``err``: our own messages as they are, anything else without details."""
+def describe_failure(err: BaseException, locale: object = None) -> str:
+    """What to tell the user about ``err``, in their ``locale``: our own messages (translated), anything
+    else without details."""
     if isinstance(err, MgieError):
-        return str(err)
+        return i18n.error_text(err, locale)
     if isinstance(err, sqlite3.Error) or (isinstance(err, OSError) and err.errno in _STORAGE_ERRNOS):
         log.error("storage failed while starting a job: %s", err)
-        return STORAGE_TROUBLE
+        return i18n.text("errors.storage_trouble", locale)
     log.error("starting a job failed", exc_info=err)
-    return UNEXPECTED
+    return i18n.text("errors.unexpected", locale)
 
 
 async def fail_after_defer(interaction: discord.Interaction, message: str) -> None:
@@ -51,7 +50,7 @@ async def fail_after_defer(interaction: discord.Interaction, message: str) -> No
     except discord.HTTPException as err:
         log.warning("could not delete the deferred response (%s); editing it instead", err)
         try:
-            await interaction.edit_original_response(content=NOT_STARTED, embed=None, view=None, attachments=[])
+            await interaction.edit_original_response(content=i18n.text("errors.not_started", interaction.locale), embed=None, view=None, attachments=[])
         except discord.HTTPException as edit_err:
             # Still loading: a follow-up would take its place and show the reason to everyone.
             log.warning("could not settle the deferred response either (%s); the user is not told", edit_err)
@@ -74,7 +73,7 @@ async def failures_told_privately(interaction: discord.Interaction,
     except Exception as err:  # noqa: BLE001 - whatever it was, the user hears of it and nothing is left loading
         if ticket is not None:
             ticket.release()
-        await fail_after_defer(interaction, describe_failure(err))
+        await fail_after_defer(interaction, describe_failure(err, interaction.locale))
 
 
 async def tell_privately(interaction: discord.Interaction, message: str) -> None:
@@ -94,7 +93,7 @@ async def tell_privately(interaction: discord.Interaction, message: str) -> None
 async def answer_failure(interaction: discord.Interaction, err: BaseException) -> None:
     """An error nothing else caught, answered privately whatever state the response is in."""
     try:
-        await tell_privately(interaction, describe_failure(err))
+        await tell_privately(interaction, describe_failure(err, interaction.locale))
     except discord.HTTPException as http_err:
         log.warning("could not tell the user about an error: %s", http_err)
 
@@ -110,7 +109,7 @@ async def status_message_id(interaction: discord.Interaction) -> int | None:
     except discord.HTTPException as err:
         log.warning("could not fetch the deferred response (%s); editing it instead", err)
     try:
-        return (await interaction.edit_original_response(content=QUEUED)).id
+        return (await interaction.edit_original_response(content=i18n.text("render.queued", interaction.locale))).id
     except discord.HTTPException as err:
         log.warning("could not edit the deferred response (%s); the result goes to the channel", err)
     try:

@@ -13,6 +13,7 @@ import time
 
 import discord
 
+from . import i18n
 from .storage import JobRecord, Store
 
 log = logging.getLogger(__name__)
@@ -20,8 +21,6 @@ log = logging.getLogger(__name__)
 TOKEN_LIFETIME = 15 * 60
 TOKEN_MARGIN = 30  # leave time for the request itself; Discord rejects a token at 15:00 sharp
 NO_PINGS = discord.AllowedMentions.none()
-MISSING_PERMISSIONS = ("I can't post the image here: I need the Attach Files and Embed Links permissions in this "
-                       "channel. Ask a moderator, or use /edit, whose replies work anyway.")
 
 
 def via_interaction(job: JobRecord) -> bool:
@@ -111,7 +110,7 @@ class Delivery:
             log.warning("job %s: cannot attach files or embeds in channel %s (%s)", job.id, job.channel_id, err.code)
             kwargs.pop("file", None)
             kwargs.pop("view", None)
-            kwargs.update(embed=None, content=mention + content + "\n" + MISSING_PERMISSIONS)
+            kwargs.update(embed=None, content=mention + content + "\n" + i18n.text("errors.missing_permissions", job.locale))
             message = await channel.send(**kwargs)
             await self.store.update_job(job.id, error="could not post the image: missing Attach Files / Embed Links")
         return await self.store.update_job(job.id, status_message_id=message.id, interaction_token=None,

@@ -17,11 +17,17 @@ from yarl import URL
 
 from mgie_engine.errors import BadImageError
 
+from . import i18n
+
 DISCORD_CDN_HOSTS = frozenset({"cdn.discordapp.com", "media.discordapp.net"})
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif")
 DOWNLOAD_TIMEOUT = 30.0
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-_NOT_DISCORD = "That attachment is not hosted on Discord, so I won't fetch it."
+
+
+def _bad(key: str, **params: object) -> BadImageError:
+    """A download refusal: English text for logs, the message key for the user's language."""
+    return BadImageError(i18n.text(f"errors.{key}", None, **params), key=f"errors.{key}", **params)
 
 
 def _origin(host: str, port: int) -> str:
@@ -51,11 +57,11 @@ def allowed_hosts(api_base: str | None) -> frozenset[str]:
 def check_attachment_meta(filename: str, content_type: str | None, size: int, max_bytes: int) -> None:
     """Cheap checks before any download, so bad input gets an answer at once."""
     if size <= 0:
-        raise BadImageError(f"{filename} is empty.")
+        raise _bad("attachment_empty", filename=filename)
     if size > max_bytes:
-        raise BadImageError(f"{filename} is {size / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.0f} MB.")
+        raise _bad("attachment_too_large", filename=filename, size=f"{size / 2**20:.1f}", limit=f"{max_bytes / 2**20:.0f}")
     if content_type and content_type.split(";")[0].strip().lower() not in IMAGE_TYPES:
-        raise BadImageError(f"{filename} is not a PNG, JPEG, WEBP or GIF image ({content_type}).")
+        raise _bad("attachment_not_an_image", filename=filename, content_type=content_type)
 
 
 def _checked_url(url: str, hosts: frozenset[str]) -> URL:
@@ -64,17 +70,17 @@ def _checked_url(url: str, hosts: frozenset[str]) -> URL:
         parsed = URL(url)
         scheme, host, port = parsed.scheme, parsed.raw_host, parsed.port
     except (ValueError, TypeError):  # UnicodeError (bad IDNA) is a ValueError
-        raise BadImageError(_NOT_DISCORD) from None
+        raise _bad("not_discord") from None
     if scheme not in _DEFAULT_PORTS or not host or port is None:
-        raise BadImageError(_NOT_DISCORD)
+        raise _bad("not_discord")
     if parsed.raw_user is not None or parsed.raw_password is not None:
-        raise BadImageError(_NOT_DISCORD)  # Discord links never carry credentials; userinfo is a disguise
+        raise _bad("not_discord")  # Discord links never carry credentials; userinfo is a disguise
     host = host.lower()
     if scheme == "http" and host in DISCORD_CDN_HOSTS:
-        raise BadImageError("That attachment link is not a secure Discord link.")
+        raise _bad("not_secure")
     default_port = port == _DEFAULT_PORTS[scheme]
     if not (host in hosts and default_port) and _origin(host, port) not in hosts:
-        raise BadImageError(_NOT_DISCORD)
+        raise _bad("not_discord")
     return parsed
 
 
@@ -86,28 +92,27 @@ async def download(session: aiohttp.ClientSession, url: str, hosts: frozenset[st
     before reading and the running total while reading, so memory stays within ``max_bytes`` plus a chunk.
     """
     target = _checked_url(url, hosts)
-    over = f"That image is over the {max_bytes / 2**20:.0f} MB limit."
+    over = _bad("download_too_large", limit=f"{max_bytes / 2**20:.0f}")
     try:
         async with asyncio.timeout(timeout):
             # identity: the cap then counts the bytes on the wire, not what a compressed body expands to.
             async with session.get(target, allow_redirects=False,
                                    headers={"Accept-Encoding": "identity"}) as resp:
                 if 300 <= resp.status < 400:
-                    raise BadImageError("That attachment link points somewhere else, so I won't follow it.")
+                    raise _bad("redirected")
                 if resp.status != 200:
-                    raise BadImageError(f"Discord would not give me that attachment (HTTP {resp.status}); "
-                                        "it may have been deleted.")
+                    raise _bad("download_refused", status=resp.status)
                 declared = resp.content_length
                 if declared is not None and declared > max_bytes:
-                    raise BadImageError(over)
+                    raise over
                 chunks, total = [], 0
                 async for chunk in resp.content.iter_chunked(64 * 1024):
                     total += len(chunk)
                     if total > max_bytes:
-                        raise BadImageError(over)
+                        raise over
                     chunks.append(chunk)
     except TimeoutError:
-        raise BadImageError("Downloading the image took too long; please try again.") from None
+        raise _bad("download_timeout") from None
     except aiohttp.ClientError as err:
-        raise BadImageError(f"I could not download the image ({type(err).__name__}).") from None
+        raise _bad("download_failed", error=type(err).__name__) from None
     return b"".join(chunks)

@@ -1,6 +1,6 @@
 """Checks every request passes before it becomes a job: where, who, what, how many, and the image itself.
 
-Each refusal is a :class:`Refusal` whose message is shown to the user (ephemerally) as is.
+Each refusal is a :class:`Refusal` whose message is shown to the user (ephemerally) in their language.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from mgie_engine.errors import MgieError
 from mgie_engine.images import MAX_INPUT_BYTES, load_image, prepare_image
 from mgie_engine.png import encode_png
 
+from . import i18n
 from .admission import Ticket, fair_share_allows
 from .downloads import allowed_hosts, check_attachment_meta, download
 from .moderation_text import contains_blocked_word
@@ -41,16 +42,15 @@ INPUT_MULTIPLE = 8
 """Stored inputs are fitted with the engine's rounding (Stable Diffusion's VAE factor), so a worker's own
 fit leaves them as they are."""
 
-BANNED_MESSAGE = "You can't use MGIE in this server."
-NO_IMAGE_PERMISSIONS_MESSAGE = ("This server doesn't let apps post images in this channel (MGIE needs Attach Files "
-                                "and Embed Links here), so I won't start the edit. Try another channel or a DM "
-                                "with me, or ask a moderator.")
-BLOCKED_WORD_MESSAGE = ("Your instruction contains a word or phrase this server has blocked, so I won't run it. "
-                        "Please rephrase it.")
+BANNED_MESSAGE = i18n.text("errors.banned")  # English, as the catalogue has it
 
 
 class Refusal(MgieError):
-    """A request we will not take; the message says why and what to do instead."""
+    """A request we will not take; the message (catalogue ``key`` with ``params``) says why and what to do
+    instead. ``str()`` is English (logs); :func:`bot.i18n.error_text` gives the reader's language."""
+
+    def __init__(self, key: str, **params: object) -> None:
+        super().__init__(i18n.text(key, None, **params), key=key, **params)
 
 
 def first_image(attachments: list[discord.Attachment]) -> discord.Attachment | None:
@@ -177,29 +177,26 @@ async def check_access(bot: MgieBot, user: discord.abc.User, guild_id: int | Non
     requests could both pass.
     """
     if await bot.store.is_blocked(guild_id, user.id):
-        raise Refusal(BANNED_MESSAGE)
+        raise Refusal("errors.banned")
     if settings.allowed_channel_ids and channel_id not in settings.allowed_channel_ids:
         mentions = ", ".join(f"<#{c}>" for c in settings.allowed_channel_ids[:5])
-        raise Refusal(f"Edits are not enabled in this channel; try {mentions}.")
+        raise Refusal("errors.channel_not_enabled", channels=mentions)
     if app_permissions is not None and not (app_permissions.attach_files and app_permissions.embed_links):
-        raise Refusal(NO_IMAGE_PERMISSIONS_MESSAGE)
+        raise Refusal("errors.no_image_permissions")
     if instruction is not None and contains_blocked_word(instruction, settings.blocked_words):
-        raise Refusal(BLOCKED_WORD_MESSAGE)  # never echo the word: that would publish it in reply refusals
+        raise Refusal("errors.blocked_word")  # never echo the word: that would publish it in reply refusals
     queue = bot.queue
     pending = queue.pending_for(user.id)
     if pending >= settings.user_pending_cap:
-        raise Refusal(f"You already have {pending} edit(s) waiting; the limit here is {settings.user_pending_cap}. "
-                      "Wait for one to finish or cancel one.")
+        raise Refusal("errors.pending_cap", pending=pending, cap=settings.user_pending_cap)
     limiter = bot.rate_limiter
     wait = limiter.retry_after(user.id)
     if wait > 0:
-        raise Refusal(f"You've started {limiter.limit} edit(s) in the last minute, the most allowed. "
-                      f"Please try again in {math.ceil(wait)} s.")
+        raise Refusal("errors.rate_limited", limit=limiter.limit, seconds=math.ceil(wait))
     if not queue.accepting:
-        raise Refusal("The bot is restarting; please try again in a minute.")
+        raise Refusal("errors.restarting")
     if not fair_share_allows(queue.taken, queue.max_total, pending + 1):
         if pending == 0:
-            raise Refusal(f"The queue is full ({queue.max_total} edits waiting); please try again later.")
-        raise Refusal(f"The queue is busy ({queue.taken} edits waiting), so places are kept for people who have "
-                      f"none yet. You already have {pending} edit(s) waiting; try again when one has finished.")
+            raise Refusal("errors.queue_full", max_total=queue.max_total)
+        raise Refusal("errors.queue_busy", taken=queue.taken, pending=pending)
     return Ticket(queue, limiter, user.id)

@@ -21,7 +21,7 @@ from mgie_engine.errors import MgieError
 from mgie_engine.instructions import normalize_instruction
 from mgie_engine.options import DEFAULT_STEPS, IMAGE_CFG_RANGE, TEXT_CFG_RANGE, check_options
 
-from . import presets
+from . import i18n, presets
 from .admission import Ticket
 from .deferred import describe_failure, failures_told_privately, status_message_id, tell_privately
 from .intake import Refusal, check_access, fetch_image
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 STRONGER_STEP = 1.0  # text CFG added by "Stronger edit"
 CLOSER_STEP = 0.5  # image CFG added by "Closer to original"
 VARIANT_KINDS = ("reroll", "stronger", "closer")
-QUEUED_REPLY = "⏳ Queued"
 
 
 def new_seed() -> int:
@@ -56,6 +55,7 @@ class Origin:
     token_created_at: float | None = None
     status_message_id: int | None = None
     reply_to_message_id: int | None = None
+    locale: str | None = None  # the requester's Discord locale (their job's messages are in its language)
 
 
 async def interaction_origin(interaction: discord.Interaction) -> Origin:
@@ -63,7 +63,8 @@ async def interaction_origin(interaction: discord.Interaction) -> Origin:
     return Origin(user_id=interaction.user.id, channel_id=interaction.channel_id, guild_id=interaction.guild_id,
                   application_id=interaction.application_id, interaction_token=interaction.token,
                   token_created_at=interaction.created_at.timestamp(),
-                  status_message_id=await status_message_id(interaction))
+                  status_message_id=await status_message_id(interaction),
+                  locale=i18n.locale_value(interaction.locale))
 
 
 def new_job_record(origin: Origin, **fields) -> JobRecord:
@@ -104,16 +105,16 @@ async def start_edit(bot: MgieBot, interaction: discord.Interaction, attachment:
         instruction = normalize_instruction(instruction)
         steps = steps if steps is not None else min(DEFAULT_STEPS, settings.max_steps)
         if steps > settings.max_steps:
-            raise Refusal(f"This server allows at most {settings.max_steps} steps.")
+            raise Refusal("errors.max_steps", max_steps=settings.max_steps)
         seed = new_seed() if seed is None else seed
         check_options(text_cfg if text_cfg is not None else 7.5, image_cfg if image_cfg is not None else 1.5,
                       steps, seed)
         if preset not in presets.PRESET_CHOICES:
-            raise Refusal(f"Unknown preset {preset!r}; choose one of {', '.join(presets.PRESET_CHOICES)}.")
+            raise Refusal("errors.unknown_preset", preset=repr(preset), choices=", ".join(presets.PRESET_CHOICES))
         ticket = await check_access(bot, interaction.user, interaction.guild_id, interaction.channel_id,
                                     settings, instruction=instruction, app_permissions=interaction.app_permissions)
     except MgieError as err:
-        await interaction.response.send_message(str(err), ephemeral=True)
+        await interaction.response.send_message(i18n.error_text(err, interaction.locale), ephemeral=True)
         return
 
     async def build() -> tuple[JobRecord, bytes]:
@@ -123,7 +124,8 @@ async def start_edit(bot: MgieBot, interaction: discord.Interaction, attachment:
         record = new_job_record(
             await interaction_origin(interaction), instruction=instruction, seed=seed,
             text_cfg=guidance.text_cfg, image_cfg=guidance.image_cfg, steps=steps, preset=guidance.preset,
-            preset_reason=guidance.reason, kind="edit")
+            preset_reason=i18n.stored(guidance.reason_message) if guidance.reason_message else guidance.reason,
+            kind="edit")
         return record, data
 
     await submit_after_defer(bot, interaction, ticket, build)
@@ -140,18 +142,20 @@ def variant_settings(source: JobRecord, kind: str) -> tuple[dict, str]:
     fields = {"seed": source.seed, "text_cfg": source.text_cfg, "image_cfg": source.image_cfg}
     if kind == "reroll":
         fields["seed"] = new_seed()
-        return fields, "re-roll: same settings, new seed"
+        return fields, i18n.stored(i18n.message("render.reason_reroll"))
     if kind == "stronger":
         if source.text_cfg >= TEXT_CFG_RANGE[1]:
-            raise Refusal(f"Text guidance is already at its maximum ({TEXT_CFG_RANGE[1]:g}).")
+            raise Refusal("errors.text_cfg_at_max", maximum=f"{TEXT_CFG_RANGE[1]:g}")
         fields["text_cfg"] = min(source.text_cfg + STRONGER_STEP, TEXT_CFG_RANGE[1])
-        return fields, f"stronger edit: text CFG {source.text_cfg:g} → {fields['text_cfg']:g}"
+        return fields, i18n.stored(i18n.message("render.reason_stronger", before=f"{source.text_cfg:g}",
+                                                       after=f"{fields['text_cfg']:g}"))
     if kind == "closer":
         if source.image_cfg >= IMAGE_CFG_RANGE[1]:
-            raise Refusal(f"Image guidance is already at its maximum ({IMAGE_CFG_RANGE[1]:g}).")
+            raise Refusal("errors.image_cfg_at_max", maximum=f"{IMAGE_CFG_RANGE[1]:g}")
         image_cfg = max(source.image_cfg + CLOSER_STEP, 1.0)  # below 1 diffusers ignores the image entirely
         fields["image_cfg"] = min(image_cfg, IMAGE_CFG_RANGE[1])
-        return fields, f"closer to original: image CFG {source.image_cfg:g} → {fields['image_cfg']:g}"
+        return fields, i18n.stored(i18n.message("render.reason_closer", before=f"{source.image_cfg:g}",
+                                                       after=f"{fields['image_cfg']:g}"))
     raise ValueError(f"unknown variant {kind!r}; expected one of {', '.join(VARIANT_KINDS)}")
 
 
@@ -163,7 +167,7 @@ async def start_variant(bot: MgieBot, interaction: discord.Interaction, source: 
     fields, reason = variant_settings(source, kind)
     settings = await bot.store.guild_settings(interaction.guild_id)
     if await bot.store.read_image(source.input_image) is None:
-        raise Refusal("The original image of that edit is no longer stored, so I can't redo it.")
+        raise Refusal("errors.original_gone")
     ticket = await check_access(bot, interaction.user, interaction.guild_id, interaction.channel_id,
                                 settings, instruction=source.instruction, app_permissions=interaction.app_permissions)
 
@@ -181,6 +185,21 @@ async def start_variant(bot: MgieBot, interaction: discord.Interaction, source: 
 # -- refine: a follow-up instruction on a result -----------------------------------------------------
 
 
+async def reply_locales(bot: MgieBot, user_id: int, reply_to: discord.Message,
+                        source: JobRecord) -> tuple[str | None, str | None]:
+    """(the language of a reply-refine's job, that of its public refusal notice), from what is stored.
+
+    A plain message carries no locale. The job's is the user's own, as their latest job stored it (else the
+    source job's when it is theirs, else the server's); the public notice's is the server's (the user's in
+    a DM).
+    """
+    guild_locale = i18n.locale_value(reply_to.guild.preferred_locale) if reply_to.guild is not None else None
+    latest = await bot.store.recent_jobs(user_id, limit=1)
+    user_locale = (latest[0].locale if latest and latest[0].locale
+                   else source.locale if source.user_id == user_id else None) or guild_locale
+    return user_locale, guild_locale or user_locale
+
+
 async def start_refine(bot: MgieBot, source: JobRecord, text: str, user: discord.abc.User, guild_id: int | None,
                        channel_id: int, *, interaction: discord.Interaction | None = None,
                        reply_to: discord.Message | None = None) -> None:
@@ -189,21 +208,27 @@ async def start_refine(bot: MgieBot, source: JobRecord, text: str, user: discord
     Asked either through the Refine button's modal (``interaction``) or by replying to a result
     (``reply_to``), whose refusals are public and so kept quiet (see :mod:`bot.quiet_refusals`).
     """
-    async def refuse(message: str) -> None:
+    # The job's messages are in the requester's language; a refused reply's notice is public, so in the
+    # server's (see reply_locales).
+    job_locale, refusal_locale = ((i18n.locale_value(interaction.locale),) * 2 if interaction is not None
+                                  else await reply_locales(bot, user.id, reply_to, source))
+
+    async def refuse(err: BaseException) -> None:
+        message = describe_failure(err, refusal_locale)
         if interaction is not None:
             await tell_privately(interaction, message)
         elif reply_to is not None:
-            await refuse_reply(bot, reply_to, message)  # public: a reaction, a notice now and then
+            await refuse_reply(bot, reply_to, message, locale=refusal_locale)  # public: a reaction, a notice
 
     settings = await bot.store.guild_settings(guild_id)
     try:
         instruction = normalize_instruction(text)
         if not source.output_image or await bot.store.read_image(source.output_image) is None:
-            raise Refusal("The image of that edit is no longer stored, so I can't refine it. Start a new /edit.")
+            raise Refusal("errors.refine_image_gone")
         ticket = await check_access(bot, user, guild_id, channel_id, settings, instruction=instruction,
                                     app_permissions=interaction.app_permissions if interaction is not None else None)
     except MgieError as err:
-        await refuse(str(err))
+        await refuse(err)
         return
 
     async def refine_record(origin: Origin) -> JobRecord:
@@ -211,7 +236,7 @@ async def start_refine(bot: MgieBot, source: JobRecord, text: str, user: discord
         return new_job_record(
             origin, instruction=instruction, seed=source.seed, text_cfg=source.text_cfg,
             image_cfg=source.image_cfg, steps=min(source.steps, settings.max_steps), preset="custom",
-            preset_reason=f"refinement of an earlier edit; {len(chain)} earlier turn(s) in the prompt",
+            preset_reason=i18n.stored(i18n.message("render.reason_refine", turns=len(chain))),
             kind="refine", parent_id=source.id, input_image=source.output_image,
             history_depth=min(len(chain), settings.refine_depth))
 
@@ -226,10 +251,11 @@ async def start_refine(bot: MgieBot, source: JobRecord, text: str, user: discord
     try:  # the ticket holds this request's place from the check on; it is given back unless queued
         status = None
         try:
-            status = await reply_to.reply(QUEUED_REPLY, mention_author=False,
+            status = await reply_to.reply(i18n.text("render.queued", job_locale), mention_author=False,
                                           allowed_mentions=discord.AllowedMentions.none())
             record = await refine_record(Origin(user_id=user.id, channel_id=channel_id, guild_id=guild_id,
-                                                reply_to_message_id=reply_to.id, status_message_id=status.id))
+                                                reply_to_message_id=reply_to.id, status_message_id=status.id,
+                                                locale=job_locale))
             await bot.jobs.submit(record, None, ticket=ticket)
         except Exception as err:  # noqa: BLE001 - the "Queued" line must not stay; the user hears why
             ticket.release()  # before telling them, so they may retry at once
@@ -239,7 +265,7 @@ async def start_refine(bot: MgieBot, source: JobRecord, text: str, user: discord
                 except discord.HTTPException:
                     log.warning("could not remove the status line of a failed refine")
             try:
-                await refuse(describe_failure(err))
+                await refuse(err)
             except discord.HTTPException as http_err:
                 log.warning("could not tell %s that their refine failed: %s", user.id, http_err)
     finally:

@@ -18,7 +18,7 @@ from mgie_engine.images import encode_under, load_image
 from mgie_engine.pool import WorkerPool
 from mgie_engine.protocol import EditJob, JobProgress, WorkerState
 
-from . import render
+from . import i18n, render
 from .admission import Ticket
 from .delivery import Delivery
 from .failure_causes import QUEUE_FULL, STORAGE, cause_of
@@ -82,7 +82,8 @@ class JobManager:
         anything is stored, and should the queue refuse it anyway, the row and file just written go again.
         """
         if (ticket is None or not ticket.open) and self.queue.taken >= self.queue.max_total:
-            raise QueueFullError(f"The queue is full ({self.queue.max_total} edits waiting); please try again later.")
+            raise QueueFullError(f"The queue is full ({self.queue.max_total} edits waiting); please try again later.",
+                                 key="errors.queue_full", max_total=self.queue.max_total)
         if image is not None:
             record.input_image = await self.store.save_image(record.id, "in", image)
         record = await self.store.create_job(record)
@@ -127,7 +128,7 @@ class JobManager:
     async def _show_queued(self, record: JobRecord) -> None:
         warming = self.engine.state is WorkerState.LOADING
         text = render.queued(record, self.queue.position(record.id), self.queue.eta(record.id), warming)
-        await self._show(record.id, text, view=cancel_view(record.id))
+        await self._show(record.id, text, view=cancel_view(record.id, record.locale))
 
     # -- events from the queue ----------------------------------------------------------------------
     async def on_event(self, event: JobEvent) -> None:
@@ -152,7 +153,8 @@ class JobManager:
         job_id = event.job_id
         if event.kind is EventKind.STARTED:
             record = await self.store.update_job(job_id, state="running", started_at=time.time())
-            await self._show(job_id, render.working(record, "language", 0, 1, None), view=cancel_view(job_id))
+            await self._show(job_id, render.working(record, "language", 0, 1, None),
+                             view=cancel_view(job_id, record.locale))
             await self._refresh_positions()
         elif event.kind is EventKind.PROGRESS:
             record = await self.store.get_job(job_id)
@@ -162,8 +164,8 @@ class JobManager:
             eta = self.queue.eta(job_id)
             preview, updates.preview = updates.preview, None
             file = discord.File(io.BytesIO(preview), filename=PREVIEW_FILENAME) if preview else None
-            await self._show(job_id, render.working(record, p.stage, p.step, p.total, eta), view=cancel_view(job_id),
-                             file=file, keep_attachments=True)
+            await self._show(job_id, render.working(record, p.stage, p.step, p.total, eta),
+                             view=cancel_view(job_id, record.locale), file=file, keep_attachments=True)
             if file is not None:
                 self.preview_sent(job_id)
         elif event.kind is EventKind.DONE:
@@ -171,7 +173,7 @@ class JobManager:
         elif event.kind is EventKind.FAILED:
             record = await self.store.update_job(job_id, state="failed", error=event.error, finished_at=time.time())
             self.metrics.job_ended("failed", event.cause)
-            await self._show(job_id, render.failed(record, event.error or "unknown error"), view=None, ping=True)
+            await self._show(job_id, render.failed(record, failure_text(event, record.locale)), view=None, ping=True)
             self._updates.pop(job_id, None)
         elif event.kind is EventKind.REQUEUED:  # its worker stopped responding before it began painting
             record = await self.store.update_job(job_id, state="queued", started_at=None)
@@ -195,9 +197,10 @@ class JobManager:
         except OSError as err:
             log.error("could not store the result of job %s: %s", job_id, err)
             record = await self.store.update_job(job_id, state="failed", finished_at=time.time(),
-                                                 error="The server could not store the result (disk problem).")
+                                                 error=i18n.text("errors.result_not_stored"))
             self.metrics.job_ended("failed", STORAGE)
-            await self._show(job_id, render.failed(record, record.error), view=None, ping=True)
+            await self._show(job_id, render.failed(record, i18n.text("errors.result_not_stored", record.locale)),
+                             view=None, ping=True)
             return
         record = await self.store.update_job(job_id, state="done", output_image=path, finished_at=time.time(),
                                              expressive=outcome.expressive_instruction, llm_cached=outcome.llm_cached,
@@ -213,16 +216,17 @@ class JobManager:
             data, ext = await asyncio.to_thread(_smaller, data, updates.upload_limit)
         filename = f"mgie-{job_id[:8]}.{ext}"
         embed = render.result_embed(record, filename, random_weights=self.engine.random_weights)
-        content, file = render.DONE, discord.File(io.BytesIO(data), filename=filename)
+        content, file = render.done(record), discord.File(io.BytesIO(data), filename=filename)
         if record.flagged and not self._age_restricted(record.channel_id):
             policy = (await self.store.guild_settings(record.guild_id)).flagged_outputs
             embed.set_image(url=None)
             if policy == "withhold":
-                content, file = render.WITHHELD, None
+                content, file = render.withheld(record), None
             else:  # a spoiler attachment: shown blurred until clicked; embeds can't be blurred, so none there
-                content, file = render.SPOILERED, discord.File(io.BytesIO(data), filename=filename, spoiler=True)
+                content, file = render.spoilered(record), discord.File(io.BytesIO(data), filename=filename,
+                                                                       spoiler=True)
         record = await self._show(job_id, content, embed=embed, file=file,
-                                  view=result_view(job_id), ping=True)
+                                  view=result_view(job_id, locale=record.locale), ping=True)
         await self.store.update_job(job_id, result_message_id=record.status_message_id)
         self._updates.pop(job_id, None)
 
@@ -268,12 +272,14 @@ class JobManager:
                 if isinstance(err, QueueFullError) and not self.queue.accepting:
                     break  # a stop came during start-up: this job and the rest stay for the next start
                 lost += 1
-                reason = ("the bot restarted and your input image was lost" if isinstance(err, FileNotFoundError)
+                reason = (i18n.text("errors.input_lost_on_restart") if isinstance(err, FileNotFoundError)
                           else str(err))
                 record = await self.store.update_job(record.id, state="failed", error=reason, finished_at=time.time())
                 self.metrics.job_ended("failed", STORAGE if isinstance(err, FileNotFoundError) else QUEUE_FULL)
+                told = (i18n.text("errors.input_lost_on_restart", record.locale) if isinstance(err, FileNotFoundError)
+                        else i18n.error_text(err, record.locale))
                 try:
-                    await self.delivery.show(record, render.failed(record, reason), view=None, ping=True)
+                    await self.delivery.show(record, render.failed(record, told), view=None, ping=True)
                 except discord.HTTPException as http_err:
                     log.warning("could not tell user of job %s: %s", record.id, http_err)
         for record in await self.store.undelivered_results(since=time.time() - REDELIVERY_WINDOW):
@@ -288,6 +294,14 @@ class JobManager:
         if resumed or lost:
             log.info("restart recovery: %d job(s) resumed or delivered, %d could not be", resumed, lost)
         return resumed, lost
+
+
+def failure_text(event: JobEvent, locale: str | None) -> str:
+    """Why a job failed, in its language: the event's message key, else its English text (translated when
+    it is a known engine message, e.g. from a worker over Redis)."""
+    if event.error_key and event.error_key in i18n.catalogue(i18n.REFERENCE):
+        return i18n.text(event.error_key, locale, **(event.error_params or {}))
+    return i18n.translate_english(event.error, locale) if event.error else i18n.text("errors.unknown_error", locale)
 
 
 def _smaller(png: bytes, limit: int) -> tuple[bytes, str]:

@@ -17,6 +17,8 @@ import re
 import numpy as np
 from PIL import Image
 
+from . import i18n
+
 __all__ = [
     "PRESETS",
     "PRESET_CHOICES",
@@ -73,12 +75,6 @@ MIN_GUIDED_IMAGE_CFG = 1.0
 """diffusers (and our pipeline) switch classifier-free guidance off entirely when image_cfg < 1, so 'auto'
 never goes below it: in diffusers the study's 8.5 / 0.7 run, which recoloured the whole picture, ran unguided."""
 
-_PRESET_BLURBS = {
-    "preserve": "keeping close to the original",
-    "balanced": "a middle ground between the instruction and the original",
-    "dramatic": "the strongest change",
-}
-
 # Ideographs, kana and their half-width forms; Hangul is left out because Korean separates words by spaces.
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003134f]")
 _WORD = re.compile(r"\w+(?:['\u2019]\w+)*")
@@ -95,6 +91,8 @@ class CfgChoice:
     preset: str
     """The preset name, or 'custom' when the user gave both values."""
     reason: str
+    """In English; ``reason_message`` is the same sentence for any language (bot.i18n)."""
+    reason_message: i18n.Message | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +170,7 @@ def _num(value: float) -> str:
     return f"{value:.1f}" if round(value, 1) == value else f"{value:g}"
 
 
-def _auto(image: Image.Image, instruction: str) -> tuple[float, float, str]:
+def _auto(image: Image.Image, instruction: str) -> tuple[float, float, i18n.Message]:
     """Interpolate from 'preserve' to STRONG_TEXT_POINT by c = SCENE_WEIGHT*scene + (1-SCENE_WEIGHT)*instruction."""
     density, m = edge_density(image), _measure(instruction)
     scene = _ramp(density, SIMPLE_EDGE_DENSITY, BUSY_EDGE_DENSITY)
@@ -182,28 +180,31 @@ def _auto(image: Image.Image, instruction: str) -> tuple[float, float, str]:
     image_cfg = max(MIN_GUIDED_IMAGE_CFG, round(i0 + (i1 - i0) * c, 1))
 
     if density <= SIMPLE_EDGE_DENSITY:
-        scene_words = "simple scene"
+        scene_words = i18n.message("presets.scene_simple")
     elif density >= BUSY_EDGE_DENSITY:
-        scene_words = "busy scene"
+        scene_words = i18n.message("presets.scene_busy")
     else:
-        scene_words = "moderately detailed scene"
+        scene_words = i18n.message("presets.scene_moderate")
     if m.words <= SHORT_INSTRUCTION_WORDS:
-        length = "short"
+        length = i18n.message("presets.length_short")
     elif m.words >= LONG_INSTRUCTION_WORDS:
-        length = "long"
+        length = i18n.message("presets.length_long")
     else:
-        length = "medium-length"
+        length = i18n.message("presets.length_medium")
     words = round(m.words)
-    count = f"{'~' if m.has_cjk else ''}{words} word{'' if words == 1 else 's'}"
+    count = i18n.message("presets.words_one" if words == 1 else "presets.words_many",
+                         approx="~" if m.has_cjk else "", words=words)
     if m.edits > 1:
-        length, count = f"{length}, multi-part", f"{count}, {m.edits} edits"
+        length = i18n.message("presets.length_multi", length=length)
+        count = i18n.message("presets.words_edits", count=count, edits=m.edits)
     if c < 1 / 3:
-        lean = "keeping close to the original"
+        lean = i18n.message("presets.lean_close")
     elif c < 2 / 3:
-        lean = "balancing the edit against the original"
+        lean = i18n.message("presets.lean_balance")
     else:
-        lean = "giving the instruction more weight"
-    why = f"auto: {scene_words} (edge density {density:.0%}) and a {length} instruction ({count}): {lean}"
+        lean = i18n.message("presets.lean_instruction")
+    why = i18n.message("presets.auto", scene=scene_words, density=f"{density:.0%}", length=length, count=count,
+                       lean=lean)
     return text_cfg, image_cfg, why
 
 
@@ -224,23 +225,24 @@ def choose_guidance(preset: str, image: Image.Image, instruction: str,
             raise ValueError(f"{label} must be a finite number, got {value!r}.")
 
     if text_cfg is not None and image_cfg is not None:
-        name, text, img, why = "custom", float(text_cfg), float(image_cfg), "custom: both set by hand"
+        name, text, img, why = "custom", float(text_cfg), float(image_cfg), i18n.message("presets.custom")
     elif name == "auto":
         text, img, why = _auto(image, instruction)
     else:
         text, img = PRESETS[name]
-        why = f"preset '{name}': {_PRESET_BLURBS[name]}"
+        why = i18n.message("presets.named", name=name, blurb=i18n.message(f"presets.blurb_{name}"))
 
-    text_words, image_words = f"text {_num(text)}", f"image {_num(img)}"
+    text_words = i18n.message("presets.text_value", value=_num(text))
+    image_words = i18n.message("presets.image_value", value=_num(img))
     if name != "custom":
         if text_cfg is not None:
-            text, text_words = float(text_cfg), f"text {_num(text_cfg)} set by hand"
+            text, text_words = float(text_cfg), i18n.message("presets.text_by_hand", value=_num(text_cfg))
         if image_cfg is not None:
-            img, image_words = float(image_cfg), f"image {_num(image_cfg)} set by hand"
-    reason = f"{why} ({text_words} / {image_words})"
+            img, image_words = float(image_cfg), i18n.message("presets.image_by_hand", value=_num(image_cfg))
+    note: object = ""
     if img < MIN_GUIDED_IMAGE_CFG:
-        reason += (f"; image guidance below {_num(MIN_GUIDED_IMAGE_CFG)} switches classifier-free guidance off"
-                   " (as diffusers does), so neither scale applies and the whole picture may change")
+        note = i18n.message("presets.image_guidance_off", minimum=_num(MIN_GUIDED_IMAGE_CFG))
     elif text <= 1.0:
-        reason += "; text guidance at or below 1.0 switches classifier-free guidance off, so neither scale applies"
-    return CfgChoice(text_cfg=text, image_cfg=img, preset=name, reason=reason + ".")
+        note = i18n.message("presets.text_guidance_off")
+    reason = i18n.message("presets.reason", why=why, text=text_words, image=image_words, note=note)
+    return CfgChoice(text_cfg=text, image_cfg=img, preset=name, reason=i18n.render(reason), reason_message=reason)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import discord
 
+from . import i18n
 from .retention import ForgetReport
 from .storage import UNFINISHED_STATES
 
@@ -32,24 +33,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SETTLE_TIMEOUT = 60.0  # most seconds to wait for cancelled jobs to stop before giving up
-_TRY_AGAIN = ("Some edits that need your images are still running, so nothing was deleted yet. "
-              "Please try again in a minute.")
 
 
-async def describe(bot: MgieBot, user_id: int) -> tuple[str, bool]:
+async def describe(bot: MgieBot, user_id: int, locale: object = None) -> tuple[str, bool]:
     """What the confirmation asks about (how much is stored, what happens to it), and whether there is any."""
     jobs = await bot.store.recent_jobs(user_id, limit=1_000_000)
     pending = sum(j.state in UNFINISHED_STATES for j in jobs)
     if not jobs:
-        return "I don't store anything about you: you have no edits.", False
-    cancel = f" Your {pending} edit(s) still waiting or running will be cancelled first." if pending else ""
-    return (f"This deletes everything I store about you: {len(jobs)} edit(s), their instructions and every "
-            f"image you uploaded or I made for you.{cancel} Other people's edits built on your images keep "
-            "their own results but lose your images and instructions. Messages already posted on Discord "
-            "stay (use Delete on a result to remove it). This can't be undone."), True
+        return i18n.text("admin.forget_nothing", locale), False
+    cancel = i18n.text("admin.forget_cancel_first", locale, pending=pending) if pending else ""
+    return i18n.text("admin.forget_confirm", locale, jobs=len(jobs), cancel=cancel), True
 
 
-async def forget(bot: MgieBot, user_id: int) -> str:
+async def forget(bot: MgieBot, user_id: int, locale: object = None) -> str:
     """Cancel what needs the user's data, wait for it to stop, delete it all; the answer for the user."""
     deadline = time.monotonic() + SETTLE_TIMEOUT
     asked: set[str] = set()
@@ -62,18 +58,18 @@ async def forget(bot: MgieBot, user_id: int) -> str:
                 # In no queue (lost in a crash before recovery ran): nothing will report it, settle it here.
                 await bot.store.update_job(job_id, state="cancelled", finished_at=time.time())
         if time.monotonic() > deadline:
-            return _TRY_AGAIN
+            return i18n.text("admin.forget_try_again", locale)
         await asyncio.sleep(0.1)
     await bot.settle_events()  # their "Cancelled" status edits read the rows about to go
     report = await bot.retention.forget_user(user_id)
     if not isinstance(report, ForgetReport):
-        return _TRY_AGAIN  # a new edit started meanwhile
+        return i18n.text("admin.forget_try_again", locale)  # a new edit started meanwhile
     log.info("forgot user %s: %d job(s), %d file(s), %d other job(s) detached", user_id, report.jobs,
              report.files, report.detached)
-    others = (f" {report.detached} edit(s) by others that used your images no longer link to them."
-              if report.detached else "")
-    cancelled = f" Cancelled {len(asked)} waiting edit(s) first." if asked else ""
-    return f"🗑️ Done: deleted {report.jobs} edit(s) and {report.files} image(s).{cancelled}{others}"
+    others = i18n.text("admin.forget_detached", locale, detached=report.detached) if report.detached else ""
+    cancelled = i18n.text("admin.forget_cancelled", locale, cancelled=len(asked)) if asked else ""
+    return i18n.text("admin.forget_done", locale, jobs=report.jobs, files=report.files, cancelled=cancelled,
+                     others=others)
 
 
 class ForgetButton(discord.ui.DynamicItem[discord.ui.Button],
@@ -81,9 +77,9 @@ class ForgetButton(discord.ui.DynamicItem[discord.ui.Button],
     """The confirmation under /mgie forget-me. The user id is in the custom id, so the button still works
     after a restart (never Discord's bare "This interaction failed") and only acts for that user."""
 
-    def __init__(self, choice: str, user_id: int) -> None:
-        label, style = (("Delete my data", discord.ButtonStyle.danger) if choice == "yes"
-                        else ("Keep it", discord.ButtonStyle.secondary))
+    def __init__(self, choice: str, user_id: int, locale: object = None) -> None:
+        label, style = ((i18n.text("admin.forget_yes", locale), discord.ButtonStyle.danger) if choice == "yes"
+                        else (i18n.text("admin.forget_no", locale), discord.ButtonStyle.secondary))
         super().__init__(discord.ui.Button(label=label, style=style, custom_id=f"mgie-forget:{choice}:{user_id}"))
         self.choice, self.user_id = choice, user_id
 
@@ -93,18 +89,19 @@ class ForgetButton(discord.ui.DynamicItem[discord.ui.Button],
 
     async def callback(self, interaction: discord.Interaction) -> None:
         """Only the user it asks may answer; "yes" deletes and says what went."""
+        loc = interaction.locale
         if interaction.user.id != self.user_id:
-            await interaction.response.send_message("That button is not yours.", ephemeral=True)
+            await interaction.response.send_message(i18n.text("admin.forget_not_yours", loc), ephemeral=True)
         elif self.choice == "no":
-            await interaction.response.edit_message(content="Nothing was deleted.", view=None)
+            await interaction.response.edit_message(content=i18n.text("admin.forget_kept", loc), view=None)
         else:
-            await interaction.response.edit_message(content="⏳ Deleting your data…", view=None)
-            await interaction.edit_original_response(content=await forget(interaction.client, self.user_id))
+            await interaction.response.edit_message(content=i18n.text("admin.forget_deleting", loc), view=None)
+            await interaction.edit_original_response(content=await forget(interaction.client, self.user_id, loc))
 
 
-def confirm_view(user_id: int) -> discord.ui.View:
-    """The two buttons under /mgie forget-me: delete, or keep."""
+def confirm_view(user_id: int, locale: object = None) -> discord.ui.View:
+    """The two buttons under /mgie forget-me: delete, or keep (labelled in ``locale``'s language)."""
     view = discord.ui.View(timeout=None)
-    view.add_item(ForgetButton("yes", user_id))
-    view.add_item(ForgetButton("no", user_id))
+    view.add_item(ForgetButton("yes", user_id, locale))
+    view.add_item(ForgetButton("no", user_id, locale))
     return view

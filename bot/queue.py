@@ -44,7 +44,9 @@ class JobEvent:
     kind: EventKind
     progress: JobProgress | None = None
     outcome: EditOutcome | None = None
-    error: str | None = None
+    error: str | None = None  # English, as logged and stored
+    error_key: str | None = None  # the message's catalogue key and params (bot/i18n), to tell the user
+    error_params: dict | None = None
     cause: str | None = None  # FAILED: why, as a word of bot.failure_causes (the metrics' label)
     waited: float | None = None  # STARTED: seconds the job waited in the queue
 
@@ -158,9 +160,10 @@ class JobQueue:
         caller gives back once this returns; the cap was checked when the place was taken.
         """
         if not self._accepting:
-            raise QueueFullError("The bot is restarting; please try again in a minute.")
+            raise QueueFullError("The bot is restarting; please try again in a minute.", key="errors.restarting")
         if not reserved and self.taken >= self.max_total:
-            raise QueueFullError(f"The queue is full ({self.max_total} edits waiting); please try again later.")
+            raise QueueFullError(f"The queue is full ({self.max_total} edits waiting); please try again later.",
+                                 key="errors.queue_full", max_total=self.max_total)
         self._queue.push(_Entry(job=job, user_id=user_id, enqueued_at=time.monotonic()))
         self._wakeup.set()
         return self.position(job.job_id) or 1
@@ -326,7 +329,8 @@ class JobQueue:
                 continue
             if entry.denoising_started:
                 self._emit(JobEvent(job_id, EventKind.FAILED, error="The GPU worker stopped responding in the middle of "
-                                                             "this edit. Please try again.", cause=WORKER_LOST))
+                                                             "this edit. Please try again.",
+                                    error_key="errors.worker_stalled", cause=WORKER_LOST))
             else:
                 entry.cancel, entry.enqueued_at = threading.Event(), time.monotonic()
                 self._queue.push(entry, front=True)
@@ -353,12 +357,14 @@ class JobQueue:
         except JobCancelledError:
             self._emit(JobEvent(job_id, EventKind.CANCELLED))
         except MgieError as err:
-            self._emit(JobEvent(job_id, EventKind.FAILED, error=str(err), cause=cause_of(err)))
+            self._emit(JobEvent(job_id, EventKind.FAILED, error=str(err), error_key=err.key, error_params=err.params,
+                                cause=cause_of(err)))
         except asyncio.CancelledError:
             raise  # the watchdog took the job away (it reports what happens next), or shutdown
         except Exception as err:  # a bug or a device fault must not kill the dispatcher
             log.exception("job %s failed on %s", job_id, worker.name)
             self._emit(JobEvent(job_id, EventKind.FAILED, error=f"Something went wrong on the GPU ({type(err).__name__}).",
+                                error_key="errors.job_crashed", error_params={"error": type(err).__name__},
                                 cause=cause_of(err)))
         else:
             self._durations.append(outcome.seconds)

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import discord
 
+from . import i18n
+
 if TYPE_CHECKING:
     from .bot import MgieBot
 
@@ -56,8 +58,12 @@ class NoticeThrottle:
         return True
 
 
-async def refuse_reply(bot: MgieBot, message: discord.Message, text: str, *, reaction: str = REFUSED_REACTION) -> None:
+async def refuse_reply(bot: MgieBot, message: discord.Message, text: str, *, reaction: str = REFUSED_REACTION,
+                       locale: object = None) -> None:
     """Refuse ``message`` quietly: a reaction always, the reason in public at most once per window.
+
+    ``text`` is already in the notice's language, ``locale`` (default: the server's, since the notice is
+    public), in which the line about further refusals is written too.
 
     Whether the notice is due is decided first, so of a burst of refused replies the first to get here
     gets it, whichever reaction Discord confirms first.
@@ -72,7 +78,9 @@ async def refuse_reply(bot: MgieBot, message: discord.Message, text: str, *, rea
         return
     minutes = max(1, round(NOTICE_WINDOW_S / 60))
     try:
-        await message.reply(f"{text}\n-# For the next {minutes} minutes I'll only react with {reaction} "
-                            "to such replies from you here.", mention_author=False, allowed_mentions=_NO_PINGS)
+        if locale is None and message.guild is not None:
+            locale = message.guild.preferred_locale
+        later = i18n.text("errors.reply_notice_window", locale, minutes=minutes, reaction=reaction)
+        await message.reply(f"{text}\n-# {later}", mention_author=False, allowed_mentions=_NO_PINGS)
     except discord.HTTPException as err:
         log.info("could not post a refusal notice in channel %s: %s", message.channel.id, err)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import aiosqlite
 
+from . import i18n
 from .delivery import TOKEN_LIFETIME
 from .storage import DB_FILENAME, IMAGES_DIRNAME, TMP_PREFIX, UNFINISHED_STATES, Store
 
@@ -286,11 +287,13 @@ class Retention:
         """The storage cap in bytes; None: no cap."""
         return int(self.max_gb * 2**30) if self.max_gb > 0 else None
 
-    def describe(self, use: DiskUse) -> str:
-        """For /mgie status: what is stored and the limits that apply."""
-        cap = f"limit {self.max_gb:g} GB" if self.max_bytes else "no size limit"
-        kept = f"kept {self.days:g} days" if self.max_age else "kept until the size limit"
-        return f"{_human(use.total)} ({use.files} images + database) · {cap} · {kept}"
+    def describe(self, use: DiskUse, locale: object = None) -> str:
+        """For /mgie status: what is stored and the limits that apply, in the reader's language."""
+        cap = (i18n.text("admin.storage_limit", locale, gb=f"{self.max_gb:g}") if self.max_bytes
+               else i18n.text("admin.storage_no_limit", locale))
+        kept = (i18n.text("admin.storage_kept_days", locale, days=f"{self.days:g}") if self.max_age
+                else i18n.text("admin.storage_kept_until_limit", locale))
+        return i18n.text("admin.storage_use", locale, size=_human(use.total), files=use.files) + f" · {cap} · {kept}"
 
     async def sweep(self, now: float | None = None) -> SweepReport:
         """One full pass: old chains, storage over the cap, orphaned files and expired tokens."""

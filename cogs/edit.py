@@ -9,7 +9,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot import job_requests, presets
+from bot import i18n, job_requests, presets
 from bot.deferred import answer_failure
 from bot.intake import first_image
 from bot.quiet_refusals import refuse_reply
@@ -28,8 +28,10 @@ class InstructionModal(discord.ui.Modal, title="Edit image with MGIE"):
                                        max_length=MAX_INSTRUCTION_CHARS, style=discord.TextStyle.short,
                                        custom_id="instruction")
 
-    def __init__(self, bot: MgieBot, attachment: discord.Attachment) -> None:
-        super().__init__()
+    def __init__(self, bot: MgieBot, attachment: discord.Attachment, locale: object = None) -> None:
+        super().__init__(title=i18n.text("edit.modal_title", locale))
+        self.instruction.label = i18n.text("edit.modal_label", locale)
+        self.instruction.placeholder = i18n.text("edit.modal_placeholder", locale)
         self.bot, self.attachment = bot, attachment
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
@@ -76,9 +78,9 @@ class EditCog(commands.Cog, name="Edit"):
         """The "Edit image with MGIE" message command: ask for the instruction in a modal."""
         attachment = first_image(message.attachments)
         if attachment is None:
-            await interaction.response.send_message("That message has no image attached.", ephemeral=True)
+            await interaction.response.send_message(i18n.text("edit.no_image", interaction.locale), ephemeral=True)
             return
-        await interaction.response.send_modal(InstructionModal(self.bot, attachment))
+        await interaction.response.send_modal(InstructionModal(self.bot, attachment, interaction.locale))
 
     # -- refining by replying to a result ---------------------------------------------------------------
     @commands.Cog.listener()
@@ -94,8 +96,9 @@ class EditCog(commands.Cog, name="Edit"):
         text = re.sub(rf"<@!?{self.bot.user.id}>", " ", message.content or "")
         if not text.strip():
             if self.bot.user in message.mentions:
-                await refuse_reply(self.bot, message, "Tell me what to change, e.g. `make it night`.",
-                                   reaction="\N{BLACK QUESTION MARK ORNAMENT}")
+                locale = message.guild.preferred_locale if message.guild is not None else None  # public
+                await refuse_reply(self.bot, message, i18n.text("edit.tell_me_what", locale),
+                                   reaction="\N{BLACK QUESTION MARK ORNAMENT}", locale=locale)
             return  # without the message content intent, only mentions carry text
         await job_requests.start_refine(self.bot, source, text, message.author, message.guild and message.guild.id,
                                         message.channel.id, reply_to=message)

@@ -53,6 +53,7 @@ class ModerationCog(commands.GroupCog, group_name="mgie-admin", name="Moderation
                        refine_depth: int | None = None, blocked_words: str | None = None,
                        flagged_outputs: str | None = None, previews: bool | None = None) -> None:
         changes: dict = {}
+        loc = interaction.locale
         if previews is not None:
             changes["previews"] = previews
         if allowed_channels is not None:
@@ -61,7 +62,7 @@ class ModerationCog(commands.GroupCog, group_name="mgie-admin", name="Moderation
             else:
                 ids = [int(x) for x in re.findall(r"\d{15,21}", allowed_channels)]
                 if not ids:
-                    await interaction.response.send_message("Give channel mentions (#channel) or 'all'.",
+                    await interaction.response.send_message(i18n.text("moderation.give_channels", loc),
                                                             ephemeral=True)
                     return
                 changes["allowed_channel_ids"] = ids
@@ -78,14 +79,16 @@ class ModerationCog(commands.GroupCog, group_name="mgie-admin", name="Moderation
             settings = (await self.bot.store.update_guild_settings(interaction.guild_id, **changes) if changes
                         else await self.bot.store.guild_settings(interaction.guild_id))
         except ValueError as err:
-            await interaction.response.send_message(str(err), ephemeral=True)
+            await interaction.response.send_message(_refused_setting(err, loc), ephemeral=True)
             return
-        channels = ", ".join(f"<#{c}>" for c in settings.allowed_channel_ids) or "every channel"
+        channels = (", ".join(f"<#{c}>" for c in settings.allowed_channel_ids)
+                    or i18n.text("moderation.every_channel", loc))
         await interaction.response.send_message(
-            f"**MGIE settings**\nChannels: {channels}\nMax steps: {settings.max_steps}\n"
-            f"Pending edits per user: {settings.user_pending_cap}\nRefine history depth: {settings.refine_depth}\n"
-            f"Blocked words: {_listed_words(settings)}\nFlagged results: {settings.flagged_outputs}"
-            + "\n" + _previews_line(settings, interaction.locale),
+            i18n.text("moderation.settings", loc, channels=channels, max_steps=settings.max_steps,
+                      pending=settings.user_pending_cap, depth=settings.refine_depth,
+                      blocked=_listed_words(settings, loc),
+                      flagged=i18n.text(f"moderation.flagged_{settings.flagged_outputs}", loc))
+            + "\n" + _previews_line(settings, loc),
             ephemeral=True)
 
     @app_commands.command(name="ban", description="Stop a user from using MGIE in this server (managers only)")
@@ -93,33 +96,33 @@ class ModerationCog(commands.GroupCog, group_name="mgie-admin", name="Moderation
     @app_commands.checks.has_permissions(manage_guild=True)
     async def ban(self, interaction: discord.Interaction, user: discord.User,
                   reason: app_commands.Range[str, 1, MAX_BAN_REASON_CHARS] | None = None) -> None:
+        loc = interaction.locale
         if user.id == interaction.user.id:
-            await interaction.response.send_message("You can't ban yourself.", ephemeral=True)
+            await interaction.response.send_message(i18n.text("moderation.cant_ban_self", loc), ephemeral=True)
             return
         store = self.bot.store
         if not await store.block_user(interaction.guild_id, user.id, reason=reason or "",
                                       blocked_by=interaction.user.id):
             earlier = await store.block_reason(interaction.guild_id, user.id)
-            why = f" (reason: {render.quote(earlier, 200)})" if earlier else ""
-            await interaction.response.send_message(f"{user.mention} is already banned from MGIE here{why}.",
-                                                    ephemeral=True)
+            why = i18n.text("moderation.ban_reason", loc, reason=render.quote(earlier, 200)) if earlier else ""
+            await interaction.response.send_message(i18n.text("moderation.already_banned", loc, user=user.mention,
+                                                              why=why), ephemeral=True)
             return
         # A ban should also stop what they already queued here, or a full queue keeps serving them.
         waiting = [j for j in await store.recent_jobs(user.id, limit=50)
                    if j.guild_id == interaction.guild_id and j.state in ("queued", "running")]
         cancelled = sum(self.bot.queue.cancel(j.id) for j in waiting)
-        note = f" Cancelled {cancelled} of their waiting edit(s)." if cancelled else ""
-        await interaction.response.send_message(f"🚫 {user.mention} can no longer use MGIE in this server.{note}",
+        note = i18n.text("moderation.ban_cancelled", loc, cancelled=cancelled) if cancelled else ""
+        await interaction.response.send_message(i18n.text("moderation.banned", loc, user=user.mention, note=note),
                                                 ephemeral=True)
 
     @app_commands.command(name="unban", description="Let a banned user use MGIE in this server again (managers only)")
     @app_commands.describe(user="Who may use MGIE here again")
     @app_commands.checks.has_permissions(manage_guild=True)
     async def unban(self, interaction: discord.Interaction, user: discord.User) -> None:
-        if await self.bot.store.unblock_user(interaction.guild_id, user.id):
-            message = f"✅ {user.mention} can use MGIE in this server again."
-        else:
-            message = f"{user.mention} was not banned from MGIE here."
+        key = "moderation.unbanned" if await self.bot.store.unblock_user(interaction.guild_id, user.id) \
+            else "moderation.not_banned"
+        message = i18n.text(key, interaction.locale, user=user.mention)
         await interaction.response.send_message(message, ephemeral=True)
 
 
@@ -128,15 +131,27 @@ def _previews_line(settings: GuildSettings, locale: object) -> str:
     return i18n.text("previews.setting_line", locale, state=state)
 
 
-def _listed_words(settings: GuildSettings) -> str:
+def _refused_setting(err: ValueError, locale: object) -> str:
+    """A setting the store refused (its English message, see bot/storage/guilds.py), in the reader's language."""
+    matched = i18n.match_english(str(err), ("moderation",))
+    if matched is None:
+        return str(err)
+    key, params = matched
+    label = "moderation.label_" + re.sub(r"\W+", "_", params.get("label", "").lower()).strip("_")
+    if label in i18n.catalogue(i18n.REFERENCE):
+        params["label"] = i18n.text(label, locale)
+    return i18n.text(key, locale, **params)
+
+
+def _listed_words(settings: GuildSettings, locale: object = None) -> str:
     """The list for the manager who set it, in spoilers (others may be looking at their screen), cut short."""
     if not settings.blocked_words:
-        return "none"
+        return i18n.text("moderation.none", locale)
     shown: list[str] = []
     for word in settings.blocked_words:
         item = f"||{render.quote(word, 100)}||"
         if sum(len(s) + 2 for s in shown) + len(item) > _LISTED_WORDS_CHARS:
-            shown.append(f"and {len(settings.blocked_words) - len(shown)} more")
+            shown.append(i18n.text("moderation.and_more", locale, more=len(settings.blocked_words) - len(shown)))
             break
         shown.append(item)
     return f"{len(settings.blocked_words)}: " + ", ".join(shown)

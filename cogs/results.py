@@ -6,13 +6,14 @@ Delete and Cancel are the requester's, or a moderator's (Manage Messages).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from typing import TYPE_CHECKING
 
 import discord
 from discord.ext import commands
 
-from bot import job_requests, render
+from bot import i18n, job_requests, render
 from bot.comparison import send_comparison
 from bot.deferred import answer_failure
 from bot.intake import Refusal
@@ -30,8 +31,10 @@ class RefineModal(discord.ui.Modal, title="Refine this edit"):
     instruction = discord.ui.TextInput(label="What should change next?", placeholder="now make it night",
                                        max_length=MAX_INSTRUCTION_CHARS, custom_id="instruction")
 
-    def __init__(self, bot: MgieBot, source: JobRecord) -> None:
-        super().__init__()
+    def __init__(self, bot: MgieBot, source: JobRecord, locale: object = None) -> None:
+        super().__init__(title=i18n.text("results.refine_title", locale))
+        self.instruction.label = i18n.text("results.refine_label", locale)
+        self.instruction.placeholder = i18n.text("results.refine_placeholder", locale)
         self.bot, self.source = bot, source
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
@@ -55,10 +58,12 @@ class ResultsCog(commands.Cog, name="Results"):
         """A press of one of a job's buttons (see bot.views.JobButton): check who may, then act on it."""
         source = await self.bot.store.get_job(job_id)
         if source is None:
-            await interaction.response.send_message("I have no record of that edit any more.", ephemeral=True)
+            await interaction.response.send_message(i18n.text("results.no_record", interaction.locale),
+                                                    ephemeral=True)
             return
         if action in OWNER_ONLY and interaction.user.id != source.user_id and not _is_moderator(interaction):
-            await interaction.response.send_message(f"Only <@{source.user_id}> or a moderator can do that.",
+            await interaction.response.send_message(i18n.text("results.owner_only", interaction.locale,
+                                                              owner=f"<@{source.user_id}>"),
                                                     ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
             return
         handler = getattr(self, f"_on_{action}")
@@ -79,8 +84,8 @@ class ResultsCog(commands.Cog, name="Results"):
 
     async def _on_refine(self, interaction: discord.Interaction, source: JobRecord) -> None:
         if source.state != "done":
-            raise Refusal("That edit has not finished yet.")
-        await interaction.response.send_modal(RefineModal(self.bot, source))
+            raise Refusal("results.not_finished")
+        await interaction.response.send_modal(RefineModal(self.bot, source, interaction.locale))
 
     async def _on_compare(self, interaction: discord.Interaction, source: JobRecord) -> None:
         # Anyone may look; the answer is private to whoever pressed (bot.comparison).
@@ -98,19 +103,21 @@ class ResultsCog(commands.Cog, name="Results"):
         shown = await self._shown_on(interaction.message, source)
         previous = await self.bot.store.get_job(shown.parent_id) if shown.parent_id else None
         if previous is None or previous.state != "done":
-            raise Refusal("This is the first edit of its chain, so there is nothing to undo; Delete removes it.")
+            raise Refusal("results.nothing_to_undo")
         data = await self.bot.store.read_image(previous.output_image)
         if data is None:
-            raise Refusal("The previous image is no longer stored.")
+            raise Refusal("results.previous_gone")
         filename = f"mgie-{previous.id[:8]}.png"
         # The message is about to show `previous`: replies and buttons on it act on that step.
         await self.bot.store.update_job(shown.id, result_message_id=None, status_message_id=None)
         await self.bot.store.update_job(previous.id, result_message_id=interaction.message.id)
         await interaction.response.edit_message(
-            content="↩️ Back to the previous step.",
-            embed=render.result_embed(previous, filename, self.bot.engine.random_weights),
+            content=i18n.text("results.back_to_previous", source.locale),
+            embed=render.result_embed(dataclasses.replace(previous, locale=source.locale), filename,
+                                      self.bot.engine.random_weights),
             attachments=[discord.File(io.BytesIO(data), filename=filename)],
-            view=result_view(previous.id, owner_job_id=source.id), allowed_mentions=discord.AllowedMentions.none())
+            view=result_view(previous.id, owner_job_id=source.id, locale=source.locale),
+            allowed_mentions=discord.AllowedMentions.none())
 
     async def _on_delete(self, interaction: discord.Interaction, source: JobRecord) -> None:
         shown = await self._shown_on(interaction.message, source)
@@ -122,8 +129,8 @@ class ResultsCog(commands.Cog, name="Results"):
 
     async def _on_cancel(self, interaction: discord.Interaction, source: JobRecord) -> None:
         if source.state not in ("queued", "running") or not self.bot.queue.cancel(source.id):
-            raise Refusal("That edit is no longer waiting or running.")
-        await interaction.response.send_message("Cancelling your edit.", ephemeral=True)
+            raise Refusal("results.not_running")
+        await interaction.response.send_message(i18n.text("results.cancelling", interaction.locale), ephemeral=True)
 
 
 async def setup(bot: MgieBot) -> None:

@@ -1,13 +1,25 @@
 """Typed errors whose messages are fit to show a user as they are.
 
 Callers (the CLI, the bot) catch :class:`MgieError` and show ``str(err)``; anything else is a bug.
+``str(err)`` is English (logs, the CLI). Errors a Discord user may see also carry a stable message ``key``
+and its ``params``, so the bot can show them in the reader's language (its catalogue, ``bot/i18n``, holds
+the English text under the same key); the engine itself knows nothing of languages.
 """
 
 from __future__ import annotations
 
 
 class MgieError(Exception):
-    """Base class: the message is written for the person who made the request."""
+    """Base class: the message is written for the person who made the request.
+
+    ``key`` (e.g. ``"engine.image_empty"``) names the message for translation, ``params`` fill its
+    placeholders; both are optional (an error without a key is shown in English).
+    """
+
+    def __init__(self, message: str = "", *, key: str | None = None, **params: object) -> None:
+        super().__init__(message)
+        self.key = key
+        self.params = params
 
 
 class BadImageError(MgieError):

@@ -29,8 +29,10 @@ def user_error(err: BaseException) -> MgieError:
     if isinstance(err, MgieError):
         return err
     if is_out_of_memory(err):
-        return MgieError("The GPU ran out of memory for this edit; try a smaller image or fewer steps.")
-    return MgieError(f"Something went wrong on the GPU ({type(err).__name__}); the error is logged.")
+        return MgieError("The GPU ran out of memory for this edit; try a smaller image or fewer steps.",
+                         key="engine.gpu_out_of_memory")
+    return MgieError(f"Something went wrong on the GPU ({type(err).__name__}); the error is logged.",
+                     key="engine.gpu_failed", error=type(err).__name__)
 
 
 def free_memory() -> None:

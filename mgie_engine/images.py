@@ -70,28 +70,35 @@ def _read_input(data: bytes | bytearray | memoryview | str | os.PathLike[str], m
         try:
             size = os.stat(data).st_size
             if size > max_bytes:
-                raise BadImageError(f"That file is too large ({_mb(size)}); the limit is {_mb(max_bytes)}.")
+                raise _too_large(size, max_bytes)
             with open(data, "rb") as fh:
                 # Read one byte past the cap so a file that grew after stat() is still caught.
                 raw = fh.read(max_bytes + 1)
         except BadImageError:
             raise
         except OSError as exc:
-            raise BadImageError("I couldn't open that file; check that it exists and is readable.") from exc
+            raise BadImageError("I couldn't open that file; check that it exists and is readable.",
+                                key="engine.image_unreadable") from exc
     else:
         raise TypeError(f"load_image() takes bytes or a path, not {type(data).__name__}")
     if not raw:
-        raise BadImageError("That file is empty.")
+        raise BadImageError("That file is empty.", key="engine.image_empty")
     if len(raw) > max_bytes:
-        raise BadImageError(f"That file is too large ({_mb(len(raw))}); the limit is {_mb(max_bytes)}.")
+        raise _too_large(len(raw), max_bytes)
     return raw
 
 
 def _too_many_pixels(width: int, height: int, max_pixels: int) -> BadImageError:
     return BadImageError(
         f"That image is too large ({width}x{height} pixels); the size limit is "
-        f"{max_pixels / 1_000_000:g} megapixels."
+        f"{max_pixels / 1_000_000:g} megapixels.",
+        key="engine.image_too_many_pixels", width=width, height=height, megapixels=f"{max_pixels / 1_000_000:g}"
     )
+
+
+def _too_large(size: int, max_bytes: int) -> BadImageError:
+    return BadImageError(f"That file is too large ({_mb(size)}); the limit is {_mb(max_bytes)}.",
+                         key="engine.image_too_large", size=_mb(size), limit=_mb(max_bytes))
 
 
 def _flatten_on_white(image: Image.Image) -> Image.Image:
@@ -204,7 +211,7 @@ def load_image(
         with Image.open(io.BytesIO(raw), formats=SUPPORTED_FORMATS) as image:
             width, height = image.size
             if width <= 0 or height <= 0:
-                raise BadImageError(_DAMAGED)
+                raise BadImageError(_DAMAGED, key="engine.image_damaged")
             if width * height > max_pixels:
                 raise _too_many_pixels(width, height, max_pixels)
             factor = _reduce_factor(width, height, reduce_to)
@@ -223,12 +230,13 @@ def load_image(
         if Image.MAX_IMAGE_PIXELS:
             limit = min(limit, 2 * Image.MAX_IMAGE_PIXELS)
         raise BadImageError(
-            f"That image is too large; the size limit is {limit / 1_000_000:g} megapixels."
+            f"That image is too large; the size limit is {limit / 1_000_000:g} megapixels.",
+            key="engine.image_over_megapixels", megapixels=f"{limit / 1_000_000:g}"
         ) from exc
     except UnidentifiedImageError as exc:
-        raise BadImageError(_NOT_AN_IMAGE) from exc
+        raise BadImageError(_NOT_AN_IMAGE, key="engine.image_not_an_image") from exc
     except _DECODE_ERRORS as exc:
-        raise BadImageError(_DAMAGED) from exc
+        raise BadImageError(_DAMAGED, key="engine.image_damaged") from exc
 
 
 def fit_size(width: int, height: int, max_side: int = 512, multiple: int = 8) -> tuple[int, int]:
@@ -252,12 +260,14 @@ def fit_size(width: int, height: int, max_side: int = 512, multiple: int = 8) ->
     if max_side < 1:
         raise ValueError(f"max_side must be >= 1, got {max_side}")
     if width < 1 or height < 1:
-        raise BadImageError(f"That image has no pixels ({width}x{height}).")
+        raise BadImageError(f"That image has no pixels ({width}x{height}).", key="engine.image_no_pixels",
+                            width=width, height=height)
     long_side, short_side = max(width, height), min(width, height)
     if long_side > MAX_ASPECT_RATIO * short_side:
         raise BadImageError(
             f"That image is too long and thin ({width}x{height}); I can edit images up to "
-            f"{MAX_ASPECT_RATIO}:1, so please crop it first."
+            f"{MAX_ASPECT_RATIO}:1, so please crop it first.",
+            key="engine.image_too_thin", width=width, height=height, ratio=MAX_ASPECT_RATIO
         )
     cap = max(max_side // multiple * multiple, multiple)
     scale = min(1.0, cap / long_side)

@@ -18,13 +18,14 @@ def normalize_instruction(text: str, max_chars: int = MAX_INSTRUCTION_CHARS) -> 
     whitespace collapse to one space, and the length is checked after that clean-up.
     """
     if not isinstance(text, str):
-        raise BadRequestError("The instruction must be text.")
+        raise BadRequestError("The instruction must be text.", key="engine.instruction_not_text")
     kept = "".join(" " if ch.isspace() else ch for ch in text if unicodedata.category(ch) not in _IGNORED_CATEGORIES or ch.isspace())
     cleaned = re.sub(r"\s+", " ", kept).strip()
     if not cleaned:
-        raise BadRequestError("Please describe the edit, e.g. 'make the sky a sunset'.")
+        raise BadRequestError("Please describe the edit, e.g. 'make the sky a sunset'.", key="engine.instruction_empty")
     if len(cleaned) > max_chars:
-        raise BadRequestError(f"The instruction is too long ({len(cleaned)} characters); keep it under {max_chars}.")
+        raise BadRequestError(f"The instruction is too long ({len(cleaned)} characters); keep it under {max_chars}.",
+                              key="engine.instruction_too_long", length=len(cleaned), limit=max_chars)
     return cleaned
 
 

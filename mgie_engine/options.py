@@ -34,11 +34,15 @@ def check_options(text_cfg: float, image_cfg: float, steps: int, seed: int) -> N
         # float exactly, and NaN fails every comparison, so the bounds check alone refuses nan and inf.
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not ok or not bounds[0] <= value <= bounds[1]:
-            raise BadRequestError(f"{name} must be between {bounds[0]:g} and {bounds[1]:g} (got {_shown(value)}).")
+            raise BadRequestError(f"{name} must be between {bounds[0]:g} and {bounds[1]:g} (got {_shown(value)}).",
+                                  key="engine.option_out_of_range", name=name, low=f"{bounds[0]:g}",
+                                  high=f"{bounds[1]:g}", value=_shown(value))
 
     within("text_cfg", text_cfg, TEXT_CFG_RANGE)
     within("image_cfg", image_cfg, IMAGE_CFG_RANGE)
     if not isinstance(steps, int) or isinstance(steps, bool) or not STEPS_RANGE[0] <= steps <= STEPS_RANGE[1]:
-        raise BadRequestError(f"steps must be a whole number from {STEPS_RANGE[0]} to {STEPS_RANGE[1]}.")
+        raise BadRequestError(f"steps must be a whole number from {STEPS_RANGE[0]} to {STEPS_RANGE[1]}.",
+                              key="engine.steps_out_of_range", low=STEPS_RANGE[0], high=STEPS_RANGE[1])
     if not isinstance(seed, int) or isinstance(seed, bool) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-        raise BadRequestError(f"seed must be a whole number from 0 to {SEED_RANGE[1]}.")
+        raise BadRequestError(f"seed must be a whole number from 0 to {SEED_RANGE[1]}.", key="engine.seed_out_of_range",
+                              high=SEED_RANGE[1])

@@ -50,6 +50,7 @@ class JobRecord:
     history_depth: int = 0  # how many earlier turns went into the prompt
     llm_cached: bool = False
     flagged: bool = False  # the safety check flagged the output
+    locale: str | None = None  # the requester's Discord locale: the language of the job's messages
 
 
 @dataclasses.dataclass(frozen=True)

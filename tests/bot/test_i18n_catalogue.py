@@ -52,3 +52,15 @@ def test_text_fills_placeholders_and_falls_back_to_english() -> None:
     assert i18n.text("common.random_weights", "ko") == i18n.text("common.random_weights")
     with pytest.raises(KeyError):
         i18n.text("common.no_such_message", "de")
+
+
+@pytest.mark.parametrize("language", list(i18n.LANGUAGES))
+def test_texts_with_discord_length_limits_fit_in_every_language(language: str) -> None:
+    """Modal titles and text-input labels take 45 characters at most, button labels 80."""
+    messages = i18n.catalogue(language)
+    limits = {key: 45 for key in ("edit.modal_title", "edit.modal_label", "results.refine_title",
+                                  "results.refine_label")}
+    limits.update({key: 80 for key in messages if key.startswith("results.button_") or key.startswith("admin.forget_y")
+                   or key == "admin.forget_no"})
+    too_long = {key: len(messages[key]) for key, limit in limits.items() if len(messages[key]) > limit}
+    assert not too_long, f"{language}: {too_long}"

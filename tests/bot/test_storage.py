@@ -58,7 +58,7 @@ async def test_job_round_trip_all_fields(store):
         expressive="A night sky with fireworks.", error="boom", state="failed", created_at=1000.5,
         started_at=1001.25, finished_at=1010.75, application_id=555, interaction_token="tok.en",
         token_created_at=1000.0, status_message_id=777, result_message_id=888, reply_to_message_id=999,
-        history_depth=2, llm_cached=True, flagged=True,
+        history_depth=2, llm_cached=True, flagged=True, locale="ja",
     )
     # Every field differs from its default, so a dropped column would show up.
     for field in dataclasses.fields(JobRecord):

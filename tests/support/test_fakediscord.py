@@ -541,3 +541,23 @@ def test_apply_endpoints_round_trip() -> None:
         apply_endpoints(None, None)
     assert Route.BASE == "https://discord.com/api/v10"
     assert str(DiscordWebSocket.DEFAULT_GATEWAY) == "wss://gateway.discord.gg/"
+
+
+def test_command_localizations_are_checked_like_discord_does() -> None:
+    """Localized names follow the name rules, keys are Discord's locales, descriptions stay <= 100."""
+    from fakediscord.validation import check_command
+
+    good = {"name": "edit", "description": "Edit", "type": 1,
+            "name_localizations": {"de": "bearbeiten", "ja": "編集"}, "description_localizations": {"fr": "Modifie"},
+            "options": [{"name": "image", "description": "The image", "type": 11, "required": True,
+                         "name_localizations": {"es-ES": "imagen"}}]}
+    check_command(good)
+    for key, value in (("name_localizations", {"de": "Bild Bearbeiten"}),  # a space and capitals
+                         ("name_localizations", {"german": "bearbeiten"}),  # not a Discord locale
+                         ("description_localizations", {"fr": "x" * 101})):
+        with pytest.raises(errors.ApiError) as caught:
+            check_command(dict(good, **{key: value}))
+        assert caught.value.status == 400
+    bad_option = dict(good, options=[dict(good["options"][0], name_localizations={"ja": "画 像"})])
+    with pytest.raises(errors.ApiError):
+        check_command(bad_option)

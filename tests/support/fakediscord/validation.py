@@ -19,6 +19,10 @@ MAX_EMBED_TOTAL = 6000
 MAX_FILES = 10
 
 _COMMAND_NAME = re.compile(r"^[-_'\w]{1,32}$", re.UNICODE)
+# Discord's locales (https://discord.com/developers/docs/reference#locales): the keys localizations may use.
+LOCALES = frozenset({"id", "da", "de", "en-GB", "en-US", "es-ES", "es-419", "fr", "hr", "it", "lt", "hu", "nl", "no",
+                     "pl", "pt-BR", "ro", "fi", "sv-SE", "vi", "tr", "cs", "el", "bg", "ru", "uk", "hi", "th",
+                     "zh-CN", "ja", "zh-TW", "ko"})
 
 # Components allowed at top level of a message without / with the Components V2 flag.
 _V1_TOP = {1}
@@ -275,6 +279,28 @@ def check_command(cmd: dict[str, Any], path: str = "") -> None:
         if cmd.get("description"):
             errs.add(f"{prefix}description", "APPLICATION_COMMAND_DESCRIPTION_INVALID", "Context menu commands cannot have a description")
 
+    def check_localizations(p: str, item: dict[str, Any], *, chat_name: bool, name_limit: int = 32) -> None:
+        """name_localizations / description_localizations: known locales, and each value obeys the rules
+        of the field it localizes (a chat-input name the name regex in lowercase, descriptions <= 100)."""
+        for field, limit in (("name_localizations", name_limit), ("description_localizations", 100)):
+            values = item.get(field) or {}
+            if not isinstance(values, dict):
+                errs.add(f"{p}{field}", "DICT_TYPE_CONVERT", "Only dictionaries may be used in a DictType")
+                continue
+            for locale, value in values.items():
+                lp = f"{p}{field}.{locale}"
+                if locale not in LOCALES:
+                    errs.add(lp, "LOCALE_INVALID", f"Invalid locale: {locale!r}")
+                if not isinstance(value, str) or not value:
+                    errs.required(lp)
+                    continue
+                errs.max_len(lp, value, limit)
+                if field == "name_localizations" and chat_name and (not _COMMAND_NAME.match(value)
+                                                                   or value != value.lower()):
+                    errs.add(lp, "APPLICATION_COMMAND_INVALID_NAME", "Command name is invalid")
+
+    check_localizations(prefix, cmd, chat_name=ctype == 1)
+
     def check_options(options: list[dict[str, Any]], p: str, depth: int) -> None:
         if len(options) > 25:
             errs.add(p, "BASE_TYPE_MAX_LENGTH", "Must be 25 or fewer in length.")
@@ -288,6 +314,9 @@ def check_command(cmd: dict[str, Any], path: str = "") -> None:
             if oname in names:
                 errs.add(f"{op}.name", "APPLICATION_COMMAND_OPTIONS_NAME_ALREADY_EXISTS", "Option name already exists")
             names.add(oname)
+            check_localizations(f"{op}.", opt, chat_name=True)
+            for k, choice in enumerate(opt.get("choices") or []):
+                check_localizations(f"{op}.choices.{k}.", choice, chat_name=False, name_limit=100)
             if not opt.get("description"):
                 errs.required(f"{op}.description")
             errs.max_len(f"{op}.description", opt.get("description"), 100)
