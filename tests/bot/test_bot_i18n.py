@@ -64,7 +64,7 @@ async def test_a_japanese_users_progress_result_and_buttons_are_in_japanese(worl
         assert msg.embeds[0]["description"].startswith("**詳しい指示：**")
         assert msg.embeds[0]["footer"]["text"].startswith("ジョブ ")
         assert "ランダムなテスト用の重み" in msg.embeds[0]["footer"]["text"]
-        assert labels(msg) == {"振り直し", "もっと強く", "元画像に近づける", "調整", "元に戻す", "削除"}
+        assert labels(msg) == {"振り直し", "もっと強く", "元画像に近づける", "調整", "比較", "元に戻す", "削除"}
         assert (await bot.store.job_by_message(msg.id)).locale == "ja"
 
         # A re-roll pressed by her: its "why" is in Japanese as well.
