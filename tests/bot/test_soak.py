@@ -20,6 +20,8 @@ from bigimages import png_16bit_rgba
 from botharness import bot_running, make_config, png_bytes
 from faults import inject_faults
 
+from bot import i18n
+
 pytest_plugins = ["fakediscord.fixtures"]
 
 USERS, EDITS_PER_USER, FLOOD_PER_USER, PENDING_CAP, HUGE_UPLOADS = 50, 6, 10, 3, 3
@@ -41,6 +43,13 @@ def _outcome(inter) -> str:
     if inter.original and not inter.original.ephemeral and "couldn't finish" in (inter.original.content or ""):
         return "failed with message"
     return "refused"  # privately: a refusal at the check, or a failure told after a defer
+
+
+RESTARTING = i18n.text("errors.restarting")
+
+
+def _private_texts(inter) -> list[str]:
+    return [m.content for m in [*inter.messages, *inter.followups] if m.ephemeral]
 
 
 def _rss_mib() -> float:
@@ -72,7 +81,7 @@ async def test_soak(fake_endpoints, tmp_path, tiny_models):
 
     images = [png_bytes(32 + 8 * (i % 3), 32, i) for i in range(8)]
     huge = png_16bit_rgba()
-    interactions, outcomes = [], {}
+    interactions, outcomes, restart_refusals = [], {}, []
     online = asyncio.Event()
     online.set()
     finished = 0
@@ -93,14 +102,22 @@ async def test_soak(fake_endpoints, tmp_path, tiny_models):
 
     async def user_loop(index: int, user) -> None:
         nonlocal finished
-        for n in range(EDITS_PER_USER):
+        n = 0
+        while n < EDITS_PER_USER:
             await online.wait()
             att = fake.upload_user_attachment(channel, "in.png", images[(index + n) % len(images)])
             inter = await fake.slash(user, channel, "edit", {"image": att, "instruction": f"edit {n} of {user.username}",
                                                             "steps": 2, "seed": index * 100 + n})
+            outcome = await settle(inter)
+            if outcome == "refused" and _private_texts(inter) == [RESTARTING]:
+                # Sent while the bot was shutting down: told to retry, as a user would (nothing was stored).
+                restart_refusals.append(inter)
+                await asyncio.sleep(0.5)
+                continue
             interactions.append(inter)
-            outcomes[inter.id] = await settle(inter)
+            outcomes[inter.id] = outcome
             finished += 1
+            n += 1
 
     rss_before = None
     async with bot_running(fake, config, tiny_models) as bot:
@@ -145,7 +162,8 @@ async def test_soak(fake_endpoints, tmp_path, tiny_models):
     report = (f"soak: submitted {submitted}, completed {done}, failed with a message {failed}, refused {refused}, "
               f"lost {lost}, flood places per user {min(accepted.values())}-{max(accepted.values())}, "
               f"max heartbeat gap {fake.max_heartbeat_gap():.2f} s, max first acknowledgement {max_ack:.2f} s, "
-              f"memory {rss_before:.0f} -> {rss_after:.0f} MiB, {len(injected)} OOMs injected, store {counts}")
+              f"memory {rss_before:.0f} -> {rss_after:.0f} MiB, {len(injected)} OOMs injected, store {counts}, "
+              f"{len(restart_refusals)} sent during the restart and retried")
     print(report)
     assert submitted == USERS * (EDITS_PER_USER + FLOOD_PER_USER)
     assert injected and fake.gateway.resume_count >= 1  # the faults did happen
@@ -154,8 +172,7 @@ async def test_soak(fake_endpoints, tmp_path, tiny_models):
     assert max(peak_pending.values()) <= PENDING_CAP
     assert min(accepted.values()) >= 1 and max(accepted.values()) <= PENDING_CAP
     flood_ids = {inter.id for _, inter in sent}
-    odd = [[m.content for m in [*i.messages, *i.followups] if m.ephemeral] for i in interactions
-           if i.id not in flood_ids and outcomes[i.id] == "refused"]
+    odd = [_private_texts(i) for i in interactions if i.id not in flood_ids and outcomes[i.id] == "refused"]
     assert refused == USERS * FLOOD_PER_USER - sum(accepted.values()), f"one-at-a-time edits refused: {odd}"
     assert max_ack < 3.0
     assert counts["queued"] == 0 and counts["running"] == 0
