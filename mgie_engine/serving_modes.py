@@ -12,18 +12,18 @@ compiled: the switch is at a step boundary, and no job waits for it. The guidanc
 
 Where the compile runs. When the card has room for a second copy of the models, a child process compiles
 first (compile_child.py: ``compile_phase`` "child") while this process serves eagerly and compiles
-nothing; then the compile thread here runs the same warm-up with hot caches (``compile_phase``
+nothing (the device takes no turns yet, so the eager pipeline records its own CUDA graphs); then the compile thread here runs the same warm-up with hot caches (``compile_phase``
 "in-process"): its graphs must be recorded in this process, where they are replayed. A 24-48 GB card has
 no room for the child, and a warm cache needs none: the compile thread then compiles from the start.
 
 The compile thread and the GIL. Inductor lowers under a process-wide lock and triton compiles in its own
 subprocesses, so the compile thread competes with the serving thread mostly for the GIL, and loses it
-badly: on an H200 (bench/results/NVIDIA_H200-coldstart-b8-first.*, full-size models, MGIE_MAX_BATCH=8,
+badly (the likeliest cause; the GPU run after this change measures it): on an H200 (bench/results/NVIDIA_H200-coldstart-b8-first.*, full-size models, MGIE_MAX_BATCH=8,
 first start) eager edits took 15-105 s during the compile instead of ~3.6 s alone. torch releases the GIL
 around each op, so a launch-bound eager step hands it over thousands of times, and each time waits for the
 CPU-bound compile thread to drop it: up to ``sys.getswitchinterval()``, 5 ms by default. While the
 compile thread runs, the interval is shortened (MGIE_COMPILE_SWITCH_INTERVAL, default 0.5 ms; restored
-after; ``shorter_switch_interval``), which bounds each handover tenfold shorter at the cost of more
+after; ``shorter_switch_interval``), so each handover waits at most that long, at the cost of more
 switches for the compile.
 
 What must not overlap is CUDA-graph capture with other work on the device: device_turns.py makes
