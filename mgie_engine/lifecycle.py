@@ -61,7 +61,8 @@ def load(settings: EngineSettings, name: str, capacity: int, loader: Callable[[E
         eager = new_pipeline(settings, models, compile_unet=False)
         eager.language.cache = pipeline.language.cache  # one guidance cache whichever mode serves
         publish(eager)
-        child = plan_compile_child(settings, models, capacity, folder, child_launcher, modes)
+        child = plan_compile_child(settings, models, capacity, folder, child_launcher, modes,
+                                   custom_models=loader is not None)
         compile_in_background(name, pipeline, capacity, modes, lambda: prepare_thread(settings), folder,
                               child=child, switch_interval=settings.compile_switch_interval)
     else:
@@ -75,14 +76,19 @@ def load(settings: EngineSettings, name: str, capacity: int, loader: Callable[[E
 
 
 def plan_compile_child(settings: EngineSettings, models: MgieModels, capacity: int, folder: Path | None,
-                       launcher: ChildLauncher | None, modes: ServingModes) -> ChildRun | None:
+                       launcher: ChildLauncher | None, modes: ServingModes,
+                       custom_models: bool = False) -> ChildRun | None:
     """The compile child to run first, or None: MGIE_COMPILE_CHILD, the free device memory against the
-    weights' size, a warm cache (compile_child.decide). It needs the kept cache folder to share."""
+    weights' size, a warm cache (compile_child.decide). It needs the kept cache folder to share, and
+    models it can load itself from the settings: not a custom loader's (the benches'), unless the
+    caller gives the child's ``launcher`` too."""
     from . import compile_child
     from .compile_cache import ARTIFACTS_FILE
 
     if folder is None:
         use, why = False, "no compile cache folder to share"
+    elif custom_models and launcher is None:
+        use, why = False, "the models come from a custom loader, which a child cannot run"
     else:
         free = compile_child.free_bytes(models.device) if settings.compile_child is None else None
         weights = compile_child.model_bytes(models) if free is not None else 0
