@@ -102,14 +102,17 @@ async def child(args: argparse.Namespace) -> int:
     queue = JobQueue(pool.workers, on_event=on_event, max_total=1000)
     queue.start()
     stop = asyncio.Event()
-    seen = {"state": None, "mode": None}
+    seen = {"state": None, "mode": None, "phase": None}
     final_at: list[float] = []
 
     def note(state: str, info: dict) -> None:
-        if (state, info.get("mode")) != (seen["state"], seen["mode"]):
-            seen.update(state=state, mode=info.get("mode"))
-            log.write("worker", state=state, mode=info.get("mode"), info=_jsonable(info))
-            print(f"[child] worker {state} mode={info.get('mode')}", flush=True)
+        # compile_phase: "child" (a compile child runs), then "in-process" (lifecycle, compile_child.py)
+        if (state, info.get("mode"), info.get("compile_phase")) != (seen["state"], seen["mode"], seen["phase"]):
+            seen.update(state=state, mode=info.get("mode"), phase=info.get("compile_phase"))
+            log.write("worker", state=state, mode=info.get("mode"), compile_phase=info.get("compile_phase"),
+                      info=_jsonable(info))
+            print(f"[child] worker {state} mode={info.get('mode')} compile_phase={info.get('compile_phase')}",
+                  flush=True)
         if not final_at and final_mode(info, state):
             final_at.append(time.time())
 
@@ -147,6 +150,7 @@ async def child(args: argparse.Namespace) -> int:
         done = time.time()
         log.write("edit", n=n, submitted=submitted, done=done, latency=done - submitted, ok=event.kind == "done",
                   error=event.error, mode_at_submit=mode_at_submit, mode_at_done=seen["mode"],
+                  compile_phase_at_done=seen["phase"],
                   state_at_done=seen["state"], after_final=counted)
         print(f"[child] edit {n}: {done - submitted:.2f} s ({event.kind}, mode {seen['mode']}), "
               f"{done - args.launched:.1f} s since launch", flush=True)
@@ -184,7 +188,8 @@ def summarize(events: list[dict], launched: float, steady_edits: int) -> dict:
 
     edits = [{"n": e["n"], "submitted_s": e["submitted"] - launched, "done_s": e["done"] - launched,
               "latency_s": e["latency"], "ok": e["ok"], "error": e["error"], "mode_at_submit": e["mode_at_submit"],
-              "mode_at_done": e["mode_at_done"], "after_final_mode": e["after_final"]}
+              "mode_at_done": e["mode_at_done"], "compile_phase_at_done": e.get("compile_phase_at_done"),
+              "after_final_mode": e["after_final"]}
              for e in events if e["event"] == "edit"]
     finished = next((e for e in events if e["event"] == "finished"), {})
     ready = next((e["t"] - launched for e in events if e["event"] == "worker" and e["state"] == "ready"), None)
@@ -201,8 +206,8 @@ def summarize(events: list[dict], launched: float, steady_edits: int) -> dict:
         "first_edit_latency_s": served["latency_s"] if served else None,
         "steady_latency_s": steady_latency, "steady_edits": len(steady),
         "full_speed_s": full["done_s"] if full else None,
-        "modes": [{"at_s": e["t"] - launched, "state": e["state"], "mode": e["mode"]}
-                  for e in events if e["event"] == "worker"],
+        "modes": [{"at_s": e["t"] - launched, "state": e["state"], "mode": e["mode"],
+                   "compile_phase": e.get("compile_phase")} for e in events if e["event"] == "worker"],
         "edits": edits, "failed_edits": sum(not e["ok"] for e in edits),
         "unfinished_edit": any(e["event"] == "edit_unfinished" for e in events),
         "worker_error": next((e["error"] for e in events if e["event"] == "worker_failed"), None),

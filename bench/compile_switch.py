@@ -45,7 +45,7 @@ async def run(args: argparse.Namespace) -> dict:
         k, after = k + 1, after + worker.modes.settled.is_set()
     info = worker.info()
     summary.update(mode=info["mode"], compiles_in_service=info["compiles"], compile_s=info.get("compile_seconds"),
-                   compile_error=info.get("compile_error"))
+                   compile_error=info.get("compile_error"), compile_child=info.get("compile_child"))
     worker.shutdown()
     summary["joined"] = worker.join(60)
     return summary

@@ -6,7 +6,12 @@ a device synchronize, a ``cudaFree`` or an allocator pool switch in one thread i
 another. So while a device has a background compile:
 
 - the compile thread records CUDA graphs (inductor's cudagraph trees, ``graphs.GraphedCall``, the
-  decoder's graphs) only inside ``capturing(device)``, a turn it takes around each recording;
+  decoder's graphs) only inside ``capturing(device)``, a turn it takes around each recording and
+  around inductor's later warm-up runs (short: a graph's kernels run once);
+- it never holds the turn around anything that can compile: each graph's function has run once outside
+  the turn before its recording (``GraphedCall`` and the decoder run it on a side stream; inductor's
+  first warm-up run of a function, which builds its triton kernels on first launch and autotunes them,
+  runs outside it too), so the serving loop waits at most for one recording, never for a compile;
 - the serving loop holds the same turn around each of its loop's GPU work (``serving``), so a recording
   never overlaps its kernels or frees;
 - the serving thread records no CUDA graph itself (``may_record`` is False for it), since the compile
@@ -131,25 +136,48 @@ def _in_turn(method: Callable, device_of: Callable[..., Any]) -> Callable:
     return wrapped
 
 
+def _warm_in_turn(method: Callable) -> Callable:
+    """``run_eager(self, new_inputs, function_id)`` in the turn only once the function has run before: its
+    first run may build triton kernels (they compile at first launch) and autotune them, which takes
+    seconds to minutes, and is no recording (other threads' work may overlap it)."""
+    @functools.wraps(method)
+    def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+        function_id = args[1] if len(args) > 1 else kwargs.get("function_id")
+        if function_id not in getattr(self, "warmed_up_functions", ()):
+            return method(self, *args, **kwargs)
+        with capturing(self.device_index):
+            return method(self, *args, **kwargs)
+
+    wrapped._mgie_turns = True  # type: ignore[attr-defined]
+    return wrapped
+
+
+def take_turns_in(manager: type) -> list[str]:
+    """Wrap a cudagraph-tree manager class (inductor's ``CUDAGraphTreeManager``) so its recordings and
+    its later warm-up runs take the device's turn; returns the names wrapped."""
+    wrapped = []
+    for name, wrap in (("record_function", lambda m: _in_turn(m, lambda self, *a, **k: self.device_index)),
+                       ("run_eager", _warm_in_turn)):
+        method = getattr(manager, name, None)
+        if method is not None and not getattr(method, "_mgie_turns", False):
+            setattr(manager, name, wrap(method))
+            wrapped.append(name)
+    init = manager.__init__
+    if not getattr(init, "_mgie_turns", False):  # it records an empty graph to set up its memory pool
+        manager.__init__ = _in_turn(init, lambda self, device_index, *a, **k: device_index)
+        wrapped.append("__init__")
+    return wrapped
+
+
 @functools.cache
 def install_inductor_turns() -> bool:
-    """Make inductor's cudagraph trees take the device's turn around their recordings and warm-up runs
-    (private torch API: when it is missing, say so and go on; recordings then only rely on their
+    """Make inductor's cudagraph trees take the device's turn around their recordings and later warm-up
+    runs (``take_turns_in``; private torch API: when it is missing, say so and go on; recordings then only rely on their
     thread-local capture mode)."""
     try:
         from torch._inductor import cudagraph_trees as trees
 
-        manager = trees.CUDAGraphTreeManager
-        wrapped = []
-        for name in ("record_function", "run_eager"):
-            method = getattr(manager, name, None)
-            if method is not None and not getattr(method, "_mgie_turns", False):
-                setattr(manager, name, _in_turn(method, lambda self, *a, **k: self.device_index))
-                wrapped.append(name)
-        init = manager.__init__
-        if not getattr(init, "_mgie_turns", False):  # it records an empty graph to set up its memory pool
-            manager.__init__ = _in_turn(init, lambda self, device_index, *a, **k: device_index)
-            wrapped.append("__init__")
+        wrapped = take_turns_in(trees.CUDAGraphTreeManager)
     except Exception:
         log.warning("could not make inductor's CUDA-graph recordings take turns with the serving loop",
                     exc_info=True)

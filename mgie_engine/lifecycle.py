@@ -1,5 +1,6 @@
 """A worker's start: the worker thread's CUDA set-up, loading the models, and the compile warm-up (in the
-background, while the eager pipeline serves: serving_modes.py)."""
+background, while the eager pipeline serves: serving_modes.py; first in a child process when the card has
+room for one: compile_child.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from .settings import EngineSettings
 if TYPE_CHECKING:
     import torch
 
+    from .compile_child import ChildLauncher, ChildRun
     from .models import MgieModels
     from .pipeline import MgiePipeline
 
@@ -35,10 +37,12 @@ def prepare_thread(settings: EngineSettings) -> None:
 
 
 def load(settings: EngineSettings, name: str, capacity: int, loader: Callable[[EngineSettings], MgieModels] | None,
-         publish: Callable[[MgiePipeline], None], modes: ServingModes | None = None) -> SafetyCheck | None:
+         publish: Callable[[MgiePipeline], None], modes: ServingModes | None = None,
+         child_launcher: ChildLauncher | None = None) -> SafetyCheck | None:
     """Load the models and publish the pipeline that serves first. When the worker compiles (MGIE_COMPILE,
     ``EngineSettings.compile_on``), that is an eager pipeline, and the compiled one warms up in the
-    background (serving_modes.py; ``modes`` says which serves). Returns the optional safety check.
+    background (serving_modes.py; ``modes`` says which serves), after a compile child when one fits
+    (MGIE_COMPILE_CHILD; ``child_launcher`` says how to start it). Returns the optional safety check.
     Raises whatever loading raises."""
     from .models import load_models
 
@@ -57,7 +61,10 @@ def load(settings: EngineSettings, name: str, capacity: int, loader: Callable[[E
         eager = new_pipeline(settings, models, compile_unet=False)
         eager.language.cache = pipeline.language.cache  # one guidance cache whichever mode serves
         publish(eager)
-        compile_in_background(name, pipeline, capacity, modes, lambda: prepare_thread(settings), folder)
+        child = plan_compile_child(settings, models, capacity, folder, child_launcher, modes,
+                                   custom_models=loader is not None)
+        compile_in_background(name, pipeline, capacity, modes, lambda: prepare_thread(settings), folder,
+                              child=child, switch_interval=settings.compile_switch_interval)
     else:
         publish(pipeline)
         modes.eager_only()
@@ -68,6 +75,32 @@ def load(settings: EngineSettings, name: str, capacity: int, loader: Callable[[E
     return None
 
 
+def plan_compile_child(settings: EngineSettings, models: MgieModels, capacity: int, folder: Path | None,
+                       launcher: ChildLauncher | None, modes: ServingModes,
+                       custom_models: bool = False) -> ChildRun | None:
+    """The compile child to run first, or None: MGIE_COMPILE_CHILD, the free device memory against the
+    weights' size, a warm cache (compile_child.decide). It needs the kept cache folder to share, and
+    models it can load itself from the settings: not a custom loader's (the benches'), unless the
+    caller gives the child's ``launcher`` too."""
+    from . import compile_child
+    from .compile_cache import ARTIFACTS_FILE
+
+    if folder is None:
+        use, why = False, "no compile cache folder to share"
+    elif custom_models and launcher is None:
+        use, why = False, "the models come from a custom loader, which a child cannot run"
+    else:
+        free = compile_child.free_bytes(models.device) if settings.compile_child is None else None
+        weights = compile_child.model_bytes(models) if free is not None else 0
+        use, why = compile_child.decide(settings.compile_child, weights, free, (folder / ARTIFACTS_FILE).is_file())
+    if not use:
+        log.info("compiling in this process (no compile child: %s)", why)
+        modes.child_outcome = f"not used: {why}"
+        return None
+    log.info("compiling in a child process first (%s)", why)
+    return compile_child.ChildRun(launcher or compile_child.ChildLauncher(), settings, capacity, folder)
+
+
 def new_pipeline(settings: EngineSettings, models: MgieModels, compile_unet: bool) -> MgiePipeline:
     """A pipeline on loaded models with the worker's settings."""
     from .pipeline import MgiePipeline
@@ -75,13 +108,15 @@ def new_pipeline(settings: EngineSettings, models: MgieModels, compile_unet: boo
     return MgiePipeline(models, max_side=settings.max_side, compile_unet=compile_unet, offload=settings.offload)
 
 
-def prepare_compile_cache(settings: EngineSettings, device: torch.device, capacity: int) -> Path | None:
-    """Point torch at this worker's kept compile cache and load its saved artifacts (compile_cache.py);
-    None, logged, when the folder cannot be used (the compile then uses torch's default folder)."""
+def prepare_compile_cache(settings: EngineSettings, device: torch.device, capacity: int,
+                          folder: Path | None = None) -> Path | None:
+    """Point torch at this worker's kept compile cache (or ``folder``) and load its saved artifacts
+    (compile_cache.py); None, logged, when the folder cannot be used (the compile then uses torch's
+    default folder)."""
     from .compile_cache import cache_folder, load_artifacts, use_cache_folder
 
     try:
-        folder = cache_folder(settings, device, capacity)
+        folder = folder or cache_folder(settings, device, capacity)
         use_cache_folder(folder)
     except Exception:
         log.warning("cannot use the compile cache folder; compiling without a kept cache", exc_info=True)
@@ -91,10 +126,11 @@ def prepare_compile_cache(settings: EngineSettings, device: torch.device, capaci
 
 
 def precompile(settings: EngineSettings, capacity: int | None = None,
-               loader: Callable[[EngineSettings], MgieModels] | None = None) -> Path:
-    """``mgie-worker --precompile``: load the models, run the production warm-up compiled (in this
-    thread, nothing served), save the cache artifacts; returns the artifact file. Raises on any failure,
-    and when this device does not compile (the CPU, offload)."""
+               loader: Callable[[EngineSettings], MgieModels] | None = None, folder: Path | None = None) -> Path:
+    """``mgie-worker --precompile`` and the compile child: load the models, run the production warm-up
+    compiled (in this thread, nothing served), save the cache artifacts (in ``folder``, else this worker's
+    cache folder); returns the artifact file. Raises on any failure, and when this device does not compile
+    (the CPU, offload)."""
     from .compile_cache import ARTIFACTS_FILE, save_artifacts
     from .errors import MgieError
     from .models import load_models
@@ -105,7 +141,7 @@ def precompile(settings: EngineSettings, capacity: int | None = None,
     if not settings.compile_on(device):
         raise MgieError(f"nothing to precompile: a worker on {device} does not compile (MGIE_COMPILE, "
                         "MGIE_OFFLOAD)")
-    folder = prepare_compile_cache(settings, device, capacity)
+    folder = prepare_compile_cache(settings, device, capacity, folder)
     if folder is None:
         raise MgieError("cannot use the compile cache folder (see the log)")
     models = (loader or load_models)(settings)

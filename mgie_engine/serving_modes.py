@@ -10,15 +10,29 @@ takes the compiled pipeline at the top of its next iteration (``take_compiled``)
 plain tensors and per-job schedules, the same for both, so a job that is running then takes its next step
 compiled: the switch is at a step boundary, and no job waits for it. The guidance cache is shared.
 
-Why a thread in this process, not a separate compile process: a second process would load the 7B
-weights again (a second copy in GPU memory, which a 24-48 GB card does not have) and its graphs could not
-be replayed here; the in-process warm-up is what makes the graphs. Inductor lowers under a process-wide
-lock and triton compiles in its own subprocesses, so the compile thread mostly competes with the serving
-thread for the GIL (eager steps are launch bound: they run slower while compiling, never stop). What
-must not overlap is CUDA-graph capture with other work on the device: device_turns.py makes recordings
-take turns with the serving loop's GPU work, and keeps the serving thread from recording while the
-device compiles. Inductor keeps its CUDA graphs per thread, so the compile thread adopts the serving
-thread's cudagraph-tree state: the graphs it records are the ones served afterwards, not recorded twice.
+Where the compile runs. When the card has room for a second copy of the models, a child process compiles
+first (compile_child.py: ``compile_phase`` "child") while this process serves eagerly and compiles
+nothing (the device takes no turns yet, so the eager pipeline records its own CUDA graphs); then the compile thread here runs the same warm-up with hot caches (``compile_phase``
+"in-process"): its graphs must be recorded in this process, where they are replayed. A 24-48 GB card has
+no room for the child, and a warm cache needs none: the compile thread then compiles from the start.
+
+The compile thread and the GIL. Inductor lowers under a process-wide lock and triton compiles in its own
+subprocesses, so the compile thread competes with the serving thread mostly for the GIL, and loses it
+badly (the likeliest cause; the GPU run after this change measures it): on an H200 (bench/results/NVIDIA_H200-coldstart-b8-first.*, full-size models, MGIE_MAX_BATCH=8,
+first start) eager edits took 15-105 s during the compile instead of ~3.6 s alone. torch releases the GIL
+around each op, so a launch-bound eager step hands it over thousands of times, and each time waits for the
+CPU-bound compile thread to drop it: up to ``sys.getswitchinterval()``, 5 ms by default. While the
+compile thread runs, the interval is shortened (MGIE_COMPILE_SWITCH_INTERVAL, default 0.5 ms; restored
+after; ``shorter_switch_interval``), so each handover waits at most that long, at the cost of more
+switches for the compile.
+
+What must not overlap is CUDA-graph capture with other work on the device: device_turns.py makes
+recordings take turns with the serving loop's GPU work, and keeps the serving thread from recording while
+the device compiles. When the compile thread starts after a child, the serving loop is already running:
+the device is marked as compiling first, then the compile waits for the loop to finish the loop it is in
+(or to be idle), so no loop that began unaware of the turns overlaps a recording. Inductor keeps its CUDA
+graphs per thread, so the compile thread adopts the serving thread's cudagraph-tree state: the graphs it
+records are the ones served afterwards, not recorded twice.
 
 A compile that fails leaves the worker serving eagerly, and says so (log, ``mode``, ``compile_error``).
 Compiles that happen while serving (a shape the warm-up did not cover) are counted per serving thread
@@ -28,11 +42,13 @@ through dynamo's compile-start callback (``compiles`` in the worker's info).
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import logging
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +56,7 @@ from . import device_turns
 from .warm_up import WarmUpStopped
 
 if TYPE_CHECKING:
+    from .compile_child import ChildRun
     from .pipeline import MgiePipeline
 
 log = logging.getLogger(__name__)
@@ -48,6 +65,8 @@ EAGER = "eager"
 COMPILING = "eager (compiling)"
 COMPILED = "compiled"
 COMPILE_FAILED = "eager (compile failed)"
+IN_CHILD = "child"  # compile phases, while the mode is COMPILING
+IN_PROCESS = "in-process"
 
 _compiles: collections.Counter[int] = collections.Counter()  # thread ident -> dynamo compiles started in it
 
@@ -86,12 +105,47 @@ class ServingModes:
         self.settled = threading.Event()  # set once the mode is final: no compile running
         self.stop = threading.Event()  # set at shutdown: the compile stops after its current warm-up batch
         self.thread: threading.Thread | None = None  # the compile thread
+        self.phase: str | None = None  # while compiling: IN_CHILD, then IN_PROCESS
+        self.child: ChildRun | None = None  # the compile child, while there is one
+        self.child_outcome: str | None = None  # how the child ended, or why there was none
         self._compiled: MgiePipeline | None = None
         self._lock = threading.Lock()
+        self._loops = threading.Condition()  # the serving loop's progress (wait_for_loop_boundary)
+        self._loops_done = 0
+        self._loop_idle = False
 
     def serving_from(self, thread: int) -> None:
         """The batch loop runs in ``thread`` from now on: count its compiles from here."""
         self.serving_thread, self._compiles_before = thread, compiles_in(thread)
+
+    def loop_idle(self, idle: bool) -> None:
+        """The serving loop waits for jobs (True: no GPU work until its next loop) or has them (False)."""
+        with self._loops:
+            self._loop_idle = idle
+            self._loops.notify_all()
+
+    def loop_done(self) -> None:
+        """The serving loop finished one loop's GPU work."""
+        with self._loops:
+            self._loops_done += 1
+            self._loops.notify_all()
+
+    def wait_for_loop_boundary(self) -> bool:
+        """Until the serving loop has finished the loop it is in, or is idle (False: stopped meanwhile).
+        Called after the device was marked as compiling: every later loop takes turns."""
+        with self._loops:
+            seen = self._loops_done
+            while not (self._loop_idle or self._loops_done > seen):
+                if self.stop.is_set():
+                    return False
+                self._loops.wait(0.2)
+        return True
+
+    def kill_child(self) -> None:
+        """Kill the compile child, if one runs (at shutdown)."""
+        child = self.child
+        if child is not None:
+            child.kill()
 
     def eager_only(self) -> None:
         """No background compile: the one pipeline serves (eager, or compiled without a warm-up)."""
@@ -126,6 +180,10 @@ class ServingModes:
         """For /mgie status, the Redis heartbeat and the load test: mode, compiles during service."""
         compiles = compiles_in(self.serving_thread) - self._compiles_before
         out: dict[str, Any] = {"mode": self.mode, "compiles": compiles}
+        if self.mode == COMPILING and self.phase:
+            out["compile_phase"] = self.phase
+        if self.child_outcome:
+            out["compile_child"] = self.child_outcome
         if self.error:
             out["compile_error"] = self.error
         if self.compile_seconds is not None:
@@ -134,44 +192,61 @@ class ServingModes:
 
 
 def compile_in_background(name: str, compiled: MgiePipeline, capacity: int, modes: ServingModes,
-                          prepare_thread: Callable[[], None], cache_folder: Path | None) -> threading.Thread:
-    """Start the compile thread: the warm-up on ``compiled`` (taking device turns for its recordings),
-    then the cache artifacts saved and the pipeline offered to the loop. Call it from the serving thread,
-    before it serves: the device is marked as compiling at once, so the loop never starts a step that
-    could overlap a recording without its turn."""
+                          prepare_thread: Callable[[], None], cache_folder: Path | None,
+                          child: ChildRun | None = None, switch_interval: float = 0.0) -> threading.Thread:
+    """Start the compile thread: ``child`` first, if given (compile_child.py), then the warm-up on
+    ``compiled`` in this process (taking device turns for its recordings, the GIL handed over every
+    ``switch_interval`` seconds), then the cache artifacts saved and the pipeline offered to the loop.
+    Call it from the serving thread, before it serves: without a child the device is marked as compiling
+    at once, so the loop never starts a step that could overlap a recording without its turn."""
     count_compiles()
     device = compiled.models.device
     state = device_turns.cudagraph_state() if device.type == "cuda" else None
-    turn = device_turns.begin_background_compile(device)
+    turns: list[device_turns.DeviceTurn] = []
+    if child is None:
+        turns.append(device_turns.begin_background_compile(device))
     modes.compiling()
+    modes.phase = IN_CHILD if child is not None else IN_PROCESS
+
+    def end_turns() -> None:
+        for turn in turns:
+            device_turns.end_background_compile(device, turn)
 
     def main() -> None:
-        turn.compile_thread = threading.get_ident()
-        log.info("worker %s: serving eagerly while compiling for every class of shape (minutes on a first "
-                 "start; the cache in %s keeps it short after)", name, cache_folder or "torch's default folder")
         started = time.perf_counter()
         compiled.stop_warm_up = modes.stop
         try:
+            if child is not None:
+                if not _compile_in_child(name, child, modes, cache_folder):
+                    raise WarmUpStopped
+                turns.append(device_turns.begin_background_compile(device))
+                if not modes.wait_for_loop_boundary():
+                    raise WarmUpStopped
+            turns[0].compile_thread = threading.get_ident()
+            modes.phase = IN_PROCESS
+            log.info("worker %s: serving eagerly while compiling for every class of shape (minutes on a first "
+                     "start; the cache in %s keeps it short after)", name, cache_folder or "torch's default folder")
             prepare_thread()
             device_turns.adopt_cudagraph_state(state)
-            compiled.warm_up(capacity)
+            with shorter_switch_interval(switch_interval):
+                compiled.warm_up(capacity)
         except WarmUpStopped:
             log.info("worker %s: compiling stopped (shutting down)", name)
-            device_turns.end_background_compile(device, turn)
+            end_turns()
             modes.compile_stopped()
             return
         except Exception as err:
             log.exception("worker %s: compiling failed; running without compiled steps (slower)", name)
             _undo_compile(compiled)
-            device_turns.end_background_compile(device, turn)
+            end_turns()
             modes.compile_failed(err)
             return
         except BaseException as err:
-            device_turns.end_background_compile(device, turn)
+            end_turns()
             modes.compile_failed(err)
             raise
         seconds = time.perf_counter() - started
-        device_turns.end_background_compile(device, turn)
+        end_turns()
         log.info("worker %s: compiled in %.0f s; edits move to compiled kernels at their next step", name, seconds)
         if cache_folder is not None:
             from .compile_cache import save_artifacts
@@ -182,6 +257,66 @@ def compile_in_background(name: str, compiled: MgiePipeline, capacity: int, mode
     modes.thread = thread = threading.Thread(target=main, name=f"mgie-{name}-compile", daemon=True)
     thread.start()
     return thread
+
+
+def _compile_in_child(name: str, child: ChildRun, modes: ServingModes, folder: Path | None) -> bool:
+    """Run the compile child to its end while the serving loop serves eagerly; after a success, load the
+    artifacts it saved. A child that fails is logged with its output's tail (the in-process compile
+    follows either way). False: the worker stopped meanwhile (the child is killed)."""
+    modes.child = child
+    try:
+        pid = child.start()
+    except OSError as err:
+        if modes.stop.is_set():
+            return False
+        modes.child_outcome = f"failed: could not start ({err})"
+        log.warning("worker %s: could not start the compile child (%s); compiling in this process", name, err)
+        return True
+    log.info("worker %s: serving eagerly while a child process (pid %d) compiles; its output: %s",
+             name, pid, child.log_path)
+    outcome = child.wait(modes.stop)
+    modes.child = None
+    if outcome is None:
+        return False
+    modes.child_outcome = outcome.describe()
+    if outcome.ok:
+        log.info("worker %s: the compile child finished in %.0f s; compiling in this process from its cache",
+                 name, outcome.seconds)
+        if folder is not None:
+            from . import compile_cache
+
+            compile_cache.load_artifacts(folder)
+    else:
+        log.warning("worker %s: the compile child %s; compiling in this process instead. Its output ended "
+                    "with:\n%s", name, outcome.describe(), outcome.tail)
+    return True
+
+
+_switch_lock = threading.Lock()
+_switch_users = 0
+_switch_saved = 0.0
+
+
+@contextlib.contextmanager
+def shorter_switch_interval(seconds: float) -> Iterator[None]:
+    """``sys.setswitchinterval(seconds)`` while inside (never longer than it was; 0: unchanged), restored
+    when the last compile thread of the process leaves (several workers may compile at once)."""
+    global _switch_users, _switch_saved
+    if seconds <= 0:
+        yield
+        return
+    with _switch_lock:
+        if _switch_users == 0:
+            _switch_saved = sys.getswitchinterval()
+            sys.setswitchinterval(min(seconds, _switch_saved))
+        _switch_users += 1
+    try:
+        yield
+    finally:
+        with _switch_lock:
+            _switch_users -= 1
+            if _switch_users == 0:
+                sys.setswitchinterval(_switch_saved)
 
 
 def _undo_compile(compiled: MgiePipeline) -> None:

@@ -140,6 +140,11 @@ class EngineSettings:
     # torch.compile the UNet, VAE and decoder (faster steps; compiled in the background while eager serves).
     # None (MGIE_COMPILE=auto): on for CUDA, off for the CPU and under offload (``compile_on``).
     compile: bool | None = None
+    # Compile in a child process while this one serves eagerly (compile_child.py). None (MGIE_COMPILE_CHILD=auto):
+    # when the card has room for a second copy of the models and the compile cache is not warm yet.
+    compile_child: bool | None = None
+    # sys.setswitchinterval while the compile thread runs beside the serving thread (serving_modes.py); 0: as is.
+    compile_switch_interval: float = 0.0005
     compile_cache_dir: str | None = None  # root of the kept compile caches (else <data_dir>/compile-cache)
     data_dir: str = "./data"  # MGIE_DATA_DIR, as the bot reads it: the compile cache lives under it by default
     safety_checker: bool = False  # run instruct-pix2pix's NSFW checker on every output
@@ -160,6 +165,8 @@ class EngineSettings:
             max_side=read_int(env, "MGIE_MAX_SIDE", 512, *MAX_SIDE_RANGE),
             max_batch=read_int(env, "MGIE_MAX_BATCH", 8, *MAX_BATCH_RANGE),
             compile=read_compile(env),
+            compile_child=read_compile(env, "MGIE_COMPILE_CHILD"),
+            compile_switch_interval=read_float(env, "MGIE_COMPILE_SWITCH_INTERVAL", 0.0005, 0.0, 0.1),
             compile_cache_dir=_raw(env, "MGIE_COMPILE_CACHE_DIR") or None,
             data_dir=_raw(env, "MGIE_DATA_DIR") or "./data",
             safety_checker=read_flag(env, "MGIE_SAFETY_CHECKER", False),

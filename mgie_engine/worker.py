@@ -26,6 +26,7 @@ from .settings import EngineSettings
 from .worker_loop import BatchLoop, Task
 
 if TYPE_CHECKING:
+    from .compile_child import ChildLauncher
     from .inputs import ImageInput
     from .models import MgieModels
     from .pipeline import MgiePipeline
@@ -46,9 +47,11 @@ class LocalWorker:
     """
 
     def __init__(self, settings: EngineSettings, name: str = "gpu0",
-                 loader: Callable[[EngineSettings], MgieModels] | None = None, max_batch: int | None = None) -> None:
+                 loader: Callable[[EngineSettings], MgieModels] | None = None, max_batch: int | None = None,
+                 compile_child: ChildLauncher | None = None) -> None:
         self.settings, self.name = settings, name
         self.loader = loader
+        self.compile_child = compile_child  # how to start a compile child (compile_child.py); None: the default
         self.capacity = max_batch or settings.max_batch
         self.inbox = Inbox()
         # This worker's own CPU threads: shutting down cancels the input work still queued for it.
@@ -123,11 +126,12 @@ class LocalWorker:
         started = time.perf_counter()
         try:
             self.safety_check = load(self.settings, self.name, self.capacity, self.loader, self._use_pipeline,
-                                     self.modes)
+                                     self.modes, self.compile_child)
         except Exception as err:  # any load failure ends in a state the bot can report
             self.state, self.error = WorkerState.FAILED, str(err) if isinstance(err, MgieError) else repr(err)
             log.exception("worker %s failed to load the models", self.name)
             self.modes.stop.set()  # a compile started before the failure stops too
+            self.modes.kill_child()
             self.modes.eager_only()
         else:
             self.state = WorkerState.READY
@@ -158,9 +162,10 @@ class LocalWorker:
 
     def shutdown(self) -> None:
         """Stop the thread after its current step, and a background compile after its current warm-up
-        batch; queued input work is cancelled."""
+        batch (a compile child at once); queued input work is cancelled."""
         self.inbox.stop()
         self.modes.stop.set()
+        self.modes.kill_child()
         self.cpu.shutdown(wait=False, cancel_futures=True)
 
     def join(self, timeout: float) -> bool:
@@ -168,6 +173,7 @@ class LocalWorker:
         process must not exit while a thread is inside a torch call: that aborts it ("terminate called
         without an active exception")."""
         deadline = time.monotonic() + timeout
+        self.modes.kill_child()
         threads = [t for t in (self._thread, self.modes.thread) if t is not None]
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))

@@ -74,7 +74,12 @@ class BatchLoop:
         worker.modes.serving_from(threading.get_ident())
         active: list[Task] = []
         while True:
-            admitted = worker.inbox.take(block=not active, room=worker.capacity - len(active))
+            idle = not active
+            if idle:  # a compile starting now needs not wait for this loop (ServingModes.wait_for_loop_boundary)
+                worker.modes.loop_idle(True)
+            admitted = worker.inbox.take(block=idle, room=worker.capacity - len(active))
+            if idle:
+                worker.modes.loop_idle(False)
             worker.heartbeat = time.monotonic()
             if admitted is None:
                 break
@@ -86,6 +91,7 @@ class BatchLoop:
             with device_turns.serving(worker.pipeline.models.device):
                 active += self.admit(admitted)
                 active = self._step(active)
+            worker.modes.loop_done()
         for task in active:
             fail(task.future, JobCancelledError("The worker stopped."))
 

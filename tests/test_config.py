@@ -57,7 +57,8 @@ def test_device_and_dtype_messages():
 @pytest.mark.parametrize("name, value", [
     ("MGIE_DEVICE", "gpu"), ("MGIE_DEVICE", "cuda:x"), ("MGIE_DTYPE", "int8"), ("MGIE_MAX_SIDE", "0"),
     ("MGIE_MAX_SIDE", "99999"), ("MGIE_MAX_BATCH", "x"), ("MGIE_COMPILE", "maybe"), ("MGIE_OFFLOAD", "2"),
-    ("MGIE_SAFETY_CHECKER", "yes please"),
+    ("MGIE_SAFETY_CHECKER", "yes please"), ("MGIE_COMPILE_CHILD", "sometimes"),
+    ("MGIE_COMPILE_SWITCH_INTERVAL", "-0.001"), ("MGIE_COMPILE_SWITCH_INTERVAL", "fast"),
 ])
 def test_every_engine_setting_is_checked_when_read(name, value):
     with pytest.raises(SettingsError, match=name):
@@ -79,6 +80,15 @@ def test_good_values_are_read():
                                  "MGIE_DEVICE": "cuda:0,cuda:1", "MGIE_COMPILE": "off", "MGIE_OFFLOAD": "TRUE"})
     assert config.shutdown_grace == 12.5 and config.progress_interval == 0.5
     assert config.engine.device == "cuda:0,cuda:1" and not config.engine.compile and config.engine.offload
+
+
+def test_the_compile_child_and_switch_interval_settings():
+    default = EngineSettings.from_env({})
+    assert default.compile_child is None and default.compile_switch_interval == 0.0005  # auto; 0.5 ms
+    chosen = EngineSettings.from_env({"MGIE_COMPILE_CHILD": "0", "MGIE_COMPILE_SWITCH_INTERVAL": "0"})
+    assert chosen.compile_child is False and chosen.compile_switch_interval == 0.0
+    assert EngineSettings.from_env({"MGIE_COMPILE_CHILD": "1"}).compile_child is True
+    assert EngineSettings.from_env({"MGIE_COMPILE_CHILD": "auto"}).compile_child is None
 
 
 def test_dotenv_is_found_from_the_current_directory_up(tmp_path, monkeypatch):

@@ -1,0 +1,265 @@
+"""Compiling in a child process while the worker serves eagerly, when the card has room for it.
+
+Why: on an H200 (bench/results/NVIDIA_H200-coldstart-b8-first.*: full-size models, MGIE_MAX_BATCH=8, first
+start, empty cache), eager edits served while the in-process compile thread ran took 15-105 s instead of
+~3.6 s alone, and the compile's first two warm-up batches took 160 s and 183 s. torch's bindings release
+the GIL around every op, so the launch-bound serving thread gives it up thousands of times a step and
+must win it back from the CPU-bound compile thread each time (up to ``sys.getswitchinterval()``, 5 ms).
+A child process has a GIL of its own.
+
+So when the free GPU memory holds a second copy of the models plus headroom (MGIE_COMPILE_CHILD=auto; 1
+forces it, 0 never), the worker starts ``python -m mgie_engine.compile_child`` right after its weights
+load: the child runs ``lifecycle.precompile`` with the worker's settings into the worker's compile cache
+folder and exits 0 once ``artifacts.bin`` is written, while the worker serves eagerly and compiles nothing.
+Then the worker's own compile thread (serving_modes.py) runs the warm-up with hot caches: kernels,
+autotuning results and dynamic-shape profiles come from the folder; what it still does is trace and record
+its CUDA graphs (graphs cannot cross processes). A warm cache (``artifacts.bin`` already there) skips the
+child under auto: the in-process warm-up is short then. A child that fails, dies or overruns its time is
+logged with the tail of its output (kept in ``<cache folder>/compile-child.log``) and the worker compiles
+in-process as it would without it.
+
+The child never outlives the worker: it runs in its own process group, killed whole (inductor's compile
+workers too) when the worker shuts down, and it asks the kernel to SIGKILL it when its parent dies
+(``PR_SET_PDEATHSIG``; elsewhere a watchdog thread), so a SIGKILLed worker leaves no orphan on the GPU.
+The parent starts it from the compile thread, which waits for it: the death signal follows the thread
+that started the child, and that thread lives as long as the child does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .settings import EngineSettings
+
+if TYPE_CHECKING:
+    import torch
+
+    from .models import MgieModels
+
+log = logging.getLogger(__name__)
+
+SETTINGS_ENV = "MGIE_COMPILE_CHILD_SETTINGS"  # the worker's EngineSettings as JSON
+CAPACITY_ENV = "MGIE_COMPILE_CHILD_CAPACITY"  # jobs per UNet call the warm-up covers
+FOLDER_ENV = "MGIE_COMPILE_CHILD_FOLDER"  # the worker's compile cache folder
+PARENT_ENV = "MGIE_COMPILE_CHILD_PARENT"  # the worker's pid: the child dies with it
+LOG_FILE = "compile-child.log"
+TIMEOUT_S = 3600.0  # a first compile at MGIE_MAX_BATCH=32 took over 9 minutes in-process; this is a hang
+# Room for the child: its copy of the weights, and for its warm-up's activations and CUDA-graph pools (and
+# the worker's own serving beside it) half as much again plus 8 GiB. The full-size models are ~15.5 GiB, so
+# a child needs ~31 GiB free after the worker loaded: an 80 GB card has it, a 24-48 GB one compiles in-process.
+HEADROOM_FRACTION = 0.5
+HEADROOM_BYTES = 8 * 2**30
+TAIL_CHARS = 2000
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ChildLauncher:
+    """How the worker starts its compile child: the command (default: this module) and its time limit."""
+
+    command: tuple[str, ...] | None = None
+    timeout: float = TIMEOUT_S
+
+    def argv(self) -> list[str]:
+        return list(self.command) if self.command else [sys.executable, "-m", "mgie_engine.compile_child"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChildOutcome:
+    """How a child run ended: ``ok`` when it exited 0; ``returncode`` None when it overran its time."""
+
+    ok: bool
+    seconds: float
+    returncode: int | None
+    tail: str
+
+    def describe(self) -> str:
+        """One line for the log and the worker's info."""
+        if self.ok:
+            return f"done in {self.seconds:.0f} s"
+        if self.returncode is None:
+            how = f"killed after its {self.seconds:.0f} s time limit"
+        elif self.returncode < 0:
+            how = f"killed by signal {-self.returncode} after {self.seconds:.0f} s"
+        else:
+            how = f"exit {self.returncode} after {self.seconds:.0f} s"
+        last = " ".join(self.tail.strip().splitlines()[-1:])[:200]
+        return f"failed: {how}" + (f" ({last})" if last else "")
+
+
+def model_bytes(models: MgieModels) -> int:
+    """Bytes of the loaded weights (parameters and buffers, each tensor once): what a child loads again."""
+    seen: set[int] = set()
+    total = 0
+    for module in (models.llm, models.projector, models.vision, models.edit_head, models.unet, models.vae):
+        for tensor in (*module.parameters(), *module.buffers()):
+            if tensor.data_ptr() in seen:
+                continue
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def room_needed(weights: int) -> int:
+    """Free device memory a child needs beside the worker, for ``weights`` bytes of models."""
+    return int(weights * (1 + HEADROOM_FRACTION)) + HEADROOM_BYTES
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device`` now (``torch.cuda.mem_get_info``); None off CUDA or when torch cannot say."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    try:
+        return int(torch.cuda.mem_get_info(device)[0])
+    except Exception:
+        log.warning("cannot read the free memory of %s", device, exc_info=True)
+        return None
+
+
+def decide(setting: bool | None, weights: int, free: int | None, warm_cache: bool) -> tuple[bool, str]:
+    """Whether to compile in a child (MGIE_COMPILE_CHILD: True, False or None for auto), and why."""
+    if setting is False:
+        return False, "off (MGIE_COMPILE_CHILD=0)"
+    if setting is True:
+        return True, "on (MGIE_COMPILE_CHILD=1)"
+    if warm_cache:
+        return False, "the compile cache is warm"
+    if free is None:
+        return False, "no free-memory figure for this device"
+    need = room_needed(weights)
+    if free < need:
+        return False, f"{free / 2**30:.1f} GiB free, {need / 2**30:.1f} GiB needed"
+    return True, f"{free / 2**30:.1f} GiB free, {need / 2**30:.1f} GiB needed"
+
+
+class ChildRun:
+    """One compile child: started, waited for (with the worker's stop event and the time limit), killed."""
+
+    def __init__(self, launcher: ChildLauncher, settings: EngineSettings, capacity: int, folder: Path) -> None:
+        self.launcher, self.settings, self.capacity, self.folder = launcher, settings, capacity, folder
+        self.log_path = folder / LOG_FILE
+        self.proc: subprocess.Popen | None = None
+        self.started = 0.0
+        self._lock = threading.Lock()
+        self._killed = False
+
+    def start(self) -> int:
+        """Start the child (its output goes to ``log_path``); returns its pid. Raises OSError."""
+        package_root = str(Path(__file__).resolve().parents[1])
+        path = os.pathsep.join([package_root, *filter(None, [os.environ.get("PYTHONPATH")])])
+        env = {**os.environ, "PYTHONPATH": path, SETTINGS_ENV: json.dumps(dataclasses.asdict(self.settings)),
+               CAPACITY_ENV: str(self.capacity), FOLDER_ENV: str(self.folder), PARENT_ENV: str(os.getpid())}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            if self._killed:
+                raise OSError("the worker is shutting down")
+            with open(self.log_path, "wb") as out:
+                self.proc = subprocess.Popen(self.launcher.argv(), stdin=subprocess.DEVNULL, stdout=out,
+                                             stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            self.started = time.monotonic()
+        return self.proc.pid
+
+    def wait(self, stop: threading.Event, poll: float = 0.2) -> ChildOutcome | None:
+        """Until the child exits, overruns its time (killed), or ``stop`` is set (killed; returns None)."""
+        assert self.proc is not None, "start() first"
+        deadline = self.started + self.launcher.timeout
+        while True:
+            try:
+                code = self.proc.wait(timeout=poll)
+                break
+            except subprocess.TimeoutExpired:
+                if stop.is_set():
+                    self.kill()
+                    return None
+                if time.monotonic() >= deadline:
+                    self.kill()
+                    return ChildOutcome(False, time.monotonic() - self.started, None, self.tail())
+        seconds = time.monotonic() - self.started
+        self._kill_group()  # inductor's compile workers, should any be left
+        return ChildOutcome(code == 0, seconds, code, self.tail())
+
+    def kill(self) -> None:
+        """Kill the child and its process group now (idempotent; before ``start`` it keeps it from starting)."""
+        with self._lock:
+            self._killed = True
+            proc = self.proc
+        if proc is None:
+            return
+        self._kill_group()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            log.warning("the compile child (pid %d) did not end within 5 s of SIGKILL", proc.pid)
+
+    def _kill_group(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            if hasattr(os, "killpg"):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # its own group (start_new_session): pgid == pid
+            else:
+                self.proc.kill()
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def tail(self) -> str:
+        """The end of the child's output."""
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(max(0, fh.seek(0, os.SEEK_END) - TAIL_CHARS))
+                return fh.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+
+def die_with_parent(parent: int) -> None:
+    """Have this process SIGKILLed when ``parent`` dies: ``PR_SET_PDEATHSIG`` on Linux, else a watchdog
+    thread; exits at once if the parent is already gone."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    except (OSError, AttributeError):
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="mgie-parent-watch", daemon=True).start()
+    if os.getppid() != parent:  # it died before the request took effect
+        os._exit(1)
+
+
+def main() -> int:
+    """The child: precompile with the worker's settings into its folder; 0 once the artifacts are saved."""
+    die_with_parent(int(os.environ.get(PARENT_ENV) or os.getppid()))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = EngineSettings(**json.loads(os.environ[SETTINGS_ENV]))
+        capacity, folder = int(os.environ[CAPACITY_ENV]), Path(os.environ[FOLDER_ENV])
+        from .lifecycle import precompile
+
+        path = precompile(settings, capacity, folder=folder)
+    except Exception:
+        log.exception("compiling in the child process failed")
+        return 1
+    log.info("compile child: cache artifacts saved to %s", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

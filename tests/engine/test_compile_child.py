@@ -1,0 +1,304 @@
+"""A worker whose card has room compiles in a child process while it serves eagerly, then compiles in-process
+with the child's cache and switches; a child that fails, dies or overruns leaves the in-process compile to do
+it all; the child never outlives the worker; the compile thread hands the GIL over sooner.
+
+As in test_serving_modes.py, pipelines report what they were asked for (``compiles``) and the in-process
+compile is a stand-in warm-up (nothing compiles on a CPU). Children are small Python scripts standing in for
+``python -m mgie_engine.compile_child`` (which the last tests run for real).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import test_serving_modes
+from conftest import tiny_settings
+from test_worker import _job
+
+from mgie_engine import compile_cache, compile_child, device_turns, serving_modes
+from mgie_engine.compile_child import ChildLauncher, decide, room_needed
+from mgie_engine.pipeline import MgiePipeline
+from mgie_engine.protocol import WorkerState
+from mgie_engine.serving_modes import ServingModes
+from mgie_engine.settings import EngineSettings
+from mgie_engine.worker import LocalWorker
+
+GiB = 2**30
+as_on_a_gpu = test_serving_modes.as_on_a_gpu  # fixtures
+steps_by_mode = test_serving_modes.steps_by_mode
+
+
+def _script(body: str) -> tuple[str, ...]:
+    """A child command: ``body`` run by this Python, with ``folder`` (the worker's compile cache folder)."""
+    prelude = "import os, sys, time, json\nfrom pathlib import Path\nfolder = Path(os.environ['MGIE_COMPILE_CHILD_FOLDER'])\n"
+    return (sys.executable, "-c", prelude + textwrap.dedent(body))
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting to be reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def _wait_for(predicate, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+@pytest.fixture
+def in_process_compiles(monkeypatch) -> list[dict]:
+    """The in-process compile (warm-up) as a quick stand-in that notes what it saw."""
+    seen: list[dict] = []
+
+    def warm_up(self, max_jobs):
+        folder = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]).parent
+        seen.append({"switch_interval": sys.getswitchinterval(), "thread": threading.current_thread().name,
+                     "artifacts": (folder / compile_cache.ARTIFACTS_FILE).is_file()})
+
+    monkeypatch.setattr(MgiePipeline, "warm_up", warm_up)
+    return seen
+
+
+def _worker(tiny_models, tmp_path, command=None, timeout=60.0, **settings) -> LocalWorker:
+    settings = EngineSettings(device="cpu", max_side=64, compile=True, data_dir=str(tmp_path),
+                              **{"compile_child": True, **settings})
+    launcher = ChildLauncher(command=command, timeout=timeout) if command else None
+    return LocalWorker(settings, loader=lambda _s: tiny_models, compile_child=launcher)
+
+
+async def test_the_worker_serves_eagerly_while_the_child_compiles_then_compiles_with_its_cache_and_switches(
+        tiny_models, tmp_path, monkeypatch, as_on_a_gpu, steps_by_mode, in_process_compiles):
+    release = tmp_path / "release"
+    child = _script(f"""
+        (folder / "child-env.json").write_text(json.dumps({{k: v for k, v in os.environ.items()
+                                                           if k.startswith("MGIE_COMPILE_CHILD_")}}))
+        while not Path({str(release)!r}).exists():
+            time.sleep(0.02)
+        (folder / "artifacts.bin").write_bytes(b"the child's cache artifacts")
+    """)
+    loaded: list[Path] = []
+    monkeypatch.setattr(compile_cache, "load_artifacts", lambda folder: loaded.append(folder) or True)
+    may_record: list[bool] = []  # per eager step: whether the serving thread may record its CUDA graphs
+    counted_step = MgiePipeline.denoise_step
+
+    def step(self, states):
+        may_record.append(device_turns.may_record(self.models.device))
+        return counted_step(self, states)
+
+    monkeypatch.setattr(MgiePipeline, "denoise_step", step)
+    before = sys.getswitchinterval()
+    worker = _worker(tiny_models, tmp_path, child, compile_switch_interval=0.0007)
+    worker.start()
+    try:
+        assert await worker.wait_ready() is WorkerState.READY
+        info = worker.info()
+        assert (info["mode"], info["compile_phase"]) == ("eager (compiling)", "child")
+        during = await worker.run(_job("a" * 32, 1, steps=3))
+        assert steps_by_mode == ["eager"] * 3 and in_process_compiles == []  # nothing compiles here meanwhile
+        assert may_record == [True] * 3  # no compile thread records here: eager keeps its own graphs
+        assert sys.getswitchinterval() == before  # no compile thread to hand the GIL over to
+        release.touch()
+        assert await worker.wait_compiled() == "compiled"
+        after = await worker.run(_job("b" * 32, 2, steps=3))
+        info = worker.info()
+    finally:
+        release.touch()
+        worker.shutdown()
+    assert during.png.startswith(b"\x89PNG") and after.png.startswith(b"\x89PNG")
+    assert steps_by_mode == ["eager"] * 3 + ["compiled"] * 3
+    # in-process after the child, with its artifacts loaded and the GIL handed over every 0.7 ms meanwhile
+    [warm] = in_process_compiles
+    assert warm["artifacts"] and warm["switch_interval"] == pytest.approx(0.0007)
+    assert warm["thread"].endswith("-compile")
+    folder = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]).parent
+    assert loaded == [folder, folder]  # at start (none yet), then what the child saved
+    assert sys.getswitchinterval() == before  # restored
+    assert info["mode"] == "compiled" and "compile_phase" not in info
+    assert info["compile_child"].startswith("done in")
+    env = __import__("json").loads((folder / "child-env.json").read_text())  # the worker's settings, its folder
+    assert env["MGIE_COMPILE_CHILD_FOLDER"] == str(folder) and env["MGIE_COMPILE_CHILD_CAPACITY"] == "8"
+    assert EngineSettings(**__import__("json").loads(env["MGIE_COMPILE_CHILD_SETTINGS"])) == worker.settings
+    assert env["MGIE_COMPILE_CHILD_PARENT"] == str(os.getpid())
+
+
+@pytest.mark.parametrize(("body", "timeout", "said"), [
+    ("sys.stderr.write('torch.OutOfMemoryError: CUDA out of memory\\n'); sys.exit(3)", 60.0,
+     ["failed: exit 3 after", "(torch.OutOfMemoryError: CUDA out of memory)"]),
+    ("print('compiling', flush=True); os.kill(os.getpid(), 9)", 60.0, ["failed: killed by signal 9", "(compiling)"]),
+    ("print('stuck', flush=True); time.sleep(60)", 1.0, ["failed: killed after its", "time limit"]),
+], ids=["exit", "killed", "timeout"])
+async def test_a_child_that_fails_leaves_the_compile_to_the_worker_and_says_why(
+        tiny_models, tmp_path, as_on_a_gpu, in_process_compiles, caplog, body, timeout, said):
+    worker = _worker(tiny_models, tmp_path, _script(body), timeout=timeout)
+    worker.start()
+    try:
+        with caplog.at_level("INFO", logger="mgie_engine.serving_modes"):
+            assert await worker.wait_ready() is WorkerState.READY
+            assert await worker.wait_compiled() == "compiled"
+        info = worker.info()
+    finally:
+        worker.shutdown()
+    assert len(in_process_compiles) == 1 and not in_process_compiles[0]["artifacts"]
+    assert info["mode"] == "compiled" and all(part in info["compile_child"] for part in said)
+    warning = next(r.getMessage() for r in caplog.records if "compiling in this process instead" in r.getMessage())
+    assert said[0] in warning and said[1].strip("()") in warning  # what happened, and the tail of its output
+
+
+async def test_the_child_and_its_own_children_are_killed_when_the_worker_shuts_down(
+        tiny_models, tmp_path, as_on_a_gpu, in_process_compiles):
+    child = _script("""
+        import subprocess
+        helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a compile worker
+        (folder / "pids").write_text(f"{os.getpid()} {helper.pid}")
+        time.sleep(60)
+    """)
+    worker = _worker(tiny_models, tmp_path, child)
+    worker.start()
+    await worker.wait_ready()
+    pids_file = Path(tmp_path)
+    assert _wait_for(lambda: any(pids_file.rglob("pids")))
+    pids = [int(p) for p in next(pids_file.rglob("pids")).read_text().split()]
+    assert all(_alive(pid) for pid in pids)
+    worker.shutdown()
+    assert worker.join(10)
+    assert _wait_for(lambda: not any(_alive(pid) for pid in pids), 5)
+    assert await worker.wait_compiled() == "eager" and in_process_compiles == []
+
+
+def test_a_child_dies_with_its_parent_even_when_the_parent_is_sigkilled(tmp_path):
+    """The death signal the child asks for (compile_child.die_with_parent), as its main() does first."""
+    pid_file = tmp_path / "pid"
+    grandchild = (f"import os, time\nfrom mgie_engine.compile_child import die_with_parent\n"
+                  f"die_with_parent(os.getppid())\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+                  "time.sleep(60)\n")
+    parent_code = f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {grandchild!r}])\ntime.sleep(60)\n"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(compile_child.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], env=env)
+    try:
+        assert _wait_for(lambda: pid_file.exists() and pid_file.read_text().strip())
+        pid = int(pid_file.read_text())
+        assert _alive(pid)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        assert _wait_for(lambda: not _alive(pid), 10)
+    finally:
+        parent.kill()
+        parent.wait(10)
+
+
+def test_auto_compiles_in_a_child_only_when_the_free_memory_holds_a_second_copy_of_the_models():
+    weights = int(15.5 * GiB)  # the full-size models
+    need = room_needed(weights)
+    assert 30 * GiB < need < 32 * GiB
+    assert decide(None, weights, 120 * GiB, warm_cache=False) == (True, f"120.0 GiB free, {need / GiB:.1f} GiB needed")
+    assert decide(None, weights, 20 * GiB, warm_cache=False)[0] is False  # a 24-48 GB card: in-process
+    assert decide(None, weights, need, warm_cache=False)[0] is True
+    assert decide(None, weights, need - 1, warm_cache=False)[0] is False
+    assert decide(None, weights, 120 * GiB, warm_cache=True) == (False, "the compile cache is warm")
+    assert decide(None, weights, None, warm_cache=False)[0] is False  # no figure (the CPU)
+    assert decide(True, weights, 1, warm_cache=True)[0] is True  # MGIE_COMPILE_CHILD=1 forces it
+    assert decide(False, weights, 500 * GiB, warm_cache=False)[0] is False
+
+
+@pytest.mark.parametrize(("free_gib", "warm", "child"), [(1000, False, True), (0.1, False, False), (1000, True, False)])
+async def test_a_worker_on_auto_asks_the_device_for_its_free_memory(tiny_models, tmp_path, monkeypatch, as_on_a_gpu,
+                                                                    in_process_compiles, free_gib, warm, child):
+    monkeypatch.setattr(compile_child, "free_bytes", lambda device: int(free_gib * GiB))
+    monkeypatch.setattr(compile_cache, "load_artifacts", lambda folder: True)
+    if warm:
+        monkeypatch.setattr(compile_cache, "cache_folder", lambda *a: tmp_path / "cache")
+        (tmp_path / "cache").mkdir()
+        (tmp_path / "cache" / compile_cache.ARTIFACTS_FILE).write_bytes(b"from an earlier start")
+    worker = _worker(tiny_models, tmp_path, _script("pass"), compile_child=None)
+    worker.start()
+    try:
+        await worker.wait_ready()
+        assert await worker.wait_compiled() == "compiled"
+        info = worker.info()
+    finally:
+        worker.shutdown()
+    if child:
+        assert info["compile_child"].startswith("done in")
+    else:
+        assert info["compile_child"] == ("not used: the compile cache is warm" if warm else
+                                         f"not used: 0.1 GiB free, {room_needed(compile_child.model_bytes(tiny_models)) / GiB:.1f} GiB needed")
+    assert len(in_process_compiles) == 1
+
+
+def test_a_compile_that_starts_after_the_child_waits_for_the_serving_loop_in_flight():
+    """A loop that began before the device was marked as compiling took no turn: the compile waits for
+    its end (or for an idle loop) before it may record."""
+    modes = ServingModes()
+    modes.loop_idle(False)  # a loop runs
+    result: list[bool] = []
+    waiter = threading.Thread(target=lambda: result.append(modes.wait_for_loop_boundary()))
+    waiter.start()
+    time.sleep(0.3)
+    assert waiter.is_alive()
+    modes.loop_done()
+    waiter.join(5)
+    assert result == [True]
+    modes.loop_idle(True)  # waiting for jobs: no GPU work until its next loop, which sees the turns
+    assert modes.wait_for_loop_boundary()
+    modes.loop_idle(False)
+    modes.stop.set()  # shutting down meanwhile
+    assert modes.wait_for_loop_boundary() is False
+
+
+def test_the_switch_interval_is_shortened_while_any_compile_thread_runs_and_restored_after():
+    before = sys.getswitchinterval()
+    with serving_modes.shorter_switch_interval(0.0005):
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        with serving_modes.shorter_switch_interval(0.0005):  # a second worker's compile
+            pass
+        assert sys.getswitchinterval() == pytest.approx(0.0005)  # the first one still runs
+    assert sys.getswitchinterval() == before
+    with serving_modes.shorter_switch_interval(0):  # MGIE_COMPILE_SWITCH_INTERVAL=0: left as it is
+        assert sys.getswitchinterval() == before
+    with pytest.raises(RuntimeError), serving_modes.shorter_switch_interval(0.001):
+        raise RuntimeError("the warm-up failed")
+    assert sys.getswitchinterval() == before
+
+
+async def test_the_real_child_runs_precompile_with_the_workers_settings(tiny_paths, tiny_models, tmp_path,
+                                                                       as_on_a_gpu, in_process_compiles):
+    """``python -m mgie_engine.compile_child``: on a CPU its precompile refuses (nothing compiles there), which
+    shows it got the worker's settings; the worker then compiles in-process."""
+    settings = tiny_settings(tiny_paths, max_side=64, compile=True, compile_child=True, data_dir=str(tmp_path))
+    worker = LocalWorker(settings, loader=lambda _s: tiny_models, compile_child=ChildLauncher())
+    worker.start()
+    try:
+        await worker.wait_ready()
+        assert await worker.wait_compiled() == "compiled"
+        info = worker.info()
+    finally:
+        worker.shutdown()
+    assert info["compile_child"].startswith("failed: exit 1")
+    custom = LocalWorker(settings, loader=lambda _s: tiny_models)  # models only the parent has (the benches')
+    custom.start()
+    try:
+        await custom.wait_ready()
+        assert await custom.wait_compiled() == "compiled"
+    finally:
+        custom.shutdown()
+    assert custom.info()["compile_child"] == "not used: the models come from a custom loader, which a child cannot run"
+    [log] = Path(tmp_path).rglob(compile_child.LOG_FILE)
+    text = log.read_text()
+    assert "nothing to precompile: the pipeline on cpu runs without compiled steps" in text
+    assert "loading the weights onto cpu" in text  # it loaded the worker's checkpoints
