@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 from .database import Database, runs_to_completion
+from .guild_cache import GuildCache
 from .guilds import GuildQueries
 from .images import IMAGES_DIRNAME, ImageFiles
 from .jobs import JobQueries
@@ -24,6 +25,7 @@ class Store(JobQueries, GuildQueries, ImageFiles):
         self.images_dir = data_dir / IMAGES_DIRNAME
         self.schema_version = version
         self.db = db
+        self.guild_cache = GuildCache(self.load_guild_entry)  # settings and bans, read without SQLite
 
     @classmethod
     async def open(cls, data_dir: str | Path, lock_wait: float = OPEN_LOCK_WAIT_S) -> Store:
