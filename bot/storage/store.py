@@ -18,6 +18,8 @@ class Store(JobQueries, GuildQueries, ImageFiles):
 
     Open with ``await Store.open(data_dir)``; several Store objects (or processes) may share a folder.
     A write whose caller is cancelled still commits (see :func:`~bot.storage.database.runs_to_completion`).
+    Server settings and bans are answered from memory once read (:mod:`~bot.storage.guild_cache`): write them
+    through the Store that reads them, or the other one will not see the change until it is reopened.
     """
 
     def __init__(self, data_dir: Path, db: Database, version: int) -> None:
