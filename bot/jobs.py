@@ -23,6 +23,7 @@ from .admission import Ticket
 from .delivery import Delivery
 from .failure_causes import QUEUE_FULL, STORAGE, cause_of
 from .metrics import BotMetrics
+from .preview_policy import PreviewMode, preview_mode
 from .queue import EventKind, JobEvent, JobQueue, QueueFullError
 from .storage import JobRecord, Store
 from .views import cancel_view, result_view
@@ -117,7 +118,7 @@ class JobManager:
         # parent_id is the job whose output is this job's input, so the chain up to it is the history
         # (a re-roll shares its source's parent, input and history).
         history = await self.history_for(record.parent_id, record.history_depth)
-        previews = (await self.store.guild_settings(record.guild_id)).previews  # DMs: the defaults (on)
+        previews = (await self._preview_mode(record)).shown  # DMs: the defaults (on)
         job = EditJob(job_id=record.id, image=image, instruction=record.instruction, seed=record.seed,
                       text_cfg=record.text_cfg, image_cfg=record.image_cfg, steps=record.steps, history=history,
                       previews=previews)
@@ -162,10 +163,13 @@ class JobManager:
                 return  # its final word is out: a late tick must not replace it
             p: JobProgress = event.progress
             eta = self.queue.eta(job_id)
+            mode = await self._preview_mode(record)  # now: a moderator may have changed the policy meanwhile
             preview, updates.preview = updates.preview, None
-            file = discord.File(io.BytesIO(preview), filename=PREVIEW_FILENAME) if preview else None
+            file = (discord.File(io.BytesIO(preview), filename=PREVIEW_FILENAME, spoiler=mode is PreviewMode.SPOILER)
+                    if preview and mode.shown else None)
             await self._show(job_id, render.working(record, p.stage, p.step, p.total, eta),
-                             view=cancel_view(job_id, record.locale), file=file, keep_attachments=True)
+                             view=cancel_view(job_id, record.locale), file=file,
+                             keep_attachments=mode is not PreviewMode.WITHHELD)
             if file is not None:
                 self.preview_sent(job_id)
         elif event.kind is EventKind.DONE:
@@ -229,6 +233,19 @@ class JobManager:
                                   view=result_view(job_id, locale=record.locale), ping=True)
         await self.store.update_job(job_id, result_message_id=record.status_message_id)
         self._updates.pop(job_id, None)
+
+    async def _preview_mode(self, record: JobRecord) -> PreviewMode:
+        """How the job's live previews are shown (bot/preview_policy.py); the settings come from memory."""
+        settings = await self.store.guild_settings(record.guild_id)
+        return preview_mode(settings, safety_check=self._safety_checked(),
+                            age_restricted=self._age_restricted(record.channel_id))
+
+    def _safety_checked(self) -> bool:
+        """Whether results go through the optional safety check: ``MGIE_SAFETY_CHECKER`` (with Redis workers,
+        set on the bot's host too), or a worker in this process that loaded one."""
+        config = getattr(self.bot, "config", None)
+        return bool(config is not None and config.engine.safety_checker) or any(
+            getattr(worker, "safety_check", None) is not None for worker in self.engine.workers)
 
     def _age_restricted(self, channel_id: int) -> bool:
         channel = self.bot.get_channel(channel_id)

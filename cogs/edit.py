@@ -24,18 +24,20 @@ EVERYWHERE = {"allowed_installs": app_commands.AppInstallationType(guild=True, u
 
 
 class InstructionModal(discord.ui.Modal, title="Edit image with MGIE"):
-    instruction = discord.ui.TextInput(label="What should change?", placeholder="make the sky a sunset",
-                                       max_length=MAX_INSTRUCTION_CHARS, style=discord.TextStyle.short,
-                                       custom_id="instruction")
+    # A Label (component type 18) names the input: TextInput's own label is deprecated since discord.py 2.6.
+    instruction = discord.ui.Label(text="What should change?", component=discord.ui.TextInput(
+        placeholder="make the sky a sunset", max_length=MAX_INSTRUCTION_CHARS, style=discord.TextStyle.short,
+        custom_id="instruction"))
 
     def __init__(self, bot: MgieBot, attachment: discord.Attachment, locale: object = None) -> None:
         super().__init__(title=i18n.text("edit.modal_title", locale))
-        self.instruction.label = i18n.text("edit.modal_label", locale)
-        self.instruction.placeholder = i18n.text("edit.modal_placeholder", locale)
+        self.text_input: discord.ui.TextInput = self.instruction.component  # this modal's own copy
+        self.instruction.text = i18n.text("edit.modal_label", locale)
+        self.text_input.placeholder = i18n.text("edit.modal_placeholder", locale)
         self.bot, self.attachment = bot, attachment
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
-        await job_requests.start_edit(self.bot, interaction, self.attachment, self.instruction.value)
+        await job_requests.start_edit(self.bot, interaction, self.attachment, self.text_input.value)
 
     async def on_error(self, interaction: discord.Interaction, error: Exception) -> None:
         await answer_failure(interaction, error)

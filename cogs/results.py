@@ -28,17 +28,19 @@ OWNER_ONLY = {"undo", "delete", "cancel"}
 
 
 class RefineModal(discord.ui.Modal, title="Refine this edit"):
-    instruction = discord.ui.TextInput(label="What should change next?", placeholder="now make it night",
-                                       max_length=MAX_INSTRUCTION_CHARS, custom_id="instruction")
+    # A Label (component type 18) names the input: TextInput's own label is deprecated since discord.py 2.6.
+    instruction = discord.ui.Label(text="What should change next?", component=discord.ui.TextInput(
+        placeholder="now make it night", max_length=MAX_INSTRUCTION_CHARS, custom_id="instruction"))
 
     def __init__(self, bot: MgieBot, source: JobRecord, locale: object = None) -> None:
         super().__init__(title=i18n.text("results.refine_title", locale))
-        self.instruction.label = i18n.text("results.refine_label", locale)
-        self.instruction.placeholder = i18n.text("results.refine_placeholder", locale)
+        self.text_input: discord.ui.TextInput = self.instruction.component  # this modal's own copy
+        self.instruction.text = i18n.text("results.refine_label", locale)
+        self.text_input.placeholder = i18n.text("results.refine_placeholder", locale)
         self.bot, self.source = bot, source
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
-        await job_requests.start_refine(self.bot, self.source, self.instruction.value, interaction.user,
+        await job_requests.start_refine(self.bot, self.source, self.text_input.value, interaction.user,
                                         interaction.guild_id, interaction.channel_id, interaction=interaction)
 
     async def on_error(self, interaction: discord.Interaction, error: Exception) -> None:

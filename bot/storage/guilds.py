@@ -1,4 +1,8 @@
-"""What each server's moderators set: :class:`GuildSettings` (limits, channels, blocked words) and bans."""
+"""What each server's moderators set: :class:`GuildSettings` (limits, channels, blocked words) and bans.
+
+The checks before an interaction's answer read them from memory (:mod:`.guild_cache`); the writes here
+keep that copy current.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from typing import Any
 
 from ..moderation_text import fold_text
 from .database import Database, runs_to_completion
+from .guild_cache import GuildCache, GuildEntry, copy_settings
 
 
 @dataclasses.dataclass
@@ -122,15 +127,24 @@ class GuildQueries:
     """The ``guild_settings`` and ``blocked_users`` tables, for :class:`~bot.storage.Store`."""
 
     db: Database
+    guild_cache: GuildCache  # made with load_guild_entry as its loader
+
+    async def load_guild_entry(self, guild_id: int) -> GuildEntry:
+        """A server's settings and bans as stored (what :class:`GuildCache` keeps)."""
+        row = await self.db.fetchone("SELECT * FROM guild_settings WHERE guild_id = ?", (guild_id,))
+        banned = await self.db.fetchall("SELECT user_id FROM blocked_users WHERE guild_id = ?", (guild_id,))
+        return GuildEntry(_settings_from_row(guild_id, row), {int(r[0]) for r in banned})
 
     # --- settings -----------------------------------------------------------------------------------
 
     async def guild_settings(self, guild_id: int | None) -> GuildSettings:
-        """The guild's settings, or the defaults when none were saved (always for DMs: ``guild_id`` None)."""
+        """The guild's settings, or the defaults when none were saved (always for DMs: ``guild_id`` None).
+
+        From memory once the server was read (see :mod:`.guild_cache`); the copy is the caller's own.
+        """
         if guild_id is None:
             return _settings_from_row(None, None)
-        row = await self.db.fetchone("SELECT * FROM guild_settings WHERE guild_id = ?", (guild_id,))
-        return _settings_from_row(guild_id, row)
+        return copy_settings((await self.guild_cache.entry(guild_id)).settings)
 
     @runs_to_completion
     async def update_guild_settings(self, guild_id: int, **changes: Any) -> GuildSettings:
@@ -165,6 +179,7 @@ class GuildQueries:
                     int(settings.previews),
                 ),
             )
+        self.guild_cache.settings_saved(settings)
         return settings
 
     # --- bans ---------------------------------------------------------------------------------------
@@ -178,12 +193,10 @@ class GuildQueries:
         return [int(r[0]) for r in rows]
 
     async def is_blocked(self, guild_id: int | None, user_id: int) -> bool:
-        """Whether ``user_id`` is banned from the bot in ``guild_id`` (never in DMs)."""
+        """Whether ``user_id`` is banned from the bot in ``guild_id`` (never in DMs); from memory once read."""
         if guild_id is None:
             return False
-        row = await self.db.fetchone("SELECT 1 FROM blocked_users WHERE guild_id = ? AND user_id = ?",
-                                     (guild_id, user_id))
-        return row is not None
+        return user_id in (await self.guild_cache.entry(guild_id)).banned
 
     @runs_to_completion
     async def block_user(self, guild_id: int, user_id: int, *, reason: str = "",
@@ -199,6 +212,7 @@ class GuildQueries:
                 " VALUES (?, ?, ?, ?, ?)",
                 (guild_id, user_id, time.time(), reason, blocked_by),
             )
+        self.guild_cache.ban_saved(guild_id, user_id, banned=True)
         return cursor.rowcount == 1
 
     async def block_reason(self, guild_id: int | None, user_id: int) -> str | None:
@@ -215,4 +229,5 @@ class GuildQueries:
         async with self.db.transaction() as conn:
             cursor = await conn.execute("DELETE FROM blocked_users WHERE guild_id = ? AND user_id = ?",
                                         (guild_id, user_id))
+        self.guild_cache.ban_saved(guild_id, user_id, banned=False)
         return cursor.rowcount == 1

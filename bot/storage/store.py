@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 from .database import Database, runs_to_completion
+from .guild_cache import GuildCache
 from .guilds import GuildQueries
 from .images import IMAGES_DIRNAME, ImageFiles
 from .jobs import JobQueries
@@ -17,6 +18,8 @@ class Store(JobQueries, GuildQueries, ImageFiles):
 
     Open with ``await Store.open(data_dir)``; several Store objects (or processes) may share a folder.
     A write whose caller is cancelled still commits (see :func:`~bot.storage.database.runs_to_completion`).
+    Server settings and bans are answered from memory once read (:mod:`~bot.storage.guild_cache`): write them
+    through the Store that reads them, or the other one will not see the change until it is reopened.
     """
 
     def __init__(self, data_dir: Path, db: Database, version: int) -> None:
@@ -24,6 +27,7 @@ class Store(JobQueries, GuildQueries, ImageFiles):
         self.images_dir = data_dir / IMAGES_DIRNAME
         self.schema_version = version
         self.db = db
+        self.guild_cache = GuildCache(self.load_guild_entry)  # settings and bans, read without SQLite
 
     @classmethod
     async def open(cls, data_dir: str | Path, lock_wait: float = OPEN_LOCK_WAIT_S) -> Store:

@@ -134,3 +134,65 @@ async def test_a_server_that_turned_previews_off_gets_none(world, tmp_path, tiny
         assert not any("preview.jpg" in r.files for r in edits_of(fake, inter))
         assert any("Painting" in (v.get("content") or "") for v in versions(msg))  # progress was shown
         assert bot.jobs.previews_sent == 0
+
+
+# --- previews and the policy for flagged results (bot/preview_policy.py) ---------------------------------
+
+
+def attached(version: dict, filename: str) -> bool:
+    return any(a["filename"] == filename for a in version.get("attachments", []))
+
+
+async def safety_check_on(bot) -> None:
+    """A safety check that flags nothing: results come out plainly, previews follow the policy."""
+    worker = bot.engine.workers[0]
+    await worker.wait_ready()  # loading sets the check: replace it after
+    worker.safety_check = lambda image: False
+
+
+def slow_steps(bot, seconds: float = 0.03) -> None:
+    inject_faults(bot.engine.workers[0], lambda stage, _jobs: time.sleep(seconds) if stage == "step" else None)
+
+
+async def test_with_a_safety_check_previews_follow_the_policy_for_flagged_results(world, tmp_path, tiny_models):
+    fake, guild, channel, alice, bob, owner = world
+    adults = fake.add_channel(guild, "adults", nsfw=True)
+    async with bot_running(fake, previews_config(fake, tmp_path, guild), tiny_models) as bot:
+        await safety_check_on(bot)
+        slow_steps(bot)
+
+        # Flagged results behind a spoiler (the default): every preview is a spoiler too.
+        shown = versions(await result_of(fake, await edit(fake, alice, channel, steps=100)))
+        assert any(attached(v, "SPOILER_preview.jpg") for v in shown)
+        assert not any(attached(v, "preview.jpg") for v in shown)
+        sent = bot.jobs.previews_sent
+
+        # Withheld: no preview at all outside age-restricted channels, and none is even made.
+        assert "withhold" in await command(fake, owner, channel, "mgie-admin settings",
+                                           {"flagged_outputs": "withhold"})
+        inter = await edit(fake, alice, channel, steps=100)
+        shown = versions(await result_of(fake, inter))
+        assert any("Painting" in (v.get("content") or "") for v in shown)  # progress was shown
+        assert not any("preview" in a["filename"] for v in shown for a in v.get("attachments", []))
+        assert not any("preview" in f for r in edits_of(fake, inter) for f in r.files)
+        assert bot.jobs.previews_sent == sent
+
+        # An age-restricted channel shows flagged results plainly, and so its previews.
+        shown = versions(await result_of(fake, await edit(fake, alice, adults, steps=100)))
+        assert any(attached(v, "preview.jpg") for v in shown)
+        assert not any(attached(v, "SPOILER_preview.jpg") for v in shown)
+
+
+async def test_a_preview_shown_goes_once_the_server_withholds_flagged_results(world, tmp_path, tiny_models):
+    fake, guild, channel, alice, bob, owner = world
+    async with bot_running(fake, previews_config(fake, tmp_path, guild), tiny_models) as bot:
+        await safety_check_on(bot)
+        slow_steps(bot, 0.05)
+        inter = await edit(fake, alice, channel, steps=100)
+        msg = await fake.wait_for_original(
+            inter, lambda m: any(a.filename == "SPOILER_preview.jpg" for a in m.attachments), timeout=60)
+        await command(fake, owner, channel, "mgie-admin settings", {"flagged_outputs": "withhold"})
+        switched = len(versions(msg))
+        await fake.wait_for(lambda: "Painting" in (msg.content or "") and not msg.attachments, timeout=30)
+        await result_of(fake, inter)
+        assert not any("preview" in a["filename"] for v in versions(msg)[switched:] for a in v.get("attachments", []))
