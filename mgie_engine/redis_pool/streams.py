@@ -89,7 +89,10 @@ class StreamProtocol:
     async def read_result(self, job_id: str) -> tuple[str, EditOutcome | None, str | None] | None:
         """(status, outcome, error text), or None while the job has no result."""
         result = await self.read_result_failure(job_id)
-        return None if result is None else (result[0], result[1], result[2] and result[2].text)
+        if result is None:
+            return None
+        status, outcome, failure = result
+        return status, outcome, failure.text if failure is not None else None
 
     async def read_result_failure(self, job_id: str) -> tuple[str, EditOutcome | None, payloads.Failure | None] | None:
         """(status, outcome, :class:`payloads.Failure` with its key, params and cause), or None while pending."""
