@@ -7,8 +7,6 @@ without importing the metrics library.
 
 from __future__ import annotations
 
-from mgie_engine.errors import BadImageError, BadRequestError
-
 BAD_INPUT = "bad_input"  # the image or the options cannot be edited (the user's to fix)
 ENGINE_ERROR = "engine_error"  # the model or the GPU failed (out of memory, a device error, a bug)
 WORKER_LOST = "worker_lost"  # the worker stopped responding mid-edit (the queue's watchdog gave up on it)
@@ -21,14 +19,13 @@ FAILURE_CAUSES = (BAD_INPUT, ENGINE_ERROR, WORKER_LOST, STORAGE, DEAD_LETTER, QU
 def cause_of(err: BaseException) -> str:
     """The cause word for an exception that failed a job.
 
-    An error class may name its cause in a ``failure_cause`` class attribute (the Redis pool's dead
-    letters do); otherwise its type decides, and anything unknown is an engine error.
+    An error names its cause in a ``failure_cause`` attribute (``mgie_engine.errors``: bad images and
+    requests; the Redis pool's dead letters; a worker's error as it sent it); otherwise an ``OSError`` is
+    the disk's and anything else an engine error.
     """
     declared = getattr(err, "failure_cause", None)
     if declared in FAILURE_CAUSES:
         return declared
-    if isinstance(err, BadImageError | BadRequestError):
-        return BAD_INPUT
     if isinstance(err, OSError):
         return STORAGE
     return ENGINE_ERROR

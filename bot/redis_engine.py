@@ -25,6 +25,9 @@ from mgie_engine.redis_pool import payloads
 from mgie_engine.redis_pool.connection import BLOCK_MS, RedisSettings, RedisSetupError, check_server, client
 from mgie_engine.redis_pool.streams import StreamProtocol
 
+from . import i18n
+from .failure_causes import ENGINE_ERROR, FAILURE_CAUSES
+
 log = logging.getLogger(__name__)
 
 BOT_CONSUMER = "bot"
@@ -36,6 +39,41 @@ class JobDeadLetteredError(MgieError):
     """The job stopped its workers too often and was moved to the dead-letter stream; the message says so."""
 
     failure_cause = "dead_letter"  # bot.failure_causes.DEAD_LETTER: the metrics count it apart
+
+
+class RemoteJobError(MgieError):
+    """A job failed on a worker: its English text, and the message key, params and cause the worker sent
+    where the bot knows them (:func:`remote_error`), so the queue reports it like an error of its own."""
+
+    def __init__(self, message: str, key: str | None, params: dict[str, object], cause: str) -> None:
+        super().__init__(message, key=key)
+        self.params = params  # set apart: a param may be named like MgieError's own arguments
+        self.failure_cause = cause
+
+
+WORKER_FAILED = "The edit failed on a GPU worker."  # engine.worker_failed: a failure that came without text
+
+
+def _known_message(key: str | None, params: dict[str, object]) -> bool:
+    """Whether ``key`` is an engine or errors message of the catalogue whose placeholders ``params`` fill."""
+    if key is None or key.split(".", 1)[0] not in ("engine", "errors"):
+        return False
+    template = i18n.catalogue(i18n.REFERENCE).get(key)
+    return template is not None and i18n.placeholders(template) <= params.keys()
+
+
+def remote_error(failure: payloads.Failure | None) -> RemoteJobError:
+    """The error for a failure read from Redis (a trust boundary): a key the catalogue lacks, or whose
+    placeholders the params leave open, is dropped (its English text is matched instead, as for workers
+    that send only text); a cause that is not a word of ``bot.failure_causes`` becomes an engine error."""
+    if failure is None:
+        return RemoteJobError(WORKER_FAILED, "engine.worker_failed", {}, ENGINE_ERROR)
+    known = _known_message(failure.key, failure.params)
+    if failure.key and not known:
+        log.warning("a worker's failure named message %r, which this bot cannot show; using its text",
+                    failure.key[:80])
+    return RemoteJobError(failure.text, failure.key if known else None, dict(failure.params) if known else {},
+                          failure.cause if failure.cause in FAILURE_CAUSES else ENGINE_ERROR)
 
 
 def _connection_errors() -> tuple[type[BaseException], ...]:
@@ -196,8 +234,8 @@ class RedisPool:
         if status == "cancelled":
             raise JobCancelledError("The edit was cancelled.")
         if status == "dead":
-            raise JobDeadLetteredError(error or "The edit failed on a GPU worker.")
-        raise MgieError(error or "The edit failed on a GPU worker.")
+            raise JobDeadLetteredError(error.text if error is not None else WORKER_FAILED)
+        raise remote_error(error)
 
     async def _submit(self, job: EditJob) -> None:
         while True:
@@ -218,10 +256,11 @@ class RedisPool:
         if future is None or future.done():
             return  # not waited for now: the result key keeps it until the job is released again
         try:
-            result = await self.proto.read_result(job_id)
+            result = await self.proto.read_result_failure(job_id)
         except payloads.BadPayloadError as err:
             log.warning("the result of job %s is malformed: %s", job_id, err)
-            result = ("failed", None, "The GPU worker's answer was damaged on the way back; please try again.")
+            result = ("failed", None,
+                      payloads.Failure("The GPU worker's answer was damaged on the way back; please try again."))
         if result is not None and not future.done():
             future.set_result(result)
 
@@ -356,5 +395,5 @@ async def _with_bytes(job: EditJob) -> EditJob:
     return dataclasses.replace(job, image=data)
 
 
-__all__ = ["JobDeadLetteredError", "RedisPool", "RemoteWorker", "RedisSetupError", "check_redis",
-           "redis_settings_from_env"]
+__all__ = ["JobDeadLetteredError", "RedisPool", "RemoteJobError", "RemoteWorker", "RedisSetupError", "check_redis",
+           "redis_settings_from_env", "remote_error"]

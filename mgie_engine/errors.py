@@ -13,8 +13,12 @@ class MgieError(Exception):
     """Base class: the message is written for the person who made the request.
 
     ``key`` (e.g. ``"engine.image_empty"``) names the message for translation, ``params`` fill its
-    placeholders; both are optional (an error without a key is shown in English).
+    placeholders; both are optional (an error without a key is shown in English). A class may name why it
+    fails a job in ``failure_cause`` (a word of ``bot/failure_causes``): the bot's metrics count it by that,
+    and a worker over Redis sends it along (``redis_pool/payloads.py: failure_of``); none means an engine error.
     """
+
+    failure_cause: str | None = None
 
     def __init__(self, message: str = "", *, key: str | None = None, **params: object) -> None:
         super().__init__(message)
@@ -25,9 +29,13 @@ class MgieError(Exception):
 class BadImageError(MgieError):
     """The input is not an image we can edit (unreadable, corrupt, empty, too large)."""
 
+    failure_cause = "bad_input"
+
 
 class BadRequestError(MgieError):
     """An option is out of range or the instruction is unusable."""
+
+    failure_cause = "bad_input"
 
 
 class SettingsError(BadRequestError):

@@ -6,9 +6,11 @@ Everything read back is type-checked and size-capped before it is used; a bad pa
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
+import re
 from typing import Any
 
 from ..protocol import EditJob, EditOutcome, JobProgress, JobStage
@@ -27,6 +29,13 @@ MAX_TEXT = 4000
 MAX_HISTORY = 32
 MAX_CAPACITY = 1024
 STATUSES = ("done", "failed", "cancelled", "dead")
+MAX_ERROR = 1000
+MAX_PARAMS = 8  # a catalogue message has a few placeholders
+MAX_PARAM_TEXT = 200
+ERROR_KEY = re.compile(r"(engine|errors)\.[a-z0-9_]{1,64}\Z")  # the areas an engine error's message lives in
+PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,31}\Z")
+CAUSE_WORD = re.compile(r"[a-z_]{1,32}\Z")
+ENGINE_ERROR = "engine_error"  # bot/failure_causes' word for an error that names no cause of its own
 STAGES = ("language", "denoise", "decode")
 
 
@@ -101,27 +110,104 @@ def decode_job(raw: Any, image: bytes) -> EditJob:
                    previews=data.get("previews") is True)
 
 
+# -- failures -----------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """Why a job failed, as it crosses Redis: the English ``text`` (all that workers before this sent), and
+    the message's catalogue ``key`` and ``params`` with the error's ``cause`` word, so the bot tells the user
+    in their language and counts the failure by its real cause. Read back, each part is only shape-checked
+    here (the bot checks the key against its catalogue and the cause against its words)."""
+
+    text: str
+    key: str | None = None
+    params: dict[str, str | int | float] = dataclasses.field(default_factory=dict)
+    cause: str | None = None
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _param(value: Any) -> str | int | float | None:
+    """A JSON-safe scalar param, or None for anything else (a bool, a float that is not finite, an object)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if abs(value) <= 2**53 else None
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return value
+    return None
+
+
+def failure_of(err: BaseException) -> Failure:
+    """What a worker sends for an error that failed a job: its text, its key with the params that are
+    scalars (strings cut to MAX_PARAM_TEXT, at most MAX_PARAMS), and its class's ``failure_cause``."""
+    params: dict[str, str | int | float] = {}
+    for name, value in (getattr(err, "params", None) or {}).items():
+        value = _param(value)
+        if value is not None and isinstance(name, str) and PARAM_NAME.match(name) and len(params) < MAX_PARAMS:
+            params[name] = value[:MAX_PARAM_TEXT] if isinstance(value, str) else value
+    key, cause = getattr(err, "key", None), getattr(err, "failure_cause", None)
+    return Failure(str(err)[:MAX_ERROR], key if isinstance(key, str) and ERROR_KEY.match(key) else None, params,
+                   cause if isinstance(cause, str) and CAUSE_WORD.match(cause) else ENGINE_ERROR)
+
+
+def decode_failure(meta: dict) -> Failure | None:
+    """A failed result's error. Its text must be well formed (else BadPayloadError); a malformed key,
+    cause or params is dropped (each param on its own, all of them when there are too many), so the text
+    still reaches the user."""
+    error = meta.get("error")
+    if error is None:
+        return None
+    text = _text(error, "error", MAX_ERROR)
+    key, cause, raw_params = meta.get("error_key"), meta.get("cause"), meta.get("error_params")
+    params: dict[str, str | int | float] = {}
+    if isinstance(raw_params, dict) and len(raw_params) <= MAX_PARAMS:
+        for name, value in raw_params.items():
+            value = _param(value)
+            if value is not None and PARAM_NAME.match(name) and not (isinstance(value, str)
+                                                                     and len(value) > MAX_PARAM_TEXT):
+                params[name] = value
+    return Failure(text, key if isinstance(key, str) and ERROR_KEY.match(key) else None, params,
+                   cause if isinstance(cause, str) and CAUSE_WORD.match(cause) else None)
+
+
 # -- results ------------------------------------------------------------------------------------------
-def encode_result(status: str, outcome: EditOutcome | None = None, error: str | None = None) -> bytes:
+def encode_result(status: str, outcome: EditOutcome | None = None, error: str | Failure | None = None) -> bytes:
+    """A result's JSON (UTF-8, not escaped: a failure's params in any language stay well under MAX_META_JSON)."""
     meta: dict[str, Any] = {"status": status}
     if outcome is not None:
         meta.update(expressive=outcome.expressive_instruction[:MAX_TEXT], width=outcome.width, height=outcome.height,
                     seconds=outcome.seconds, llm_cached=outcome.llm_cached, flagged=outcome.flagged,
                     timings={k: float(v) for k, v in list(outcome.timings.items())[:16]})
-    if error is not None:
-        meta["error"] = error[:1000]
-    return json.dumps(meta, separators=(",", ":")).encode()
+    if isinstance(error, Failure):
+        meta["error"] = error.text[:MAX_ERROR]
+        if error.key:
+            meta["error_key"] = error.key
+        if error.params:
+            meta["error_params"] = error.params
+        if error.cause:
+            meta["cause"] = error.cause
+    elif error is not None:
+        meta["error"] = error[:MAX_ERROR]
+    return json.dumps(meta, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def decode_result(job: str, raw: Any, png: bytes | None) -> tuple[str, EditOutcome | None, str | None]:
     """(status, outcome for "done", error message otherwise)."""
+    status, outcome, failure = decode_result_failure(job, raw, png)
+    return status, outcome, failure.text if failure is not None else None
+
+
+def decode_result_failure(job: str, raw: Any, png: bytes | None) -> tuple[str, EditOutcome | None, Failure | None]:
+    """(status, outcome for "done", the :class:`Failure` otherwise)."""
     meta = _loads(raw, MAX_META_JSON, "result")
     status = meta.get("status")
     if status not in STATUSES:
         raise BadPayloadError("result: unknown status")
     if status != "done":
-        error = meta.get("error")
-        return status, None, _text(error, "error", 1000) if error is not None else None
+        return status, None, decode_failure(meta)
     if not png or len(png) > MAX_RESULT_BYTES:
         raise BadPayloadError("result: image missing or too large")
     timings = meta.get("timings", {})

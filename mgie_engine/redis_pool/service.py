@@ -145,7 +145,8 @@ class WorkerService:
 
     async def _run_job(self, running: _Running) -> None:
         delivery = running.delivery
-        status, outcome, error = "failed", None, None
+        status, outcome = "failed", None
+        error: str | payloads.Failure | None = None
         try:
             image = await self.proto.read_input(delivery.job_id)
             if image is None:
@@ -163,17 +164,20 @@ class WorkerService:
             log.warning("job %s arrived malformed: %s", delivery.job_id, err)
             error = "This edit's data was damaged on the way to the GPU worker; please try again."
         except MgieError as err:
-            error = str(err)
+            error = payloads.failure_of(err)  # its key, params and cause go along: the bot tells it like its own
         except Exception as err:  # a bug or a device fault: the job fails, the worker goes on
             log.exception("job %s failed", delivery.job_id)
-            error = f"Something went wrong on the GPU ({type(err).__name__}); the error is logged."
+            name = type(err).__name__
+            error = payloads.Failure(f"Something went wrong on the GPU ({name}); the error is logged.",
+                                     "engine.gpu_failed", {"error": name[:payloads.MAX_PARAM_TEXT]},
+                                     payloads.ENGINE_ERROR)
         try:
             await self._commit(running, status, outcome, error)
         finally:
             self.running.pop(delivery.entry_id, None)
             self._slot_freed.set()
 
-    async def _commit(self, running: _Running, status: str, outcome, error: str | None) -> None:
+    async def _commit(self, running: _Running, status: str, outcome, error: str | payloads.Failure | None) -> None:
         import redis.exceptions as rex
 
         delivery = running.delivery

@@ -87,11 +87,20 @@ class StreamProtocol:
         return out
 
     async def read_result(self, job_id: str) -> tuple[str, EditOutcome | None, str | None] | None:
+        """(status, outcome, error text), or None while the job has no result."""
+        result = await self.read_result_failure(job_id)
+        if result is None:
+            return None
+        status, outcome, failure = result
+        return status, outcome, failure.text if failure is not None else None
+
+    async def read_result_failure(self, job_id: str) -> tuple[str, EditOutcome | None, payloads.Failure | None] | None:
+        """(status, outcome, :class:`payloads.Failure` with its key, params and cause), or None while pending."""
         meta = await self.redis.getrange(self.keys.result(job_id), 0, payloads.MAX_META_JSON)
         if not meta:
             return None
         png = await self.redis.getrange(self.keys.result_png(job_id), 0, payloads.MAX_RESULT_BYTES)
-        return payloads.decode_result(job_id, meta, png or None)
+        return payloads.decode_result_failure(job_id, meta, png or None)
 
     async def request_cancel(self, job_id: str) -> None:
         await self.redis.set(self.keys.cancel(job_id), b"1", ex=self.settings.blob_ttl)
@@ -197,7 +206,7 @@ class StreamProtocol:
         return bool(await self.redis.exists(self.keys.cancel(job_id)))
 
     async def commit(self, consumer: str, delivery: Delivery, status: str, outcome: EditOutcome | None = None,
-                     error: str | None = None) -> bool:
+                     error: str | payloads.Failure | None = None) -> bool:
         """The result, its announcement and the XACK, atomically, only if ``consumer`` still owns the entry."""
         k, job_id = self.keys, delivery.job_id
         png = outcome.png if outcome is not None else b""

@@ -9,10 +9,12 @@ import threading
 
 import pytest
 
-from bot.redis_engine import RedisPool
+from bot.failure_causes import cause_of
+from bot.redis_engine import RedisPool, RemoteJobError
 from mgie_engine.errors import JobCancelledError, MgieError
 from mgie_engine.protocol import EditJob, EditOutcome, Worker, WorkerState
 from mgie_engine.redis_pool.connection import RedisSettings, client
+from mgie_engine.redis_pool.payloads import Failure
 from mgie_engine.redis_pool.streams import StreamProtocol
 
 pytest_plugins = ["redis_server"]
@@ -134,3 +136,31 @@ async def test_progress_ticks_reach_the_jobs_callback_and_bad_ones_are_ignored(s
     await worker.commit("w1", delivery, "cancelled")
     with pytest.raises(JobCancelledError):
         await asyncio.wait_for(running, 10)
+
+
+async def test_a_workers_failure_keeps_its_key_params_and_cause_where_the_bot_knows_them(sides):
+    """What a worker sends crosses a trust boundary: a key this bot's catalogue lacks, or whose placeholders
+    the params leave open, is dropped (its English is matched as for older workers); an unknown cause is an
+    engine error; a failure without text is the catalogue's "failed on a GPU worker"."""
+    pool, worker = sides
+    cases = [
+        (Failure("That file is empty.", "engine.image_empty", {}, "bad_input"),
+         ("engine.image_empty", {}, "bad_input")),
+        (Failure("Something went wrong on the GPU (X); the error is logged.", "engine.gpu_failed", {"error": "X"},
+                 "engine_error"), ("engine.gpu_failed", {"error": "X"}, "engine_error")),
+        (Failure("That file is empty.", "engine.no_such_message", {}, "bad_input"), (None, {}, "bad_input")),
+        (Failure("That file is too large.", "engine.image_too_large", {"size": "9 MB"}, "storage"),  # no {limit}
+         (None, {}, "storage")),
+        (Failure("That file is empty.", "engine.image_empty", {}, "made_up"), ("engine.image_empty", {}, "engine_error")),
+        (Failure("That file is empty.", "errors.unknown_error", {}, None), ("errors.unknown_error", {}, "engine_error")),
+        (None, ("engine.worker_failed", {}, "engine_error")),
+    ]
+    for n, (sent, (key, params, cause)) in enumerate(cases):
+        running = asyncio.ensure_future(pool.workers[0].run(job(f"f{n}")))
+        [delivery] = await eventually(lambda: worker.fetch("w1", count=1, block_ms=100))
+        await worker.commit("w1", delivery, "failed", error=sent)
+        with pytest.raises(RemoteJobError) as raised:
+            await asyncio.wait_for(running, 10)
+        err = raised.value
+        assert (err.key, err.params, cause_of(err)) == (key, params, cause), sent
+        assert str(err) == (sent.text if sent else "The edit failed on a GPU worker.")

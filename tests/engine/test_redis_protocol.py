@@ -4,9 +4,11 @@ restarts, namespaces, validation of what is read back, and no password in errors
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
+from mgie_engine.errors import BadImageError, MgieError
 from mgie_engine.protocol import EditJob, EditOutcome
 from mgie_engine.redis_pool import payloads
 from mgie_engine.redis_pool.connection import RedisSettings, RedisSetupError, check_server, client, redact
@@ -179,3 +181,38 @@ async def test_reclaim_reaches_a_stale_entry_behind_many_live_ones(proto):
     for _ in range(6):  # XAUTOCLAIM scans 10 x COUNT entries a call; the cursor carries on from there
         found += await proto.claim_stale("w2", 1)
     assert [d.job_id for d in found] == ["j29"]
+
+
+async def test_a_failures_key_params_and_cause_cross_redis_and_malformed_ones_are_dropped(proto):
+    err = BadImageError("That file is too large (60 MB); the limit is 50 MB.", key="engine.image_too_large",
+                        size="60 MB", limit="50 MB", shape=(1, 2), big=2**60, ratio=float("nan"), flag=True,
+                        long="x" * 500)
+    sent = payloads.failure_of(err)
+    assert sent == payloads.Failure("That file is too large (60 MB); the limit is 50 MB.", "engine.image_too_large",
+                                    {"size": "60 MB", "limit": "50 MB", "long": "x" * payloads.MAX_PARAM_TEXT},
+                                    "bad_input")
+    assert payloads.failure_of(MgieError("plain")) == payloads.Failure("plain", None, {}, "engine_error")
+    await proto.submit(job())
+    [got] = await proto.fetch("w1", count=1, block_ms=100)
+    assert await proto.commit("w1", got, "failed", error=sent)
+    assert await proto.read_result_failure("job1") == ("failed", None, sent)
+    assert await proto.read_result("job1") == ("failed", None, sent.text)  # what older readers get
+
+    def decoded(**meta):
+        return payloads.decode_result_failure("a", json.dumps({"status": "failed", "error": "text", **meta}), None)[2]
+
+    assert decoded() == payloads.Failure("text")  # an older worker: text only
+    for key in ("render.failed", "engine.", "engine.x y", "ENGINE.image_empty", 7, ["engine.image_empty"]):
+        assert decoded(error_key=key, cause="bad_input") == payloads.Failure("text", None, {}, "bad_input"), key
+    for cause in ("Bad Input", "x" * 33, 3, None, {"a": 1}):
+        assert decoded(error_key="engine.image_empty", cause=cause).cause is None, cause
+    params = {"ok": "fine", "n": 3, "f": 1.5, "too_long": "y" * 201, "flag": True, "nested": [{"a": 1}],
+              "1bad": "name", "huge": 2**60}  # MAX_PARAMS entries: each bad one is dropped on its own
+    assert decoded(error_key="engine.gpu_failed", error_params=params).params == {"ok": "fine", "n": 3, "f": 1.5}
+    assert decoded(error_params={f"p{i}": i for i in range(payloads.MAX_PARAMS + 1)}).params == {}  # too many
+    assert decoded(error_params=["not", "a", "dict"]).params == {}
+    with pytest.raises(payloads.BadPayloadError):
+        decoded(error="e" * (payloads.MAX_ERROR + 1))
+    fat = payloads.Failure("語" * payloads.MAX_ERROR, "engine.gpu_failed",
+                           {f"p{i}": "語" * payloads.MAX_PARAM_TEXT for i in range(payloads.MAX_PARAMS)}, "bad_input")
+    assert len(payloads.encode_result("failed", error=fat)) < payloads.MAX_META_JSON  # read back whole

@@ -4,6 +4,7 @@ job finishes on the other worker once, cancel from another host, clean one-line 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import time
@@ -187,3 +188,28 @@ async def test_a_worker_that_reclaims_its_own_stale_job_does_not_run_it_a_second
         await conn.aclose()
     assert status == "done" and outcome.png.startswith(b"\x89PNG")
     assert runs == ["mine"]
+
+
+async def test_a_workers_keyed_error_goes_back_with_its_key_params_and_cause(redis_server, proto, tiny_paths):
+    """The bot shows a worker's error in its user's language and counts it by its cause: the worker sends the
+    error's message key, params and cause word beside its English text."""
+    worker = await start_worker(pool_env(redis_server, tiny_paths))
+    try:
+        await wait_workers(proto, 1)
+        await proto.submit(dataclasses.replace(job("thin"), image=png_bytes(340, 20)))
+        await proto.submit(dataclasses.replace(job("noimage"), image=b"these bytes are no picture"))
+        status, _, thin = await result_of_failure(proto, "thin")
+        assert status == "failed" and (thin.key, thin.params, thin.cause) == (
+            "engine.image_too_thin", {"width": 340, "height": 20, "ratio": 16}, "bad_input")
+        assert thin.text == ("That image is too long and thin (340x20); I can edit images up to 16:1, "
+                             "so please crop it first.")
+        status, _, noimage = await result_of_failure(proto, "noimage")
+        assert status == "failed" and (noimage.key, noimage.params, noimage.cause) == (
+            "engine.image_not_an_image", {}, "bad_input")
+    finally:
+        assert await worker.stop() == 0, worker.text[-3000:]
+
+
+async def result_of_failure(proto, job_id: str, timeout: float = 60.0):
+    await result_of(proto, job_id, timeout)
+    return await proto.read_result_failure(job_id)
