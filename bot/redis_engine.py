@@ -26,7 +26,7 @@ from mgie_engine.redis_pool.connection import BLOCK_MS, RedisSettings, RedisSetu
 from mgie_engine.redis_pool.streams import StreamProtocol
 
 from . import i18n
-from .failure_causes import ENGINE_ERROR, FAILURE_CAUSES
+from .failure_causes import BAD_INPUT, ENGINE_ERROR, STORAGE
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,9 @@ class RemoteJobError(MgieError):
 WORKER_FAILED = "The edit failed on a GPU worker."  # engine.worker_failed: a failure that came without text
 
 
+WORKER_CAUSES = (BAD_INPUT, ENGINE_ERROR, STORAGE)  # what a worker may say of its own failure
+
+
 def _known_message(key: str | None, params: dict[str, object]) -> bool:
     """Whether ``key`` is an engine or errors message of the catalogue whose placeholders ``params`` fill."""
     if key is None or key.split(".", 1)[0] not in ("engine", "errors"):
@@ -65,7 +68,8 @@ def _known_message(key: str | None, params: dict[str, object]) -> bool:
 def remote_error(failure: payloads.Failure | None) -> RemoteJobError:
     """The error for a failure read from Redis (a trust boundary): a key the catalogue lacks, or whose
     placeholders the params leave open, is dropped (its English text is matched instead, as for workers
-    that send only text); a cause that is not a word of ``bot.failure_causes`` becomes an engine error."""
+    that send only text); a worker may only name the causes a worker can know (bad input, engine, storage):
+    anything else, a dead letter or a lost worker included (those are the bot's to say), is an engine error."""
     if failure is None:
         return RemoteJobError(WORKER_FAILED, "engine.worker_failed", {}, ENGINE_ERROR)
     known = _known_message(failure.key, failure.params)
@@ -73,7 +77,7 @@ def remote_error(failure: payloads.Failure | None) -> RemoteJobError:
         log.warning("a worker's failure named message %r, which this bot cannot show; using its text",
                     failure.key[:80])
     return RemoteJobError(failure.text, failure.key if known else None, dict(failure.params) if known else {},
-                          failure.cause if failure.cause in FAILURE_CAUSES else ENGINE_ERROR)
+                          failure.cause if failure.cause in WORKER_CAUSES else ENGINE_ERROR)
 
 
 def _connection_errors() -> tuple[type[BaseException], ...]:

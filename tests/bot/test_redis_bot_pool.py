@@ -141,7 +141,7 @@ async def test_progress_ticks_reach_the_jobs_callback_and_bad_ones_are_ignored(s
 async def test_a_workers_failure_keeps_its_key_params_and_cause_where_the_bot_knows_them(sides):
     """What a worker sends crosses a trust boundary: a key this bot's catalogue lacks, or whose placeholders
     the params leave open, is dropped (its English is matched as for older workers); an unknown cause is an
-    engine error; a failure without text is the catalogue's "failed on a GPU worker"."""
+    engine error, and so is a cause only the bot may name; a failure without text is the catalogue's "failed on a GPU worker"."""
     pool, worker = sides
     cases = [
         (Failure("That file is empty.", "engine.image_empty", {}, "bad_input"),
@@ -152,6 +152,11 @@ async def test_a_workers_failure_keeps_its_key_params_and_cause_where_the_bot_kn
         (Failure("That file is too large.", "engine.image_too_large", {"size": "9 MB"}, "storage"),  # no {limit}
          (None, {}, "storage")),
         (Failure("That file is empty.", "engine.image_empty", {}, "made_up"), ("engine.image_empty", {}, "engine_error")),
+        # Dead letters and lost workers are the bot's to say, never a worker's.
+        (Failure("That file is empty.", "engine.image_empty", {}, "dead_letter"),
+         ("engine.image_empty", {}, "engine_error")),
+        (Failure("That file is empty.", "engine.image_empty", {}, "worker_lost"),
+         ("engine.image_empty", {}, "engine_error")),
         (Failure("That file is empty.", "errors.unknown_error", {}, None), ("errors.unknown_error", {}, "engine_error")),
         (None, ("engine.worker_failed", {}, "engine_error")),
     ]
