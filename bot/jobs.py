@@ -315,7 +315,7 @@ class JobManager:
 
 def failure_text(event: JobEvent, locale: str | None) -> str:
     """Why a job failed, in its language: the event's message key, else its English text (translated when
-    it is a known engine message, e.g. from a worker over Redis)."""
+    it is a known engine message, e.g. from an older worker over Redis that sends no key)."""
     if event.error_key and event.error_key in i18n.catalogue(i18n.REFERENCE):
         return i18n.text(event.error_key, locale, **(event.error_params or {}))
     return i18n.translate_english(event.error, locale) if event.error else i18n.text("errors.unknown_error", locale)

@@ -140,8 +140,9 @@ def locale_value(locale: object) -> str | None:
 
 
 ENGLISH_MATCHED_AREAS = ("engine",)
-"""Areas whose English text may reach the bot without its key (an error that came from a worker process
-over Redis as plain text): :func:`error_text` recognizes such text and translates it all the same."""
+"""Areas whose English text may reach the bot without its key (a worker of an older version sends its
+failures over Redis as plain text; current ones send the key, bot/redis_engine.py): :func:`error_text`
+recognizes such text and translates it all the same."""
 
 
 @functools.cache
