@@ -142,6 +142,7 @@ async def test_flagged_results_are_spoilered_or_withheld_outside_age_restricted_
     fake.add_member(guild, alice)
     fake.add_member(guild, owner, permissions=perms.MANAGE_GUILD)
     async with bot_running(fake, make_config(fake, tmp_path / "data", [guild.id]), tiny_models) as bot:
+        await bot.engine.workers[0].wait_ready()  # loading sets the check: replace it after
         bot.engine.workers[0].safety_check = lambda image: True  # flags everything
 
         spoiled = await fake.wait_for_original(await edit(fake, alice, channel), lambda m: m.attachments, timeout=60)
