@@ -238,9 +238,7 @@ def write_full_size(root: str | Path, *, small: bool = False, seed: int = 0, tok
     say = progress or (lambda msg: print(msg, flush=True))
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rnd = RandomWeights(seed, device)
-    root = Path(root)
-    paths = TinyPaths(root=root, mgie=root / "ml-mgie", ip2p=root / "instruct-pix2pix",
-                      clip=root / "clip-vit-large-patch14")
+    paths = TinyPaths.under(root)
     llava, mgie = paths.mgie / "LLaVA-7B-v1", paths.mgie / "mgie_7b"
     for folder in (llava, mgie, paths.ip2p, paths.clip):
         folder.mkdir(parents=True, exist_ok=True)
@@ -300,8 +298,7 @@ def ensure_full_size(root: Path, small: bool, tokenizer_dir: Path | None, progre
     ``written.json`` beside it)."""
     done = Path(root) / "written.json"
     if done.is_file() and json.loads(done.read_text()).get("small") == small:
-        return TinyPaths(root=Path(root), mgie=Path(root) / "ml-mgie", ip2p=Path(root) / "instruct-pix2pix",
-                         clip=Path(root) / "clip-vit-large-patch14")
+        return TinyPaths.under(root)
     paths, stats = write_full_size(root, small=small, tokenizer_dir=tokenizer_dir, progress=progress)
     done.write_text(json.dumps(stats, indent=2) + "\n")
     return paths

@@ -5,6 +5,7 @@ Each button only parses its custom id and hands the press to the Results cog, wh
 
 from __future__ import annotations
 
+import functools
 import re
 
 import discord
@@ -25,13 +26,20 @@ ACTIONS = {
 }
 
 
+@functools.cache
+def _label_key(action: str) -> str | None:
+    """The catalogue key of ``action``'s label: ``results.button_<action>``, else any area's (looked up once)."""
+    messages = i18n.catalogue(i18n.REFERENCE)
+    key = f"results.button_{action}"
+    if key in messages:
+        return key
+    return next((k for k in messages if k.endswith(f".button_{action}") and k.count(".") == 1), None)
+
+
 def button_label(action: str, locale: object = None) -> str:
     """The label of ``action``'s button in the language of ``locale`` (English when it has no entry)."""
-    english, messages = ACTIONS[action][0], i18n.catalogue(i18n.REFERENCE)
-    key = f"results.button_{action}"
-    if key not in messages:
-        key = next((k for k in messages if k.endswith(f".button_{action}") and k.count(".") == 1), None)
-    return i18n.text(key, locale) if key is not None else english
+    key = _label_key(action)
+    return i18n.text(key, locale) if key is not None else ACTIONS[action][0]
 
 
 class JobButton(discord.ui.DynamicItem[discord.ui.Button], template=r"mgie:(?P<action>[a-z]+):(?P<job>[0-9a-f]{32})"):

@@ -43,6 +43,12 @@ class TinyPaths:
     ip2p: Path  # MGIE_IP2P
     clip: Path  # MGIE_CLIP
 
+    @classmethod
+    def under(cls, root: str | Path) -> TinyPaths:
+        """The released layout's folders under ``root`` (not created)."""
+        root = Path(root)
+        return cls(root=root, mgie=root / "ml-mgie", ip2p=root / "instruct-pix2pix", clip=root / "clip-vit-large-patch14")
+
     def env(self) -> dict[str, str]:
         """The settings that use these folders, as absolute paths: `.env` lines must work from any folder."""
         return {"MGIE_CKPT_DIR": str(self.mgie.resolve()), "MGIE_IP2P": str(self.ip2p.resolve()),
@@ -210,9 +216,7 @@ def write_tiny_checkpoints(root: str | Path, seed: int = 0, plant_visual_tokens:
     from tokenizers import Tokenizer
 
     s = sizes or TinySizes()
-    root = Path(root)
-    paths = TinyPaths(root=root, mgie=root / "ml-mgie", ip2p=root / "instruct-pix2pix",
-                      clip=root / "clip-vit-large-patch14")
+    paths = TinyPaths.under(root)
     llava, mgie = paths.mgie / "LLaVA-7B-v1", paths.mgie / "mgie_7b"
     for folder in (llava, mgie, paths.ip2p, paths.clip):
         folder.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,17 @@ def _state(data_dir) -> list[str]:
         return [row[0] for row in conn.execute("SELECT state FROM jobs")]
 
 
+async def _next_start_delivers(fake, guild, tiny_paths, data, inter) -> None:
+    """Start the bot again on ``data``: the edit left running is resumed and its result posted."""
+    proc = await _start(fake, guild, tiny_paths, data)
+    try:
+        await fake.wait_for(lambda: inter.original.attachments, timeout=120)
+        await fake.wait_for(lambda: _state(data) == ["done"], timeout=10)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 60)
+
+
 async def test_sigterm_finishes_the_running_edit_then_exits(world, tmp_path, tiny_paths):
     fake, guild, channel, alice = world
     proc = await _start(fake, guild, tiny_paths, tmp_path / "data")
@@ -82,13 +93,7 @@ async def test_sigterm_past_the_grace_exits_cleanly_and_the_next_start_resumes_t
     assert "unfinished" in out.decode() and "terminate called" not in out.decode()
     # The edit is left as it was (running), not failed with "the bot is restarting", and the next start ends it.
     assert _state(tmp_path / "data") == ["running"], out.decode()[-2000:]
-    proc = await _start(fake, guild, tiny_paths, tmp_path / "data")
-    try:
-        await fake.wait_for(lambda: inter.original.attachments, timeout=120)
-        await fake.wait_for(lambda: _state(tmp_path / "data") == ["done"], timeout=10)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(proc.communicate(), 60)
+    await _next_start_delivers(fake, guild, tiny_paths, tmp_path / "data", inter)
 
 
 async def test_after_sigkill_the_next_start_resumes_the_running_edit(world, tmp_path, tiny_paths):
@@ -98,10 +103,4 @@ async def test_after_sigkill_the_next_start_resumes_the_running_edit(world, tmp_
     proc.kill()
     await proc.wait()
     assert _state(tmp_path / "data") == ["running"]  # the database says what was going on
-    proc = await _start(fake, guild, tiny_paths, tmp_path / "data")
-    try:
-        await fake.wait_for(lambda: inter.original.attachments, timeout=120)
-        await fake.wait_for(lambda: _state(tmp_path / "data") == ["done"], timeout=10)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(proc.communicate(), 60)
+    await _next_start_delivers(fake, guild, tiny_paths, tmp_path / "data", inter)

@@ -76,7 +76,7 @@ def tiny_copy(tiny_paths, tmp_path):
     shutil.copytree(tiny_paths.root, dst)
     from mgie_engine.tiny.writer import TinyPaths
 
-    return TinyPaths(root=dst, mgie=dst / "ml-mgie", ip2p=dst / "instruct-pix2pix", clip=dst / "clip-vit-large-patch14")
+    return TinyPaths.under(dst)
 
 
 def _load_error(paths) -> str:
