@@ -118,11 +118,11 @@ def load_artifacts(folder: Path) -> bool:
     return True
 
 
-def save_artifacts(folder: Path) -> Path | None:
-    """Write torch's portable cache artifacts of this process's compiles to ``folder/artifacts.bin``
-    (atomically); None when torch has none to give. Never raises: a full disk costs the next start time,
-    not this worker."""
-    path = folder / ARTIFACTS_FILE
+def save_artifacts(folder: Path, name: str = ARTIFACTS_FILE) -> Path | None:
+    """Write torch's portable cache artifacts of this process's compiles to ``folder/artifacts.bin`` (or
+    ``name``: a compile child's share) atomically; None when torch has none to give. Never raises: a full
+    disk costs the next start time, not this worker."""
+    path = folder / name
     try:
         import torch
 

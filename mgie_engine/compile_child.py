@@ -10,7 +10,15 @@ A child process has a GIL of its own.
 So when the free GPU memory holds a second copy of the models plus headroom (MGIE_COMPILE_CHILD=auto; 1
 forces it, 0 never), the worker starts ``python -m mgie_engine.compile_child`` right after its weights
 load: the child runs ``lifecycle.precompile`` with the worker's settings into the worker's compile cache
-folder and exits 0 once ``artifacts.bin`` is written, while the worker serves eagerly and compiles nothing.
+folder and exits 0 once its cache artifacts are written, while the worker serves eagerly and compiles nothing.
+
+Several children, side by side. Each compile of a UNet step takes minutes of one CPU core (tracing and
+lowering are single-threaded), and the warm-up has several that do not depend on each other: the static
+step at one job and at the batch limit, the symbolic guided step, the unguided call
+(``warm_up.compile_groups``). Where the memory holds more copies of the models (each further child needs
+its weights plus ``EXTRA_CHILD_BYTES``) the worker starts one child per group, up to MGIE_COMPILE_CHILDREN
+(0: as many as fit), each running only its groups' warm-up batches into the same cache folder, with the
+host's cores shared out among their triton compile workers. Groups left over go round-robin.
 Then the worker's own compile thread (serving_modes.py) runs the warm-up with hot caches: kernels,
 autotuning results and dynamic-shape profiles come from the folder; what it still does is trace and record
 its CUDA graphs (graphs cannot cross processes). A warm cache (``artifacts.bin`` already there) skips the
@@ -52,13 +60,19 @@ SETTINGS_ENV = "MGIE_COMPILE_CHILD_SETTINGS"  # the worker's EngineSettings as J
 CAPACITY_ENV = "MGIE_COMPILE_CHILD_CAPACITY"  # jobs per UNet call the warm-up covers
 FOLDER_ENV = "MGIE_COMPILE_CHILD_FOLDER"  # the worker's compile cache folder
 PARENT_ENV = "MGIE_COMPILE_CHILD_PARENT"  # the worker's pid: the child dies with it
-LOG_FILE = "compile-child.log"
+BATCHES_ENV = "MGIE_COMPILE_CHILD_BATCHES"  # the warm-up batches this child runs ("0,2,3"); unset: all
+INDEX_ENV = "MGIE_COMPILE_CHILD_INDEX"  # which child this is (its log and artifact file names)
+LOG_FILE = "compile-child-{}.log"  # .format(index)
+ARTIFACTS_FILE = "artifacts-child-{}.bin"  # a child's own artifacts: only the worker writes artifacts.bin
 TIMEOUT_S = 3600.0  # a first compile at MGIE_MAX_BATCH=32 took over 9 minutes in-process; this is a hang
 # Room for the child: its copy of the weights, and for its warm-up's activations and CUDA-graph pools (and
 # the worker's own serving beside it) half as much again plus 8 GiB. The full-size models are ~15.5 GiB, so
 # a child needs ~31 GiB free after the worker loaded: an 80 GB card has it, a 24-48 GB one compiles in-process.
 HEADROOM_FRACTION = 0.5
 HEADROOM_BYTES = 8 * 2**30
+# Each further child: its weights, and its warm-up's activations and graph pools (a whole one-process
+# warm-up at MGIE_MAX_BATCH=8 peaked at 20.5 GiB with serving beside it).
+EXTRA_CHILD_BYTES = 4 * 2**30
 TAIL_CHARS = 2000
 _PR_SET_PDEATHSIG = 1
 
@@ -82,11 +96,12 @@ class ChildOutcome:
     seconds: float
     returncode: int | None
     tail: str
+    count: int = 1  # children it stands for (ChildRuns: the first failure, else the longest)
 
     def describe(self) -> str:
         """One line for the log and the worker's info."""
         if self.ok:
-            return f"done in {self.seconds:.0f} s"
+            return f"done in {self.seconds:.0f} s" + (f" ({self.count} processes)" if self.count > 1 else "")
         if self.returncode is None:
             how = f"killed after its {self.seconds:.0f} s time limit"
         elif self.returncode < 0:
@@ -128,6 +143,20 @@ def free_bytes(device: torch.device) -> int | None:
         return None
 
 
+def how_many(limit: int, groups: int, weights: int, free: int | None) -> int:
+    """Children to start once ``decide`` said yes: one per warm-up group (``groups``), at most ``limit``
+    (MGIE_COMPILE_CHILDREN; 0: no limit) and, where the free memory is known, as many as it holds."""
+    count = min(groups, limit) if limit > 0 else groups
+    if free is not None:
+        count = min(count, 1 + max(0, free - room_needed(weights)) // (weights + EXTRA_CHILD_BYTES))
+    return max(1, count)
+
+
+def shares(groups: list[tuple[int, ...]], count: int) -> list[tuple[int, ...]]:
+    """``groups`` dealt round-robin to ``count`` children: each child's warm-up batches, in order."""
+    return [tuple(sorted(k for group in groups[i::count] for k in group)) for i in range(count)]
+
+
 def decide(setting: bool | None, weights: int, free: int | None, warm_cache: bool) -> tuple[bool, str]:
     """Whether to compile in a child (MGIE_COMPILE_CHILD: True, False or None for auto), and why."""
     if setting is False:
@@ -147,9 +176,11 @@ def decide(setting: bool | None, weights: int, free: int | None, warm_cache: boo
 class ChildRun:
     """One compile child: started, waited for (with the worker's stop event and the time limit), killed."""
 
-    def __init__(self, launcher: ChildLauncher, settings: EngineSettings, capacity: int, folder: Path) -> None:
+    def __init__(self, launcher: ChildLauncher, settings: EngineSettings, capacity: int, folder: Path,
+                 batches: tuple[int, ...] | None = None, index: int = 0, compile_threads: int | None = None) -> None:
         self.launcher, self.settings, self.capacity, self.folder = launcher, settings, capacity, folder
-        self.log_path = folder / LOG_FILE
+        self.batches, self.index, self.compile_threads = batches, index, compile_threads
+        self.log_path = folder / LOG_FILE.format(index)
         self.proc: subprocess.Popen | None = None
         self.started = 0.0
         self._lock = threading.Lock()
@@ -160,7 +191,12 @@ class ChildRun:
         package_root = str(Path(__file__).resolve().parents[1])
         path = os.pathsep.join([package_root, *filter(None, [os.environ.get("PYTHONPATH")])])
         env = {**os.environ, "PYTHONPATH": path, SETTINGS_ENV: json.dumps(dataclasses.asdict(self.settings)),
-               CAPACITY_ENV: str(self.capacity), FOLDER_ENV: str(self.folder), PARENT_ENV: str(os.getpid())}
+               CAPACITY_ENV: str(self.capacity), FOLDER_ENV: str(self.folder), PARENT_ENV: str(os.getpid()),
+               INDEX_ENV: str(self.index)}
+        if self.batches is not None:
+            env[BATCHES_ENV] = ",".join(map(str, self.batches))
+        if self.compile_threads and "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+            env["TORCHINDUCTOR_COMPILE_THREADS"] = str(self.compile_threads)
         self.folder.mkdir(parents=True, exist_ok=True)
         with self._lock:
             if self._killed:
@@ -224,6 +260,54 @@ class ChildRun:
             return ""
 
 
+class ChildRuns:
+    """Several compile children side by side (each its share of the warm-up), as one: started together,
+    waited for until the last ends, killed together."""
+
+    def __init__(self, runs: list[ChildRun]) -> None:
+        self.runs = runs
+
+    @property
+    def log_path(self) -> Path:
+        """The first child's log (the others' sit beside it)."""
+        return self.runs[0].log_path
+
+    def start(self) -> list[int]:
+        """Start every child; their pids. Raises OSError (the ones already started are killed)."""
+        try:
+            return [run.start() for run in self.runs]
+        except OSError:
+            self.kill()
+            raise
+
+    def wait(self, stop: threading.Event) -> ChildOutcome | None:
+        """Until every child has ended (None: ``stop`` was set, all killed). Ok if all were; otherwise the
+        first failure's outcome, so the log and the worker's info say which and why."""
+        outcomes = []
+        for run in self.runs:
+            outcome = run.wait(stop)
+            if outcome is None:
+                self.kill()
+                return None
+            outcomes.append(outcome)
+        failed = [o for o in outcomes if not o.ok]
+        longest = max(outcomes, key=lambda o: o.seconds)
+        return dataclasses.replace(failed[0] if failed else longest, count=len(outcomes))
+
+    def kill(self) -> None:
+        for run in self.runs:
+            run.kill()
+
+
+def compile_threads_each(count: int) -> int:
+    """Triton compile workers per child: the host's cores shared out among ``count`` children."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, cores // count)
+
+
 def die_with_parent(parent: int) -> None:
     """Have this process SIGKILLed when ``parent`` dies: ``PR_SET_PDEATHSIG`` on Linux, else a watchdog
     thread; exits at once if the parent is already gone."""
@@ -251,9 +335,13 @@ def main() -> int:
     try:
         settings = EngineSettings(**json.loads(os.environ[SETTINGS_ENV]))
         capacity, folder = int(os.environ[CAPACITY_ENV]), Path(os.environ[FOLDER_ENV])
+        batches = os.environ.get(BATCHES_ENV)
+        only = tuple(int(k) for k in batches.split(",") if k) if batches is not None else None
+        log.info("compile child %s: warm-up batches %s", os.environ.get(INDEX_ENV, "0"), batches or "all")
         from .lifecycle import precompile
 
-        path = precompile(settings, capacity, folder=folder)
+        path = precompile(settings, capacity, folder=folder, only=only,
+                          artifacts=ARTIFACTS_FILE.format(os.environ.get(INDEX_ENV, "0")))
     except Exception:
         log.exception("compiling in the child process failed")
         return 1

@@ -8,7 +8,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +18,7 @@ from .settings import EngineSettings
 if TYPE_CHECKING:
     import torch
 
-    from .compile_child import ChildLauncher, ChildRun
+    from .compile_child import ChildLauncher, ChildRuns
     from .models import MgieModels
     from .pipeline import MgiePipeline
 
@@ -77,14 +77,17 @@ def load(settings: EngineSettings, name: str, capacity: int, loader: Callable[[E
 
 def plan_compile_child(settings: EngineSettings, models: MgieModels, capacity: int, folder: Path | None,
                        launcher: ChildLauncher | None, modes: ServingModes,
-                       custom_models: bool = False) -> ChildRun | None:
-    """The compile child to run first, or None: MGIE_COMPILE_CHILD, the free device memory against the
-    weights' size, a warm cache (compile_child.decide). It needs the kept cache folder to share, and
-    models it can load itself from the settings: not a custom loader's (the benches'), unless the
-    caller gives the child's ``launcher`` too."""
+                       custom_models: bool = False) -> ChildRuns | None:
+    """The compile children to run first, or None: MGIE_COMPILE_CHILD, the free device memory against the
+    weights' size, a warm cache (compile_child.decide); as many side by side as there are independent
+    warm-up groups and room (``compile_child.how_many``, MGIE_COMPILE_CHILDREN). They need the kept cache
+    folder to share, and models they can load themselves from the settings: not a custom loader's (the
+    benches'), unless the caller gives the children's ``launcher`` too."""
     from . import compile_child
     from .compile_cache import ARTIFACTS_FILE
+    from .warm_up import compile_groups
 
+    free = weights = None
     if folder is None:
         use, why = False, "no compile cache folder to share"
     elif custom_models and launcher is None:
@@ -97,8 +100,14 @@ def plan_compile_child(settings: EngineSettings, models: MgieModels, capacity: i
         log.info("compiling in this process (no compile child: %s)", why)
         modes.child_outcome = f"not used: {why}"
         return None
-    log.info("compiling in a child process first (%s)", why)
-    return compile_child.ChildRun(launcher or compile_child.ChildLauncher(), settings, capacity, folder)
+    groups = compile_groups(settings.max_side, capacity)
+    count = compile_child.how_many(settings.compile_children, len(groups), weights or 0, free)
+    log.info("compiling in %d child process(es) first (%s)", count, why)
+    threads = compile_child.compile_threads_each(count)
+    return compile_child.ChildRuns([
+        compile_child.ChildRun(launcher or compile_child.ChildLauncher(), settings, capacity, folder, batches=share,
+                               index=i, compile_threads=threads)
+        for i, share in enumerate(compile_child.shares(groups, count))])
 
 
 def new_pipeline(settings: EngineSettings, models: MgieModels, compile_unet: bool) -> MgiePipeline:
@@ -126,11 +135,13 @@ def prepare_compile_cache(settings: EngineSettings, device: torch.device, capaci
 
 
 def precompile(settings: EngineSettings, capacity: int | None = None,
-               loader: Callable[[EngineSettings], MgieModels] | None = None, folder: Path | None = None) -> Path:
+               loader: Callable[[EngineSettings], MgieModels] | None = None, folder: Path | None = None,
+               only: Collection[int] | None = None, artifacts: str | None = None) -> Path:
     """``mgie-worker --precompile`` and the compile child: load the models, run the production warm-up
-    compiled (in this thread, nothing served), save the cache artifacts (in ``folder``, else this worker's
-    cache folder); returns the artifact file. Raises on any failure, and when this device does not compile
-    (the CPU, offload)."""
+    compiled (in this thread, nothing served; ``only``: those warm-up batches, a child's share), save the
+    cache artifacts (as ``artifacts`` in ``folder``, by default artifacts.bin in this worker's cache
+    folder); returns the artifact file. Raises on any failure, and when this device does not compile (the
+    CPU, offload)."""
     from .compile_cache import ARTIFACTS_FILE, save_artifacts
     from .errors import MgieError
     from .models import load_models
@@ -149,11 +160,12 @@ def precompile(settings: EngineSettings, capacity: int | None = None,
     if not pipeline.compiles:
         raise MgieError(f"nothing to precompile: the pipeline on {device} runs without compiled steps")
     started = time.perf_counter()
-    pipeline.warm_up(capacity)
+    pipeline.warm_up(capacity, only)
     log.info("precompiled in %.0f s", time.perf_counter() - started)
-    path = save_artifacts(folder)
+    name = artifacts or ARTIFACTS_FILE
+    path = save_artifacts(folder, name)
     if path is None:
-        raise MgieError(f"the compile left no cache artifacts to save in {folder / ARTIFACTS_FILE}")
+        raise MgieError(f"the compile left no cache artifacts to save in {folder / name}")
     return path
 
 

@@ -14,7 +14,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import PIL.Image
 import torch
@@ -140,9 +140,10 @@ class MgiePipeline:
         """Any input image, fitted to this pipeline's size (``images.prepare_image``), then ``prepare``d."""
         return self.prepare(prepare_image(image, self.max_side, self.models.vae_scale_factor))
 
-    def warm_up(self, max_jobs: int = 1) -> None:
-        """Compile every class of shape a worker taking ``max_jobs`` jobs a step meets (warm_up.py)."""
-        warm_up(self, max_jobs)
+    def warm_up(self, max_jobs: int = 1, only: Collection[int] | None = None) -> None:
+        """Compile every class of shape a worker taking ``max_jobs`` jobs a step meets (warm_up.py);
+        ``only``: those warm-up batches."""
+        warm_up(self, max_jobs, only)
 
     # -- the whole edit ------------------------------------------------------------------------------
     def __call__(self, request: EditRequest, progress: ProgressFn | None = None,

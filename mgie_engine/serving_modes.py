@@ -10,21 +10,24 @@ takes the compiled pipeline at the top of its next iteration (``take_compiled``)
 plain tensors and per-job schedules, the same for both, so a job that is running then takes its next step
 compiled: the switch is at a step boundary, and no job waits for it. The guidance cache is shared.
 
-Where the compile runs. When the card has room for a second copy of the models, a child process compiles
-first (compile_child.py: ``compile_phase`` "child") while this process serves eagerly and compiles
-nothing (the device takes no turns yet, so the eager pipeline records its own CUDA graphs); then the compile thread here runs the same warm-up with hot caches (``compile_phase``
-"in-process"): its graphs must be recorded in this process, where they are replayed. A 24-48 GB card has
-no room for the child, and a warm cache needs none: the compile thread then compiles from the start.
+Where the compile runs. When the card has room for a second copy of the models, child processes compile
+first (compile_child.py: ``compile_phase`` "child"; several side by side where there is room, each its
+share of the warm-up) while this process serves eagerly and compiles nothing (the device takes no turns
+yet, so the eager pipeline records its own CUDA graphs); then the compile thread here runs the same
+warm-up with hot caches (``compile_phase`` "in-process"): its graphs must be recorded in this process,
+where they are replayed. A 24-48 GB card has no room for a child, and a warm cache needs none: the
+compile thread then compiles from the start.
 
 The compile thread and the GIL. Inductor lowers under a process-wide lock and triton compiles in its own
 subprocesses, so the compile thread competes with the serving thread mostly for the GIL, and loses it
-badly (the likeliest cause; the GPU run after this change measures it): on an H200 (bench/results/NVIDIA_H200-coldstart-b8-first.*, full-size models, MGIE_MAX_BATCH=8,
-first start) eager edits took 15-105 s during the compile instead of ~3.6 s alone. torch releases the GIL
-around each op, so a launch-bound eager step hands it over thousands of times, and each time waits for the
-CPU-bound compile thread to drop it: up to ``sys.getswitchinterval()``, 5 ms by default. While the
-compile thread runs, the interval is shortened (MGIE_COMPILE_SWITCH_INTERVAL, default 0.5 ms; restored
-after; ``shorter_switch_interval``), so each handover waits at most that long, at the cost of more
-switches for the compile.
+badly (the likeliest cause; the GPU run after this change measures it): on an H200
+(bench/results/NVIDIA_H200-coldstart-b8-first.*, full-size models, MGIE_MAX_BATCH=8, first start) eager
+edits took 15-105 s during the compile instead of ~3.6 s alone. torch releases the GIL around each op, so
+a launch-bound eager step hands it over thousands of times, and each time waits for the CPU-bound compile
+thread to drop it: up to ``sys.getswitchinterval()``, 5 ms by default. While the compile thread runs, the
+interval is shortened (MGIE_COMPILE_SWITCH_INTERVAL, default 0.5 ms; restored after;
+``shorter_switch_interval``), so each handover waits at most that long, at the cost of more switches for
+the compile.
 
 What must not overlap is CUDA-graph capture with other work on the device: device_turns.py makes
 recordings take turns with the serving loop's GPU work, and keeps the serving thread from recording while
@@ -56,7 +59,7 @@ from . import device_turns
 from .warm_up import WarmUpStopped
 
 if TYPE_CHECKING:
-    from .compile_child import ChildRun
+    from .compile_child import ChildRuns
     from .pipeline import MgiePipeline
 
 log = logging.getLogger(__name__)
@@ -106,7 +109,7 @@ class ServingModes:
         self.stop = threading.Event()  # set at shutdown: the compile stops after its current warm-up batch
         self.thread: threading.Thread | None = None  # the compile thread
         self.phase: str | None = None  # while compiling: IN_CHILD, then IN_PROCESS
-        self.child: ChildRun | None = None  # the compile child, while there is one
+        self.child: ChildRuns | None = None  # the compile children, while they run
         self.child_outcome: str | None = None  # how the child ended, or why there was none
         self._compiled: MgiePipeline | None = None
         self._lock = threading.Lock()
@@ -193,7 +196,7 @@ class ServingModes:
 
 def compile_in_background(name: str, compiled: MgiePipeline, capacity: int, modes: ServingModes,
                           prepare_thread: Callable[[], None], cache_folder: Path | None,
-                          child: ChildRun | None = None, switch_interval: float = 0.0) -> threading.Thread:
+                          child: ChildRuns | None = None, switch_interval: float = 0.0) -> threading.Thread:
     """Start the compile thread: ``child`` first, if given (compile_child.py), then the warm-up on
     ``compiled`` in this process (taking device turns for its recordings, the GIL handed over every
     ``switch_interval`` seconds), then the cache artifacts saved and the pipeline offered to the loop.
@@ -259,35 +262,32 @@ def compile_in_background(name: str, compiled: MgiePipeline, capacity: int, mode
     return thread
 
 
-def _compile_in_child(name: str, child: ChildRun, modes: ServingModes, folder: Path | None) -> bool:
-    """Run the compile child to its end while the serving loop serves eagerly; after a success, load the
-    artifacts it saved. A child that fails is logged with its output's tail (the in-process compile
-    follows either way). False: the worker stopped meanwhile (the child is killed)."""
+def _compile_in_child(name: str, child: ChildRuns, modes: ServingModes, folder: Path | None) -> bool:
+    """Run the compile children to their end while the serving loop serves eagerly. They compiled into this
+    worker's cache folder, so the in-process compile that follows finds their work there. Children that
+    fail are logged with their output's tail (the in-process compile does what they left). False: the
+    worker stopped meanwhile (the children are killed)."""
     modes.child = child
     try:
-        pid = child.start()
+        pids = child.start()
     except OSError as err:
         if modes.stop.is_set():
             return False
         modes.child_outcome = f"failed: could not start ({err})"
         log.warning("worker %s: could not start the compile child (%s); compiling in this process", name, err)
         return True
-    log.info("worker %s: serving eagerly while a child process (pid %d) compiles; its output: %s",
-             name, pid, child.log_path)
+    log.info("worker %s: serving eagerly while %d child process(es) (pid %s) compile; their output: %s",
+             name, len(pids), ", ".join(map(str, pids)), child.log_path.parent)
     outcome = child.wait(modes.stop)
     modes.child = None
     if outcome is None:
         return False
     modes.child_outcome = outcome.describe()
     if outcome.ok:
-        log.info("worker %s: the compile child finished in %.0f s; compiling in this process from its cache",
-                 name, outcome.seconds)
-        if folder is not None:
-            from . import compile_cache
-
-            compile_cache.load_artifacts(folder)
+        log.info("worker %s: the compile children finished in %.0f s; compiling in this process from their "
+                 "cache", name, outcome.seconds)
     else:
-        log.warning("worker %s: the compile child %s; compiling in this process instead. Its output ended "
+        log.warning("worker %s: a compile child %s; compiling in this process what it left. Its output ended "
                     "with:\n%s", name, outcome.describe(), outcome.tail)
     return True
 

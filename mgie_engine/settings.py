@@ -143,6 +143,9 @@ class EngineSettings:
     # Compile in a child process while this one serves eagerly (compile_child.py). None (MGIE_COMPILE_CHILD=auto):
     # when the card has room for a second copy of the models and the compile cache is not warm yet.
     compile_child: bool | None = None
+    # At most this many compile children side by side, one per independent warm-up group (0: as many as the
+    # free memory holds; compile_child.how_many).
+    compile_children: int = 0
     # sys.setswitchinterval while the compile thread runs beside the serving thread (serving_modes.py); 0: as is.
     compile_switch_interval: float = 0.0005
     compile_cache_dir: str | None = None  # root of the kept compile caches (else <data_dir>/compile-cache)
@@ -166,6 +169,7 @@ class EngineSettings:
             max_batch=read_int(env, "MGIE_MAX_BATCH", 8, *MAX_BATCH_RANGE),
             compile=read_compile(env),
             compile_child=read_compile(env, "MGIE_COMPILE_CHILD"),
+            compile_children=read_int(env, "MGIE_COMPILE_CHILDREN", 0, 0, 16),
             compile_switch_interval=read_float(env, "MGIE_COMPILE_SWITCH_INTERVAL", 0.0005, 0.0, 0.1),
             compile_cache_dir=_raw(env, "MGIE_COMPILE_CACHE_DIR") or None,
             data_dir=_raw(env, "MGIE_DATA_DIR") or "./data",

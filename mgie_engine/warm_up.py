@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 import PIL.Image
@@ -52,13 +53,32 @@ def warm_up_batches(side: int, max_jobs: int) -> list[tuple[int, tuple[int, int]
     return [(n, size, True) for n, size in guided] + [(n, size, False) for n, size in plain]
 
 
-def warm_up(pipe: MgiePipeline, max_jobs: int = 1) -> None:
+def compile_groups(side: int, max_jobs: int) -> list[tuple[int, ...]]:
+    """``warm_up_batches``' indices in groups that can compile in separate processes (compile_child.py).
+
+    Each static-step batch is a compile of its own (static sizes: one job count each, nothing carried
+    over), so it is a group alone; the symbolic guided batches and the unguided ones each compile one
+    function whose later batches recompile from what the earlier ones left (a batch of one after a
+    symbolic batch), so they stay together and in order. Every group also compiles the VAE and the
+    decoder's layers on its way: small compiles, repeated in parallel.
+    """
+    square, batches = (side, side), warm_up_batches(side, max_jobs)
+    static = [(k,) for k, (_n, size, guided) in enumerate(batches) if guided and size == square]
+    symbolic = tuple(k for k, (_n, size, guided) in enumerate(batches) if guided and size != square)
+    plain = tuple(k for k, (_n, _size, guided) in enumerate(batches) if not guided)
+    return [*static, *(g for g in (symbolic, plain) if g)]
+
+
+def warm_up(pipe: MgiePipeline, max_jobs: int = 1, only: Collection[int] | None = None) -> None:
     """Throwaway batches of two steps each (``warm_up_batches``) that compile every class of shape a
     worker taking up to ``max_jobs`` jobs a step will meet. After it, new shapes only record CUDA graphs
-    (about a second), and no user's edit waits minutes for a compile (tests/engine/test_warm_up.py)."""
+    (about a second), and no user's edit waits minutes for a compile (tests/engine/test_warm_up.py).
+    ``only``: just those batches (a compile child's share, ``compile_groups``)."""
     pipe.denoiser.static_jobs = {1, pipe.denoiser.padded(max_jobs)}
     batches = warm_up_batches(pipe.max_side, max_jobs)
     for k, (count, size, guided) in enumerate(batches):
+        if only is not None and k not in only:
+            continue
         if pipe.stop_warm_up is not None and pipe.stop_warm_up.is_set():
             raise WarmUpStopped(f"stopped before warm-up batch {k + 1}/{len(batches)}")
         started = time.perf_counter()

@@ -9,6 +9,7 @@ compile is a stand-in warm-up (nothing compiles on a CPU). Children are small Py
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -24,11 +25,12 @@ from conftest import tiny_settings
 from test_worker import _job
 
 from mgie_engine import compile_cache, compile_child, device_turns, serving_modes
-from mgie_engine.compile_child import ChildLauncher, decide, room_needed
+from mgie_engine.compile_child import ChildLauncher, decide, how_many, room_needed, shares
 from mgie_engine.pipeline import MgiePipeline
 from mgie_engine.protocol import WorkerState
 from mgie_engine.serving_modes import ServingModes
 from mgie_engine.settings import EngineSettings
+from mgie_engine.warm_up import compile_groups, warm_up_batches
 from mgie_engine.worker import LocalWorker
 
 GiB = 2**30
@@ -68,7 +70,7 @@ def in_process_compiles(monkeypatch) -> list[dict]:
     def warm_up(self, max_jobs):
         folder = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]).parent
         seen.append({"switch_interval": sys.getswitchinterval(), "thread": threading.current_thread().name,
-                     "artifacts": (folder / compile_cache.ARTIFACTS_FILE).is_file()})
+                     "artifacts": sorted(f.name for f in folder.glob("artifacts*.bin"))})
 
     monkeypatch.setattr(MgiePipeline, "warm_up", warm_up)
     return seen
@@ -85,11 +87,12 @@ async def test_the_worker_serves_eagerly_while_the_child_compiles_then_compiles_
         tiny_models, tmp_path, monkeypatch, as_on_a_gpu, steps_by_mode, in_process_compiles):
     release = tmp_path / "release"
     child = _script(f"""
-        (folder / "child-env.json").write_text(json.dumps({{k: v for k, v in os.environ.items()
-                                                           if k.startswith("MGIE_COMPILE_CHILD_")}}))
+        index = os.environ["MGIE_COMPILE_CHILD_INDEX"]
+        (folder / f"child-env-{{index}}.json").write_text(json.dumps({{k: v for k, v in os.environ.items()
+                                                           if k.startswith(("MGIE_COMPILE_CHILD_", "TORCHINDUCTOR_"))}}))
         while not Path({str(release)!r}).exists():
             time.sleep(0.02)
-        (folder / "artifacts.bin").write_bytes(b"the child's cache artifacts")
+        (folder / f"artifacts-child-{{index}}.bin").write_bytes(b"the child's cache artifacts")
     """)
     loaded: list[Path] = []
     monkeypatch.setattr(compile_cache, "load_artifacts", lambda folder: loaded.append(folder) or True)
@@ -121,19 +124,27 @@ async def test_the_worker_serves_eagerly_while_the_child_compiles_then_compiles_
         worker.shutdown()
     assert during.png.startswith(b"\x89PNG") and after.png.startswith(b"\x89PNG")
     assert steps_by_mode == ["eager"] * 3 + ["compiled"] * 3
-    # in-process after the child, with its artifacts loaded and the GIL handed over every 0.7 ms meanwhile
+    # in-process after every child had finished (their caches are in the shared folder), the GIL handed over
+    # every 0.7 ms meanwhile
+    groups = compile_groups(64, 8)
     [warm] = in_process_compiles
-    assert warm["artifacts"] and warm["switch_interval"] == pytest.approx(0.0007)
-    assert warm["thread"].endswith("-compile")
+    assert warm["artifacts"] == [f"artifacts-child-{i}.bin" for i in range(len(groups))]
+    assert warm["switch_interval"] == pytest.approx(0.0007) and warm["thread"].endswith("-compile")
     folder = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]).parent
-    assert loaded == [folder, folder]  # at start (none yet), then what the child saved
+    assert loaded == [folder]  # at start (none yet); the children wrote straight into the folder
     assert sys.getswitchinterval() == before  # restored
     assert info["mode"] == "compiled" and "compile_phase" not in info
-    assert info["compile_child"].startswith("done in")
-    env = __import__("json").loads((folder / "child-env.json").read_text())  # the worker's settings, its folder
-    assert env["MGIE_COMPILE_CHILD_FOLDER"] == str(folder) and env["MGIE_COMPILE_CHILD_CAPACITY"] == "8"
-    assert EngineSettings(**__import__("json").loads(env["MGIE_COMPILE_CHILD_SETTINGS"])) == worker.settings
-    assert env["MGIE_COMPILE_CHILD_PARENT"] == str(os.getpid())
+    assert info["compile_child"].startswith("done in") and f"({len(groups)} processes)" in info["compile_child"]
+    # one child per warm-up group, side by side: the worker's settings and folder, its own share of the batches,
+    # the host's cores shared out among their compile workers
+    envs = [json.loads((folder / f"child-env-{i}.json").read_text()) for i in range(len(groups))]
+    assert [tuple(int(k) for k in env["MGIE_COMPILE_CHILD_BATCHES"].split(",")) for env in envs] == groups
+    threads = {int(env["TORCHINDUCTOR_COMPILE_THREADS"]) for env in envs}
+    assert threads == {max(1, len(os.sched_getaffinity(0)) // len(groups))}
+    for env in envs:
+        assert env["MGIE_COMPILE_CHILD_FOLDER"] == str(folder) and env["MGIE_COMPILE_CHILD_CAPACITY"] == "8"
+        assert EngineSettings(**json.loads(env["MGIE_COMPILE_CHILD_SETTINGS"])) == worker.settings
+        assert env["MGIE_COMPILE_CHILD_PARENT"] == str(os.getpid())
 
 
 @pytest.mark.parametrize(("body", "timeout", "said"), [
@@ -155,7 +166,7 @@ async def test_a_child_that_fails_leaves_the_compile_to_the_worker_and_says_why(
         worker.shutdown()
     assert len(in_process_compiles) == 1 and not in_process_compiles[0]["artifacts"]
     assert info["mode"] == "compiled" and all(part in info["compile_child"] for part in said)
-    warning = next(r.getMessage() for r in caplog.records if "compiling in this process instead" in r.getMessage())
+    warning = next(r.getMessage() for r in caplog.records if "compiling in this process what it left" in r.getMessage())
     assert said[0] in warning and said[1].strip("()") in warning  # what happened, and the tail of its output
 
 
@@ -164,16 +175,15 @@ async def test_the_child_and_its_own_children_are_killed_when_the_worker_shuts_d
     child = _script("""
         import subprocess
         helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a compile worker
-        (folder / "pids").write_text(f"{os.getpid()} {helper.pid}")
+        (folder / f"pids-{os.environ['MGIE_COMPILE_CHILD_INDEX']}").write_text(f"{os.getpid()} {helper.pid}")
         time.sleep(60)
     """)
-    worker = _worker(tiny_models, tmp_path, child)
+    worker = _worker(tiny_models, tmp_path, child, compile_children=3)
     worker.start()
     await worker.wait_ready()
-    pids_file = Path(tmp_path)
-    assert _wait_for(lambda: any(pids_file.rglob("pids")))
-    pids = [int(p) for p in next(pids_file.rglob("pids")).read_text().split()]
-    assert all(_alive(pid) for pid in pids)
+    assert _wait_for(lambda: len(list(tmp_path.rglob("pids-*"))) == 3)
+    pids = [int(p) for f in tmp_path.rglob("pids-*") for p in f.read_text().split()]
+    assert len(pids) == 6 and all(_alive(pid) for pid in pids)
     worker.shutdown()
     assert worker.join(10)
     assert _wait_for(lambda: not any(_alive(pid) for pid in pids), 5)
@@ -214,6 +224,30 @@ def test_auto_compiles_in_a_child_only_when_the_free_memory_holds_a_second_copy_
     assert decide(None, weights, None, warm_cache=False)[0] is False  # no figure (the CPU)
     assert decide(True, weights, 1, warm_cache=True)[0] is True  # MGIE_COMPILE_CHILD=1 forces it
     assert decide(False, weights, 500 * GiB, warm_cache=False)[0] is False
+
+
+def test_the_warm_up_splits_into_groups_that_compile_apart_and_the_children_share_them():
+    """Static-step batches alone (each a compile of its own); the symbolic guided batches together and in
+    order, the unguided ones likewise (a later batch recompiles from what an earlier one left)."""
+    batches = warm_up_batches(512, 8)
+    groups = compile_groups(512, 8)
+    assert groups == [(0,), (1,), (2, 3, 4), (5, 6)]
+    assert [batches[k][1:] for k in (0, 1)] == [((512, 512), True)] * 2 and not batches[5][2]
+    assert compile_groups(512, 1) == [(0,), (1,), (2,)]
+    for count in range(1, len(groups) + 1):
+        dealt = shares(groups, count)
+        assert len(dealt) == count and sorted(k for share in dealt for k in share) == list(range(len(batches)))
+        for group in groups:  # a group never split
+            assert sum(set(group) <= set(share) for share in dealt) == 1
+    assert shares(groups, 2) == [(0, 2, 3, 4), (1, 5, 6)]
+    # how many: one per group, as the free memory holds (the first child needs room_needed, each further one its
+    # weights plus 4 GiB), at most MGIE_COMPILE_CHILDREN
+    weights = int(15.5 * GiB)
+    assert how_many(0, 4, weights, 120 * GiB) == 4  # an H200 (141 GB) after the worker loaded
+    assert how_many(0, 4, weights, 62 * GiB) == 2  # an 80 GB card
+    assert how_many(0, 4, weights, room_needed(weights)) == 1
+    assert how_many(2, 4, weights, 120 * GiB) == 2 and how_many(9, 4, weights, None) == 4
+    assert how_many(0, 4, weights, None) == 4  # MGIE_COMPILE_CHILD=1 (forced): no figure asked for
 
 
 @pytest.mark.parametrize(("free_gib", "warm", "child"), [(1000, False, True), (0.1, False, False), (1000, True, False)])
@@ -280,7 +314,8 @@ async def test_the_real_child_runs_precompile_with_the_workers_settings(tiny_pat
                                                                        as_on_a_gpu, in_process_compiles):
     """``python -m mgie_engine.compile_child``: on a CPU its precompile refuses (nothing compiles there), which
     shows it got the worker's settings; the worker then compiles in-process."""
-    settings = tiny_settings(tiny_paths, max_side=64, compile=True, compile_child=True, data_dir=str(tmp_path))
+    settings = tiny_settings(tiny_paths, max_side=64, compile=True, compile_child=True, compile_children=2,
+                             data_dir=str(tmp_path))
     worker = LocalWorker(settings, loader=lambda _s: tiny_models, compile_child=ChildLauncher())
     worker.start()
     try:
@@ -298,7 +333,12 @@ async def test_the_real_child_runs_precompile_with_the_workers_settings(tiny_pat
     finally:
         custom.shutdown()
     assert custom.info()["compile_child"] == "not used: the models come from a custom loader, which a child cannot run"
-    [log] = Path(tmp_path).rglob(compile_child.LOG_FILE)
-    text = log.read_text()
-    assert "nothing to precompile: the pipeline on cpu runs without compiled steps" in text
-    assert "loading the weights onto cpu" in text  # it loaded the worker's checkpoints
+    logs = sorted(Path(tmp_path).rglob("compile-child-*.log"))
+    assert [log.name for log in logs] == ["compile-child-0.log", "compile-child-1.log"]  # MGIE_COMPILE_CHILDREN=2
+    shares_seen = []
+    for log in logs:
+        text = log.read_text()
+        assert "nothing to precompile: the pipeline on cpu runs without compiled steps" in text
+        assert "loading the weights onto cpu" in text  # it loaded the worker's checkpoints
+        shares_seen.append(text.split("warm-up batches ", 1)[1].split()[0])
+    assert shares_seen == [",".join(map(str, share)) for share in shares(compile_groups(64, 8), 2)]
