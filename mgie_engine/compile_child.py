@@ -148,7 +148,7 @@ def how_many(limit: int, groups: int, weights: int, free: int | None) -> int:
     (MGIE_COMPILE_CHILDREN; 0: no limit) and, where the free memory is known, as many as it holds."""
     count = min(groups, limit) if limit > 0 else groups
     if free is not None:
-        count = min(count, 1 + max(0, free - room_needed(weights)) // (weights + EXTRA_CHILD_BYTES))
+        count = min(count, 1 + int(max(0, free - room_needed(weights)) // (weights + EXTRA_CHILD_BYTES)))
     return max(1, count)
 
 

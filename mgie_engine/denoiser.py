@@ -267,7 +267,10 @@ class Denoiser:
         if not self.graphs:
             mark_sizes_dynamic(sample, timestep, cond)
             return self.unet(sample, timestep, encoder_hidden_states=cond, return_dict=False)[0]
-        bucket = next((b for b in ROW_BUCKETS if b >= rows), rows)
+        # At least 3 rows: a lone unguided job (rare: a text CFG of 1 or an image CFG below 1) would otherwise
+        # need a batch-of-one compile of its own (minutes; dynamo never lets a symbolic size stand for 1),
+        # and at this size the call is bound by its launches, so the padding costs next to nothing.
+        bucket = next((b for b in ROW_BUCKETS if b >= max(rows, 2)), rows)
         if bucket > rows:
             extra = bucket - rows
             sample = torch.cat([sample, sample.new_zeros(extra, *sample.shape[1:])])

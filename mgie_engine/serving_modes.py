@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import logging
 import sys
 import threading
@@ -78,13 +77,14 @@ def _count_compile(*_args: object) -> None:
     _compiles[threading.get_ident()] += 1
 
 
-@functools.cache
 def count_compiles() -> bool:
-    """Count dynamo's compiles per thread from now on (once per process; False if torch cannot say)."""
+    """Count dynamo's compiles per thread from now on (False if torch cannot say). Idempotent; registers
+    again after ``torch._dynamo.reset()``, which clears dynamo's callbacks."""
     try:
         from torch._dynamo.callback import callback_handler
 
-        callback_handler.register_start_callback(_count_compile)
+        if _count_compile not in getattr(callback_handler, "start_callbacks", ()):
+            callback_handler.register_start_callback(_count_compile)
     except Exception:
         log.warning("cannot count compiles during service (torch._dynamo.callback unavailable)", exc_info=True)
         return False

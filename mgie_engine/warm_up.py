@@ -56,17 +56,19 @@ def warm_up_batches(side: int, max_jobs: int) -> list[tuple[int, tuple[int, int]
 def compile_groups(side: int, max_jobs: int) -> list[tuple[int, ...]]:
     """``warm_up_batches``' indices in groups that can compile in separate processes (compile_child.py).
 
-    Each static-step batch is a compile of its own (static sizes: one job count each, nothing carried
-    over), so it is a group alone; the symbolic guided batches and the unguided ones each compile one
-    function whose later batches recompile from what the earlier ones left (a batch of one after a
-    symbolic batch), so they stay together and in order. Every group also compiles the VAE and the
-    decoder's layers on its way: small compiles, repeated in parallel.
+    Each static-step batch is a compile of its own (static sizes: one job count each), and so is the lone
+    symbolic guided job (a batch of one is always its own compile, the same graph whether or not a batch
+    of two compiled before it): each a group alone. The other symbolic guided batches stay together and
+    in order (the small-size batch runs on what the first compiled), and so do the unguided ones (a lone
+    one is padded to the same UNet batch). Every group also compiles the VAE and the decoder's layers on
+    its way: small compiles, repeated in parallel.
     """
     square, batches = (side, side), warm_up_batches(side, max_jobs)
     static = [(k,) for k, (_n, size, guided) in enumerate(batches) if guided and size == square]
-    symbolic = tuple(k for k, (_n, size, guided) in enumerate(batches) if guided and size != square)
+    symbolic = tuple(k for k, (n, size, guided) in enumerate(batches) if guided and size != square and n > 1)
+    lone = [(k,) for k, (n, size, guided) in enumerate(batches) if guided and size != square and n == 1]
     plain = tuple(k for k, (_n, _size, guided) in enumerate(batches) if not guided)
-    return [*static, *(g for g in (symbolic, plain) if g)]
+    return [*static, *([symbolic] if symbolic else []), *lone, *([plain] if plain else [])]
 
 
 def warm_up(pipe: MgiePipeline, max_jobs: int = 1, only: Collection[int] | None = None) -> None:

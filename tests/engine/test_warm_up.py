@@ -106,3 +106,22 @@ def test_compiled_vae_functions_match_eager(tiny_models):
             torch.testing.assert_close(decode(latents), eager_decode(latents), rtol=1e-4, atol=1e-4)
     finally:
         torch._dynamo.reset()
+
+
+def test_a_lone_unguided_job_is_padded_to_the_three_row_graph_so_it_never_needs_a_batch_of_one(tiny_models):
+    """Compiled (``graphs``), the UNet call pads one row to three: the same symbolic graph as two unguided
+    jobs, so no batch-of-one compile (minutes on a GPU) is needed for the rare unguided edit."""
+    pipe = MgiePipeline(tiny_models, max_side=64)
+    denoiser = pipe.denoiser
+    seen = []
+
+    def unet(sample, timestep, encoder_hidden_states, return_dict):
+        seen.append(sample.shape[0])
+        return (sample[:, :4] * 2,)
+
+    denoiser.graphs, denoiser.unet = True, unet
+    sample = torch.randn(1, 8, 8, 8)
+    out = denoiser._unet_call(sample, torch.tensor([500]), torch.randn(1, 5, 32))
+    assert seen == [3] and torch.equal(out, sample[:, :4] * 2)
+    denoiser._unet_call(torch.randn(2, 8, 8, 8), torch.tensor([500, 500]), torch.randn(2, 5, 32))
+    assert seen == [3, 3]  # two jobs: the same bucket
