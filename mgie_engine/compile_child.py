@@ -14,17 +14,15 @@ folder and exits 0 once its cache artifacts are written, while the worker serves
 
 Several children, side by side. Each compile of a UNet step takes minutes of one CPU core (tracing and
 lowering are single-threaded), and the warm-up has several that do not depend on each other: the static
-step at one job and at the batch limit, the symbolic guided step, the unguided call
-(``warm_up.compile_groups``). Where the memory holds more copies of the models (each further child needs
-its weights plus ``EXTRA_CHILD_BYTES``) the worker starts one child per group, up to MGIE_COMPILE_CHILDREN
-(0: as many as fit), each running only its groups' warm-up batches into the same cache folder, with the
-host's cores shared out among their triton compile workers. Groups left over go round-robin.
-Then the worker's own compile thread (serving_modes.py) runs the warm-up with hot caches: kernels,
-autotuning results and dynamic-shape profiles come from the folder; what it still does is trace and record
-its CUDA graphs (graphs cannot cross processes). A warm cache (``artifacts.bin`` already there) skips the
-child under auto: the in-process warm-up is short then. A child that fails, dies or overruns its time is
-logged with the tail of its output (kept in ``<cache folder>/compile-child.log``) and the worker compiles
-in-process as it would without it.
+step at one job and at the batch limit, the symbolic guided step at each of its classes, the unguided
+call (``warm_up.compile_groups``). Where the memory holds more copies of the models (each child needs its
+weights plus ``EXTRA_CHILD_BYTES``, beside the worker's ``HEADROOM_BYTES``) the worker starts one child per
+group, up to MGIE_COMPILE_CHILDREN (0: as many as fit), each running only its groups' warm-up batches into
+the same cache folder, with the host's cores shared out among their triton compile workers. Groups left
+over go round-robin. H200, full-size models, MGIE_MAX_BATCH=8: one compile child took over 7 minutes
+(the first start of results/NVIDIA_H200-coldstart-b8-first.*), four children over 466 s and five over
+360 s, each time for lack of splitting the symbolic batches (the longest single compile took 253 s):
+results/NVIDIA_H200-coldstart-b8-first-{4,5}-children.*.
 
 The child never outlives the worker: it runs in its own process group, killed whole (inductor's compile
 workers too) when the worker shuts down, and it asks the kernel to SIGKILL it when its parent dies
@@ -70,9 +68,10 @@ TIMEOUT_S = 3600.0  # a first compile at MGIE_MAX_BATCH=32 took over 9 minutes i
 # a child needs ~31 GiB free after the worker loaded: an 80 GB card has it, a 24-48 GB one compiles in-process.
 HEADROOM_FRACTION = 0.5
 HEADROOM_BYTES = 8 * 2**30
-# Each further child: its weights, and its warm-up's activations and graph pools (a whole one-process
-# warm-up at MGIE_MAX_BATCH=8 peaked at 20.5 GiB with serving beside it).
-EXTRA_CHILD_BYTES = 4 * 2**30
+# Side by side, each child needs its weights plus this (its warm-up's activations and graph pools), and the
+# worker keeps HEADROOM_BYTES for serving: on an H200 five children beside an MGIE_MAX_BATCH=8 worker peaked
+# at 109 GB of 143 (~17 GiB each for 15.5 GiB of weights; results/NVIDIA_H200-coldstart-b8-first-5-children).
+EXTRA_CHILD_BYTES = 2 * 2**30
 TAIL_CHARS = 2000
 _PR_SET_PDEATHSIG = 1
 
@@ -145,10 +144,11 @@ def free_bytes(device: torch.device) -> int | None:
 
 def how_many(limit: int, groups: int, weights: int, free: int | None) -> int:
     """Children to start once ``decide`` said yes: one per warm-up group (``groups``), at most ``limit``
-    (MGIE_COMPILE_CHILDREN; 0: no limit) and, where the free memory is known, as many as it holds."""
+    (MGIE_COMPILE_CHILDREN; 0: no limit) and, where the free memory is known, as many as it holds beside
+    the worker's serving headroom."""
     count = min(groups, limit) if limit > 0 else groups
     if free is not None:
-        count = min(count, 1 + int(max(0, free - room_needed(weights)) // (weights + EXTRA_CHILD_BYTES)))
+        count = min(count, int(max(0, free - HEADROOM_BYTES) // (weights + EXTRA_CHILD_BYTES)))
     return max(1, count)
 
 

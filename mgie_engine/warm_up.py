@@ -56,19 +56,19 @@ def warm_up_batches(side: int, max_jobs: int) -> list[tuple[int, tuple[int, int]
 def compile_groups(side: int, max_jobs: int) -> list[tuple[int, ...]]:
     """``warm_up_batches``' indices in groups that can compile in separate processes (compile_child.py).
 
-    Each static-step batch is a compile of its own (static sizes: one job count each), and so is the lone
-    symbolic guided job (a batch of one is always its own compile, the same graph whether or not a batch
-    of two compiled before it): each a group alone. The other symbolic guided batches stay together and
-    in order (the small-size batch runs on what the first compiled), and so do the unguided ones (a lone
-    one is padded to the same UNet batch). Every group also compiles the VAE and the decoder's layers on
-    its way: small compiles, repeated in parallel.
+    Every guided batch is a compile of its own and a group alone: a static-step batch (static sizes, one job
+    count each), and each symbolic one, whose graph is the same whether or not another class compiled before
+    it in the process (a batch of one is always its own compile; the small size recompiles after the first
+    size). The unguided batches stay together (a lone one is padded to the same UNet batch). Every group
+    also compiles the VAE and the decoder's layers on its way: small compiles, repeated in parallel.
+    H200 (results/NVIDIA_H200-coldstart-b8-first-5-children.*): 153 s and 171 s for the static step at one
+    and eight jobs, 253 s and 230 s for the symbolic step at two jobs and one, 240 s for the unguided call;
+    the small-size batch took over 100 s after the two-job one in the same child.
     """
-    square, batches = (side, side), warm_up_batches(side, max_jobs)
-    static = [(k,) for k, (_n, size, guided) in enumerate(batches) if guided and size == square]
-    symbolic = tuple(k for k, (n, size, guided) in enumerate(batches) if guided and size != square and n > 1)
-    lone = [(k,) for k, (n, size, guided) in enumerate(batches) if guided and size != square and n == 1]
-    plain = tuple(k for k, (_n, _size, guided) in enumerate(batches) if not guided)
-    return [*static, *([symbolic] if symbolic else []), *lone, *([plain] if plain else [])]
+    batches = warm_up_batches(side, max_jobs)
+    guided = [(k,) for k, (_n, _size, is_guided) in enumerate(batches) if is_guided]
+    plain = tuple(k for k, (_n, _size, is_guided) in enumerate(batches) if not is_guided)
+    return [*guided, *([plain] if plain else [])]
 
 
 def warm_up(pipe: MgiePipeline, max_jobs: int = 1, only: Collection[int] | None = None) -> None:

@@ -57,7 +57,7 @@ def test_device_and_dtype_messages():
 @pytest.mark.parametrize("name, value", [
     ("MGIE_DEVICE", "gpu"), ("MGIE_DEVICE", "cuda:x"), ("MGIE_DTYPE", "int8"), ("MGIE_MAX_SIDE", "0"),
     ("MGIE_MAX_SIDE", "99999"), ("MGIE_MAX_BATCH", "x"), ("MGIE_COMPILE", "maybe"), ("MGIE_OFFLOAD", "2"),
-    ("MGIE_SAFETY_CHECKER", "yes please"), ("MGIE_COMPILE_CHILD", "sometimes"),
+    ("MGIE_SAFETY_CHECKER", "yes please"), ("MGIE_COMPILE_CHILD", "sometimes"), ("MGIE_COMPILE_CHILDREN", "17"),
     ("MGIE_COMPILE_SWITCH_INTERVAL", "-0.001"), ("MGIE_COMPILE_SWITCH_INTERVAL", "fast"),
 ])
 def test_every_engine_setting_is_checked_when_read(name, value):
@@ -89,6 +89,8 @@ def test_the_compile_child_and_switch_interval_settings():
     assert chosen.compile_child is False and chosen.compile_switch_interval == 0.0
     assert EngineSettings.from_env({"MGIE_COMPILE_CHILD": "1"}).compile_child is True
     assert EngineSettings.from_env({"MGIE_COMPILE_CHILD": "auto"}).compile_child is None
+    assert default.compile_children == 0  # auto: as many children as the free memory holds
+    assert EngineSettings.from_env({"MGIE_COMPILE_CHILDREN": "3"}).compile_children == 3
 
 
 def test_dotenv_is_found_from_the_current_directory_up(tmp_path, monkeypatch):
