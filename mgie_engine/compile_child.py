@@ -17,12 +17,12 @@ lowering are single-threaded), and the warm-up has several that do not depend on
 step at one job and at the batch limit, the symbolic guided step at each of its classes, the unguided
 call (``warm_up.compile_groups``). Where the memory holds more copies of the models (each child needs its
 weights plus ``EXTRA_CHILD_BYTES``, beside the worker's ``HEADROOM_BYTES``) the worker starts one child per
-group, up to MGIE_COMPILE_CHILDREN (0: as many as fit), each running only its groups' warm-up batches into
-the same cache folder, with the host's cores shared out among their triton compile workers. Groups left
-over go round-robin. H200, full-size models, MGIE_MAX_BATCH=8: one compile child took over 7 minutes
-(the first start of results/NVIDIA_H200-coldstart-b8-first.*), four children over 466 s and five over
-360 s, each time for lack of splitting the symbolic batches (the longest single compile took 253 s):
-results/NVIDIA_H200-coldstart-b8-first-{4,5}-children.*.
+group, up to MGIE_COMPILE_CHILDREN (0: as many as fit, and one per ``CORES_PER_CHILD`` cores), each
+running only its groups' warm-up batches into the same cache folder, with the host's cores shared out
+among their triton compile workers. Groups left over go round-robin. H200 host (16 cores), full-size
+models, MGIE_MAX_BATCH=8 (results/NVIDIA_H200-coldstart-b8-first*): one child took over 7 minutes, four
+children over 466 s and five over 360 s (the symbolic classes were still paired up), six slowed every
+compile by about a quarter and had not finished at 265 s; the longest single compile took 253 s.
 
 The child never outlives the worker: it runs in its own process group, killed whole (inductor's compile
 workers too) when the worker shuts down, and it asks the kernel to SIGKILL it when its parent dies
@@ -72,6 +72,9 @@ HEADROOM_BYTES = 8 * 2**30
 # worker keeps HEADROOM_BYTES for serving: on an H200 five children beside an MGIE_MAX_BATCH=8 worker peaked
 # at 109 GB of 143 (~17 GiB each for 15.5 GiB of weights; results/NVIDIA_H200-coldstart-b8-first-5-children).
 EXTRA_CHILD_BYTES = 2 * 2**30
+# Compiling is CPU-bound (tracing and lowering in each child, triton in its workers): on the H200's 16-core host
+# five children compiled each class about as fast as four (static step 153/171 s against 148/172), six took 204/199 s.
+CORES_PER_CHILD = 3
 TAIL_CHARS = 2000
 _PR_SET_PDEATHSIG = 1
 
@@ -142,18 +145,22 @@ def free_bytes(device: torch.device) -> int | None:
         return None
 
 
-def how_many(limit: int, groups: int, weights: int, free: int | None) -> int:
+def how_many(limit: int, groups: int, weights: int, free: int | None, cores: int | None = None) -> int:
     """Children to start once ``decide`` said yes: one per warm-up group (``groups``), at most ``limit``
-    (MGIE_COMPILE_CHILDREN; 0: no limit) and, where the free memory is known, as many as it holds beside
-    the worker's serving headroom."""
+    (MGIE_COMPILE_CHILDREN; 0: no limit) and, where the free memory is known (auto), as many as it holds
+    beside the worker's serving headroom and one per ``CORES_PER_CHILD`` of the host's ``cores``."""
     count = min(groups, limit) if limit > 0 else groups
     if free is not None:
         count = min(count, int(max(0, free - HEADROOM_BYTES) // (weights + EXTRA_CHILD_BYTES)))
+        if cores:
+            count = min(count, cores // CORES_PER_CHILD)
     return max(1, count)
 
 
 def shares(groups: list[tuple[int, ...]], count: int) -> list[tuple[int, ...]]:
-    """``groups`` dealt round-robin to ``count`` children: each child's warm-up batches, in order."""
+    """``groups`` dealt round-robin to ``count`` children: each child's warm-up batches, in order. The groups
+    come longest first with the cheapest last (``warm_up.compile_groups``), so the first child, which gets
+    the last group, pairs it with a shorter one."""
     return [tuple(sorted(k for group in groups[i::count] for k in group)) for i in range(count)]
 
 
@@ -299,13 +306,17 @@ class ChildRuns:
             run.kill()
 
 
+def host_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def compile_threads_each(count: int) -> int:
     """Triton compile workers per child: the host's cores shared out among ``count`` children."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(1, cores // count)
+    return max(1, host_cores() // count)
 
 
 def die_with_parent(parent: int) -> None:

@@ -101,7 +101,8 @@ def plan_compile_child(settings: EngineSettings, models: MgieModels, capacity: i
         modes.child_outcome = f"not used: {why}"
         return None
     groups = compile_groups(settings.max_side, capacity)
-    count = compile_child.how_many(settings.compile_children, len(groups), weights or 0, free)
+    count = compile_child.how_many(settings.compile_children, len(groups), weights or 0, free,
+                                   compile_child.host_cores())
     log.info("compiling in %d child process(es) first (%s)", count, why)
     threads = compile_child.compile_threads_each(count)
     return compile_child.ChildRuns([

@@ -61,14 +61,16 @@ def compile_groups(side: int, max_jobs: int) -> list[tuple[int, ...]]:
     it in the process (a batch of one is always its own compile; the small size recompiles after the first
     size). The unguided batches stay together (a lone one is padded to the same UNet batch). Every group
     also compiles the VAE and the decoder's layers on its way: small compiles, repeated in parallel.
-    H200 (results/NVIDIA_H200-coldstart-b8-first-5-children.*): 153 s and 171 s for the static step at one
-    and eight jobs, 253 s and 230 s for the symbolic step at two jobs and one, 240 s for the unguided call;
-    the small-size batch took over 100 s after the two-job one in the same child.
+    Longest first, the small-size batch last: with fewer children than groups it goes to the first child
+    (``compile_child.shares``). H200 (results/NVIDIA_H200-coldstart-b8-first-5-children.*): 153 s and 171 s
+    for the static step at one and eight jobs, 253 s and 230 s for the symbolic step at two jobs and one,
+    240 s for the unguided call; the small-size batch took over 100 s after the two-job one in one child.
     """
     batches = warm_up_batches(side, max_jobs)
-    guided = [(k,) for k, (_n, _size, is_guided) in enumerate(batches) if is_guided]
+    small = [(k,) for k, (n, size, guided) in enumerate(batches) if guided and size == (64, 64) != (side, side)]
+    guided = [(k,) for k, (_n, _size, is_guided) in enumerate(batches) if is_guided and (k,) not in small]
     plain = tuple(k for k, (_n, _size, is_guided) in enumerate(batches) if not is_guided)
-    return [*guided, *([plain] if plain else [])]
+    return [*guided, *([plain] if plain else []), *small]
 
 
 def warm_up(pipe: MgiePipeline, max_jobs: int = 1, only: Collection[int] | None = None) -> None:

@@ -228,10 +228,11 @@ def test_auto_compiles_in_a_child_only_when_the_free_memory_holds_a_second_copy_
 
 def test_the_warm_up_splits_into_groups_that_compile_apart_and_the_children_share_them():
     """Each guided batch alone (each a compile of its own); the unguided ones together (a lone one is padded
-    to the same UNet call)."""
+    to the same UNet call); the small-size batch last, so that with five children it pairs with the static
+    step at one job, the shortest."""
     batches = warm_up_batches(512, 8)
     groups = compile_groups(512, 8)
-    assert groups == [(0,), (1,), (2,), (3,), (4,), (5, 6)]
+    assert groups == [(0,), (1,), (2,), (3,), (5, 6), (4,)] and batches[4][1] == (64, 64)
     assert [batches[k][1:] for k in (0, 1)] == [((512, 512), True)] * 2 and not batches[5][2]
     assert compile_groups(512, 1) == [(0,), (1,), (2,)]
     for count in range(1, len(groups) + 1):
@@ -239,15 +240,17 @@ def test_the_warm_up_splits_into_groups_that_compile_apart_and_the_children_shar
         assert len(dealt) == count and sorted(k for share in dealt for k in share) == list(range(len(batches)))
         for group in groups:  # a group never split
             assert sum(set(group) <= set(share) for share in dealt) == 1
-    assert shares(groups, 4) == [(0, 4), (1, 5, 6), (2,), (3,)]
+    assert shares(groups, 5) == [(0, 4), (1,), (2,), (3,), (5, 6)]
     # how many: one per group, as the free memory holds (each its weights plus 2 GiB, beside the worker's 8 GiB
-    # of headroom), at most MGIE_COMPILE_CHILDREN
+    # of headroom) and the host's cores (three each), at most MGIE_COMPILE_CHILDREN
     weights = int(15.5 * GiB)
     assert how_many(0, 6, weights, int(114.8 * GiB)) == 6  # an H200 (141 GB) after the worker loaded
+    assert how_many(0, 6, weights, int(114.8 * GiB), cores=16) == 5  # ... on its 16-core host
+    assert how_many(0, 6, weights, int(114.8 * GiB), cores=2) == 1
     assert how_many(0, 6, weights, 62 * GiB) == 3  # an 80 GB card
     assert how_many(0, 6, weights, room_needed(weights)) == 1  # just room for one (decide's threshold)
     assert how_many(2, 6, weights, 120 * GiB) == 2 and how_many(9, 6, weights, None) == 6
-    assert how_many(0, 6, weights, None) == 6  # MGIE_COMPILE_CHILD=1 (forced): no figure asked for
+    assert how_many(0, 6, weights, None, cores=2) == 6  # MGIE_COMPILE_CHILD=1 (forced): no figure asked for
 
 
 @pytest.mark.parametrize(("free_gib", "warm", "child"), [(1000, False, True), (0.1, False, False), (1000, True, False)])
