@@ -20,9 +20,9 @@ weights plus ``EXTRA_CHILD_BYTES``, beside the worker's ``HEADROOM_BYTES``) the 
 group, up to MGIE_COMPILE_CHILDREN (0: as many as fit, and one per ``CORES_PER_CHILD`` cores), each
 running only its groups' warm-up batches into the same cache folder, with the host's cores shared out
 among their triton compile workers. Groups left over go round-robin. H200 host (16 cores), full-size
-models, MGIE_MAX_BATCH=8 (results/NVIDIA_H200-coldstart-b8-first*): one child took over 7 minutes, four
-children over 466 s and five over 360 s (the symbolic classes were still paired up), six slowed every
-compile by about a quarter and had not finished at 265 s; the longest single compile took 253 s.
+models, MGIE_MAX_BATCH=8 (results/NVIDIA_H200-coldstart-b8-first-*-children.*): four children took over
+466 s and five over 360 s (the symbolic classes were still paired up), six slowed every compile by about
+a quarter and had not finished at 265 s; the longest single compile took 253 s.
 
 The child never outlives the worker: it runs in its own process group, killed whole (inductor's compile
 workers too) when the worker shuts down, and it asks the kernel to SIGKILL it when its parent dies

@@ -34,7 +34,8 @@ A worker that dies loses no job: its jobs go to the other workers once its claim
 On a GPU a worker serves edits as soon as its weights are loaded (eagerly) and compiles in the background
 (MGIE_COMPILE=auto); the kernels are kept in MGIE_COMPILE_CACHE_DIR, else MGIE_DATA_DIR/compile-cache.
 With MGIE_COMPILE_CHILD=auto (1: always, 0: never) a card with room for a second copy of the models
-compiles first in a child process, so edits served meanwhile keep eager speed; MGIE_COMPILE_SWITCH_INTERVAL
+compiles first in child processes (one per class of shape, as many as memory and cores allow, at most
+MGIE_COMPILE_CHILDREN), so edits served meanwhile keep eager speed; MGIE_COMPILE_SWITCH_INTERVAL
 (default 0.0005 s) is the GIL handover while a compile runs in the worker's own process.
 --precompile fills that cache ahead of time (no Redis needed), e.g. when building an image or after an
 upgrade, so that later starts reach full speed sooner.
