@@ -94,8 +94,8 @@ def test_precompile_compiles_saves_the_artifacts_and_exits_0(tiny_paths, tmp_pat
     settings = _worker_env(monkeypatch, tiny_paths, tmp_path)
     warmed = []
 
-    def tiny_compile(self, max_jobs):
-        warmed.append(max_jobs)
+    def tiny_compile(self, max_jobs, only=None):
+        warmed.append((max_jobs, only))
         torch.compile(lambda x: (x.sin() * 2 + 1).sum(0))(torch.randn(4, 8))
 
     monkeypatch.setattr(MgiePipeline, "compiles", property(lambda self: self.compile_unet))  # as on CUDA
@@ -103,7 +103,7 @@ def test_precompile_compiles_saves_the_artifacts_and_exits_0(tiny_paths, tmp_pat
     assert cli.main(["--precompile", "--devices", "cpu"]) == 0
     folder = compile_cache.cache_folder(settings, CPU, 2)
     artifacts = folder / compile_cache.ARTIFACTS_FILE
-    assert warmed == [2] and artifacts.stat().st_size > 0
+    assert warmed == [(2, None)] and artifacts.stat().st_size > 0  # the whole warm-up
     assert capsys.readouterr().out.strip() == f"mgie-worker --precompile: compile cache saved to {artifacts}"
     assert (folder / "inductor").is_dir()  # the kernels themselves are kept beside the artifacts
     assert compile_cache.load_artifacts(folder) is True
