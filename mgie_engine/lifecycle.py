@@ -137,12 +137,15 @@ def prepare_compile_cache(settings: EngineSettings, device: torch.device, capaci
 
 def precompile(settings: EngineSettings, capacity: int | None = None,
                loader: Callable[[EngineSettings], MgieModels] | None = None, folder: Path | None = None,
-               only: Collection[int] | None = None, artifacts: str | None = None) -> Path:
+               only: Collection[int] | None = None, artifacts: str | None = None, children: bool = False,
+               child_launcher: ChildLauncher | None = None) -> Path:
     """``mgie-worker --precompile`` and the compile child: load the models, run the production warm-up
     compiled (in this thread, nothing served; ``only``: those warm-up batches, a child's share), save the
     cache artifacts (as ``artifacts`` in ``folder``, by default artifacts.bin in this worker's cache
-    folder); returns the artifact file. Raises on any failure, and when this device does not compile (the
-    CPU, offload)."""
+    folder); returns the artifact file. With ``children`` (``--precompile``), compile children fill the
+    cache side by side first where the card has room, as a worker's first start does (compile_child.py),
+    and the warm-up here then runs on hot caches. Raises on any failure, and when this device does not
+    compile (the CPU, offload)."""
     from .compile_cache import ARTIFACTS_FILE, save_artifacts
     from .errors import MgieError
     from .models import load_models
@@ -161,6 +164,11 @@ def precompile(settings: EngineSettings, capacity: int | None = None,
     if not pipeline.compiles:
         raise MgieError(f"nothing to precompile: the pipeline on {device} runs without compiled steps")
     started = time.perf_counter()
+    if children:
+        runs = plan_compile_child(settings, models, capacity, folder, child_launcher, ServingModes(),
+                                  custom_models=loader is not None)
+        if runs is not None:
+            _children_first(runs)
     pipeline.warm_up(capacity, only)
     log.info("precompiled in %.0f s", time.perf_counter() - started)
     name = artifacts or ARTIFACTS_FILE
@@ -168,6 +176,23 @@ def precompile(settings: EngineSettings, capacity: int | None = None,
     if path is None:
         raise MgieError(f"the compile left no cache artifacts to save in {folder / name}")
     return path
+
+
+def _children_first(runs: ChildRuns) -> None:
+    """Run the compile children to their end (a child that fails leaves its share to the warm-up here)."""
+    try:
+        pids = runs.start()
+    except OSError as err:
+        log.warning("could not start the compile children (%s); compiling in this process", err)
+        return
+    log.info("%d compile child process(es) (pid %s) compile side by side; their output: %s", len(pids),
+             ", ".join(map(str, pids)), runs.log_path.parent)
+    outcome = runs.wait(threading.Event())
+    if outcome is not None and outcome.ok:
+        log.info("the compile children finished (%s); compiling here from their cache", outcome.describe())
+    elif outcome is not None:
+        log.warning("a compile child %s; compiling here what it left. Its output ended with:\n%s",
+                    outcome.describe(), outcome.tail)
 
 
 def _cudagraphs_in_this_thread() -> None:

@@ -38,7 +38,7 @@ compiles first in child processes (one per class of shape, as many as memory and
 MGIE_COMPILE_CHILDREN), so edits served meanwhile keep eager speed; MGIE_COMPILE_SWITCH_INTERVAL
 (default 0.0005 s) is the GIL handover while a compile runs in the worker's own process.
 --precompile fills that cache ahead of time (no Redis needed), e.g. when building an image or after an
-upgrade, so that later starts reach full speed sooner.
+upgrade, so that later starts reach full speed sooner; it uses the same compile children where they fit.
 """
 
 
@@ -93,7 +93,7 @@ def _precompile(devices: str | None) -> int:
     try:
         engine = EngineSettings.from_env()
         engine = dataclasses.replace(engine, device=_devices(engine, devices)[0])
-        path = precompile(engine)
+        path = precompile(engine, children=True)
     except Exception as err:  # one line for the host; the details are in the log above
         log.error("precompile failed", exc_info=True)
         message = str(err) if isinstance(err, MgieError) else f"{type(err).__name__}: {err}"

@@ -345,3 +345,37 @@ async def test_the_real_child_runs_precompile_with_the_workers_settings(tiny_pat
         assert "loading the weights onto cpu" in text  # it loaded the worker's checkpoints
         shares_seen.append(text.split("warm-up batches ", 1)[1].split()[0])
     assert shares_seen == [",".join(map(str, share)) for share in shares(compile_groups(64, 8), 2)]
+
+
+def test_precompile_runs_the_children_first_then_the_whole_warm_up_on_their_cache(tiny_models, tmp_path,
+                                                                                  monkeypatch, as_on_a_gpu):
+    """``mgie-worker --precompile`` (``precompile(children=True)``): the children compile their shares side by
+    side, then the whole warm-up runs here, on the cache they filled, and artifacts.bin is saved."""
+    from mgie_engine.lifecycle import precompile
+
+    child = _script("""
+        index = os.environ["MGIE_COMPILE_CHILD_INDEX"]
+        (folder / f"share-{index}").write_text(os.environ["MGIE_COMPILE_CHILD_BATCHES"])
+    """)
+    seen: list[tuple] = []
+
+    def warm_up(self, max_jobs, only=None):
+        folder = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]).parent
+        seen.append((max_jobs, only, sorted(f.name for f in folder.glob("share-*"))))
+
+    monkeypatch.setattr(MgiePipeline, "warm_up", warm_up)
+    monkeypatch.setattr(compile_cache, "save_artifacts",
+                        lambda folder, name=compile_cache.ARTIFACTS_FILE: (folder / name).write_bytes(b"x") and folder / name)
+    settings = EngineSettings(device="cpu", max_side=64, compile=True, data_dir=str(tmp_path), compile_child=True,
+                              compile_children=3)
+    path = precompile(settings, 8, loader=lambda _s: tiny_models, children=True,
+                      child_launcher=ChildLauncher(command=child))
+    assert path.name == compile_cache.ARTIFACTS_FILE and path.is_file()
+    assert seen == [(8, None, ["share-0", "share-1", "share-2"])]  # after every child, the whole warm-up
+    assert [(path.parent / f"share-{i}").read_text() for i in range(3)] == [
+        ",".join(map(str, share)) for share in shares(compile_groups(64, 8), 3)]
+    seen.clear()
+    for share in path.parent.glob("share-*"):
+        share.unlink()
+    precompile(settings, 8, loader=lambda _s: tiny_models, child_launcher=ChildLauncher(command=child), only=(2,))
+    assert seen == [(8, (2,), [])]  # a child's own precompile (children=False) never starts children
