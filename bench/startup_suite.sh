@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Issue 20's start-up runs on a lent GPU machine, one step per device call, chained within the machine's warm
+# window so that the checkpoint and the compile cache under /tmp survive from one step to the next:
+#
+#     bash bench/startup_suite.sh first   # first start: empty cache, page cache dropped (~10 min)
+#     bash bench/startup_suite.sh warm    # warm restart, then the load test at MGIE_MAX_BATCH=8 on the warm cache
+#
+# Carry `.whl` (diffusers, discord.py, redis, python-dotenv, aiosqlite, prometheus_client, disarm wheels) and
+# `.carry/bench` (the tokenizer). Results go to $OUT (at most 8 files come back). "FRESH MACHINE" in the output
+# means the chain broke: the warm step then measures a first start, not a restart.
+set -u
+step=${1:?first or warm}
+out=${OUT:-bench/results}
+if [ ! -d /tmp/site/diffusers ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+[ -d /tmp/mgie-full ] && echo "checkpoint present" || echo "FRESH MACHINE"
+(nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,utilization.gpu,memory.used --format=csv -lms 2000 \
+  > "$out/smi-$step.csv" &)
+quiet() { grep --line-buffered -v pow_by_natural; }
+case "$step" in
+  first)
+    timeout 570 python3 bench/coldstart.py --phase first --compile auto --deadline 540 --tokenizer-dir .carry/bench \
+      --out "$out" 2>&1 | quiet | grep --line-buffered -v "^\[child\] edit" | tee "$out/coldstart-first.log"
+    for f in /tmp/mgie-coldstart/compile/*/compile-child-*.log; do
+      echo "=== $f"; grep -E "warm-up|precompiled|rror" "$f" | quiet | tail -n 20
+    done > "$out/children.log" 2>&1 ;;
+  warm)
+    timeout 200 python3 bench/coldstart.py --phase warm --compile auto --deadline 170 --tokenizer-dir .carry/bench \
+      --out "$out" 2>&1 | quiet | tee "$out/coldstart-warm.log"
+    timeout 380 python3 bench/loadtest.py --ckpt /tmp/mgie-full --tokenizer-dir .carry/bench --max-batch 8 \
+      --minutes 1.5 --drain 40 --deadline 360 --out "$out" 2>&1 | quiet | tee "$out/loadtest-b8.log" ;;
+  *) echo "unknown step $step (first or warm)"; exit 2 ;;
+esac
+cp /tmp/mgie-coldstart-events/events-*.jsonl "$out/" 2>/dev/null
+pkill nvidia-smi
+true
