@@ -274,10 +274,6 @@ class ChildRuns:
     def __init__(self, runs: list[ChildRun]) -> None:
         self.runs = runs
 
-    @property
-    def log_path(self) -> Path:
-        """The first child's log (the others' sit beside it)."""
-        return self.runs[0].log_path
 
     def start(self) -> list[int]:
         """Start every child; their pids. Raises OSError (the ones already started are killed)."""
@@ -304,6 +300,31 @@ class ChildRuns:
     def kill(self) -> None:
         for run in self.runs:
             run.kill()
+
+
+def run_to_end(runs: ChildRuns, stop: threading.Event, who: str) -> str | None:
+    """Start the children and wait for every one (``who`` names the caller in the log); how they ended, for
+    the worker's info, or None when ``stop`` was set meanwhile (they are killed). Whatever a child could not
+    do, the in-process warm-up that follows does."""
+    try:
+        pids = runs.start()
+    except OSError as err:
+        if stop.is_set():
+            return None
+        log.warning("%s: could not start the compile children (%s); compiling in this process", who, err)
+        return f"failed: could not start ({err})"
+    log.info("%s: %d compile child process(es) (pid %s) compile side by side; their output: %s", who, len(pids),
+             ", ".join(map(str, pids)), runs.runs[0].folder)
+    outcome = runs.wait(stop)
+    if outcome is None:
+        return None
+    if outcome.ok:
+        log.info("%s: the compile children finished in %.0f s; compiling in this process from their cache",
+                 who, outcome.seconds)
+    else:
+        log.warning("%s: a compile child %s; compiling in this process what it left. Its output ended with:\n%s",
+                    who, outcome.describe(), outcome.tail)
+    return outcome.describe()
 
 
 def host_cores() -> int:

@@ -168,7 +168,9 @@ def precompile(settings: EngineSettings, capacity: int | None = None,
         runs = plan_compile_child(settings, models, capacity, folder, child_launcher, ServingModes(),
                                   custom_models=loader is not None)
         if runs is not None:
-            _children_first(runs)
+            from .compile_child import run_to_end
+
+            run_to_end(runs, threading.Event(), "precompile")
     pipeline.warm_up(capacity, only)
     log.info("precompiled in %.0f s", time.perf_counter() - started)
     name = artifacts or ARTIFACTS_FILE
@@ -176,23 +178,6 @@ def precompile(settings: EngineSettings, capacity: int | None = None,
     if path is None:
         raise MgieError(f"the compile left no cache artifacts to save in {folder / name}")
     return path
-
-
-def _children_first(runs: ChildRuns) -> None:
-    """Run the compile children to their end (a child that fails leaves its share to the warm-up here)."""
-    try:
-        pids = runs.start()
-    except OSError as err:
-        log.warning("could not start the compile children (%s); compiling in this process", err)
-        return
-    log.info("%d compile child process(es) (pid %s) compile side by side; their output: %s", len(pids),
-             ", ".join(map(str, pids)), runs.log_path.parent)
-    outcome = runs.wait(threading.Event())
-    if outcome is not None and outcome.ok:
-        log.info("the compile children finished (%s); compiling here from their cache", outcome.describe())
-    elif outcome is not None:
-        log.warning("a compile child %s; compiling here what it left. Its output ended with:\n%s",
-                    outcome.describe(), outcome.tail)
 
 
 def _cudagraphs_in_this_thread() -> None:

@@ -220,7 +220,7 @@ def compile_in_background(name: str, compiled: MgiePipeline, capacity: int, mode
         compiled.stop_warm_up = modes.stop
         try:
             if child is not None:
-                if not _compile_in_child(name, child, modes, cache_folder):
+                if not _compile_in_child(name, child, modes):
                     raise WarmUpStopped
                 turns.append(device_turns.begin_background_compile(device))
                 if not modes.wait_for_loop_boundary():
@@ -262,33 +262,18 @@ def compile_in_background(name: str, compiled: MgiePipeline, capacity: int, mode
     return thread
 
 
-def _compile_in_child(name: str, child: ChildRuns, modes: ServingModes, folder: Path | None) -> bool:
-    """Run the compile children to their end while the serving loop serves eagerly. They compiled into this
-    worker's cache folder, so the in-process compile that follows finds their work there. Children that
-    fail are logged with their output's tail (the in-process compile does what they left). False: the
+def _compile_in_child(name: str, child: ChildRuns, modes: ServingModes) -> bool:
+    """Run the compile children to their end while the serving loop serves eagerly. They compile into this
+    worker's cache folder, so the in-process compile that follows finds their work there. False: the
     worker stopped meanwhile (the children are killed)."""
+    from .compile_child import run_to_end
+
     modes.child = child
-    try:
-        pids = child.start()
-    except OSError as err:
-        if modes.stop.is_set():
-            return False
-        modes.child_outcome = f"failed: could not start ({err})"
-        log.warning("worker %s: could not start the compile child (%s); compiling in this process", name, err)
-        return True
-    log.info("worker %s: serving eagerly while %d child process(es) (pid %s) compile; their output: %s",
-             name, len(pids), ", ".join(map(str, pids)), child.log_path.parent)
-    outcome = child.wait(modes.stop)
+    outcome = run_to_end(child, modes.stop, f"worker {name}")
     modes.child = None
     if outcome is None:
         return False
-    modes.child_outcome = outcome.describe()
-    if outcome.ok:
-        log.info("worker %s: the compile children finished in %.0f s; compiling in this process from their "
-                 "cache", name, outcome.seconds)
-    else:
-        log.warning("worker %s: a compile child %s; compiling in this process what it left. Its output ended "
-                    "with:\n%s", name, outcome.describe(), outcome.tail)
+    modes.child_outcome = outcome
     return True
 
 

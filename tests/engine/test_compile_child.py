@@ -83,6 +83,17 @@ def _worker(tiny_models, tmp_path, command=None, timeout=60.0, **settings) -> Lo
     return LocalWorker(settings, loader=lambda _s: tiny_models, compile_child=launcher)
 
 
+async def _info_once_compiled(worker: LocalWorker) -> dict:
+    """Start ``worker``, wait until it serves compiled, and return its info (the worker is shut down)."""
+    worker.start()
+    try:
+        await worker.wait_ready()
+        assert await worker.wait_compiled() == "compiled"
+        return worker.info()
+    finally:
+        worker.shutdown()
+
+
 async def test_the_worker_serves_eagerly_while_the_child_compiles_then_compiles_with_its_cache_and_switches(
         tiny_models, tmp_path, monkeypatch, as_on_a_gpu, steps_by_mode, in_process_compiles):
     release = tmp_path / "release"
@@ -262,14 +273,7 @@ async def test_a_worker_on_auto_asks_the_device_for_its_free_memory(tiny_models,
         monkeypatch.setattr(compile_cache, "cache_folder", lambda *a: tmp_path / "cache")
         (tmp_path / "cache").mkdir()
         (tmp_path / "cache" / compile_cache.ARTIFACTS_FILE).write_bytes(b"from an earlier start")
-    worker = _worker(tiny_models, tmp_path, _script("pass"), compile_child=None)
-    worker.start()
-    try:
-        await worker.wait_ready()
-        assert await worker.wait_compiled() == "compiled"
-        info = worker.info()
-    finally:
-        worker.shutdown()
+    info = await _info_once_compiled(_worker(tiny_models, tmp_path, _script("pass"), compile_child=None))
     if child:
         assert info["compile_child"].startswith("done in")
     else:
@@ -319,23 +323,12 @@ async def test_the_real_child_runs_precompile_with_the_workers_settings(tiny_pat
     shows it got the worker's settings; the worker then compiles in-process."""
     settings = tiny_settings(tiny_paths, max_side=64, compile=True, compile_child=True, compile_children=2,
                              data_dir=str(tmp_path))
-    worker = LocalWorker(settings, loader=lambda _s: tiny_models, compile_child=ChildLauncher())
-    worker.start()
-    try:
-        await worker.wait_ready()
-        assert await worker.wait_compiled() == "compiled"
-        info = worker.info()
-    finally:
-        worker.shutdown()
+    info = await _info_once_compiled(LocalWorker(settings, loader=lambda _s: tiny_models,
+                                                 compile_child=ChildLauncher()))
     assert info["compile_child"].startswith("failed: exit 1")
-    custom = LocalWorker(settings, loader=lambda _s: tiny_models)  # models only the parent has (the benches')
-    custom.start()
-    try:
-        await custom.wait_ready()
-        assert await custom.wait_compiled() == "compiled"
-    finally:
-        custom.shutdown()
-    assert custom.info()["compile_child"] == "not used: the models come from a custom loader, which a child cannot run"
+    # models only the parent has (the benches')
+    custom = await _info_once_compiled(LocalWorker(settings, loader=lambda _s: tiny_models))
+    assert custom["compile_child"] == "not used: the models come from a custom loader, which a child cannot run"
     logs = sorted(Path(tmp_path).rglob("compile-child-*.log"))
     assert [log.name for log in logs] == ["compile-child-0.log", "compile-child-1.log"]  # MGIE_COMPILE_CHILDREN=2
     shares_seen = []
