@@ -121,9 +121,17 @@ class StreamProtocol:
         return ids
 
     async def stale_pending(self, count: int = 100) -> list[Pending]:
-        """Entries whose claim was not renewed for the reclaim time: their worker stopped."""
-        rows = await self.redis.xpending_range(self.keys.jobs, WORKERS_GROUP, "-", "+", count,
-                                               idle=int(self.settings.reclaim_idle * 1000))
+        """Entries whose claim was not renewed for the reclaim time: their worker stopped. None while the group
+        does not exist yet (a bot that starts before any worker, or a Redis restart that lost it)."""
+        import redis.exceptions as rex
+
+        try:
+            rows = await self.redis.xpending_range(self.keys.jobs, WORKERS_GROUP, "-", "+", count,
+                                                   idle=int(self.settings.reclaim_idle * 1000))
+        except rex.ResponseError as err:
+            if "NOGROUP" not in str(err):
+                raise
+            return []
         return [Pending(_s(r["message_id"]), _s(r["consumer"]), int(r["time_since_delivered"]),
                         int(r["times_delivered"])) for r in rows]
 

@@ -131,6 +131,19 @@ async def test_two_prefixes_share_one_redis_without_seeing_each_other(proto, red
     await other.redis.aclose()
 
 
+async def test_nothing_is_stale_before_any_group_exists(redis_server):
+    """A bot whose watch loop runs before any worker (or its own results loop) created the groups, or after a
+    Redis restart lost them, finds nothing stale instead of failing on NOGROUP."""
+    settings = RedisSettings(url=redis_server.url, prefix="fresh")
+    fresh = StreamProtocol(client(settings), settings)
+    try:
+        assert await fresh.stale_pending() == []
+        await fresh.submit(job())  # the stream exists now, its group still not
+        assert await fresh.stale_pending() == []
+    finally:
+        await fresh.redis.aclose()
+
+
 async def test_payloads_from_redis_are_validated_and_capped(proto):
     bad = [b"not json", b"[]", b'{"id": "x y"}', b'{"id":"a","instruction":1,"seed":1,"text_cfg":1,"image_cfg":1,'
            b'"steps":1}', b'{"id":"a","instruction":"x","seed":-1,"text_cfg":1,"image_cfg":1,"steps":1}',
