@@ -56,7 +56,7 @@ async def _next_start_delivers(fake, guild, tiny_paths, data, inter) -> None:
     proc = await _start(fake, guild, tiny_paths, data)
     try:
         await fake.wait_for(lambda: inter.original.attachments, timeout=120)
-        await fake.wait_for(lambda: _state(data) == ["done"], timeout=10)
+        await fake.wait_for(lambda: _state(data) == ["done"], timeout=30)  # stored right after the post
     finally:
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.communicate(), 60)

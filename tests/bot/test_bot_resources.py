@@ -106,7 +106,7 @@ async def test_a_queued_job_holds_a_file_path_not_the_image(world, tmp_path, tin
 
 
 def _told_privately(inter, text: str) -> bool:
-    return any(m.ephemeral and text in (m.content or "") for m in [*inter.messages, *inter.followups])
+    return any(m.ephemeral and text in (m.content or "") for m in inter.messages)
 
 
 async def test_a_request_refused_for_a_full_queue_stores_nothing(world, tmp_path, tiny_models):

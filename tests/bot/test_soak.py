@@ -32,7 +32,7 @@ def _ended(inter) -> bool:
     original = inter.original
     if original is not None and (original.attachments or "couldn't finish" in (original.content or "")):
         return True
-    return inter.failed or any(m.ephemeral for m in [*inter.messages, *inter.followups])
+    return inter.failed or any(m.ephemeral for m in inter.messages)
 
 
 def _outcome(inter) -> str:
@@ -49,7 +49,7 @@ RESTARTING = i18n.text("errors.restarting")
 
 
 def _private_texts(inter) -> list[str]:
-    return [m.content for m in [*inter.messages, *inter.followups] if m.ephemeral]
+    return [m.content for m in inter.messages if m.ephemeral]  # the original response, then the follow-ups
 
 
 def _rss_mib() -> float:
