@@ -4,12 +4,13 @@
 #
 #     bash bench/startup_suite.sh first   # first start: empty cache, page cache dropped (~10 min)
 #     bash bench/startup_suite.sh warm    # warm restart, then the load test at MGIE_MAX_BATCH=8 on the warm cache
+#     bash bench/startup_suite.sh aot     # the home-shape step loaded ahead-of-time compiled against a warm re-trace
 #
 # Carry `.whl` (diffusers, discord.py, redis, python-dotenv, aiosqlite, prometheus_client, disarm wheels) and
 # `.carry/bench` (the tokenizer). Results go to $OUT (at most 8 files come back). "FRESH MACHINE" in the output
 # means the chain broke: the warm step then measures a first start, not a restart.
 set -u
-step=${1:?first or warm}
+step=${1:?first, warm or aot}
 out=${OUT:-bench/results}
 if [ ! -d /tmp/site/diffusers ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -31,7 +32,10 @@ case "$step" in
       --out "$out" 2>&1 | quiet | tee "$out/coldstart-warm.log"
     timeout 380 python3 bench/loadtest.py --ckpt /tmp/mgie-full --tokenizer-dir .carry/bench --max-batch 8 \
       --minutes 1.5 --drain 40 --deadline 360 --out "$out" 2>&1 | quiet | tee "$out/loadtest-b8.log" ;;
-  *) echo "unknown step $step (first or warm)"; exit 2 ;;
+  aot)
+    timeout 560 python3 bench/aot_step.py --ckpt /tmp/mgie-full --tokenizer-dir .carry/bench --out "$out" 2>&1 \
+      | quiet | tee "$out/aot-step.log" ;;
+  *) echo "unknown step $step (first, warm or aot)"; exit 2 ;;
 esac
 cp /tmp/mgie-coldstart-events/events-*.jsonl "$out/" 2>/dev/null
 pkill nvidia-smi
