@@ -274,7 +274,6 @@ class ChildRuns:
     def __init__(self, runs: list[ChildRun]) -> None:
         self.runs = runs
 
-
     def start(self) -> list[int]:
         """Start every child; their pids. Raises OSError (the ones already started are killed)."""
         try:
