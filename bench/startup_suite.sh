@@ -5,12 +5,14 @@
 #     bash bench/startup_suite.sh first   # first start: empty cache, page cache dropped (~10 min)
 #     bash bench/startup_suite.sh warm    # warm restart, then the load test at MGIE_MAX_BATCH=8 on the warm cache
 #     bash bench/startup_suite.sh aot     # the home-shape step loaded ahead-of-time compiled against a warm re-trace
+#     bash bench/startup_suite.sh aot-symbolic  # the symbolic step compiled ahead of time at two jobs, loaded and
+#                                               # run at the other classes against the eager step
 #
 # Carry `.whl` (diffusers, discord.py, redis, python-dotenv, aiosqlite, prometheus_client, disarm wheels) and
 # `.carry/bench` (the tokenizer). Results go to $OUT (at most 8 files come back). "FRESH MACHINE" in the output
 # means the chain broke: the warm step then measures a first start, not a restart.
 set -u
-step=${1:?first, warm or aot}
+step=${1:?first, warm, aot or aot-symbolic}
 out=${OUT:-bench/results}
 if [ ! -d /tmp/site/diffusers ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -35,7 +37,10 @@ case "$step" in
   aot)
     timeout 560 python3 bench/aot_step.py --ckpt /tmp/mgie-full --tokenizer-dir .carry/bench --out "$out" 2>&1 \
       | quiet | tee "$out/aot-step.log" ;;
-  *) echo "unknown step $step (first, warm or aot)"; exit 2 ;;
+  aot-symbolic)
+    timeout 560 python3 bench/aot_step.py --step symbolic --phases aot,load --ckpt /tmp/mgie-full \
+      --tokenizer-dir .carry/bench --out "$out" 2>&1 | quiet | tee "$out/aot-symbolic-step.log" ;;
+  *) echo "unknown step $step (first, warm, aot or aot-symbolic)"; exit 2 ;;
 esac
 cp /tmp/mgie-coldstart-events/events-*.jsonl "$out/" 2>/dev/null
 pkill nvidia-smi
