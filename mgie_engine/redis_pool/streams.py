@@ -121,7 +121,7 @@ class StreamProtocol:
         return ids
 
     async def stale_pending(self, count: int = 100) -> list[Pending]:
-        """Entries whose claim was not renewed for the reclaim time: their worker stopped. None while the group
+        """Entries whose claim was not renewed for the reclaim time: their worker stopped. Empty while the group
         does not exist yet (a bot that starts before any worker, or a Redis restart that lost it)."""
         import redis.exceptions as rex
 
