@@ -124,12 +124,15 @@ def _phase(args: argparse.Namespace) -> dict:
         elif args.phase == "load":
             if cuda:  # the compile options are not in the file: CUDA graphs come from the global config
                 torch._inductor.config.triton.cudagraphs = True
-            with open(file, "rb") as fh:
-                fn = torch.compiler.load_compiled_function(fh, f_globals=globals(), external_data={"unet": unet})
+
+            def load():
+                with open(file, "rb") as fh:
+                    return torch.compiler.load_compiled_function(fh, f_globals=globals(), external_data={"unet": unet})
+
+            fn = load()
             out["load_s"] = time.perf_counter() - started
             started = time.perf_counter()  # again: without the imports and set-up the first load paid once
-            with open(file, "rb") as fh:
-                torch.compiler.load_compiled_function(fh, f_globals=globals(), external_data={"unet": unet})
+            load()
             out["load_again_s"] = time.perf_counter() - started
         else:
             fn = torch.compile(step, dynamic=None if symbolic else False, options=options)

@@ -22,6 +22,10 @@ export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 (nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,utilization.gpu,memory.used --format=csv -lms 2000 \
   > "$out/smi-$step.csv" &)
 quiet() { grep --line-buffered -v pow_by_natural; }
+aot_step() {  # STEP [more aot_step.py arguments]
+  timeout 560 python3 bench/aot_step.py --step "$@" --ckpt /tmp/mgie-full --tokenizer-dir .carry/bench --out "$out" \
+    2>&1 | quiet | tee "$out/aot-$1-step.log"
+}
 case "$step" in
   first)
     timeout 570 python3 bench/coldstart.py --phase first --compile auto --deadline 540 --tokenizer-dir .carry/bench \
@@ -34,12 +38,8 @@ case "$step" in
       --out "$out" 2>&1 | quiet | tee "$out/coldstart-warm.log"
     timeout 380 python3 bench/loadtest.py --ckpt /tmp/mgie-full --tokenizer-dir .carry/bench --max-batch 8 \
       --minutes 1.5 --drain 40 --deadline 360 --out "$out" 2>&1 | quiet | tee "$out/loadtest-b8.log" ;;
-  aot)
-    timeout 560 python3 bench/aot_step.py --ckpt /tmp/mgie-full --tokenizer-dir .carry/bench --out "$out" 2>&1 \
-      | quiet | tee "$out/aot-step.log" ;;
-  aot-symbolic)
-    timeout 560 python3 bench/aot_step.py --step symbolic --phases aot,load --ckpt /tmp/mgie-full \
-      --tokenizer-dir .carry/bench --out "$out" 2>&1 | quiet | tee "$out/aot-symbolic-step.log" ;;
+  aot) aot_step static ;;
+  aot-symbolic) aot_step symbolic --phases aot,load ;;
   *) echo "unknown step $step (first, warm, aot or aot-symbolic)"; exit 2 ;;
 esac
 cp /tmp/mgie-coldstart-events/events-*.jsonl "$out/" 2>/dev/null
