@@ -2,6 +2,7 @@
 # Issue 20's start-up runs on a lent GPU machine, one step per device call, chained within the machine's warm
 # window so that the checkpoint and the compile cache under /tmp survive from one step to the next:
 #
+#     bash bench/startup_suite.sh load    # the full-size checkpoint written, then loaded part by part (~3 min)
 #     bash bench/startup_suite.sh first   # first start: empty cache, page cache dropped (~10 min)
 #     bash bench/startup_suite.sh warm    # warm restart, then the load test at MGIE_MAX_BATCH=8 on the warm cache
 #     bash bench/startup_suite.sh aot     # the home-shape step loaded ahead-of-time compiled against a warm re-trace
@@ -12,7 +13,7 @@
 # `.carry/bench` (the tokenizer). Results go to $OUT (at most 8 files come back). "FRESH MACHINE" in the output
 # means the chain broke: the warm step then measures a first start, not a restart.
 set -u
-step=${1:?first, warm, aot or aot-symbolic}
+step=${1:?load, first, warm, aot or aot-symbolic}
 out=${OUT:-bench/results}
 if [ ! -d /tmp/site/diffusers ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -27,6 +28,9 @@ aot_step() {  # STEP [more aot_step.py arguments]
     2>&1 | quiet | tee "$out/aot-$1-step.log"
 }
 case "$step" in
+  load)
+    timeout 500 python3 bench/load_weights.py --ckpt /tmp/mgie-full --tokenizer-dir .carry/bench --out "$out" \
+      2>&1 | quiet | tee "$out/load-weights.log" ;;
   first)
     timeout 570 python3 bench/coldstart.py --phase first --compile auto --deadline 540 --tokenizer-dir .carry/bench \
       --out "$out" 2>&1 | quiet | grep --line-buffered -v "^\[child\] edit" | tee "$out/coldstart-first.log"
@@ -40,7 +44,7 @@ case "$step" in
       --minutes 1.5 --drain 40 --deadline 360 --out "$out" 2>&1 | quiet | tee "$out/loadtest-b8.log" ;;
   aot) aot_step static ;;
   aot-symbolic) aot_step symbolic --phases aot,load ;;
-  *) echo "unknown step $step (first, warm, aot or aot-symbolic)"; exit 2 ;;
+  *) echo "unknown step $step (load, first, warm, aot or aot-symbolic)"; exit 2 ;;
 esac
 cp /tmp/mgie-coldstart-events/events-*.jsonl "$out/" 2>/dev/null
 pkill nvidia-smi
