@@ -24,6 +24,7 @@ from .compilation import prepare_for_cuda
 from .cpu_pools import cpu_pool
 from .denoiser import DenoiseJob, Denoiser, DenoiseState
 from .errors import JobCancelledError
+from .fx_threads import install as keep_fx_tracing_to_its_thread
 from .images import prepare_image
 from .inputs import History, ImageInput, PreparedImage, Prompt
 from .instructions import normalize_instruction
@@ -90,6 +91,8 @@ class MgiePipeline:
         self.max_side = max_side
         self.compile_unet = compile_unet  # asked for; ``compiles`` says whether it happens (CUDA, no offload)
         self.stop_warm_up: threading.Event | None = None  # set, ``warm_up`` stops between batches
+        if compile_unet:  # its compiles may run beside eager modules in other threads (fx_threads.py)
+            keep_fx_tracing_to_its_thread()
         cuda = models.device.type == "cuda"
         graphs = compile_unet and cuda and not offload
         unet = prepare_for_cuda(models, graphs)

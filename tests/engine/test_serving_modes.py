@@ -85,6 +85,37 @@ async def test_a_worker_serves_eagerly_while_it_compiles_and_compiled_after(tiny
     assert worker.pipeline.compile_unet
 
 
+async def test_an_eager_edit_beside_a_compile_that_traces_is_not_broken_by_the_tracer(
+        tiny_models, tmp_path, monkeypatch, as_on_a_gpu):
+    """Inductor traces small functions with ``torch.fx`` thousands of times while it lowers a graph, and each
+    trace patches ``nn.Module.__call__`` for every thread. An H200 first start lost an edit to it ("module is
+    not installed as a submodule"): the eager UNet ran through the compile thread's tracer. Here the compile
+    traces as inductor does, without a pause, for the whole edit."""
+    release, traces = threading.Event(), []
+
+    def tracing_warm_up(self, max_jobs):
+        while not release.is_set():
+            traces.append(torch.fx.symbolic_trace(lambda x: x + 1))
+
+    monkeypatch.setattr(MgiePipeline, "warm_up", tracing_warm_up)
+    worker = _worker(tiny_models, tmp_path)
+    worker.start()
+    try:
+        await worker.wait_ready()
+        first = len(traces)
+        outcome = await worker.run(_job("a" * 32, 1, steps=3))
+        during = len(traces) - first
+        release.set()
+        assert await worker.wait_compiled() == "compiled"
+    finally:
+        release.set()
+        worker.shutdown()
+    assert outcome.png.startswith(b"\x89PNG")
+    assert during > 10  # the edit ran while the compile thread traced
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    assert [n.op for n in torch.fx.symbolic_trace(module).graph.nodes] == ["placeholder", "call_module", "output"]
+
+
 async def test_a_running_job_takes_its_next_step_compiled_once_the_compile_is_ready(
         tiny_models, tmp_path, monkeypatch, as_on_a_gpu):
     """The switch is at a step boundary: a job half-way through moves over, and (same math on a CPU)
