@@ -116,6 +116,8 @@ def _phase(args: argparse.Namespace) -> dict:
             keep = getattr(torch.compiler, "keep_tensor_guards_unsafe", None)  # newer than skip_all's
             out["guards"] = "tensor guards" if keep else "none"
             aot_options = {**options, "guard_filter_fn": keep or torch.compiler.skip_all_guards_unsafe}
+            # torch 2.11 has the API behind a flag (off by default; on by default by 2.13)
+            torch._dynamo.config.enable_aot_compile = True
             fn = torch.compile(step, fullgraph=True, dynamic=None if symbolic else False,
                                options=aot_options).aot_compile((first_inputs, {}))
             out["compile_s"] = time.perf_counter() - started
