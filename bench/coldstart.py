@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import json
 import logging
 import os
@@ -40,6 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 FULL_SPEED_MARGIN = 1.10  # "full speed": an edit within 10% of the steady compiled latency
+# Seconds the child gets past --deadline to shut down before it is killed: it has written its last event by
+# then, and a compile batch in flight can hold its shutdown longer than a device call has left.
+CHILD_GRACE = 20.0
 
 
 # -- the child: one worker process --------------------------------------------------------------------------------
@@ -68,6 +72,7 @@ def final_mode(info: dict, state: str) -> bool:
 async def child(args: argparse.Namespace) -> int:
     log = EventLog(args.events)
     log.write("child_started")
+    faulthandler.enable()  # a native crash prints every thread's Python stack
     import torch
     from mgie_bench import INSTRUCTIONS, encode, image
 
@@ -242,7 +247,7 @@ def run_phase(phase: str, args: argparse.Namespace, paths, work: Path) -> dict:
            "--side", str(args.side), "--steps", str(args.steps)]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
     try:
-        rc = proc.wait(timeout=args.deadline + 60)
+        rc = proc.wait(timeout=args.deadline + CHILD_GRACE)
     except subprocess.TimeoutExpired:
         proc.kill()
         rc = proc.wait()

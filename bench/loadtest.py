@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import os
 import random
 import statistics
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -104,18 +106,26 @@ def worker_compiles(info: dict) -> dict:
     return {k: v for k, v in info.items() if "compile" in k and isinstance(v, int | float) and not isinstance(v, bool)}
 
 
-async def poisson_run(runner: Runner, rate: float, seconds: float, scale: float, seed: int, drain: float) -> dict:
-    """Arrivals at ``rate`` edits/s for ``seconds``, then wait (up to ``drain`` s) for the last results."""
+async def poisson_run(runner: Runner, rate: float, seconds: float, scale: float, seed: int, drain: float,
+                      progress: Callable[[dict], None] = lambda _partial: None, progress_every: float = 15.0) -> dict:
+    """Arrivals at ``rate`` edits/s for ``seconds``, then wait (up to ``drain`` s) for the last results.
+    ``progress`` gets what is known so far every ``progress_every`` s of arrivals (a run that dies midway
+    still leaves its first latencies in the JSON)."""
     rng = random.Random(seed)
     weights = [w for _, _, w in SIZES]
     futures, started = [], time.perf_counter()
     first = len(runner.records)
     at = rng.expovariate(rate)
+    reported = started
     while at < seconds:
         await asyncio.sleep(max(0.0, started + at - time.perf_counter()))
         width, height, _ = rng.choices(SIZES, weights)[0]
         futures.append(runner.submit(max(8, int(width * scale)), max(8, int(height * scale)), user=1000 + len(futures)))
         at += rng.expovariate(rate)
+        if time.perf_counter() - reported > progress_every:
+            reported = time.perf_counter()
+            progress({"partial": True, "seconds": reported - started, "submitted": len(futures),
+                      "latencies": [round(r["latency"], 3) for r in runner.records[first:]]})
     arrivals_end = time.perf_counter()
     done, pending = await asyncio.wait(futures, timeout=drain) if futures else (set(), set())
     records = [r for r in runner.records[first:]]
@@ -193,7 +203,13 @@ async def run(args: argparse.Namespace, report: dict, out_name: str) -> None:
         rate = fraction * report["capacity"]["edits_per_s"]
         print(f"load {fraction}: {rate:.3f} edits/s for {seconds:.0f} s", flush=True)
         before, info_before = _dynamo_counters(), worker_compiles(worker.info())
-        result = await poisson_run(runner, rate, seconds, scale, seed=k, drain=args.drain)
+
+        def progress(partial: dict, fraction: float = fraction) -> None:
+            report["loads"][str(fraction)] = partial
+            save(report, args.out, out_name)
+
+        result = await poisson_run(runner, rate, seconds, scale, seed=k, drain=args.drain, progress=progress,
+                                   progress_every=args.progress_every)
         after, info_after = _dynamo_counters(), worker_compiles(worker.info())
         result["dynamo_delta"] = counter_delta(before, after)
         result["compiles"] = result["dynamo_delta"].get("stats.unique_graphs", 0)
@@ -232,9 +248,11 @@ def main() -> int:
     p.add_argument("--side", type=int, default=512)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--deadline", type=float, default=570.0, help="seconds from start; then it stops, results saved")
+    p.add_argument("--progress-every", type=float, default=15.0, help="seconds between partial saves during a load")
     p.add_argument("--small", action="store_true", help="shrunken dims on a CPU, for a dry run")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args()
+    faulthandler.enable()  # a native crash prints every thread's Python stack (an H200 run once died silently)
 
     import torch
 

@@ -32,16 +32,19 @@ case "$step" in
     timeout 500 python3 bench/load_weights.py --ckpt /tmp/mgie-full --tokenizer-dir .carry/bench --out "$out" \
       2>&1 | quiet | tee "$out/load-weights.log" ;;
   first)
-    timeout 570 python3 bench/coldstart.py --phase first --compile auto --deadline 540 --tokenizer-dir .carry/bench \
+    timeout 580 python3 bench/coldstart.py --phase first --compile auto --deadline 540 --tokenizer-dir .carry/bench \
       --out "$out" 2>&1 | quiet | grep --line-buffered -v "^\[child\] edit" | tee "$out/coldstart-first.log"
+    echo "coldstart exit ${PIPESTATUS[0]}"
     for f in /tmp/mgie-coldstart/compile/*/compile-child-*.log; do
       echo "=== $f"; grep -E "warm-up|precompiled|rror" "$f" | quiet | tail -n 20
     done > "$out/children.log" 2>&1 ;;
   warm)
     timeout 200 python3 bench/coldstart.py --phase warm --compile auto --deadline 170 --tokenizer-dir .carry/bench \
       --out "$out" 2>&1 | quiet | tee "$out/coldstart-warm.log"
+    echo "coldstart exit ${PIPESTATUS[0]}"
     timeout 380 python3 bench/loadtest.py --ckpt /tmp/mgie-full --tokenizer-dir .carry/bench --max-batch 8 \
-      --minutes 1.5 --drain 40 --deadline 360 --out "$out" 2>&1 | quiet | tee "$out/loadtest-b8.log" ;;
+      --minutes 1.5 --drain 40 --deadline 360 --out "$out" 2>&1 | quiet | tee "$out/loadtest-b8.log"
+    echo "loadtest exit ${PIPESTATUS[0]}" ;;
   aot) aot_step static ;;
   aot-symbolic) aot_step symbolic --phases aot,load ;;
   *) echo "unknown step $step (load, first, warm, aot or aot-symbolic)"; exit 2 ;;
