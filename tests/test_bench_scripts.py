@@ -157,8 +157,8 @@ def test_coldstart_script_times_a_worker_process_from_launch_to_full_speed(token
 @pytest.mark.slow
 def test_loadtest_script_reports_latency_throughput_and_compiles_under_poisson_load(tokenizer_dir, tmp_path):
     out = _run("loadtest.py", "--small", "--tokenizer-dir", str(tokenizer_dir), "--side", "64", "--steps", "2",
-               "--minutes", "0.1", "--burst", "4", "--lone", "2", "--max-batch", "4", "--progress-every", "2", "--cache-dir", str(tmp_path / "c"),
-               "--out", str(tmp_path / "out"))
+               "--minutes", "0.1", "--burst", "4", "--lone", "2", "--max-batch", "4", "--progress-every", "2",
+               "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "out"))
     report = json.loads(next((tmp_path / "out").glob("*loadtest-b4-small.json")).read_text())
     assert report["complete"], out
     assert report["lone"]["ok"] == 2 and report["capacity"]["measured"] and report["capacity"]["edits_per_s"] > 0
