@@ -48,6 +48,7 @@ case "$step" in
       --minutes 1 --drain 40 --deadline 560 --out "$out" 2>&1 | quiet | tee "$out/loadtest-b8.log"
     echo "loadtest exit ${PIPESTATUS[0]}" ;;
   warm)
+    ls /tmp/mgie-coldstart/compile/*/artifacts.bin 2>/dev/null || echo "NO ARTIFACTS: not a true warm restart"
     timeout 260 python3 bench/coldstart.py --phase warm --compile auto --deadline 230 --tokenizer-dir .carry/bench \
       --out "$out" 2>&1 | quiet | tee "$out/coldstart-warm.log"
     echo "coldstart exit ${PIPESTATUS[0]}" ;;
