@@ -1,10 +1,12 @@
 """Keep torch.fx tracing in one thread from breaking eager modules in the others.
 
 ``torch.fx.Tracer.trace`` patches ``nn.Module.__call__`` and ``nn.Module.__getattr__`` on the class, for every
-thread, while it traces; inductor traces small functions that way thousands of times while it lowers a graph
-(its loop bodies). A module called eagerly by another thread meanwhile goes through the tracer and fails
-("NameError: module is not installed as a submodule"). That is the worker's case while it compiles in a thread
-and serves eagerly in another: an H200 first start lost an edit to it (bench/NOTES.md, "Start-up and load").
+thread, while it traces. A compile traces that way: AOTAutograd's ``make_fx`` for each graph it compiles, and
+inductor, the first time it lowers in a process, a placeholder for its loop bodies (``symbolic_trace``). A module
+called eagerly by another thread meanwhile goes through that tracer: the placeholder's fails ("NameError: module
+is not installed as a submodule"), ``make_fx``'s patches the caller's globals from the wrong thread. That is the
+worker's case while it compiles in a thread and serves eagerly in another: an H200 first start lost an edit to
+it (bench/NOTES.md, "Start-up and load").
 
 ``install()`` makes those two patches per thread: the thread that traces sees the tracer's functions, every
 other thread the ones it saw before the patch. Tracing itself is unchanged.

@@ -87,10 +87,10 @@ async def test_a_worker_serves_eagerly_while_it_compiles_and_compiled_after(tiny
 
 async def test_an_eager_edit_beside_a_compile_that_traces_is_not_broken_by_the_tracer(
         tiny_models, tmp_path, monkeypatch, as_on_a_gpu):
-    """Inductor traces small functions with ``torch.fx`` thousands of times while it lowers a graph, and each
+    """A compile traces with ``torch.fx`` (inductor's loop-body placeholder, AOTAutograd's graphs), and each
     trace patches ``nn.Module.__call__`` for every thread. An H200 first start lost an edit to it ("module is
     not installed as a submodule"): the eager UNet ran through the compile thread's tracer. Here the compile
-    traces as inductor does, without a pause, for the whole edit."""
+    traces as inductor's placeholder does, without a pause, for the whole edit."""
     release, traces = threading.Event(), []
 
     def tracing_warm_up(self, max_jobs):
