@@ -114,12 +114,14 @@ def denoise(pipe, image, prompt_embeds, seed, text_cfg, image_cfg, steps):
 # time the bot's answers under load (the soak, the lifecycle, the 500-request admission test, the Redis pool's
 # processes) run one after another on one pytest-xdist worker
 # (`-n auto --dist loadgroup`), so that none of them starves another; the rest share the other worker(s).
-_ONE_AT_A_TIME = {"test_warm_up.py", "test_bench_scripts.py", "test_soak.py", "test_bot_lifecycle.py",
-                  "test_bot_redis_pool.py", "test_redis_worker.py", "test_bench_redis.py", "test_bot_admission.py",
-                  "test_bot_redis_previews.py"}
+# A file, or one test of a file ("file::test"): the warm-up's compile count traces with dynamo on one core (75 s),
+# so it runs beside the group, and only its inductor compile joins it.
+_ONE_AT_A_TIME = {"test_bench_scripts.py", "test_soak.py", "test_bot_lifecycle.py", "test_bot_redis_pool.py",
+                  "test_redis_worker.py", "test_bench_redis.py", "test_bot_admission.py", "test_bot_redis_previews.py",
+                  "test_warm_up.py::test_compiled_vae_functions_match_eager"}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.path.name in _ONE_AT_A_TIME:
+        if {item.path.name, f"{item.path.name}::{item.originalname}"} & _ONE_AT_A_TIME:
             item.add_marker(pytest.mark.xdist_group("one-at-a-time"))
