@@ -53,8 +53,7 @@ async def pool(world, redis_server, tiny_paths, tmp_path):
     p = Pool(pool_env(redis_server, tiny_paths, MGIE_MAX_BATCH="1"), fake, guild, tmp_path / "data",
              redis_server.password)
     yield p
-    for proc in reversed(p.procs):
-        await proc.stop(timeout=20)
+    await asyncio.gather(*(proc.stop(timeout=20) for proc in p.procs))  # side by side: each takes seconds
     for proc in p.procs:  # shown by pytest when the test failed
         print(f"----- {proc.name} -----\n{proc.text[-5000:]}")
     assert p.password not in p.output()
