@@ -92,6 +92,10 @@ class WorkerService:
         except Exception:  # Redis gone: the heartbeat key expires by itself
             pass
         self.worker.shutdown()
+        # The process must not exit while the worker thread is inside a torch call (a daemon thread woken during
+        # interpreter shutdown aborts the process: "terminate called without an active exception", exit -6).
+        if not await asyncio.to_thread(self.worker.join, max(grace, 5.0)):
+            log.warning("worker %s is still inside a step; exiting anyway", self.consumer)
         return code
 
     async def _take_jobs(self, stop: asyncio.Event) -> None:

@@ -77,6 +77,21 @@ async def test_cancel_from_another_host_stops_the_running_job(redis_server, prot
         assert await worker.stop() == 0, worker.text[-3000:]
 
 
+async def test_sigterm_past_the_grace_waits_for_the_step_and_exits_cleanly(redis_server, proto, tiny_paths):
+    """The service returns while the GPU thread is inside a torch call; exiting then would abort the process."""
+    worker = await start_worker(pool_env(redis_server, tiny_paths, MGIE_SHUTDOWN_GRACE="0.1"))
+    try:
+        await wait_workers(proto, 1)
+        await proto.submit(job("long", steps=200))
+        await owner_of(proto, "long")
+        await asyncio.sleep(0.5)  # inside the denoising loop
+    finally:
+        code = await worker.stop()
+    assert code == 0, worker.text[-3000:]
+    assert "unfinished" in worker.text and "terminate called" not in worker.text
+    assert await proto.read_result("long") is None  # left for a live worker to reclaim
+
+
 @pytest.mark.parametrize("case", ["wrong password", "unreachable", "no url"])
 async def test_bad_redis_settings_exit_with_one_line(redis_server, tiny_paths, case):
     url = {"wrong password": redis_server.url.replace(redis_server.password, "not-the-password"),
