@@ -157,6 +157,10 @@ def _phase(args: argparse.Namespace) -> dict:
                                    "step_ms": 1000 * statistics.median(times),
                                    "max_abs_diff_to_eager": float((first.float() - reference.float()).abs().max())})
         out["first_call_s"] = sum(c["first_call_s"] for c in out["classes"])
+    from torch._dynamo.utils import counters  # did the step record CUDA graphs (or say why not)?
+
+    out["cudagraph_counters"] = {f"{group}.{key}": value for group, counted in counters.items()
+                                 for key, value in counted.items() if "cudagraph" in key}
     return out
 
 
@@ -208,6 +212,7 @@ def main() -> int:
             return 1
         result = json.loads(lines[-1][len(RESULT):])
         result["process_s"] = time.perf_counter() - started
+        result["cudagraph_messages"] = [line for line in run.stderr.splitlines() if "cudagraph" in line.lower()][:5]
         report["phases"][phase] = result
         print(f"{phase}: " + ", ".join(f"{k} {v:.3g}" for k, v in result.items() if isinstance(v, float)), flush=True)
         for c in result.get("classes", []):
