@@ -12,7 +12,7 @@ import copy
 import dataclasses
 import inspect
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -21,6 +21,9 @@ from .compilation import STATIC_STEP_OPTIONS, UNET_COMPILE_OPTIONS, mark_sizes_d
 from .images import fit_size
 from .inputs import ImageInput
 from .models import MgieModels
+
+if TYPE_CHECKING:
+    from .saved_steps import SavedSteps
 
 ROW_BUCKETS = (1, 3, 6, 12, 24, 48, 96, 192)  # UNet batch sizes that get their own CUDA graph
 JOB_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # job counts that get their own graph of the fused guided step
@@ -128,6 +131,7 @@ class Denoiser:
         side = fit_size(max_side, max_side, max_side, models.vae_scale_factor)[0] // models.vae_scale_factor
         self._home_latents = (side, side)
         self.static_jobs: set[int] = set()  # padded job counts the static step serves (set by the warm-up)
+        self.saved: SavedSteps | None = None  # steps compiled ahead of time, when compiled (MGIE_COMPILE_AOT)
         self._pads: dict[tuple, tuple[list[torch.Tensor], ...]] = {}
         self._schedulers: dict[int, Any] = {}
         self._schedules: dict[int, torch.Tensor] = {}  # step count -> _step_scalars' first five columns
@@ -220,11 +224,16 @@ class Denoiser:
         noise = _cat_rows([torch.randn(s.latents.shape, generator=s.generator, device=s.latents.device,
                                        dtype=s.latents.dtype) for s in states] + pads[4])
         static = n + pad in self.static_jobs and tuple(latents.shape[-2:]) == self._home_latents
-        if not static:
-            mark_sizes_dynamic(latents, image_latents, cond, scalars, noise)
-        if self.graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        out = (self._static_step if static else self._guided_step)(latents, image_latents, cond, scalars, noise)
+        # A saved step takes unmarked tensors: a lone job's own tensors may carry marks of an earlier step's
+        # torch.compile call, which a new alias does not.
+        args = (latents, image_latents, cond, scalars, noise)
+        out = self.saved.run(static, tuple(t.detach() for t in args)) if self.saved is not None else None
+        if out is None:
+            if not static:
+                mark_sizes_dynamic(*args)
+            if self.graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            out = (self._static_step if static else self._guided_step)(*args)
         out = out[:n].clone() if self.graphs else out  # the graph's output buffer is reused by the next replay
         for i, s in enumerate(states):
             s.latents = out[i:i + 1]

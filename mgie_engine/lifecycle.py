@@ -57,6 +57,7 @@ def load(settings: EngineSettings, name: str, capacity: int, loader: Callable[[E
     if compile_on and (pipeline.compiles or device.type == "cuda"):  # (offload: the decoder's layers)
         count_compiles()
         folder = prepare_compile_cache(settings, device, capacity)
+        use_saved_steps(settings, pipeline, folder)
     if pipeline.compiles:
         eager = new_pipeline(settings, models, compile_unet=False)
         eager.language.cache = pipeline.language.cache  # one guidance cache whichever mode serves
@@ -100,7 +101,7 @@ def plan_compile_child(settings: EngineSettings, models: MgieModels, capacity: i
         log.info("compiling in this process (no compile child: %s)", why)
         modes.child_outcome = f"not used: {why}"
         return None
-    groups = compile_groups(settings.max_side, capacity)
+    groups = compile_groups(settings.max_side, capacity, saved_steps=settings.compile_aot)
     count = compile_child.how_many(settings.compile_children, len(groups), weights or 0, free,
                                    compile_child.host_cores())
     log.info("compiling in %d child process(es) first (%s)", count, why)
@@ -116,6 +117,16 @@ def new_pipeline(settings: EngineSettings, models: MgieModels, compile_unet: boo
     from .pipeline import MgiePipeline
 
     return MgiePipeline(models, max_side=settings.max_side, compile_unet=compile_unet, offload=settings.offload)
+
+
+def use_saved_steps(settings: EngineSettings, pipeline: MgiePipeline, folder: Path | None) -> None:
+    """With MGIE_COMPILE_AOT, the compiled pipeline's guided steps are compiled ahead of time into the kept
+    cache folder, or loaded from it (saved_steps.py)."""
+    if settings.compile_aot and folder is not None and pipeline.compiles:
+        from .saved_steps import SavedSteps
+
+        pipeline.denoiser.saved = SavedSteps(folder, pipeline.models.unet)
+        log.info("guided steps compiled ahead of time: saved in and loaded from %s", pipeline.denoiser.saved.folder)
 
 
 def prepare_compile_cache(settings: EngineSettings, device: torch.device, capacity: int,
@@ -163,6 +174,7 @@ def precompile(settings: EngineSettings, capacity: int | None = None,
     pipeline = new_pipeline(settings, models, compile_unet=True)
     if not pipeline.compiles:
         raise MgieError(f"nothing to precompile: the pipeline on {device} runs without compiled steps")
+    use_saved_steps(settings, pipeline, folder)
     started = time.perf_counter()
     if children:
         runs = plan_compile_child(settings, models, capacity, folder, child_launcher, ServingModes(),

@@ -149,6 +149,9 @@ class EngineSettings:
     # sys.setswitchinterval while the compile thread runs beside the serving thread (serving_modes.py); 0: as is.
     compile_switch_interval: float = 0.0005
     compile_cache_dir: str | None = None  # root of the kept compile caches (else <data_dir>/compile-cache)
+    # The guided step compiled ahead of time, saved in the compile cache and loaded by later starts instead of
+    # traced again (saved_steps.py). Off by default until measured on a GPU.
+    compile_aot: bool = False
     data_dir: str = "./data"  # MGIE_DATA_DIR, as the bot reads it: the compile cache lives under it by default
     safety_checker: bool = False  # run instruct-pix2pix's NSFW checker on every output
     offload: bool = False  # keep the LLM and the UNet/VAE on the GPU in turn (16 GB cards)
@@ -172,6 +175,7 @@ class EngineSettings:
             compile_children=read_int(env, "MGIE_COMPILE_CHILDREN", 0, 0, 16),
             compile_switch_interval=read_float(env, "MGIE_COMPILE_SWITCH_INTERVAL", 0.0005, 0.0, 0.1),
             compile_cache_dir=_raw(env, "MGIE_COMPILE_CACHE_DIR") or None,
+            compile_aot=read_flag(env, "MGIE_COMPILE_AOT", False),
             data_dir=_raw(env, "MGIE_DATA_DIR") or "./data",
             safety_checker=read_flag(env, "MGIE_SAFETY_CHECKER", False),
             offload=read_flag(env, "MGIE_OFFLOAD", False),

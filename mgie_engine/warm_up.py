@@ -53,7 +53,7 @@ def warm_up_batches(side: int, max_jobs: int) -> list[tuple[int, tuple[int, int]
     return [(n, size, True) for n, size in guided] + [(n, size, False) for n, size in plain]
 
 
-def compile_groups(side: int, max_jobs: int) -> list[tuple[int, ...]]:
+def compile_groups(side: int, max_jobs: int, saved_steps: bool = False) -> list[tuple[int, ...]]:
     """``warm_up_batches``' indices in groups that can compile in separate processes (compile_child.py).
 
     Every guided batch is a compile of its own and a group alone: a static-step batch (static sizes, one job
@@ -65,8 +65,17 @@ def compile_groups(side: int, max_jobs: int) -> list[tuple[int, ...]]:
     (``compile_child.shares``). H200 (results/NVIDIA_H200-coldstart-b8-first-5-children.*): 153 s and 171 s
     for the static step at one and eight jobs, 253 s and 230 s for the symbolic step at two jobs and one,
     240 s for the unguided call; the small-size batch took over 100 s after the two-job one in one child.
+
+    With ``saved_steps`` (MGIE_COMPILE_AOT, saved_steps.py) the symbolic step is compiled once, ahead of time, at
+    its first batch of two jobs or more, and serves the other symbolic batches after it: those batches form one
+    group, in warm-up order, first (the longest).
     """
     batches = warm_up_batches(side, max_jobs)
+    if saved_steps:
+        static = [(0,), (1,)] if max_jobs > 1 else [(0,)]  # the home shape alone and at max_jobs
+        symbolic = tuple(k for k, (_n, _size, guided) in enumerate(batches) if guided and (k,) not in static)
+        plain = tuple(k for k, (_n, _size, guided) in enumerate(batches) if not guided)
+        return [*([symbolic] if symbolic else []), *static, *([plain] if plain else [])]
     small = [(k,) for k, (n, size, guided) in enumerate(batches) if guided and size == (64, 64) != (side, side)]
     guided = [(k,) for k, (_n, _size, is_guided) in enumerate(batches) if is_guided and (k,) not in small]
     plain = tuple(k for k, (_n, _size, is_guided) in enumerate(batches) if not is_guided)
