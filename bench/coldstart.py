@@ -288,7 +288,7 @@ def main() -> int:
         return asyncio.run(child(args))
 
     import torch
-    from run_info import run_info, save
+    from run_info import aot_suffix, run_info, save
     from write_full_size import ensure_full_size
 
     if args.compile is None:
@@ -300,7 +300,7 @@ def main() -> int:
                       steps=args.steps, steady_edits=args.steady_edits, deadline=args.deadline, small=args.small,
                       ckpt=str(args.ckpt), cache_dir=str(args.cache_dir), full_speed_margin=FULL_SPEED_MARGIN)
     report["phases"] = {}
-    name = f"coldstart-b{args.max_batch}-{args.phase}" + ("-small" if args.small else "")
+    name = f"coldstart-b{args.max_batch}-{args.phase}" + aot_suffix() + ("-small" if args.small else "")
     work = args.cache_dir.parent / (args.cache_dir.name + "-events")
     work.mkdir(parents=True, exist_ok=True)
     for phase in ("first", "warm") if args.phase == "both" else (args.phase,):

@@ -40,7 +40,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests" / "support")]
 
 from coldstart import _dynamo_counters, _jsonable, final_mode  # noqa: E402
 from mgie_bench import INSTRUCTIONS, encode, image  # noqa: E402
-from run_info import run_info, save  # noqa: E402
+from run_info import aot_suffix, run_info, save  # noqa: E402
 
 # (width, height, weight) at a 512 home side: squares most often, then the usual photo shapes (a 640x480 upload
 # is fitted to 512x384 by the worker), and small uploads.
@@ -274,7 +274,7 @@ def main() -> int:
                       models="checkpoint " + str(args.ckpt) if args.ckpt else "full_size.build (in memory)",
                       cache_dir=str(args.cache_dir), small=args.small)
     report["complete"] = False
-    name = f"loadtest-b{args.max_batch}" + ("-small" if args.small else "")
+    name = f"loadtest-b{args.max_batch}" + aot_suffix() + ("-small" if args.small else "")
     asyncio.run(run(args, report, name))
     report["complete"] = all("skipped" not in r for r in report["loads"].values())
     print("wrote", save(report, args.out, name))

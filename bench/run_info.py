@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -19,7 +20,13 @@ def run_info(**settings: Any) -> dict[str, Any]:
     return {"card": torch.cuda.get_device_name(0) if cuda else "cpu",
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "diffusers": diffusers.__version__, "python": platform.python_version()},
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "settings": settings}
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "settings": settings,
+            "compile_env": {k: v for k, v in os.environ.items() if k.startswith("MGIE_COMPILE")}}
+
+
+def aot_suffix() -> str:
+    """"-aot" in a result's name when its worker compiled its steps ahead of time (MGIE_COMPILE_AOT=1)."""
+    return "-aot" if os.environ.get("MGIE_COMPILE_AOT", "").strip().lower() in ("1", "true", "yes", "on") else ""
 
 
 def save(report: dict[str, Any], out: Path, name: str) -> Path:

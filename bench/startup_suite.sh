@@ -11,12 +11,17 @@
 #     bash bench/startup_suite.sh aot-symbolic  # the symbolic step compiled ahead of time at two jobs, loaded and
 #                                               # run at the other classes against the eager step
 #
+# AOT=1 before any of first, loadtest and warm runs the worker with MGIE_COMPILE_AOT=1 (saved_steps.py): its logs and
+# results are named "-aot". Run the whole chain with it: the first start is what saves the steps.
+#
 # Carry `.whl` (diffusers, discord.py, redis, python-dotenv, aiosqlite, prometheus_client, disarm wheels) and
 # `.carry/bench` (the tokenizer). Results go to $OUT (at most 8 files come back). "FRESH MACHINE" in the output
 # means the chain broke: the loadtest and warm steps then start from an empty cache.
 set -u
 step=${1:?load, first, loadtest, warm, aot or aot-symbolic}
 out=${OUT:-bench/results}
+tag=""
+if [ "${AOT:-0}" = 1 ]; then export MGIE_COMPILE_AOT=1; tag="-aot"; fi
 if [ ! -d /tmp/site/diffusers ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
@@ -42,19 +47,19 @@ case "$step" in
     deadline=$((545 - SECONDS))
     timeout $((deadline + 35)) python3 bench/coldstart.py --phase first --compile auto --deadline "$deadline" \
       --tokenizer-dir .carry/bench \
-      --out "$out" 2>&1 | quiet | grep --line-buffered -v "^\[child\] edit" | tee "$out/coldstart-first.log"
+      --out "$out" 2>&1 | quiet | grep --line-buffered -v "^\[child\] edit" | tee "$out/coldstart-first$tag.log"
     echo "coldstart exit ${PIPESTATUS[0]}"
     for f in /tmp/mgie-coldstart/compile/*/compile-child-*.log; do
-      echo "=== $f"; grep -E "warm-up|precompiled|rror" "$f" | quiet | tail -n 20
-    done > "$out/children.log" 2>&1 ;;
+      echo "=== $f"; grep -E "warm-up|precompiled|ahead of time|rror" "$f" | quiet | tail -n 20
+    done > "$out/children$tag.log" 2>&1 ;;
   loadtest)
     timeout 580 python3 bench/loadtest.py --ckpt /tmp/mgie-full --tokenizer-dir .carry/bench --max-batch 8 \
-      --minutes 1 --drain 40 --deadline 560 --out "$out" 2>&1 | quiet | tee "$out/loadtest-b8.log"
+      --minutes 1 --drain 40 --deadline 560 --out "$out" 2>&1 | quiet | tee "$out/loadtest-b8$tag.log"
     echo "loadtest exit ${PIPESTATUS[0]}" ;;
   warm)
     ls /tmp/mgie-coldstart/compile/*/artifacts.bin 2>/dev/null || echo "NO ARTIFACTS: not a true warm restart"
     timeout 260 python3 bench/coldstart.py --phase warm --compile auto --deadline 230 --tokenizer-dir .carry/bench \
-      --out "$out" 2>&1 | quiet | tee "$out/coldstart-warm.log"
+      --out "$out" 2>&1 | quiet | tee "$out/coldstart-warm$tag.log"
     echo "coldstart exit ${PIPESTATUS[0]}" ;;
   aot) aot_step static ;;
   aot-symbolic) aot_step symbolic --phases aot,load ;;

@@ -58,7 +58,7 @@ def test_device_and_dtype_messages():
     ("MGIE_DEVICE", "gpu"), ("MGIE_DEVICE", "cuda:x"), ("MGIE_DTYPE", "int8"), ("MGIE_MAX_SIDE", "0"),
     ("MGIE_MAX_SIDE", "99999"), ("MGIE_MAX_BATCH", "x"), ("MGIE_COMPILE", "maybe"), ("MGIE_OFFLOAD", "2"),
     ("MGIE_SAFETY_CHECKER", "yes please"), ("MGIE_COMPILE_CHILD", "sometimes"), ("MGIE_COMPILE_CHILDREN", "17"),
-    ("MGIE_COMPILE_SWITCH_INTERVAL", "-0.001"), ("MGIE_COMPILE_SWITCH_INTERVAL", "fast"),
+    ("MGIE_COMPILE_SWITCH_INTERVAL", "-0.001"), ("MGIE_COMPILE_SWITCH_INTERVAL", "fast"), ("MGIE_COMPILE_AOT", "auto"),
 ])
 def test_every_engine_setting_is_checked_when_read(name, value):
     with pytest.raises(SettingsError, match=name):

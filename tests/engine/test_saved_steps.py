@@ -178,3 +178,21 @@ def test_mgie_compile_aot_is_off_unless_set_and_groups_the_symbolic_batches_for_
     # warm-up batches at 8 jobs: 0-1 the home shape (static), 2-4 symbolic (two jobs first), 5-6 unguided
     assert compile_groups(512, 8, saved_steps=True) == [(2, 3, 4), (0,), (1,), (5, 6)]
     assert compile_groups(512, 1, saved_steps=True) == [(1,), (0,), (2,)]
+
+
+def test_a_compiling_worker_uses_saved_steps_in_its_cache_folder_only_with_mgie_compile_aot(
+        tiny_models, tmp_path, monkeypatch):
+    from mgie_engine.lifecycle import use_saved_steps
+
+    monkeypatch.setattr(MgiePipeline, "compiles", property(lambda self: self.compile_unet))  # as on CUDA
+    compiled = MgiePipeline(tiny_models, max_side=64, compile_unet=True)
+    use_saved_steps(EngineSettings(compile_aot=False), compiled, tmp_path)
+    assert compiled.denoiser.saved is None
+    use_saved_steps(EngineSettings(compile_aot=True), compiled, None)  # no kept cache folder: nowhere to save
+    assert compiled.denoiser.saved is None
+    eager = MgiePipeline(tiny_models, max_side=64)
+    use_saved_steps(EngineSettings(compile_aot=True), eager, tmp_path)  # eager serving never loads them
+    assert eager.denoiser.saved is None
+    use_saved_steps(EngineSettings(compile_aot=True), compiled, tmp_path)
+    saved = compiled.denoiser.saved
+    assert saved.folder == tmp_path / "steps" / unet_key(tiny_models.unet) and saved.backend == "inductor"
