@@ -148,7 +148,7 @@ class SavedSteps:
         path = self.file(name)
         if path.is_file():
             try:
-                fn = self._load(path)
+                fn = self._load(path, static)
             except Exception as err:
                 log.warning("saved step %s cannot be loaded (%s: %s); compiling it again", path, type(err).__name__,
                             str(err)[:300])
@@ -158,7 +158,7 @@ class SavedSteps:
                 return fn
         try:
             self._compile_and_save(path, static, args)
-            fn = self._load(path)  # the same function a later start gets, called the same way
+            fn = self._load(path, static)  # the same function a later start gets, called the same way
         except Exception as err:
             log.warning("could not compile the %s step ahead of time (%s: %s); torch.compile serves it", name,
                         type(err).__name__, str(err)[:300])
@@ -185,8 +185,13 @@ class SavedSteps:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
 
-    def _load(self, path: Path) -> Step:
-        with open(path, "rb") as fh:
+    def _load(self, path: Path, static: bool) -> Step:
+        # The file does not hold the compile options: inductor's post-compile steps (the CUDA-graph wrapper)
+        # read them from its config while it loads, so they are set for the load (and only for it).
+        options = self.options["static" if static else "symbolic"] if self.backend == "inductor" else {}
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(options), open(path, "rb") as fh:
             return torch.compiler.load_compiled_function(fh, f_globals=guided_euler_ancestral_step.__globals__,
                                                          external_data={"unet": self.unet})
 

@@ -106,7 +106,7 @@ def test_a_bad_file_is_compiled_again_and_a_step_unlike_the_eager_one_goes_back_
 
         # A saved step whose output is not the eager step's (here: a wrong function in its file's place).
         later = SavedSteps(tmp_path, unet, backend="aot_eager", options=LIGHT)
-        monkeypatch.setattr(later, "_load", lambda path: lambda *tensors: tensors[0] * 2)
+        monkeypatch.setattr(later, "_load", lambda path, static: lambda *tensors: tensors[0] * 2)
         assert later.step(True, args) is None
         assert "differs from the eager one at 1 job(s) of 8x8 latents" in caplog.text
         assert later.step(True, args) is None  # checked once per class, remembered
@@ -124,7 +124,7 @@ def test_a_saved_step_that_fails_at_a_later_call_hands_its_class_back_to_torch_c
     saved = SavedSteps(tmp_path, unet, backend="aot_eager", options=LIGHT)
     saved.folder.mkdir(parents=True)
     saved.file("static-1").write_bytes(b"stands for a saved step")
-    saved._load = lambda path: flaky
+    saved._load = lambda path, static: flaky
     args = step_inputs(unet, 1, 8, 8)
     with torch.inference_mode(), caplog.at_level(logging.WARNING, "mgie_engine.saved_steps"):
         assert saved.run(True, args) is not None  # checked against eager (call 1), then run (call 2)
