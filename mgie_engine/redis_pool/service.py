@@ -94,7 +94,7 @@ class WorkerService:
         self.worker.shutdown()
         # The process must not exit while the worker thread is inside a torch call (a daemon thread woken during
         # interpreter shutdown aborts the process: "terminate called without an active exception", exit -6).
-        if not await asyncio.to_thread(self.worker.join, max(grace, 5.0)):
+        if not await asyncio.to_thread(self.worker.join, max(deadline - time.monotonic(), 5.0)):
             log.warning("worker %s is still inside a step; exiting anyway", self.consumer)
         return code
 
