@@ -163,6 +163,12 @@ class WorkerService:
             outcome = await self.worker.run(job, self._progress, running.cancel)
             status = "done"
         except JobCancelledError:
+            if self._stopping and not running.cancel.is_set():
+                # This worker stopped under the job (shut down past the grace): no result, so its entry stays
+                # pending and a live worker reclaims it, as after a crash.
+                log.info("job %s left for another worker (this one is stopping)", delivery.job_id)
+                self.running.pop(delivery.entry_id, None)
+                return
             status = "cancelled"
         except payloads.BadPayloadError as err:
             log.warning("job %s arrived malformed: %s", delivery.job_id, err)
