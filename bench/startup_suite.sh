@@ -10,6 +10,7 @@
 #     bash bench/startup_suite.sh aot     # the home-shape step loaded ahead-of-time compiled against a warm re-trace
 #     bash bench/startup_suite.sh aot-symbolic  # the symbolic step compiled ahead of time at two jobs, loaded and
 #                                               # run at the other classes against the eager step
+#     bash bench/startup_suite.sh aot-both      # those two side by side in one call (~6 min)
 #
 # AOT=1 before any of first, loadtest and warm runs the worker with MGIE_COMPILE_AOT=1 (saved_steps.py): its logs and
 # results are named "-aot". Run the whole chain with it: the first start is what saves the steps.
@@ -18,7 +19,7 @@
 # `.carry/bench` (the tokenizer). Results go to $OUT (at most 8 files come back). "FRESH MACHINE" in the output
 # means the chain broke: the loadtest and warm steps then start from an empty cache.
 set -u
-step=${1:?load, first, loadtest, warm, aot or aot-symbolic}
+step=${1:?load, first, loadtest, warm, aot, aot-symbolic or aot-both}
 out=${OUT:-bench/results}
 tag=""
 if [ "${AOT:-0}" = 1 ]; then export MGIE_COMPILE_AOT=1; tag="-aot"; fi
@@ -31,7 +32,7 @@ export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
   > "$out/smi-$step.csv" &)
 quiet() { grep --line-buffered -v pow_by_natural; }
 aot_step() {  # STEP [more aot_step.py arguments]
-  timeout 560 python3 bench/aot_step.py --step "$@" --ckpt /tmp/mgie-full --tokenizer-dir .carry/bench --out "$out" \
+  timeout "${AOT_TIMEOUT:-560}" python3 bench/aot_step.py --step "$@" --ckpt /tmp/mgie-full --tokenizer-dir .carry/bench --out "$out" \
     2>&1 | quiet | tee "$out/aot-$1-step.log"
 }
 case "$step" in
@@ -63,7 +64,14 @@ case "$step" in
     echo "coldstart exit ${PIPESTATUS[0]}" ;;
   aot) aot_step static ;;
   aot-symbolic) aot_step symbolic --phases aot,load ;;
-  *) echo "unknown step $step (load, first, loadtest, warm, aot or aot-symbolic)"; exit 2 ;;
+  aot-both)  # both in one call, side by side (16 cores; each loads only the UNet), each with its own cache folder
+    [ -d /tmp/mgie-full ] || python3 bench/write_full_size.py /tmp/mgie-full --tokenizer-dir .carry/bench
+    AOT_TIMEOUT=$((575 - SECONDS))
+    aot_step static --work /tmp/mgie-aot-static > /dev/null &
+    aot_step symbolic --phases aot,load --work /tmp/mgie-aot-symbolic > /dev/null
+    wait
+    tail -n 5 "$out"/aot-*-step.log ;;
+  *) echo "unknown step $step (load, first, loadtest, warm, aot, aot-symbolic or aot-both)"; exit 2 ;;
 esac
 cp /tmp/mgie-coldstart-events/events-*.jsonl "$out/" 2>/dev/null
 pkill nvidia-smi
