@@ -224,10 +224,8 @@ class Denoiser:
         noise = _cat_rows([torch.randn(s.latents.shape, generator=s.generator, device=s.latents.device,
                                        dtype=s.latents.dtype) for s in states] + pads[4])
         static = n + pad in self.static_jobs and tuple(latents.shape[-2:]) == self._home_latents
-        # A saved step takes unmarked tensors: a lone job's own tensors may carry marks of an earlier step's
-        # torch.compile call, which a new alias does not.
         args = (latents, image_latents, cond, scalars, noise)
-        out = self.saved.run(static, tuple(t.detach() for t in args)) if self.saved is not None else None
+        out = self._saved_run("static" if static else "symbolic", args)
         if out is None:
             if not static:
                 mark_sizes_dynamic(*args)
@@ -273,19 +271,25 @@ class Denoiser:
         """One UNet call; compiled, the batch is padded to a bucket so a few recorded CUDA graphs serve
         every batch size."""
         rows = sample.shape[0]
-        if not self.graphs:
-            mark_sizes_dynamic(sample, timestep, cond)
-            return self.unet(sample, timestep, encoder_hidden_states=cond, return_dict=False)[0]
         # At least 3 rows: a lone unguided job (rare: a text CFG of 1 or an image CFG below 1) would otherwise
         # need a batch-of-one compile of its own (minutes; dynamo never lets a symbolic size stand for 1),
         # and at this size the call is bound by its launches, so the padding costs next to nothing.
-        bucket = next((b for b in ROW_BUCKETS if b >= max(rows, 2)), rows)
+        bucket = next((b for b in ROW_BUCKETS if b >= max(rows, 2)), rows) if self.graphs else rows
         if bucket > rows:
             extra = bucket - rows
             sample = torch.cat([sample, sample.new_zeros(extra, *sample.shape[1:])])
             timestep = torch.cat([timestep, timestep.new_zeros(extra)])
             cond = torch.cat([cond, cond.new_zeros(extra, *cond.shape[1:])])
-        mark_sizes_dynamic(sample, timestep, cond)
-        torch.compiler.cudagraph_mark_step_begin()
-        out = self.unet(sample, timestep, encoder_hidden_states=cond, return_dict=False)[0]
-        return out[:rows].clone()  # the graph's output buffer is reused by the next replay
+        out = self._saved_run("plain", (sample, timestep, cond))
+        if out is None:
+            mark_sizes_dynamic(sample, timestep, cond)
+            if self.graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            out = self.unet(sample, timestep, encoder_hidden_states=cond, return_dict=False)[0]
+        return out[:rows].clone() if self.graphs else out  # the graph's output buffer is reused by the next replay
+
+    def _saved_run(self, kind: str, args: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+        """The call through a step compiled ahead of time (saved_steps.py), or None: the caller's own. Saved
+        steps take unmarked tensors: a lone job's own tensors may carry the marks of an earlier
+        ``torch.compile`` call, which a new alias does not."""
+        return self.saved.run(kind, tuple(t.detach() for t in args)) if self.saved is not None else None

@@ -120,13 +120,13 @@ def new_pipeline(settings: EngineSettings, models: MgieModels, compile_unet: boo
 
 
 def use_saved_steps(settings: EngineSettings, pipeline: MgiePipeline, folder: Path | None) -> None:
-    """With MGIE_COMPILE_AOT, the compiled pipeline's guided steps are compiled ahead of time into the kept
+    """With MGIE_COMPILE_AOT, the compiled pipeline's denoising steps are compiled ahead of time into the kept
     cache folder, or loaded from it (saved_steps.py)."""
     if settings.compile_aot and folder is not None and pipeline.compiles:
         from .saved_steps import SavedSteps
 
         pipeline.denoiser.saved = SavedSteps(folder, pipeline.models.unet)
-        log.info("guided steps compiled ahead of time: saved in and loaded from %s", pipeline.denoiser.saved.folder)
+        log.info("denoising steps compiled ahead of time: saved in and loaded from %s", pipeline.denoiser.saved.folder)
 
 
 def prepare_compile_cache(settings: EngineSettings, device: torch.device, capacity: int,

@@ -1,11 +1,14 @@
-"""The guided denoising step compiled ahead of time, saved in the kept compile cache and loaded by later
-starts instead of traced again (MGIE_COMPILE_AOT=1; issue 20, "short warm restarts").
+"""The denoising steps (the fused guided step, the unguided UNet call) compiled ahead of time, saved in the kept
+compile cache and loaded by later starts instead of traced again (MGIE_COMPILE_AOT=1; issue 20, "short warm restarts").
 
 On a warm restart every class of shape is re-traced by dynamo although inductor's caches hit: 149 s for the
 warm-up's seven classes on an H200 (bench/NOTES.md, "Start-up and load"). torch can compile a function ahead
 of time (``torch.compile(...).aot_compile``), save it (``save_compiled_function``) and load it in a fresh
 process (``torch.compiler.load_compiled_function``), with no trace. On a CPU that cost 2.6 s against 7.9 s
 for the home-shape step, and one load against three re-traces for the symbolic one (bench/aot_step.py).
+
+Three kinds: ``static``, the fused guided step at the home shape, one per padded job count; ``symbolic``, the fused
+guided step for every other shape; ``plain``, the UNet call of unguided jobs (symbolic too).
 
 - The UNet travels as external data: the loaded step reads the live module's weights.
 - Only tensor guards are kept (the module's guards cannot be saved). So the symbolic step, compiled once at
@@ -52,13 +55,24 @@ def unet_key(unet: torch.nn.Module) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _step_over(unet: torch.nn.Module) -> Step:
-    """The fused step as the saved function holds it: a closure whose one free variable is ``unet`` (the
-    external data's name at save and load)."""
+def _function(kind: str, unet: torch.nn.Module) -> Step:
+    """What a saved step holds, and the eager reference it is checked against: a closure whose one free
+    variable is ``unet`` (the external data's name at save and load)."""
+    if kind == "plain":
+        def call(sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+            return unet(sample, timestep, encoder_hidden_states=cond, return_dict=False)[0]
+
+        return call
+
     def step(*tensors: torch.Tensor) -> torch.Tensor:
         return guided_euler_ancestral_step(unet, *tensors)
 
     return step
+
+
+def _name(kind: str, args: tuple[torch.Tensor, ...]) -> str:
+    """A saved step's file name: the static step's carries its job count."""
+    return f"static-{args[0].shape[0]}" if kind == "static" else kind
 
 
 def _guard_filter() -> Callable:
@@ -78,8 +92,8 @@ def _relative_difference(out: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 class SavedSteps:
-    """A denoiser's guided steps compiled ahead of time: the home-shape step per padded job count, and one
-    symbolic step for every other shape. ``run`` takes a batch's step through it, or returns None where the
+    """A denoiser's steps compiled ahead of time: the home-shape step per padded job count, one symbolic step
+    for every other shape, and the unguided jobs' UNet call. ``run`` takes a batch's step through it, or returns None where the
     denoiser should use its ``torch.compile`` step (a failure, or a class that did not match the eager step).
 
     ``backend`` and ``options`` are inductor's on a GPU; tests pass a lighter backend."""
@@ -90,7 +104,8 @@ class SavedSteps:
         self.unet = unet
         self.backend = backend
         self.options = options if options is not None else {"static": STATIC_STEP_OPTIONS,
-                                                            "symbolic": UNET_COMPILE_OPTIONS}
+                                                            "symbolic": UNET_COMPILE_OPTIONS,
+                                                            "plain": UNET_COMPILE_OPTIONS}
         self._steps: dict[str, Step] = {}
         self._failed: set[str] = set()  # steps that could not be had: torch.compile serves them
         self._checked: dict[tuple, bool] = {}  # class of shape -> whether the saved step matched the eager one
@@ -101,10 +116,11 @@ class SavedSteps:
     def file(self, name: str) -> Path:
         return self.folder / f"{name}.bin"
 
-    def run(self, static: bool, args: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
-        """This batch's step through the saved function (``step``); None: run it with ``torch.compile``
-        instead (none saved for it, or the call failed, e.g. a tensor guard: then never again for its class)."""
-        fn = self.step(static, args)
+    def run(self, kind: str, args: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+        """This batch's ``kind`` of step (static, symbolic or plain) through the saved function (``step``); None:
+        run it with ``torch.compile`` instead (none saved for it, or the call failed, e.g. a tensor guard: then
+        never again for its class)."""
+        fn = self.step(kind, args)
         if fn is None:
             return None
         if args[0].is_cuda:
@@ -112,43 +128,42 @@ class SavedSteps:
         try:
             return fn(*args)
         except Exception as err:
-            name = f"static-{args[0].shape[0]}" if static else "symbolic"
-            log.warning("the saved %s step failed at %d job(s) of %dx%d latents (%s: %s); torch.compile serves "
+            name = _name(kind, args)
+            log.warning("the saved %s step failed for a batch of %d at %dx%d latents (%s: %s); torch.compile serves "
                         "that class from now on", name, args[0].shape[0], *args[0].shape[-2:], type(err).__name__,
                         str(err)[:300])
             with self._lock:
                 self._checked[(name, args[0].shape[0], tuple(args[0].shape[-2:]))] = False
             return None
 
-    def step(self, static: bool, args: tuple[torch.Tensor, ...]) -> Step | None:
-        """The saved step for this batch (``guided_euler_ancestral_step``'s tensors, unmarked), loading or
-        compiling it on first use; None: use ``torch.compile``."""
-        jobs, size = args[0].shape[0], tuple(args[0].shape[-2:])
-        name = f"static-{jobs}" if static else "symbolic"
+    def step(self, kind: str, args: tuple[torch.Tensor, ...]) -> Step | None:
+        """The saved step for this batch (``guided_euler_ancestral_step``'s tensors, or the UNet call's for
+        ``plain``; unmarked), loading or compiling it on first use; None: use ``torch.compile``."""
+        jobs, size, name = args[0].shape[0], tuple(args[0].shape[-2:]), _name(kind, args)
         with self._lock:
             fn = self._steps.get(name)
             if fn is None:
                 if name in self._failed:
                     return None
-                if not static and jobs < 2 and not self.file(name).is_file():
+                if kind != "static" and jobs < 2 and not self.file(name).is_file():
                     # compiled at one job the symbolic step would be specialised to it (dynamo never lets a
                     # symbolic size stand for 1): torch.compile serves this batch, and a wider one saves it
                     return None
-                fn = self._get(name, static, args)
+                fn = self._get(name, kind, args)
                 if fn is None:
                     self._failed.add(name)
                     return None
                 self._steps[name] = fn
             key = (name, jobs, size)
             if key not in self._checked:
-                self._checked[key] = self._matches_eager(fn, name, args)
+                self._checked[key] = self._matches_eager(fn, kind, name, args)
             return fn if self._checked[key] else None
 
-    def _get(self, name: str, static: bool, args: tuple[torch.Tensor, ...]) -> Step | None:
+    def _get(self, name: str, kind: str, args: tuple[torch.Tensor, ...]) -> Step | None:
         path = self.file(name)
         if path.is_file():
             try:
-                fn = self._load(path, static)
+                fn = self._load(path, kind)
             except Exception as err:
                 log.warning("saved step %s cannot be loaded (%s: %s); compiling it again", path, type(err).__name__,
                             str(err)[:300])
@@ -157,8 +172,8 @@ class SavedSteps:
                 log.info("loaded the %s step compiled ahead of time (%s)", name, path)
                 return fn
         try:
-            self._compile_and_save(path, static, args)
-            fn = self._load(path, static)  # the same function a later start gets, called the same way
+            self._compile_and_save(path, kind, args)
+            fn = self._load(path, kind)  # the same function a later start gets, called the same way
         except Exception as err:
             log.warning("could not compile the %s step ahead of time (%s: %s); torch.compile serves it", name,
                         type(err).__name__, str(err)[:300])
@@ -167,14 +182,15 @@ class SavedSteps:
         log.info("compiled the %s step ahead of time and saved it to %s", name, path)
         return fn
 
-    def _compile_and_save(self, path: Path, static: bool, args: tuple[torch.Tensor, ...]) -> None:
+    def _compile_and_save(self, path: Path, kind: str, args: tuple[torch.Tensor, ...]) -> None:
         if hasattr(torch._dynamo.config, "enable_aot_compile"):  # torch 2.11 has it behind this flag
             torch._dynamo.config.enable_aot_compile = True
         example = tuple(_copy(t) for t in args)  # marked for the compile only: the caller's stay unmarked
+        static = kind == "static"
         if not static:
             mark_sizes_dynamic(*example)
-        options = {**self.options["static" if static else "symbolic"], "guard_filter_fn": _guard_filter()}
-        compiled = torch.compile(_step_over(self.unet), backend=self.backend, fullgraph=True,
+        options = {**self.options[kind], "guard_filter_fn": _guard_filter()}
+        compiled = torch.compile(_function(kind, self.unet), backend=self.backend, fullgraph=True,
                                  dynamic=False if static else None, options=options).aot_compile((example, {}))
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -185,31 +201,30 @@ class SavedSteps:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
 
-    def _load(self, path: Path, static: bool) -> Step:
+    def _load(self, path: Path, kind: str) -> Step:
         # The file does not hold the compile options: inductor's post-compile steps (the CUDA-graph wrapper)
         # read them from its config while it loads, so they are set for the load (and only for it).
-        options = self.options["static" if static else "symbolic"] if self.backend == "inductor" else {}
+        options = self.options[kind] if self.backend == "inductor" else {}
         import torch._inductor.config as inductor_config
 
         with inductor_config.patch(options), open(path, "rb") as fh:
-            return torch.compiler.load_compiled_function(fh, f_globals=guided_euler_ancestral_step.__globals__,
-                                                         external_data={"unet": self.unet})
+            return torch.compiler.load_compiled_function(fh, f_globals=globals(), external_data={"unet": self.unet})
 
-    def _matches_eager(self, fn: Step, name: str, args: tuple[torch.Tensor, ...]) -> bool:
+    def _matches_eager(self, fn: Step, kind: str, name: str, args: tuple[torch.Tensor, ...]) -> bool:
         """Once per class of shape: the saved step against the eager one on this batch's tensors."""
         try:
-            reference = guided_euler_ancestral_step(self.unet, *args)
+            reference = _function(kind, self.unet)(*args)
             if args[0].is_cuda:
                 torch.compiler.cudagraph_mark_step_begin()
             out = fn(*args).clone()
         except Exception as err:
-            log.warning("the saved %s step fails at %d job(s) of %dx%d latents (%s: %s); torch.compile serves "
+            log.warning("the saved %s step fails for a batch of %d at %dx%d latents (%s: %s); torch.compile serves "
                         "that class", name, args[0].shape[0], *args[0].shape[-2:], type(err).__name__,
                         str(err)[:300])
             return False
         difference = _relative_difference(out, reference)
         if difference > CHECK_TOLERANCE:
-            log.warning("the saved %s step differs from the eager one at %d job(s) of %dx%d latents (%.3g); "
+            log.warning("the saved %s step differs from the eager one for a batch of %d at %dx%d latents (%.3g); "
                         "torch.compile serves that class", name, args[0].shape[0], *args[0].shape[-2:], difference)
             return False
         return True

@@ -149,8 +149,8 @@ class EngineSettings:
     # sys.setswitchinterval while the compile thread runs beside the serving thread (serving_modes.py); 0: as is.
     compile_switch_interval: float = 0.0005
     compile_cache_dir: str | None = None  # root of the kept compile caches (else <data_dir>/compile-cache)
-    # The guided step compiled ahead of time, saved in the compile cache and loaded by later starts instead of
-    # traced again (saved_steps.py). Off by default until measured on a GPU.
+    # The denoising steps compiled ahead of time, saved in the compile cache and loaded by later starts instead
+    # of traced again (saved_steps.py). Off by default until measured on a GPU.
     compile_aot: bool = False
     data_dir: str = "./data"  # MGIE_DATA_DIR, as the bot reads it: the compile cache lives under it by default
     safety_checker: bool = False  # run instruct-pix2pix's NSFW checker on every output
