@@ -1,4 +1,4 @@
-"""MGIE_COMPILE_AOT: guided steps compiled ahead of time, saved in the compile cache, loaded by a later process,
+"""MGIE_COMPILE_AOT: denoising steps compiled ahead of time, saved in the compile cache, loaded by a later process,
 checked against the eager step per class of shape, and torch.compile wherever any of that fails.
 
 The backend is aot_eager (dynamo's trace and AOTAutograd, no inductor): the saving and loading are torch's
