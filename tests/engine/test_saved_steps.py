@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_image
 
 from mgie_engine import saved_steps
 from mgie_engine.compilation import always_pass_upsample_size
@@ -128,7 +129,7 @@ def test_a_bad_file_is_compiled_again_and_a_step_unlike_the_eager_one_goes_back_
 
         # A saved step whose output is not the eager step's (here: a wrong function in its file's place).
         later = SavedSteps(tmp_path, unet, backend="aot_eager", options=LIGHT)
-        monkeypatch.setattr(later, "_load", lambda path, static: lambda *tensors: tensors[0] * 2)
+        monkeypatch.setattr(later, "_load", lambda path, kind: lambda *tensors: tensors[0] * 2)
         assert later.step("static", args) is None
         assert "differs from the eager one for a batch of 1 at 8x8 latents" in caplog.text
         assert later.step("static", args) is None  # checked once per class, remembered
@@ -146,7 +147,7 @@ def test_a_saved_step_that_fails_at_a_later_call_hands_its_class_back_to_torch_c
     saved = SavedSteps(tmp_path, unet, backend="aot_eager", options=LIGHT)
     saved.folder.mkdir(parents=True)
     saved.file("static-1").write_bytes(b"stands for a saved step")
-    saved._load = lambda path, static: flaky
+    saved._load = lambda path, kind: flaky
     args = step_inputs(unet, 1, 8, 8)
     with torch.inference_mode(), caplog.at_level(logging.WARNING, "mgie_engine.saved_steps"):
         assert saved.run("static", args) is not None  # checked against eager (call 1), then run (call 2)
@@ -164,19 +165,13 @@ def test_a_step_that_cannot_be_compiled_ahead_of_time_is_left_to_torch_compile_o
 
 
 def _denoise(pipe: MgiePipeline, count: int, size: tuple[int, int], guided: bool = True) -> list[torch.Tensor]:
-    images = [pipe.fit_and_prepare(_image(size, i)) for i in range(count)]
+    images = [pipe.fit_and_prepare(make_image(*size, seed=i)) for i in range(count)]
     guidance = pipe.guidance([Prompt(image, "make it snowy") for image in images], use_cache=False)
     states = pipe.start_denoising([DenoiseJob(image, g.prompt_embeds, i, 7.5, 1.5 if guided else 0.5, 3)
                                    for i, (image, (g, _)) in enumerate(zip(images, guidance, strict=True))])
     while not states[0].done:
         pipe.denoise_step(states)
     return [s.latents for s in states]
-
-
-def _image(size: tuple[int, int], seed: int):
-    from conftest import make_image
-
-    return make_image(*size, seed=seed)
 
 
 def test_the_denoiser_steps_jobs_through_saved_steps_with_the_eager_steps_results(tiny_models, tmp_path):
