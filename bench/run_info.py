@@ -26,7 +26,9 @@ def run_info(**settings: Any) -> dict[str, Any]:
 
 def aot_suffix() -> str:
     """"-aot" in a result's name when its worker compiled its steps ahead of time (MGIE_COMPILE_AOT=1)."""
-    return "-aot" if os.environ.get("MGIE_COMPILE_AOT", "").strip().lower() in ("1", "true", "yes", "on") else ""
+    from mgie_engine.settings import read_flag
+
+    return "-aot" if read_flag(os.environ, "MGIE_COMPILE_AOT", False) else ""
 
 
 def save(report: dict[str, Any], out: Path, name: str) -> Path:
