@@ -1,7 +1,7 @@
 """MGIE_COMPILE_AOT: denoising steps compiled ahead of time, saved in the compile cache, loaded by a later process,
 checked against the eager step per class of shape, and torch.compile wherever any of that fails.
 
-The backend is aot_eager (dynamo's trace and AOTAutograd, no inductor): the saving and loading are torch's
+The backend is "eager" (dynamo's trace alone, no AOTAutograd or inductor): the saving and loading are torch's
 own, the kernels are not what a GPU runs (bench/aot_step.py measures those)."""
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ from mgie_engine.tiny import TinyPaths
 from pathlib import Path
 unet = load_models(tiny_settings(TinyPaths.under(Path(sys.argv[2])))).unet
 always_pass_upsample_size(unet)
-saved, out = SavedSteps(Path(sys.argv[3]), unet, backend="aot_eager", options=LIGHT), {}
+saved, out = SavedSteps(Path(sys.argv[3]), unet, backend="eager", options=LIGHT), {}
 with torch.inference_mode():
     for kind, shape in CLASSES:
         args = inputs(unet, kind, shape, seed=3)
@@ -94,7 +94,7 @@ print(json.dumps({"loaded": saved.loaded, "compiled": saved.compiled, "diff": ou
 
 
 def test_steps_compiled_ahead_of_time_are_loaded_by_a_later_process_for_every_class(unet, tiny_paths, tmp_path):
-    saved = SavedSteps(tmp_path, unet, backend="aot_eager", options=LIGHT)
+    saved = SavedSteps(tmp_path, unet, backend="eager", options=LIGHT)
     with torch.inference_mode():
         # A lone job on a symbolic path first: neither can be compiled ahead of time at one.
         assert saved.step("symbolic", step_inputs(unet, 1, 6, 5)) is None
@@ -119,7 +119,7 @@ def test_steps_compiled_ahead_of_time_are_loaded_by_a_later_process_for_every_cl
 
 def test_a_bad_file_is_compiled_again_and_a_step_unlike_the_eager_one_goes_back_to_torch_compile(
         unet, tmp_path, monkeypatch, caplog):
-    saved = SavedSteps(tmp_path, unet, backend="aot_eager", options=LIGHT)
+    saved = SavedSteps(tmp_path, unet, backend="eager", options=LIGHT)
     saved.folder.mkdir(parents=True)
     saved.file("static-1").write_bytes(b"not a saved function")
     args = step_inputs(unet, 1, 8, 8)
@@ -128,7 +128,7 @@ def test_a_bad_file_is_compiled_again_and_a_step_unlike_the_eager_one_goes_back_
         assert saved.compiled == ["static-1"] and "cannot be loaded" in caplog.text
 
         # A saved step whose output is not the eager step's (here: a wrong function in its file's place).
-        later = SavedSteps(tmp_path, unet, backend="aot_eager", options=LIGHT)
+        later = SavedSteps(tmp_path, unet, backend="eager", options=LIGHT)
         monkeypatch.setattr(later, "_load", lambda path, kind: lambda *tensors: tensors[0] * 2)
         assert later.step("static", args) is None
         assert "differs from the eager one for a batch of 1 at 8x8 latents" in caplog.text
@@ -144,7 +144,7 @@ def test_a_saved_step_that_fails_at_a_later_call_hands_its_class_back_to_torch_c
             raise RuntimeError("GuardManager check failed")
         return guided_euler_ancestral_step(unet, *tensors)
 
-    saved = SavedSteps(tmp_path, unet, backend="aot_eager", options=LIGHT)
+    saved = SavedSteps(tmp_path, unet, backend="eager", options=LIGHT)
     saved.folder.mkdir(parents=True)
     saved.file("static-1").write_bytes(b"stands for a saved step")
     saved._load = lambda path, kind: flaky
@@ -178,7 +178,7 @@ def test_the_denoiser_steps_jobs_through_saved_steps_with_the_eager_steps_result
     eager = MgiePipeline(tiny_models, max_side=64)
     pipe = MgiePipeline(tiny_models, max_side=64)
     pipe.denoiser.static_jobs = {1}
-    pipe.denoiser.saved = saved = SavedSteps(tmp_path, tiny_models.unet, backend="aot_eager", options=LIGHT)
+    pipe.denoiser.saved = saved = SavedSteps(tmp_path, tiny_models.unet, backend="eager", options=LIGHT)
     for count, size, guided in ((1, (64, 64), True), (2, (48, 40), True), (1, (48, 40), True), (2, (48, 40), False),
                                 (1, (48, 40), False)):
         ours, theirs = _denoise(pipe, count, size, guided), _denoise(eager, count, size, guided)

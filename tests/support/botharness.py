@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import threading
+import time
 from pathlib import Path
 
 from fakediscord import running_bot
@@ -36,11 +38,20 @@ class SharedModelWorker(LocalWorker):
     def __init__(self, models, settings: EngineSettings, delay_ready=None) -> None:
         super().__init__(settings, loader=lambda _s: models)
         self.delay_ready = delay_ready
+        self._shut = threading.Event()
 
     def _load(self) -> None:
-        if self.delay_ready is not None:
-            self.delay_ready.wait(30)
+        # Held back until released (at most 30 s), or until the bot shuts the worker down: closing waits for
+        # this thread, and would otherwise wait out the hold.
+        deadline = time.monotonic() + 30
+        while self.delay_ready is not None and not self.delay_ready.wait(0.05):
+            if self._shut.is_set() or time.monotonic() > deadline:
+                break
         super()._load()
+
+    def shutdown(self) -> None:
+        self._shut.set()
+        super().shutdown()
 
 
 @contextlib.asynccontextmanager
