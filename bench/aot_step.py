@@ -48,25 +48,19 @@ def _classes(args: argparse.Namespace) -> list[tuple[int, int, int]]:
     return [(2, *other), (1, *other), (8, side, side), (8, 8, 8)]
 
 
-def _phase(args: argparse.Namespace) -> dict:
-    """One phase in this (fresh) process."""
+def load_unet(ckpt: Path):
+    """The checkpoint's UNet alone, set up as the compiled pipeline sets it (half precision and channels-last on
+    a GPU, every upsampler given its size): (unet, device, dtype)."""
     import torch
 
-    from mgie_engine.compilation import (
-        STATIC_STEP_OPTIONS,
-        UNET_COMPILE_OPTIONS,
-        always_pass_upsample_size,
-        mark_sizes_dynamic,
-    )
-    from mgie_engine.denoiser import guided_euler_ancestral_step
+    from mgie_engine.compilation import always_pass_upsample_size
     from mgie_engine.models import load_diffusion
     from mgie_engine.tiny import TinyPaths
     from mgie_engine.weight_copies import WeightCopier
 
     cuda = torch.cuda.is_available()
     device, dtype = torch.device("cuda" if cuda else "cpu"), torch.float16 if cuda else torch.float32
-    paths = TinyPaths.under(args.ckpt)
-    started = time.perf_counter()
+    paths = TinyPaths.under(ckpt)
     with WeightCopier(device, dtype) as copier:
         unet, *_ = load_diffusion(paths.ip2p, paths.mgie / "mgie_7b" / "unet.pt", dtype, copier)
     unet = unet.to(device)
@@ -74,6 +68,19 @@ def _phase(args: argparse.Namespace) -> dict:
         torch.backends.cudnn.benchmark = True
         unet.to(memory_format=torch.channels_last)
     always_pass_upsample_size(unet)
+    return unet, device, dtype
+
+
+def _phase(args: argparse.Namespace) -> dict:
+    """One phase in this (fresh) process."""
+    import torch
+
+    from mgie_engine.compilation import STATIC_STEP_OPTIONS, UNET_COMPILE_OPTIONS, mark_sizes_dynamic
+    from mgie_engine.denoiser import guided_euler_ancestral_step
+
+    started = time.perf_counter()
+    unet, device, dtype = load_unet(args.ckpt)
+    cuda = device.type == "cuda"
     out: dict = {"phase": args.phase, "step": args.step, "unet_load_s": time.perf_counter() - started}
 
     def step(*tensors: torch.Tensor) -> torch.Tensor:  # the denoiser's closure over the UNet

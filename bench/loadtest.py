@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import faulthandler
+import logging
 import os
 import random
 import statistics
@@ -253,6 +254,8 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args()
     faulthandler.enable()  # a native crash prints every thread's Python stack (an H200 run once died silently)
+    # the engine's own lines (warm-up, saved steps, failures) in the log, as coldstart.py's child prints them
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     import torch
 

@@ -11,6 +11,8 @@
 #     bash bench/startup_suite.sh aot-symbolic  # the symbolic step compiled ahead of time at two jobs, loaded and
 #                                               # run at the other classes against the eager step
 #     bash bench/startup_suite.sh aot-both      # those two side by side in one call (~6 min)
+#     bash bench/startup_suite.sh gc-crash      # after AOT=1 first: which part of a saved step crashes in garbage
+#                                               # collection (bench/aot_gc_crash.py, one process per variant, ~6 min)
 #
 # AOT=1 before any of first, loadtest and warm runs the worker with MGIE_COMPILE_AOT=1 (saved_steps.py): its logs and
 # results are named "-aot". Run the whole chain with it: the first start is what saves the steps.
@@ -19,7 +21,7 @@
 # `.carry/bench` (the tokenizer). Results go to $OUT (at most 8 files come back). "FRESH MACHINE" in the output
 # means the chain broke: the loadtest and warm steps then start from an empty cache.
 set -u
-step=${1:?load, first, loadtest, warm, aot, aot-symbolic or aot-both}
+step=${1:?load, first, loadtest, warm, aot, aot-symbolic, aot-both or gc-crash}
 out=${OUT:-bench/results}
 tag=""
 if [ "${AOT:-0}" = 1 ]; then export MGIE_COMPILE_AOT=1; tag="-aot"; fi
@@ -71,7 +73,10 @@ case "$step" in
     aot_step symbolic --phases aot,load --work /tmp/mgie-aot-symbolic > /dev/null
     wait
     tail -n 5 "$out"/aot-*-step.log ;;
-  *) echo "unknown step $step (load, first, loadtest, warm, aot, aot-symbolic or aot-both)"; exit 2 ;;
+  gc-crash)
+    timeout 570 python3 bench/aot_gc_crash.py --ckpt /tmp/mgie-full --tokenizer-dir .carry/bench --timeout 150 \
+      --out "$out" 2>&1 | quiet | tee "$out/aot-gc-crash.log" ;;
+  *) echo "unknown step $step (load, first, loadtest, warm, aot, aot-symbolic, aot-both or gc-crash)"; exit 2 ;;
 esac
 cp /tmp/mgie-coldstart-events/events-*.jsonl "$out/" 2>/dev/null
 pkill nvidia-smi

@@ -52,12 +52,18 @@ def key_inputs(settings: EngineSettings, device: torch.device, capacity: int) ->
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         gpu = f"{props.name} sm_{props.major}{props.minor}"
-    return {"key_version": KEY_VERSION, "torch": torch.__version__, "cuda": torch.version.cuda,
-            "triton": _package_version("triton", "pytorch-triton"), "gpu": gpu,
-            "options": {"unet": UNET_COMPILE_OPTIONS, "static_step": STATIC_STEP_OPTIONS,
-                        "layer": LAYER_COMPILE_OPTIONS},
-            "dtype": str(settings.torch_dtype(device)), "max_side": settings.max_side,
-            "jobs_bucket": next((b for b in JOB_BUCKETS if b >= capacity), capacity)}
+    inputs = {"key_version": KEY_VERSION, "torch": torch.__version__, "cuda": torch.version.cuda,
+              "triton": _package_version("triton", "pytorch-triton"), "gpu": gpu,
+              "options": {"unet": UNET_COMPILE_OPTIONS, "static_step": STATIC_STEP_OPTIONS,
+                          "layer": LAYER_COMPILE_OPTIONS},
+              "dtype": str(settings.torch_dtype(device)), "max_side": settings.max_side,
+              "jobs_bucket": next((b for b in JOB_BUCKETS if b >= capacity), capacity)}
+    if settings.compile_aot:
+        # Saved steps compile other graphs than torch.compile's steps: a folder filled one way looks warm to the
+        # other (no compile child) and then compiles everything in-process (over 9 minutes on an H200,
+        # bench/NOTES.md "Steps compiled ahead of time, in the engine"). Only added when on: other keys stay.
+        inputs["steps"] = "ahead of time"
+    return inputs
 
 
 def cache_key(inputs: dict[str, Any]) -> str:

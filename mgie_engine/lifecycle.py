@@ -123,10 +123,14 @@ def use_saved_steps(settings: EngineSettings, pipeline: MgiePipeline, folder: Pa
     """With MGIE_COMPILE_AOT, the compiled pipeline's denoising steps are compiled ahead of time into the kept
     cache folder, or loaded from it (saved_steps.py)."""
     if settings.compile_aot and folder is not None and pipeline.compiles:
-        from .saved_steps import SavedSteps
+        from .saved_steps import SavedSteps, without_recursive_dict_tag_guards
 
+        if without_recursive_dict_tag_guards():
+            log.info("dynamo's recursive dict-tag guards turned off for the saved steps (as torch 2.12 does)")
         pipeline.denoiser.saved = SavedSteps(folder, pipeline.models.unet)
-        log.info("denoising steps compiled ahead of time: saved in and loaded from %s", pipeline.denoiser.saved.folder)
+        log.warning("MGIE_COMPILE_AOT=1 is experimental: denoising steps compiled ahead of time are saved in and "
+                    "loaded from %s. On torch 2.11 (H200) workers serving them crashed in garbage collection; "
+                    "see bench/NOTES.md before relying on it", pipeline.denoiser.saved.folder)
 
 
 def prepare_compile_cache(settings: EngineSettings, device: torch.device, capacity: int,

@@ -21,7 +21,9 @@ guided step for every other shape; ``plain``, the UNet call of unguided jobs (sy
 
 Step files live in ``<cache folder>/steps/<unet hash>/``; the cache folder's name already covers torch, the
 card and the compile options, and the UNet's config hash covers the model. A compile child writes them, and
-the worker that started it loads them in its in-process warm-up. Off by default until measured on a GPU.
+the worker that started it loads them in its in-process warm-up. Off by default and experimental: on an H200
+(torch 2.11) a warm restart reached compiled speed in 100 s instead of ~180 s at the same speed, but every process
+serving saved steps crashed in garbage collection (bench/NOTES.md, "Stop 27"; bench/aot_gc_crash.py).
 """
 
 from __future__ import annotations
@@ -53,6 +55,18 @@ def unet_key(unet: torch.nn.Module) -> str:
     """A short hash of the UNet's architecture (its config): a saved step is only valid for the same one."""
     config = dict(getattr(unet, "config", {}) or {})
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def without_recursive_dict_tag_guards() -> bool:
+    """Turn dynamo's recursive dict-tag guards off where this torch has them on (2.11; True: it did). They keep
+    raw pointers to tensors, and upstream turned them off in 2.12 after segfaults, some at interpreter exit
+    (pytorch/pytorch#181873). Every H200 process that served saved steps on torch 2.11 died in garbage collection
+    (bench/NOTES.md, "Stop 27"); whether these guards are the cause is what bench/aot_gc_crash.py settles."""
+    config = torch._dynamo.config
+    if not getattr(config, "use_recursive_dict_tags_for_guards", False):
+        return False
+    config.use_recursive_dict_tags_for_guards = False
+    return True
 
 
 def _function(kind: str, unet: torch.nn.Module) -> Step:

@@ -166,12 +166,14 @@ class BatchLoop:
             self.worker.heartbeat = time.monotonic()
             return results
         except Exception as err:
-            free_memory()
+            # logged before the memory is freed: the error is on record even if freeing it fails
             if len(tasks) == 1:
                 log.exception("the language stage of job %s failed on %s", tasks[0].job.job_id, self._name)
+                free_memory()
                 fail(tasks[0].future, user_error(err))
                 return [None]
             log.exception("language batch of %d jobs failed on %s; running them one by one", len(tasks), self._name)
+            free_memory()
         return [self._language([task])[0] for task in tasks]
 
     def _start(self, jobs: list[DenoiseJob]) -> list[DenoiseState | None]:

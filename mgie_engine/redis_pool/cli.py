@@ -37,7 +37,8 @@ With MGIE_COMPILE_CHILD=auto (1: always, 0: never) a card with room for a second
 compiles first in child processes (one per class of shape, as many as memory and cores allow, at most
 MGIE_COMPILE_CHILDREN), so edits served meanwhile keep eager speed; MGIE_COMPILE_SWITCH_INTERVAL
 (default 0.0005 s) is the GIL handover while a compile runs in the worker's own process. MGIE_COMPILE_AOT=1
-(off by default) saves the denoising steps compiled ahead of time in that cache and loads them at later starts.
+(experimental, off by default: it crashed workers on torch 2.11) saves the denoising steps compiled ahead
+of time in that cache and loads them at later starts.
 --precompile fills that cache ahead of time (no Redis needed), e.g. when building an image or after an
 upgrade, so that later starts reach full speed sooner; it uses the same compile children where they fit.
 """

@@ -61,6 +61,8 @@ def test_the_cache_folder_is_keyed_by_versions_gpu_options_and_shapes(monkeypatc
         "triton": folder(patch=[(compile_cache, "_package_version", lambda *names: "9.9.9")]),
         "options": folder(patch=[(compilation, "UNET_COMPILE_OPTIONS", {**compilation.UNET_COMPILE_OPTIONS,
                                                                         "max_autotune": True})]),
+        # a folder filled with steps compiled ahead of time is not warm for torch.compile's steps, nor back
+        "ahead of time": folder(EngineSettings(data_dir=settings.data_dir, compile_aot=True)),
     }
     assert base not in variants.values() and len(set(variants.values())) == len(variants), variants
     chosen = EngineSettings(data_dir=settings.data_dir, compile_cache_dir=str(tmp_path / "kept"))
