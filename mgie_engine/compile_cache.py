@@ -61,7 +61,7 @@ def key_inputs(settings: EngineSettings, device: torch.device, capacity: int) ->
     if settings.compile_aot:
         # Saved steps compile other graphs than torch.compile's steps: a folder filled one way looks warm to the
         # other (no compile child) and then compiles everything in-process (over 9 minutes on an H200,
-        # bench/NOTES.md "Steps compiled ahead of time, in the engine"). Only added when on: other keys stay.
+        # bench/NOTES.md "Stop 27 on the H200"). Only added when on: other folders keep their names.
         inputs["steps"] = "ahead of time"
     return inputs
 
