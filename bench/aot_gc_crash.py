@@ -20,7 +20,8 @@ exits normally after its last collection (its exit code is the finding: -11 is t
     python bench/aot_gc_crash.py [--ckpt /tmp/mgie-full] [--cache DIR] [--variants a,b] [--out bench/results]
 
 ``--cache`` is a compile cache folder holding ``steps/<unet>/static-1.bin`` (an ``AOT=1`` first start leaves one under
-/tmp/mgie-coldstart/compile/); without one the step is compiled into a new folder first (minutes on a GPU).
+/tmp/mgie-coldstart/compile/); without one, or when that one refuses these inputs, the step is compiled into
+/tmp/mgie-aot-gc first (minutes on a GPU).
 ``--small`` dry-runs it on a CPU with the shrunken checkpoint.
 """
 
@@ -50,6 +51,7 @@ VARIANTS = {
 }
 RESULT = "RESULT "
 STEPS = 30
+OWN_CACHE = Path("/tmp/mgie-aot-gc")  # where the step is compiled when no first start left one that serves
 
 
 def _variant(args: argparse.Namespace) -> None:
@@ -90,7 +92,7 @@ def _variant(args: argparse.Namespace) -> None:
     step_args = (randn(1, 4, latent, latent), randn(3, 4, latent, latent),
                  randn(3, 77, unet.config.cross_attention_dim), torch.tensor([[500.0, 5.1, 5.0, -0.1, 0.4, 7.5, 1.5]],
                                                                              device=device), randn(1, 4, latent, latent))
-    settings = EngineSettings(device=str(device))
+    settings = EngineSettings(device="cuda:0" if cuda else "cpu")  # prepare_thread sets the device by its index
     reached: list[str] = []
 
     def note(what: str) -> None:
@@ -183,9 +185,9 @@ def _reached(stdout: str | bytes) -> list[str]:
 
 
 def _default_cache() -> Path:
-    """A folder an AOT=1 first start left (bench/startup_suite.sh), else a new one."""
+    """A folder an AOT=1 first start left (bench/startup_suite.sh), else our own."""
     found = sorted(Path("/tmp/mgie-coldstart/compile").glob("*/steps/*/static-1.bin"))
-    return found[0].parents[2] if found else Path("/tmp/mgie-aot-gc")
+    return found[0].parents[2] if found else OWN_CACHE
 
 
 def main() -> int:
@@ -222,6 +224,11 @@ def main() -> int:
         print(f"no saved step in {args.cache}: the first variant compiles it", flush=True)
     for variant in variants:
         result = _child(args, variant)
+        if "did not serve" in "\n".join(result.get("stderr_tail", [])) and args.cache != OWN_CACHE:
+            # the engine's saved step refused these inputs (a tensor guard): compile one of our own and go on
+            print(f"{variant}: the saved step in {args.cache} did not serve; compiling one in {OWN_CACHE}", flush=True)
+            report["settings"]["cache"], args.cache = str(OWN_CACHE), OWN_CACHE
+            result = _child(args, variant)
         report["results"][variant] = result
         print(f"{variant}: exit {result['exit_code']}, reached {result['reached'][-1:] or 'nothing'}", flush=True)
         save(report, args.out, name)
