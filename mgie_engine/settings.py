@@ -150,7 +150,7 @@ class EngineSettings:
     compile_switch_interval: float = 0.0005
     compile_cache_dir: str | None = None  # root of the kept compile caches (else <data_dir>/compile-cache)
     # The denoising steps compiled ahead of time, saved in the compile cache and loaded by later starts instead
-    # of traced again (saved_steps.py). Off by default until measured on a GPU.
+    # of traced again (saved_steps.py). Experimental, off by default: it crashed workers on torch 2.11 (bench/NOTES.md).
     compile_aot: bool = False
     data_dir: str = "./data"  # MGIE_DATA_DIR, as the bot reads it: the compile cache lives under it by default
     safety_checker: bool = False  # run instruct-pix2pix's NSFW checker on every output

@@ -72,7 +72,7 @@ def compile_groups(side: int, max_jobs: int, saved_steps: bool = False) -> list[
     """
     batches = warm_up_batches(side, max_jobs)
     if saved_steps:
-        static = [(0,), (1,)] if max_jobs > 1 else [(0,)]  # the home shape alone and at max_jobs
+        static = [(k,) for k, (_n, size, guided) in enumerate(batches) if guided and size == (side, side)]
         symbolic = tuple(k for k, (_n, _size, guided) in enumerate(batches) if guided and (k,) not in static)
         plain = tuple(k for k, (_n, _size, guided) in enumerate(batches) if not guided)
         return [*([symbolic] if symbolic else []), *static, *([plain] if plain else [])]
