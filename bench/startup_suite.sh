@@ -3,6 +3,7 @@
 # window so that the checkpoint and the compile cache under /tmp survive from one step to the next:
 #
 #     bash bench/startup_suite.sh load    # the full-size checkpoint written, loaded part by part; import times
+#     bash bench/startup_suite.sh imports # the import times alone (python -X importtime)
 #     bash bench/startup_suite.sh first   # first start: empty cache, page cache dropped (9.8 min in all)
 #     bash bench/startup_suite.sh loadtest  # the in-process warm-up from the first start's cache (it saves the
 #                                           # portable artifacts), then Poisson load at MGIE_MAX_BATCH=8 (~10 min)
@@ -20,8 +21,10 @@
 # Carry `.whl` (diffusers, discord.py, redis, python-dotenv, aiosqlite, prometheus_client, disarm wheels) and
 # `.carry/bench` (the tokenizer). Results go to $OUT (at most 8 files come back). "FRESH MACHINE" in the output
 # means the chain broke: the loadtest and warm steps then start from an empty cache.
+# FIRST_DEADLINE (545 s from the step's start), LOAD_MINUTES (1 per load) and LOAD_DEADLINE (560 s) stretch first and
+# loadtest where bench/device_chain.sh runs them past one call's limit.
 set -u
-step=${1:?load, first, loadtest, warm, aot, aot-symbolic, aot-both or gc-crash}
+step=${1:?load, imports, first, loadtest, warm, aot, aot-symbolic, aot-both or gc-crash}
 out=${OUT:-bench/results}
 tag=""
 if [ "${AOT:-0}" = 1 ]; then export MGIE_COMPILE_AOT=1; tag="-aot"; fi
@@ -37,17 +40,20 @@ aot_step() {  # STEP [more aot_step.py arguments]
   timeout "${AOT_TIMEOUT:-560}" python3 bench/aot_step.py --step "$@" --ckpt /tmp/mgie-full --tokenizer-dir .carry/bench --out "$out" \
     2>&1 | quiet | tee "$out/aot-$1-step.log"
 }
+imports() {  # what a worker process imports before it loads anything (17-18 s on an H200 host, 3.5 s on a CPU VM)
+    python3 -X importtime -c "import torch, torch._dynamo, transformers, diffusers; import mgie_engine.pool, bot.queue" \
+      2> "$out/importtime.log"; sort -t'|' -k2 -n -r "$out/importtime.log" | head -n 25
+}
 case "$step" in
   load)
     timeout 500 python3 bench/load_weights.py --ckpt /tmp/mgie-full --tokenizer-dir .carry/bench --out "$out" \
       2>&1 | quiet | tee "$out/load-weights.log"
-    # what a worker process imports before it loads anything (17-18 s on an H200 host, 3.5 s on a CPU VM)
-    python3 -X importtime -c "import torch, torch._dynamo, transformers, diffusers; import mgie_engine.pool, bot.queue" \
-      2> "$out/importtime.log"; sort -t'|' -k2 -n -r "$out/importtime.log" | head -n 25 ;;
+    imports ;;
+  imports) imports ;;
   first)
     # on a fresh machine the checkpoint is written first (~40 s): the phase gets what the 10-minute call has left
     [ -d /tmp/mgie-full ] || python3 bench/write_full_size.py /tmp/mgie-full --tokenizer-dir .carry/bench
-    deadline=$((545 - SECONDS))
+    deadline=$((${FIRST_DEADLINE:-545} - SECONDS))
     timeout $((deadline + 35)) python3 bench/coldstart.py --phase first --compile auto --deadline "$deadline" \
       --tokenizer-dir .carry/bench \
       --out "$out" 2>&1 | quiet | grep --line-buffered -v "^\[child\] edit" | tee "$out/coldstart-first$tag.log"
@@ -56,8 +62,9 @@ case "$step" in
       echo "=== $f"; grep -E "warm-up|precompiled|ahead of time|rror" "$f" | quiet | tail -n 20
     done > "$out/children$tag.log" 2>&1 ;;
   loadtest)
-    timeout 580 python3 bench/loadtest.py --ckpt /tmp/mgie-full --tokenizer-dir .carry/bench --max-batch 8 \
-      --minutes 1 --drain 40 --deadline 560 --out "$out" 2>&1 | quiet | tee "$out/loadtest-b8$tag.log"
+    timeout $((${LOAD_DEADLINE:-560} + 20)) python3 bench/loadtest.py --ckpt /tmp/mgie-full --tokenizer-dir .carry/bench \
+      --max-batch 8 --minutes "${LOAD_MINUTES:-1}" --drain 40 --deadline "${LOAD_DEADLINE:-560}" --out "$out" 2>&1 \
+      | quiet | tee "$out/loadtest-b8$tag.log"
     echo "loadtest exit ${PIPESTATUS[0]}" ;;
   warm)
     ls /tmp/mgie-coldstart/compile/*/artifacts.bin 2>/dev/null || echo "NO ARTIFACTS: not a true warm restart"
@@ -76,7 +83,7 @@ case "$step" in
   gc-crash)
     timeout 570 python3 bench/aot_gc_crash.py --ckpt /tmp/mgie-full --tokenizer-dir .carry/bench --timeout 150 \
       --out "$out" 2>&1 | quiet | tee "$out/aot-gc-crash.log" ;;
-  *) echo "unknown step $step (load, first, loadtest, warm, aot, aot-symbolic, aot-both or gc-crash)"; exit 2 ;;
+  *) echo "unknown step $step (load, imports, first, loadtest, warm, aot, aot-symbolic, aot-both or gc-crash)"; exit 2 ;;
 esac
 cp /tmp/mgie-coldstart-events/events-*.jsonl "$out/" 2>/dev/null
 pkill nvidia-smi
