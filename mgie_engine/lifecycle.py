@@ -65,7 +65,8 @@ def load(settings: EngineSettings, name: str, capacity: int, loader: Callable[[E
         child = plan_compile_child(settings, models, capacity, folder, child_launcher, modes,
                                    custom_models=loader is not None)
         compile_in_background(name, pipeline, capacity, modes, lambda: prepare_thread(settings), folder,
-                              child=child, switch_interval=settings.compile_switch_interval)
+                              child=child, switch_interval=settings.compile_switch_interval,
+                              give_way=settings.compile_give_way)
     else:
         publish(pipeline)
         modes.eager_only()

@@ -91,6 +91,7 @@ class MgiePipeline:
         self.max_side = max_side
         self.compile_unet = compile_unet  # asked for; ``compiles`` says whether it happens (CUDA, no offload)
         self.stop_warm_up: threading.Event | None = None  # set, ``warm_up`` stops between batches
+        self.before_warm_up_batch: Callable[[], object] | None = None  # called by ``warm_up`` before each batch
         if compile_unet:  # its compiles may run beside eager modules in other threads (fx_threads.py)
             keep_fx_tracing_to_its_thread()
         cuda = models.device.type == "cuda"

@@ -148,6 +148,9 @@ class EngineSettings:
     compile_children: int = 0
     # sys.setswitchinterval while the compile thread runs beside the serving thread (serving_modes.py); 0: as is.
     compile_switch_interval: float = 0.0005
+    # Before each warm-up batch compiled in this process, wait up to this many seconds while the serving loop has
+    # edits, so they run at eager speed and not beside the compile (serving_modes.py; 0: never wait).
+    compile_give_way: float = 10.0
     compile_cache_dir: str | None = None  # root of the kept compile caches (else <data_dir>/compile-cache)
     # The denoising steps compiled ahead of time, saved in the compile cache and loaded by later starts instead
     # of traced again (saved_steps.py). Experimental, off by default: it crashed workers on torch 2.11 (bench/NOTES.md).
@@ -174,6 +177,7 @@ class EngineSettings:
             compile_child=read_compile(env, "MGIE_COMPILE_CHILD"),
             compile_children=read_int(env, "MGIE_COMPILE_CHILDREN", 0, 0, 16),
             compile_switch_interval=read_float(env, "MGIE_COMPILE_SWITCH_INTERVAL", 0.0005, 0.0, 0.1),
+            compile_give_way=read_float(env, "MGIE_COMPILE_GIVE_WAY", 10.0, 0.0, 600.0),
             compile_cache_dir=_raw(env, "MGIE_COMPILE_CACHE_DIR") or None,
             compile_aot=read_flag(env, "MGIE_COMPILE_AOT", False),
             data_dir=_raw(env, "MGIE_DATA_DIR") or "./data",

@@ -92,6 +92,8 @@ def warm_up(pipe: MgiePipeline, max_jobs: int = 1, only: Collection[int] | None 
     for k, (count, size, guided) in enumerate(batches):
         if only is not None and k not in only:
             continue
+        if pipe.before_warm_up_batch is not None:
+            pipe.before_warm_up_batch()
         if pipe.stop_warm_up is not None and pipe.stop_warm_up.is_set():
             raise WarmUpStopped(f"stopped before warm-up batch {k + 1}/{len(batches)}")
         started = time.perf_counter()

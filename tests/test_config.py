@@ -90,6 +90,10 @@ def test_the_compile_child_and_switch_interval_settings():
     assert EngineSettings.from_env({"MGIE_COMPILE_CHILD": "1"}).compile_child is True
     assert EngineSettings.from_env({"MGIE_COMPILE_CHILD": "auto"}).compile_child is None
     assert default.compile_children == 0  # auto: as many children as the free memory holds
+    assert default.compile_give_way == 10.0
+    assert EngineSettings.from_env({"MGIE_COMPILE_GIVE_WAY": "0"}).compile_give_way == 0.0
+    with pytest.raises(SettingsError, match="MGIE_COMPILE_GIVE_WAY"):
+        EngineSettings.from_env({"MGIE_COMPILE_GIVE_WAY": "-1"})
     assert EngineSettings.from_env({"MGIE_COMPILE_CHILDREN": "3"}).compile_children == 3
 
 

@@ -250,3 +250,70 @@ async def test_a_shutdown_stops_the_compile_between_warm_up_batches(tiny_models,
     assert await worker.wait_compiled() == "eager"
     assert worker.join(30)
     assert batches == [1]  # of the 7
+
+
+@pytest.mark.parametrize(("give_way", "waits"), [(30.0, True), (0.0, False)])
+async def test_a_warm_up_batch_waits_for_the_edit_that_runs_before_it_starts(
+        tiny_models, tmp_path, monkeypatch, as_on_a_gpu, steps_by_mode, give_way, waits):
+    """MGIE_COMPILE_GIVE_WAY: an edit running when the in-process compile reaches a warm-up batch (one queued
+    during a restart) finishes at eager speed first, instead of beside the compile; 0 turns that off."""
+    at_batches: list[int] = []  # eager steps run when each warm-up batch started
+
+    def warm_up(self, max_jobs):
+        for _ in range(200):  # the edit has begun (its first step)
+            if steps_by_mode:
+                break
+            threading.Event().wait(0.05)
+        for _ in range(2):
+            if self.before_warm_up_batch is not None:
+                self.before_warm_up_batch()
+            at_batches.append(len(steps_by_mode))
+
+    recording = MgiePipeline.denoise_step
+
+    def slow_step(self, states):
+        threading.Event().wait(0.3)
+        return recording(self, states)
+
+    monkeypatch.setattr(MgiePipeline, "warm_up", warm_up)
+    monkeypatch.setattr(MgiePipeline, "denoise_step", slow_step)
+    settings = EngineSettings(device="cpu", max_side=64, compile=True, data_dir=str(tmp_path),
+                              compile_give_way=give_way)
+    worker = LocalWorker(settings, loader=lambda _s: tiny_models)
+    worker.start()
+    try:
+        await worker.wait_ready()
+        outcome = await worker.run(_job("a" * 32, 1, steps=4))
+        assert await worker.wait_compiled() == "compiled"
+    finally:
+        worker.shutdown()
+    assert outcome.png.startswith(b"\x89PNG")
+    # with the give-way the first batch began after the edit's last (eager) step; without, beside it
+    assert (at_batches[0] == 4) is waits
+    assert steps_by_mode[:4] == ["eager"] * 4 if waits else steps_by_mode[0] == "eager"
+
+
+def test_giving_way_is_bounded_and_ends_when_the_loop_is_idle_or_the_worker_stops():
+    from mgie_engine.serving_modes import ServingModes
+
+    modes = ServingModes()
+    modes.loop_idle(True)
+    assert modes.give_way(5.0) < 0.1  # nothing to wait for
+    modes.loop_idle(False)  # an edit runs, and runs on
+    assert 0.2 <= modes.give_way(0.25) < 1.0
+    threading.Timer(0.2, modes.loop_idle, (True,)).start()  # the edit ends
+    assert 0.15 <= modes.give_way(5.0) < 2.0
+    modes.loop_idle(False)
+    modes.stop.set()
+    assert modes.give_way(5.0) < 0.1
+
+
+def test_the_warm_up_calls_its_hook_before_each_batch_and_may_stop_there(tiny_models):
+    from mgie_engine.warm_up import WarmUpStopped
+
+    pipe = MgiePipeline(tiny_models, max_side=64)
+    pipe.stop_warm_up, calls = threading.Event(), []
+    pipe.before_warm_up_batch = lambda: (calls.append(1), pipe.stop_warm_up.set())
+    with pytest.raises(WarmUpStopped, match="before warm-up batch 1/"):
+        pipe.warm_up(max_jobs=1)
+    assert calls == [1]
