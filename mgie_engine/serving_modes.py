@@ -74,6 +74,10 @@ COMPILE_FAILED = "eager (compile failed)"
 IN_CHILD = "child"  # compile phases, while the mode is COMPILING
 IN_PROCESS = "in-process"
 
+# How long the in-process compile's first batch waits for edits to reach an idle loop: the bot's queue (or the
+# Redis pool's dispatcher) hands over the jobs that waited for this worker right after it turns ready.
+ARRIVALS_SECONDS = 3.0
+
 _compiles: collections.Counter[int] = collections.Counter()  # thread ident -> dynamo compiles started in it
 
 
@@ -120,6 +124,7 @@ class ServingModes:
         self._loops = threading.Condition()  # the serving loop's progress (wait_for_loop_boundary)
         self._loops_done = 0
         self._loop_idle = False
+        self._loop_began = False  # the serving loop has said it is idle or busy at least once
 
     def serving_from(self, thread: int) -> None:
         """The batch loop runs in ``thread`` from now on: count its compiles from here."""
@@ -128,7 +133,7 @@ class ServingModes:
     def loop_idle(self, idle: bool) -> None:
         """The serving loop waits for jobs (True: no GPU work until its next loop) or has them (False)."""
         with self._loops:
-            self._loop_idle = idle
+            self._loop_idle, self._loop_began = idle, True
             self._loops.notify_all()
 
     def loop_done(self) -> None:
@@ -148,12 +153,21 @@ class ServingModes:
                 self._loops.wait(0.2)
         return True
 
-    def give_way(self, limit: float) -> float:
+    def give_way(self, limit: float, arrivals: float = 0.0) -> float:
         """Wait while the serving loop has edits, at most ``limit`` seconds (or until stopped); the seconds
         waited. The compile thread calls it before each warm-up batch: edits that wait then (those queued
-        during a restart, above all) run at eager speed, not three to five times slower beside the compile."""
+        during a restart, above all) run at eager speed, not three to five times slower beside the compile.
+        ``arrivals``: first wait up to that long for edits to reach an idle loop (the bot's queue hands its
+        waiting jobs over only once the worker is ready, a moment after the compile thread starts)."""
         started = time.monotonic()
         with self._loops:
+            seen = self._loops_done
+            while (arrivals > 0 and (self._loop_idle or not self._loop_began) and self._loops_done == seen
+                   and not self.stop.is_set()):
+                left = min(arrivals, limit) - (time.monotonic() - started)
+                if left <= 0:
+                    break
+                self._loops.wait(min(left, 0.2))
             while not self._loop_idle and not self.stop.is_set():
                 left = limit - (time.monotonic() - started)
                 if left <= 0:
@@ -237,8 +251,9 @@ def compile_in_background(name: str, compiled: MgiePipeline, capacity: int, mode
     def main() -> None:
         started, waited = time.perf_counter(), []
         compiled.stop_warm_up = modes.stop
-        if give_way > 0:
-            compiled.before_warm_up_batch = lambda: waited.append(modes.give_way(give_way))
+        if give_way > 0:  # the first batch also gives the jobs queued during the restart time to arrive
+            compiled.before_warm_up_batch = lambda: waited.append(
+                modes.give_way(give_way, arrivals=0.0 if waited else ARRIVALS_SECONDS))
         try:
             if child is not None:
                 if not _compile_in_child(name, child, modes):
