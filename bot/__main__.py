@@ -62,11 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from mgie_engine.settings import load_env_file
+    from mgie_engine.unused_packages import skip_unused_packages
 
     from .config import BotConfig, ConfigError
     from .redis_engine import RedisSetupError
 
     load_env_file()
+    skip_unused_packages()  # local workers: after .env (MGIE_KEEP_OPTIONAL_IMPORTS), before torch's first import
     try:
         config = BotConfig.from_env()
         _check_redis()

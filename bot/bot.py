@@ -5,15 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import aiohttp
 import discord
 from discord import app_commands
 from discord.ext import commands
-
-from mgie_engine.pool import WorkerPool
-from mgie_engine.worker import LocalWorker
 
 from . import i18n
 from .command_sync import sync_commands
@@ -31,6 +28,9 @@ from .redis_engine import RedisPool, redis_settings_from_env
 from .retention import Retention
 from .storage import Store
 from .views import JobButton
+
+if TYPE_CHECKING:
+    from mgie_engine.worker import LocalWorker
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,12 @@ class MgieBot(commands.Bot):
         # One worker per GPU; the fair queue spreads jobs across them.
         # With MGIE_REDIS_URL the workers run elsewhere (mgie-worker) and this process loads no model.
         redis = None if workers else redis_settings_from_env()
-        self.engine = (WorkerPool(workers) if workers else RedisPool(redis) if redis is not None
-                       else WorkerPool.from_settings(config.engine))
+        if redis is not None:
+            self.engine = RedisPool(redis)
+        else:  # torch and the model libraries are imported for local workers only (seconds)
+            from mgie_engine.pool import WorkerPool
+
+            self.engine = WorkerPool(workers) if workers else WorkerPool.from_settings(config.engine)
         # Made in setup_hook (they need the event loop or the database); reached through the properties below.
         self._store: Store | None = None
         self._queue: JobQueue | None = None

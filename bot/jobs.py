@@ -11,11 +11,11 @@ import dataclasses
 import io
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import discord
 
 from mgie_engine.images import encode_under, load_image
-from mgie_engine.pool import WorkerPool
 from mgie_engine.protocol import EditJob, JobProgress, WorkerState
 
 from . import i18n, render
@@ -27,6 +27,9 @@ from .preview_policy import PreviewMode, preview_mode
 from .queue import EventKind, JobEvent, JobQueue, QueueFullError
 from .storage import JobRecord, Store
 from .views import cancel_view, result_view
+
+if TYPE_CHECKING:
+    from mgie_engine.pool import WorkerPool
 
 log = logging.getLogger(__name__)
 

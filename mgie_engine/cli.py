@@ -118,8 +118,10 @@ def main(argv: list[str] | None = None) -> int:
            else "mgie-edit: %(levelname)s: %(message)s")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format=fmt)
     from .settings import EngineSettings, load_env_file
+    from .unused_packages import skip_unused_packages
 
     load_env_file()
+    skip_unused_packages()  # after .env (MGIE_KEEP_OPTIONAL_IMPORTS), before the model libraries' first import
     try:
         settings = EngineSettings.from_env()
         start = time.perf_counter()

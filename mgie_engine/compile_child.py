@@ -361,6 +361,9 @@ def die_with_parent(parent: int) -> None:
 
 def main() -> int:
     """The child: precompile with the worker's settings into its folder; 0 once the artifacts are saved."""
+    from .unused_packages import skip_unused_packages
+
+    skip_unused_packages()  # before the model libraries' first import
     die_with_parent(int(os.environ.get(PARENT_ENV) or os.getppid()))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -28,7 +28,10 @@ SafetyCheck = Callable[[Any], bool]  # image -> flagged
 
 
 def prepare_thread(settings: EngineSettings) -> None:
-    """Set up the calling (worker) thread for its device: CUDA graph state, and the current device."""
+    """Set up the calling (worker) thread for its device: CUDA graph state, and the current device. Nothing
+    to do off CUDA (there it would only import inductor: a second on the CPU VM)."""
+    if settings.torch_device().type != "cuda":
+        return
     _cudagraphs_in_this_thread()
     if settings.device.startswith("cuda"):  # so nothing lands on GPU 0 by default
         import torch

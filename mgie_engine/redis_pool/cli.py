@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..unused_packages import skip_unused_packages
+
     args = _parser().parse_args(argv)
     if args.env_file:
         from dotenv import load_dotenv
@@ -70,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         load_dotenv(args.env_file, override=False)
     else:
         load_env_file()
+    skip_unused_packages()  # after .env (MGIE_KEEP_OPTIONAL_IMPORTS), before the model libraries' first import
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.precompile:
         return _precompile(args.devices)

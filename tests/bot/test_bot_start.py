@@ -33,3 +33,19 @@ async def test_rejected_token_says_so_and_is_never_printed(fake_discord, tmp_pat
                                     DISCORD_GATEWAY_URL=fake_discord.gateway_url))
     assert code == 2 and "rejected DISCORD_TOKEN" in out
     assert secret not in out
+
+
+def test_a_bot_whose_workers_run_elsewhere_imports_no_model_library():
+    """With MGIE_REDIS_URL the bot process loads no model: importing torch, transformers and diffusers would
+    only add seconds to each restart (bot.bot imports the local worker pool only when it makes one)."""
+    import subprocess
+    from pathlib import Path
+
+    probe = ("import sys, bot.bot, bot.__main__, bot.redis_engine, cogs.admin, cogs.edit, cogs.history, "
+             "cogs.moderation, cogs.results, cogs.stats\n"
+             "print(*[m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules])")
+    root = Path(__file__).resolve().parents[2]
+    run = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == []
