@@ -103,8 +103,9 @@ def counter_delta(before: dict, after: dict) -> dict:
 
 
 def worker_compiles(info: dict) -> dict:
-    """The numeric fields of the worker's info that count compiles (the compile-mode work adds one)."""
-    return {k: v for k, v in info.items() if "compile" in k and isinstance(v, int | float) and not isinstance(v, bool)}
+    """The numeric fields of the worker's info that count compiles and CUDA-graph recordings during service."""
+    return {k: v for k, v in info.items() if ("compile" in k or "recording" in k) and isinstance(v, int | float)
+            and not isinstance(v, bool)}
 
 
 async def poisson_run(runner: Runner, rate: float, seconds: float, scale: float, seed: int, drain: float,

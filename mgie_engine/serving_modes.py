@@ -79,10 +79,15 @@ IN_PROCESS = "in-process"
 ARRIVALS_SECONDS = 3.0
 
 _compiles: collections.Counter[int] = collections.Counter()  # thread ident -> dynamo compiles started in it
+# Inductor's cudagraph trees announce each CUDA-graph recording through the same callback (about a second for a
+# new shape of a compiled function, no compile): counted apart, so that "compiles" means compiles.
+_recordings: collections.Counter[int] = collections.Counter()
 
 
-def _count_compile(*_args: object) -> None:
-    _compiles[threading.get_ident()] += 1
+def _count_compile(*args: object) -> None:
+    trigger = getattr(args[0], "callback_trigger", None) if args else None
+    counter = _recordings if getattr(trigger, "name", None) == "CUDAGRAPH_RECORDING" else _compiles
+    counter[threading.get_ident()] += 1
 
 
 def count_compiles() -> bool:
@@ -104,6 +109,11 @@ def compiles_in(thread: int | None) -> int:
     return _compiles[thread] if thread is not None else 0
 
 
+def recordings_in(thread: int | None) -> int:
+    """CUDA-graph recordings (of compiled functions) started in ``thread`` since compiles were counted."""
+    return _recordings[thread] if thread is not None else 0
+
+
 class ServingModes:
     """Which mode serves a worker's edits, and the compiled pipeline once it is ready to take over."""
 
@@ -112,7 +122,8 @@ class ServingModes:
         self.error: str | None = None  # why compiling failed
         self.compile_seconds: float | None = None
         self.serving_thread: int | None = None  # the batch loop's thread (its compiles are counted)
-        self._compiles_before = 0  # that thread's count when it began serving (thread ids are reused)
+        self._compiles_before = self._recordings_before = 0  # that thread's counts when it began serving (thread
+        # ids are reused)
         self.settled = threading.Event()  # set once the mode is final: no compile running
         self.stop = threading.Event()  # set at shutdown: the compile stops after its current warm-up batch
         self.thread: threading.Thread | None = None  # the compile thread
@@ -129,6 +140,7 @@ class ServingModes:
     def serving_from(self, thread: int) -> None:
         """The batch loop runs in ``thread`` from now on: count its compiles from here."""
         self.serving_thread, self._compiles_before = thread, compiles_in(thread)
+        self._recordings_before = recordings_in(thread)
 
     def loop_idle(self, idle: bool) -> None:
         """The serving loop waits for jobs (True: no GPU work until its next loop) or has them (False)."""
@@ -213,7 +225,8 @@ class ServingModes:
     def info(self) -> dict[str, Any]:
         """For /mgie status, the Redis heartbeat and the load test: mode, compiles during service."""
         compiles = compiles_in(self.serving_thread) - self._compiles_before
-        out: dict[str, Any] = {"mode": self.mode, "compiles": compiles}
+        recordings = recordings_in(self.serving_thread) - self._recordings_before
+        out: dict[str, Any] = {"mode": self.mode, "compiles": compiles, "graph_recordings": recordings}
         if self.mode == COMPILING and self.phase:
             out["compile_phase"] = self.phase
         if self.child_outcome:

@@ -319,3 +319,29 @@ def test_the_warm_up_calls_its_hook_before_each_batch_and_may_stop_there(tiny_mo
     with pytest.raises(WarmUpStopped, match="before warm-up batch 1/"):
         pipe.warm_up(max_jobs=1)
     assert calls == [1]
+
+
+def test_cuda_graph_recordings_are_counted_apart_from_compiles():
+    """Inductor's cudagraph trees announce each recording through dynamo's compile callbacks: an H200 load test
+    counted 15 "compiles" in service that were recordings of new shapes (dynamo compiled no frame)."""
+    from torch._dynamo.callback import CallbackTrigger, callback_handler
+
+    from mgie_engine.serving_modes import compiles_in, count_compiles, recordings_in
+
+    assert count_compiles()
+    seen = {}
+
+    def announce() -> None:
+        with callback_handler.install_callbacks(CallbackTrigger.CUDAGRAPH_RECORDING, "0/0"):
+            pass
+        with callback_handler.install_callbacks(CallbackTrigger.CUDAGRAPH_RECORDING, "0/1"):
+            pass
+        with callback_handler.install_callbacks(CallbackTrigger.DYNAMO, "1/0"):
+            pass
+        me = threading.get_ident()
+        seen.update(compiles=compiles_in(me), recordings=recordings_in(me))
+
+    thread = threading.Thread(target=announce)
+    thread.start()
+    thread.join()
+    assert seen == {"compiles": 1, "recordings": 2}
