@@ -10,7 +10,10 @@ loads, calls and collections never crash, so the suspects are CUDA-only or threa
 - the worker's two threads: the compile thread loads the step and records its graphs on the serving thread's
   cudagraph-tree state (``device_turns.adopt_cudagraph_state``), the serving thread replays them;
 - dynamo's recursive dict-tag guards, on in 2.11 and turned off upstream after segfaults (the loaded step checks
-  its guards on a fresh dict of locals at every call).
+  its guards on a fresh dict of locals at every call);
+- the end of the compile thread that loaded the steps (its thread state and thread-locals torn down): stop 28's
+  warm restart, with the dict-tag guards off, crashed in the serving thread's eager UNet call within a second of
+  the compile thread's end, and every earlier crash came after it had ended (``compile-thread-parked``).
 
 The engine now turns those guards off with MGIE_COMPILE_AOT (``saved_steps.without_recursive_dict_tag_guards``);
 this script uses ``SavedSteps`` directly, so its variants keep torch's default and ``no-dict-tags`` is the engine's.
@@ -44,6 +47,7 @@ VARIANTS = {
     "two-threads": "loaded and first run in a compile thread on the serving thread's cudagraph trees, as the "
                    "worker does; then run and collected in the serving thread",
     "exit-while-running": "two-threads, and the process exits while the serving thread (a daemon) still steps",
+    "compile-thread-parked": "two-threads, but the compile thread never ends (it waits until the process exits)",
     "no-dict-tags": "two-threads with dynamo's recursive dict-tag guards off",
     "no-guard-check": "two-threads with the loaded step's guard check off",
     "no-cudagraphs": "two-threads with the step loaded without CUDA graphs",
@@ -119,7 +123,7 @@ def _variant(args: argparse.Namespace) -> None:
             note("collected")
     else:
         state: dict = {}
-        go_on = threading.Event()
+        go_on, loaded = threading.Event(), threading.Event()
 
         def compile_thread() -> None:  # as serving_modes' compile thread: adopts the serving thread's trees
             prepare_thread(settings)
@@ -130,13 +134,19 @@ def _variant(args: argparse.Namespace) -> None:
                     for fn in saved._steps.values():
                         fn.disable_guard_check()
             note("loaded and recorded in the compile thread")
+            loaded.set()
+            if variant == "compile-thread-parked":  # its thread state and thread-locals are never torn down
+                threading.Event().wait()
 
         def serving_thread() -> None:
             prepare_thread(settings)
             state["trees"] = device_turns.cudagraph_state()
-            compiler = threading.Thread(target=compile_thread, name="compile")
+            compiler = threading.Thread(target=compile_thread, name="compile", daemon=True)
             compiler.start()
-            compiler.join()
+            loaded.wait(timeout=args.timeout)
+            if variant != "compile-thread-parked":
+                compiler.join()
+                note("the compile thread ended")
             with torch.inference_mode():
                 out = run(STEPS)
                 note("ran in the serving thread")
