@@ -332,14 +332,15 @@ def test_cuda_graph_recordings_are_counted_apart_from_compiles():
     seen = {}
 
     def announce() -> None:
+        me = threading.get_ident()
+        before = compiles_in(me), recordings_in(me)  # thread ids are reused: an earlier thread's counts stay
         with callback_handler.install_callbacks(CallbackTrigger.CUDAGRAPH_RECORDING, "0/0"):
             pass
         with callback_handler.install_callbacks(CallbackTrigger.CUDAGRAPH_RECORDING, "0/1"):
             pass
         with callback_handler.install_callbacks(CallbackTrigger.DYNAMO, "1/0"):
             pass
-        me = threading.get_ident()
-        seen.update(compiles=compiles_in(me), recordings=recordings_in(me))
+        seen.update(compiles=compiles_in(me) - before[0], recordings=recordings_in(me) - before[1])
 
     thread = threading.Thread(target=announce)
     thread.start()
