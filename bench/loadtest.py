@@ -10,8 +10,10 @@ runs the production warm-up, whatever ``mgie_engine.lifecycle`` does; the run wa
 in its final mode (see ``coldstart.final_mode``). Then, all through the bot's ``JobQueue``:
 
 1. lone-edit latency: ``--lone`` edits at the home shape, one at a time;
-2. burst capacity: ``--burst`` home-shape edits submitted at once, edits/s (or ``--capacity`` given);
-3. per load in ``--loads`` (fractions of that capacity): ``--minutes`` of Poisson arrivals, each edit from a
+2. burst capacity: ``--burst`` home-shape edits submitted at once, edits/s (or ``--capacity`` given); then as
+   many at once of the sizes the loads draw (``capacity_mixed``: fewer share a batch, the H200 served less);
+3. per load in ``--loads`` (fractions of the home-shape capacity, or of the mixed one with ``--capacity-of
+   mixed``): ``--minutes`` of Poisson arrivals, each edit from a
    new user, its size drawn from ``SIZES``; then the run drains. Reported: p50/p95/max end-to-end latency
    (submit to result), throughput, per-size latency, and dynamo's counters before and after (frames compiled:
    the goal is none during the run), plus the worker's own compile count where its info reports one.
@@ -108,21 +110,27 @@ def worker_compiles(info: dict) -> dict:
             and not isinstance(v, bool)}
 
 
+def mixed_sizes(count: int, scale: float, rng: random.Random | None = None) -> list[tuple[int, int]]:
+    """``count`` (width, height) drawn from ``SIZES`` by weight, scaled to the home side (``scale`` = side / 512)."""
+    rng = rng or random.Random(99)
+    picks = rng.choices(SIZES, [w for _, _, w in SIZES], k=count)
+    return [(max(8, int(width * scale)), max(8, int(height * scale))) for width, height, _ in picks]
+
+
 async def poisson_run(runner: Runner, rate: float, seconds: float, scale: float, seed: int, drain: float,
                       progress: Callable[[dict], None] = lambda _partial: None, progress_every: float = 15.0) -> dict:
     """Arrivals at ``rate`` edits/s for ``seconds``, then wait (up to ``drain`` s) for the last results.
     ``progress`` gets what is known so far every ``progress_every`` s of arrivals (a run that dies midway
     still leaves its first latencies in the JSON)."""
     rng = random.Random(seed)
-    weights = [w for _, _, w in SIZES]
     futures, started = [], time.perf_counter()
     first = len(runner.records)
     at = rng.expovariate(rate)
     reported = started
     while at < seconds:
         await asyncio.sleep(max(0.0, started + at - time.perf_counter()))
-        width, height, _ = rng.choices(SIZES, weights)[0]
-        futures.append(runner.submit(max(8, int(width * scale)), max(8, int(height * scale)), user=1000 + len(futures)))
+        width, height = mixed_sizes(1, scale, rng)[0]
+        futures.append(runner.submit(width, height, user=1000 + len(futures)))
         at += rng.expovariate(rate)
         if time.perf_counter() - reported > progress_every:
             reported = time.perf_counter()
@@ -182,19 +190,21 @@ async def run(args: argparse.Namespace, report: dict, out_name: str) -> None:
     report["lone"] = latency_stats(lone)
     print("lone edits", report["lone"], flush=True)
 
+    scale = side / 512
     if args.capacity:
         report["capacity"] = {"edits_per_s": args.capacity, "measured": False}
     else:
-        started = time.perf_counter()
-        burst = await asyncio.gather(*[runner.submit(side, side, user=100 + i) for i in range(args.burst)])
-        seconds = time.perf_counter() - started
-        report["capacity"] = {"edits_per_s": args.burst / seconds, "measured": True, "burst": args.burst,
-                              "seconds": seconds, **latency_stats(burst)}
-    print("capacity", report["capacity"], flush=True)
+        for key, sizes in (("capacity", [(side, side)] * args.burst), ("capacity_mixed", mixed_sizes(args.burst, scale))):
+            started = time.perf_counter()
+            burst = await asyncio.gather(*[runner.submit(w, h, user=100 + i) for i, (w, h) in enumerate(sizes)])
+            seconds = time.perf_counter() - started
+            report[key] = {"edits_per_s": args.burst / seconds, "measured": True, "burst": args.burst,
+                           "seconds": seconds, **latency_stats(burst)}
+            print(key, report[key], flush=True)
     save(report, args.out, out_name)
+    base = report["capacity_mixed" if args.capacity_of == "mixed" and "capacity_mixed" in report else "capacity"]
 
     report["loads"] = {}
-    scale = side / 512
     for k, fraction in enumerate(float(f) for f in args.loads.split(",")):
         left = deadline - time.perf_counter()
         seconds = min(args.minutes * 60, left - args.drain - 5)
@@ -202,7 +212,7 @@ async def run(args: argparse.Namespace, report: dict, out_name: str) -> None:
             print(f"load {fraction}: skipped, {left:.0f} s left before --deadline", flush=True)
             report["loads"][str(fraction)] = {"skipped": "deadline"}
             continue
-        rate = fraction * report["capacity"]["edits_per_s"]
+        rate = fraction * base["edits_per_s"]
         print(f"load {fraction}: {rate:.3f} edits/s for {seconds:.0f} s", flush=True)
         before, info_before = _dynamo_counters(), worker_compiles(worker.info())
 
@@ -242,6 +252,8 @@ def main() -> int:
     p.add_argument("--minutes", type=float, default=2.0, help="of arrivals per load")
     p.add_argument("--capacity", type=float, default=None, help="edits/s; skips the burst measurement")
     p.add_argument("--burst", type=int, default=32)
+    p.add_argument("--capacity-of", choices=("home", "mixed"), default="home",
+                   help="the loads' fractions are of the home-shape burst's capacity, or of the mixed sizes' burst")
     p.add_argument("--lone", type=int, default=3)
     p.add_argument("--drain", type=float, default=90.0, help="seconds to wait for the last edits after arrivals end")
     p.add_argument("--compile", default=None, help="MGIE_COMPILE for the worker (default: 1 on CUDA, 0 on a CPU)")
@@ -273,7 +285,8 @@ def main() -> int:
                        "MGIE_DATA_DIR": str(args.cache_dir / "data")})
     if args.small:
         os.environ["MGIE_DEVICE"] = "cpu"
-    report = run_info(max_batch=args.max_batch, loads=args.loads, minutes=args.minutes, burst=args.burst,
+    report = run_info(max_batch=args.max_batch, loads=args.loads, capacity_of=args.capacity_of, minutes=args.minutes,
+                      burst=args.burst,
                       lone=args.lone, compile=args.compile, side=args.side, steps=args.steps, sizes=SIZES,
                       models="checkpoint " + str(args.ckpt) if args.ckpt else "full_size.build (in memory)",
                       cache_dir=str(args.cache_dir), small=args.small)

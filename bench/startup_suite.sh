@@ -22,7 +22,8 @@
 # `.carry/bench` (the tokenizer). Results go to $OUT (at most 8 files come back). "FRESH MACHINE" in the output
 # means the chain broke: the loadtest and warm steps then start from an empty cache.
 # FIRST_DEADLINE (545 s from the step's start), LOAD_MINUTES (1 per load) and LOAD_DEADLINE (560 s) stretch first and
-# loadtest where bench/device_chain.sh runs them past one call's limit.
+# loadtest where bench/device_chain.sh runs them past one call's limit; LOAD_CAPACITY_OF=mixed bases the loads on the
+# mixed sizes' burst (bench/loadtest.py --capacity-of).
 set -u
 step=${1:?load, imports, first, loadtest, warm, aot, aot-symbolic, aot-both or gc-crash}
 out=${OUT:-bench/results}
@@ -63,7 +64,8 @@ case "$step" in
     done > "$out/children$tag.log" 2>&1 ;;
   loadtest)
     timeout $((${LOAD_DEADLINE:-560} + 20)) python3 bench/loadtest.py --ckpt /tmp/mgie-full --tokenizer-dir .carry/bench \
-      --max-batch 8 --minutes "${LOAD_MINUTES:-1}" --drain 40 --deadline "${LOAD_DEADLINE:-560}" --out "$out" 2>&1 \
+      --max-batch 8 --minutes "${LOAD_MINUTES:-1}" --capacity-of "${LOAD_CAPACITY_OF:-home}" --drain 40 \
+      --deadline "${LOAD_DEADLINE:-560}" --out "$out" 2>&1 \
       | quiet | tee "$out/loadtest-b8$tag.log"
     echo "loadtest exit ${PIPESTATUS[0]}" ;;
   warm)

@@ -158,10 +158,13 @@ def test_coldstart_script_times_a_worker_process_from_launch_to_full_speed(token
 def test_loadtest_script_reports_latency_throughput_and_compiles_under_poisson_load(tokenizer_dir, tmp_path):
     out = _run("loadtest.py", "--small", "--tokenizer-dir", str(tokenizer_dir), "--side", "64", "--steps", "2",
                "--minutes", "0.1", "--burst", "4", "--lone", "2", "--max-batch", "4", "--progress-every", "2",
-               "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "out"))
+               "--capacity-of", "mixed", "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "out"))
     report = json.loads(next((tmp_path / "out").glob("*loadtest-b4-small.json")).read_text())
     assert report["complete"], out
     assert report["lone"]["ok"] == 2 and report["capacity"]["measured"] and report["capacity"]["edits_per_s"] > 0
+    mixed = report["capacity_mixed"]
+    assert mixed["ok"] == 4 and mixed["edits_per_s"] > 0 and report["settings"]["capacity_of"] == "mixed"
+    assert report["loads"]["0.5"]["rate_per_s"] == pytest.approx(0.5 * mixed["edits_per_s"])
     assert report["worker_info_after_warm_up"]["max_batch"] == 4
     for fraction in ("0.5", "0.8"):
         load = report["loads"][fraction]
