@@ -69,7 +69,7 @@ def load(settings: EngineSettings, name: str, capacity: int, loader: Callable[[E
                                    custom_models=loader is not None)
         compile_in_background(name, pipeline, capacity, modes, lambda: prepare_thread(settings), folder,
                               child=child, switch_interval=settings.compile_switch_interval,
-                              give_way=settings.compile_give_way)
+                              give_way=settings.compile_give_way, park=settings.compile_aot)
     else:
         publish(pipeline)
         modes.eager_only()
