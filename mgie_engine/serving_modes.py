@@ -245,7 +245,8 @@ def compile_in_background(name: str, compiled: MgiePipeline, capacity: int, mode
     """Start the compile thread: ``child`` first, if given (compile_child.py), then the warm-up on
     ``compiled`` in this process (taking device turns for its recordings, the GIL handed over every
     ``switch_interval`` seconds, each batch after up to ``give_way`` seconds of the loop's edits:
-    ``ServingModes.give_way``), then the cache artifacts saved and the pipeline offered to the loop. With
+    ``ServingModes.give_way``; the children start after such a wait too), then the cache artifacts saved and the
+    pipeline offered to the loop. With
     ``park`` the thread then never ends (``_park``).
     Call it from the serving thread, before it serves: without a child the device is marked as compiling
     at once, so the loop never starts a step that could overlap a recording without its turn."""
@@ -270,6 +271,8 @@ def compile_in_background(name: str, compiled: MgiePipeline, capacity: int, mode
                 modes.give_way(give_way, arrivals=0.0 if waited else ARRIVALS_SECONDS))
         try:
             if child is not None:
+                if give_way > 0:  # the children's start (imports, weights) slows the first edits 3-5x too
+                    waited.append(modes.give_way(give_way, arrivals=ARRIVALS_SECONDS))
                 if not _compile_in_child(name, child, modes):
                     raise WarmUpStopped
                 turns.append(device_turns.begin_background_compile(device))

@@ -148,8 +148,9 @@ class EngineSettings:
     compile_children: int = 0
     # sys.setswitchinterval while the compile thread runs beside the serving thread (serving_modes.py); 0: as is.
     compile_switch_interval: float = 0.0005
-    # Before each warm-up batch compiled in this process, wait up to this many seconds while the serving loop has
-    # edits, so they run at eager speed and not beside the compile (serving_modes.py; 0: never wait).
+    # Before the compile children start and before each warm-up batch compiled in this process, wait up to this many
+    # seconds while the serving loop has edits, so they run at eager speed, not beside the compile (serving_modes.py;
+    # 0: never wait).
     compile_give_way: float = 10.0
     compile_cache_dir: str | None = None  # root of the kept compile caches (else <data_dir>/compile-cache)
     # The denoising steps compiled ahead of time, saved in the compile cache and loaded by later starts instead

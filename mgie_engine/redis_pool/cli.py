@@ -36,9 +36,9 @@ On a GPU a worker serves edits as soon as its weights are loaded (eagerly) and c
 With MGIE_COMPILE_CHILD=auto (1: always, 0: never) a card with room for a second copy of the models
 compiles first in child processes (one per class of shape, as many as memory and cores allow, at most
 MGIE_COMPILE_CHILDREN), so edits served meanwhile keep eager speed; MGIE_COMPILE_SWITCH_INTERVAL
-(default 0.0005 s) is the GIL handover while a compile runs in the worker's own process, and before each
-class of shape it compiles there the worker lets its running edits finish first, for up to MGIE_COMPILE_GIVE_WAY
-seconds (default 10). MGIE_COMPILE_AOT=1
+(default 0.0005 s) is the GIL handover while a compile runs in the worker's own process, and before the
+children start and before each class of shape it compiles there the worker lets its running edits finish first,
+for up to MGIE_COMPILE_GIVE_WAY seconds (default 10). MGIE_COMPILE_AOT=1
 (experimental, off by default: it crashed workers on torch 2.11) saves the denoising steps compiled ahead
 of time in that cache and loads them at later starts.
 --precompile fills that cache ahead of time (no Redis needed), e.g. when building an image or after an

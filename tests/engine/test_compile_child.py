@@ -372,3 +372,36 @@ def test_precompile_runs_the_children_first_then_the_whole_warm_up_on_their_cach
         share.unlink()
     precompile(settings, 8, loader=lambda _s: tiny_models, child_launcher=ChildLauncher(command=child), only=(2,))
     assert seen == [(8, (2,), [])]  # a child's own precompile (children=False) never starts children
+
+
+async def test_the_children_start_after_the_edit_sent_as_the_worker_turns_ready(
+        tiny_models, tmp_path, monkeypatch, as_on_a_gpu, steps_by_mode, in_process_compiles):
+    """On an H200 first start the first edit took 22 s beside the four children's start (their imports and
+    weights) instead of ~5 s: the children now give way to it (MGIE_COMPILE_GIVE_WAY), as the in-process
+    compile's batches do."""
+    started_after: list[int] = []  # eager steps run when the children started
+    start = compile_child.ChildRuns.start
+
+    def recording_start(self):
+        started_after.append(len(steps_by_mode))
+        return start(self)
+
+    stepped = MgiePipeline.denoise_step
+
+    def slow_step(self, states):
+        threading.Event().wait(0.3)
+        return stepped(self, states)
+
+    monkeypatch.setattr(compile_child.ChildRuns, "start", recording_start)
+    monkeypatch.setattr(MgiePipeline, "denoise_step", slow_step)
+    monkeypatch.setattr(compile_cache, "load_artifacts", lambda folder: True)
+    worker = _worker(tiny_models, tmp_path, _script("pass"))
+    worker.start()
+    try:
+        await worker.wait_ready()
+        outcome = await worker.run(_job("a" * 32, 1, steps=3))
+        assert await worker.wait_compiled() == "compiled"
+    finally:
+        worker.shutdown()
+    assert outcome.png.startswith(b"\x89PNG")
+    assert started_after == [3]
