@@ -30,8 +30,9 @@ interval is shortened (MGIE_COMPILE_SWITCH_INTERVAL, default 0.5 ms; restored af
 the compile.
 Even so, an H200 warm restart's eager edits took 6-29 s beside the in-process compile against 4.4 s alone
 (bench/NOTES.md, "Stop 27"), so before each warm-up batch, and before the children start (their start slowed
-a first start's first edit as much), the compile thread also gives way to the edits running (``ServingModes.give_way``, up to MGIE_COMPILE_GIVE_WAY seconds): those queued during a restart finish
-at eager speed first, and an edit never waits behind more than the one batch that began while it was queued.
+a first start's first edit as much), the compile thread also gives way to the edits running
+(``ServingModes.give_way``, up to MGIE_COMPILE_GIVE_WAY seconds): those queued during a restart finish at eager
+speed first, and an edit never waits behind more than the one batch that began while it was queued.
 
 What must not overlap is CUDA-graph capture with other work on the device: device_turns.py makes
 recordings take turns with the serving loop's GPU work, and keeps the serving thread from recording while
