@@ -386,22 +386,8 @@ async def test_the_children_start_after_the_edit_sent_as_the_worker_turns_ready(
         started_after.append(len(steps_by_mode))
         return start(self)
 
-    stepped = MgiePipeline.denoise_step
-
-    def slow_step(self, states):
-        threading.Event().wait(0.3)
-        return stepped(self, states)
-
     monkeypatch.setattr(compile_child.ChildRuns, "start", recording_start)
-    monkeypatch.setattr(MgiePipeline, "denoise_step", slow_step)
     monkeypatch.setattr(compile_cache, "load_artifacts", lambda folder: True)
-    worker = _worker(tiny_models, tmp_path, _script("pass"))
-    worker.start()
-    try:
-        await worker.wait_ready()
-        outcome = await worker.run(_job("a" * 32, 1, steps=3))
-        assert await worker.wait_compiled() == "compiled"
-    finally:
-        worker.shutdown()
-    assert outcome.png.startswith(b"\x89PNG")
+    await test_serving_modes.one_slow_edit_as_the_worker_turns_ready(_worker(tiny_models, tmp_path, _script("pass")),
+                                                                     monkeypatch, steps=3)
     assert started_after == [3]

@@ -56,6 +56,26 @@ def _slow_compile(monkeypatch) -> threading.Event:
     return release
 
 
+async def one_slow_edit_as_the_worker_turns_ready(worker: LocalWorker, monkeypatch, steps: int) -> None:
+    """Start ``worker``, send one edit of ``steps`` steps of 0.3 s each as soon as it is ready, wait until it
+    serves compiled, and shut it down."""
+    stepped = MgiePipeline.denoise_step
+
+    def slow_step(self, states):
+        threading.Event().wait(0.3)
+        return stepped(self, states)
+
+    monkeypatch.setattr(MgiePipeline, "denoise_step", slow_step)
+    worker.start()
+    try:
+        await worker.wait_ready()
+        outcome = await worker.run(_job("a" * 32, 1, steps=steps))
+        assert await worker.wait_compiled() == "compiled"
+    finally:
+        worker.shutdown()
+    assert outcome.png.startswith(b"\x89PNG")
+
+
 def _worker(tiny_models, tmp_path, **kw) -> LocalWorker:
     settings = EngineSettings(device="cpu", max_side=64, compile=True, data_dir=str(tmp_path))
     return LocalWorker(settings, loader=lambda _s: tiny_models, **kw)
@@ -266,25 +286,11 @@ async def test_an_edit_sent_as_the_worker_turns_ready_runs_before_the_first_warm
                 self.before_warm_up_batch()
             at_batches.append(len(steps_by_mode))
 
-    recording = MgiePipeline.denoise_step
-
-    def slow_step(self, states):
-        threading.Event().wait(0.3)
-        return recording(self, states)
-
     monkeypatch.setattr(MgiePipeline, "warm_up", warm_up)
-    monkeypatch.setattr(MgiePipeline, "denoise_step", slow_step)
     settings = EngineSettings(device="cpu", max_side=64, compile=True, data_dir=str(tmp_path),
                               compile_give_way=give_way)
-    worker = LocalWorker(settings, loader=lambda _s: tiny_models)
-    worker.start()
-    try:
-        await worker.wait_ready()
-        outcome = await worker.run(_job("a" * 32, 1, steps=4))
-        assert await worker.wait_compiled() == "compiled"
-    finally:
-        worker.shutdown()
-    assert outcome.png.startswith(b"\x89PNG")
+    await one_slow_edit_as_the_worker_turns_ready(LocalWorker(settings, loader=lambda _s: tiny_models), monkeypatch,
+                                                  steps=4)
     # with the give-way the first batch began after the edit's last (eager) step; without, beside it
     assert (at_batches[0] == 4) is waits
     if waits:
