@@ -123,8 +123,8 @@ class ServingModes:
         self.error: str | None = None  # why compiling failed
         self.compile_seconds: float | None = None
         self.serving_thread: int | None = None  # the batch loop's thread (its compiles are counted)
-        self._compiles_before = self._recordings_before = 0  # that thread's counts when it began serving (thread
-        # ids are reused)
+        # that thread's counts when it began serving (thread ids are reused)
+        self._compiles_before = self._recordings_before = 0
         self.settled = threading.Event()  # set once the mode is final: no compile running
         self.stop = threading.Event()  # set at shutdown: the compile stops after its current warm-up batch
         self.thread: threading.Thread | None = None  # the compile thread
@@ -175,18 +175,15 @@ class ServingModes:
         started = time.monotonic()
         with self._loops:
             seen = self._loops_done
-            while (arrivals > 0 and (self._loop_idle or not self._loop_began) and self._loops_done == seen
-                   and not self.stop.is_set()):
-                left = min(arrivals, limit) - (time.monotonic() - started)
-                if left <= 0:
-                    break
-                self._loops.wait(min(left, 0.2))
-            while not self._loop_idle and not self.stop.is_set():
-                left = limit - (time.monotonic() - started)
-                if left <= 0:
-                    break
-                self._loops.wait(min(left, 0.2))
+            self._wait_while(lambda: (self._loop_idle or not self._loop_began) and self._loops_done == seen,
+                             started + min(arrivals, limit))
+            self._wait_while(lambda: not self._loop_idle, started + limit)
         return time.monotonic() - started
+
+    def _wait_while(self, condition: Callable[[], bool], until: float) -> None:
+        """With ``_loops`` held: wait while ``condition`` holds, until the monotonic time ``until`` or a stop."""
+        while condition() and not self.stop.is_set() and (left := until - time.monotonic()) > 0:
+            self._loops.wait(min(left, 0.2))
 
     def kill_child(self) -> None:
         """Kill the compile child, if one runs (at shutdown)."""
@@ -266,14 +263,15 @@ def compile_in_background(name: str, compiled: MgiePipeline, capacity: int, mode
 
     def main() -> None:
         started, waited = time.perf_counter(), []
-        compiled.stop_warm_up = modes.stop
-        if give_way > 0:  # the first batch also gives the jobs queued during the restart time to arrive
-            compiled.before_warm_up_batch = lambda: waited.append(
-                modes.give_way(give_way, arrivals=0.0 if waited else ARRIVALS_SECONDS))
+
+        def give_way_to_edits() -> None:  # the first wait also gives the jobs queued during a restart time to arrive
+            if give_way > 0:
+                waited.append(modes.give_way(give_way, arrivals=0.0 if waited else ARRIVALS_SECONDS))
+
+        compiled.stop_warm_up, compiled.before_warm_up_batch = modes.stop, give_way_to_edits
         try:
             if child is not None:
-                if give_way > 0:  # the children's start (imports, weights) slows the first edits 3-5x too
-                    waited.append(modes.give_way(give_way, arrivals=ARRIVALS_SECONDS))
+                give_way_to_edits()  # the children's start (imports, weights) slows the first edits 3-5x too
                 if not _compile_in_child(name, child, modes):
                     raise WarmUpStopped
                 turns.append(device_turns.begin_background_compile(device))
