@@ -23,7 +23,7 @@
 # means the chain broke: the loadtest and warm steps then start from an empty cache.
 # FIRST_DEADLINE (545 s from the step's start), LOAD_MINUTES (1 per load) and LOAD_DEADLINE (560 s) stretch first and
 # loadtest where bench/device_chain.sh runs them past one call's limit; LOAD_CAPACITY_OF=mixed bases the loads on the
-# mixed sizes' burst (bench/loadtest.py --capacity-of).
+# mixed sizes' burst (bench/loadtest.py --capacity-of); GC_VARIANTS picks and orders gc-crash's variants.
 set -u
 step=${1:?load, imports, first, loadtest, warm, aot, aot-symbolic, aot-both or gc-crash}
 out=${OUT:-bench/results}
@@ -84,7 +84,7 @@ case "$step" in
     tail -n 5 "$out"/aot-*-step.log ;;
   gc-crash)
     timeout 570 python3 bench/aot_gc_crash.py --ckpt /tmp/mgie-full --tokenizer-dir .carry/bench --timeout 150 \
-      --out "$out" 2>&1 | quiet | tee "$out/aot-gc-crash.log" ;;
+      ${GC_VARIANTS:+--variants "$GC_VARIANTS"} --out "$out" 2>&1 | quiet | tee "$out/aot-gc-crash.log" ;;
   *) echo "unknown step $step (load, imports, first, loadtest, warm, aot, aot-symbolic, aot-both or gc-crash)"; exit 2 ;;
 esac
 cp /tmp/mgie-coldstart-events/events-*.jsonl "$out/" 2>/dev/null
