@@ -26,6 +26,7 @@ __all__ = [
     "fit_size",
     "load_image",
     "prepare_image",
+    "snap_size",
 ]
 
 MAX_INPUT_BYTES: int = 25 * 1024 * 1024
@@ -278,6 +279,27 @@ def fit_size(width: int, height: int, max_side: int = 512, multiple: int = 8) ->
         # The epsilon keeps 7.9999999 (float error on an exact multiple) from dropping a whole step.
         rounded = math.floor(length * scale / multiple + 1e-9) * multiple
         return min(cap, max(multiple, rounded))
+
+    return side(width), side(height)
+
+
+def snap_size(width: int, height: int, step: int, max_side: int) -> tuple[int, int]:
+    """The working size for an already fitted ``width`` x ``height``: each side rounded to the nearest
+    multiple of ``step`` (halves up), at least ``step``, at most ``max_side`` rounded down to ``step``.
+
+    Why: a compiled worker records one CUDA graph per latent size, kept for good (~5 MB and ~1 s each);
+    sides that are multiples of 8 allow (max_side/8)^2 sizes, a ``step`` grid at most (max_side/step)^2.
+    The cost is a stretch: each side is off by at most ``step / 2`` (more only where a clamp applies: a side
+    below ``step / 2``, or near the cap when ``max_side`` is not a multiple of ``step``), and the result is
+    resized back to the fitted size, so only that stretch's resampling is left of it.
+    """
+    if step < 1:
+        raise ValueError(f"step must be >= 1, got {step}")
+    cap = max(max_side // step * step, step)
+
+    def side(length: int) -> int:
+        nearest = (2 * length + step) // (2 * step) * step  # floor(length / step + 1/2), in exact integers
+        return min(cap, max(step, nearest))
 
     return side(width), side(height)
 

@@ -29,6 +29,7 @@ from mgie_engine.images import (
     fit_size,
     load_image,
     prepare_image,
+    snap_size,
 )
 from mgie_engine.png import encode_png
 
@@ -485,6 +486,34 @@ def test_prepare_image_returns_a_new_image_when_size_is_kept() -> None:
 
 def test_prepare_image_custom_grid() -> None:
     assert prepare_image(noise(1000, 700), max_side=256, multiple=64).size == (256, 128)
+
+
+# ---------------------------------------------------------------------------------------------- working grid
+
+
+def test_snap_size_keeps_few_sizes_each_near_the_fitted_one() -> None:
+    step, max_side = 32, 512
+    cap = max_side // step * step
+    fitted = [(w, h) for w in range(8, max_side + 1, 8) for h in range(8, max_side + 1, 8)]
+    snapped = set()
+    for width, height in fitted:
+        size = snap_size(width, height, step, max_side)
+        for before, after in zip((width, height), size, strict=True):
+            assert after % step == 0 and step <= after <= cap, (width, height, size)
+            # off by at most half a step; a side shorter than that can only grow to one step
+            assert abs(after - before) <= step // 2 or (before < step // 2 and after == step), (width, height, size)
+        snapped.add(size)
+    assert len(snapped) <= (max_side // step) ** 2 < len(fitted)
+    assert all(snap_size(w, h, 8, max_side) == (w, h) for w, h in fitted)  # the VAE's grid changes nothing
+
+
+def test_snap_size_rounds_halves_up_and_keeps_to_the_cap() -> None:
+    assert snap_size(48, 80, 32, 512) == (64, 96)  # 1.5 and 2.5 steps round up (banker's rounding: 64, 64)
+    assert snap_size(40, 8, 32, 512) == (32, 32)
+    assert snap_size(496, 504, 32, 500) == (480, 480)  # the cap: 500 px rounded down to the step
+    assert snap_size(8, 8, 256, 128) == (256, 256)  # a step above max_side: one size, the step
+    with pytest.raises(ValueError):
+        snap_size(64, 64, 0, 512)
 
 
 # ---------------------------------------------------------------------------------------------- encoding
