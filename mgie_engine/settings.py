@@ -21,6 +21,7 @@ DEFAULT_CKPT_REPO = "tsujuifu/ml-mgie"
 DEFAULT_IP2P = "timbrooks/instruct-pix2pix"
 MAX_SIDE_RANGE = (64, 2048)  # the UNet was trained at 256-512 px; memory grows as the side squared
 MAX_BATCH_RANGE = (1, 256)
+SIZE_STEP_RANGE = (8, 256)  # px; a multiple of 8, the VAE's factor
 
 if TYPE_CHECKING:
     import torch
@@ -120,6 +121,22 @@ def read_compile(env: Mapping[str, str], name: str = "MGIE_COMPILE") -> bool | N
     raise SettingsError(f"{name} must be auto, 1 (on) or 0 (off), not {raw[:40]!r}.")
 
 
+def read_size_step(env: Mapping[str, str], name: str = "MGIE_SIZE_STEP") -> int | None:
+    """auto (None: ``EngineSettings.working_step`` decides) or a whole number of pixels, a multiple of 8."""
+    raw = _raw(env, name)
+    if raw.lower() in ("", "auto"):
+        return None
+    low, high = SIZE_STEP_RANGE
+    accepted = f"{name} must be auto or a multiple of 8 from {low} to {high}"
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{accepted}, not {raw[:40]!r}.") from None
+    if not low <= value <= high or value % 8:
+        raise SettingsError(f"{accepted}, not {value}.")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineSettings:
     """Where the weights are and how to run them.
@@ -137,6 +154,9 @@ class EngineSettings:
     dtype: str = "auto"
     max_side: int = 512
     max_batch: int = 8  # jobs whose denoising steps share one UNet call
+    # The working sizes' grid in px (images.snap_size; results come back at the fitted size). None
+    # (MGIE_SIZE_STEP=auto): coarse on compiling workers, the VAE's factor elsewhere (``working_step``).
+    size_step: int | None = None
     # torch.compile the UNet, VAE and decoder (faster steps; compiled in the background while eager serves).
     # None (MGIE_COMPILE=auto): on for CUDA, off for the CPU and under offload (``compile_on``).
     compile: bool | None = None
@@ -174,6 +194,7 @@ class EngineSettings:
             dtype=read_dtype(env),
             max_side=read_int(env, "MGIE_MAX_SIDE", 512, *MAX_SIDE_RANGE),
             max_batch=read_int(env, "MGIE_MAX_BATCH", 8, *MAX_BATCH_RANGE),
+            size_step=read_size_step(env),
             compile=read_compile(env),
             compile_child=read_compile(env, "MGIE_COMPILE_CHILD"),
             compile_children=read_int(env, "MGIE_COMPILE_CHILDREN", 0, 0, 16),
@@ -193,6 +214,22 @@ class EngineSettings:
         if self.compile is not None:
             return self.compile
         return device.type == "cuda" and not self.offload
+
+    def working_step(self, compiles: bool, vae_factor: int) -> int:
+        """The grid the working sizes are snapped to (``images.snap_size``), a multiple of ``vae_factor``.
+
+        MGIE_SIZE_STEP when set. Otherwise a compiling worker keeps each side to at most 16 lengths (32 px at
+        a 512 max side): every new latent size records CUDA graphs that are never freed, so a fine grid grows
+        its memory for months and keeps edits waiting on recordings. Eager workers record nothing and keep the
+        VAE's own grid, their output unchanged.
+        """
+        if self.size_step is not None:
+            step = self.size_step
+        elif compiles:
+            step = max(vae_factor, self.max_side // 16 // vae_factor * vae_factor)
+        else:
+            step = vae_factor
+        return -(-step // vae_factor) * vae_factor
 
     def device_list(self) -> list[str]:
         """One entry per worker: "auto" means every visible GPU (or the CPU); a comma list names them."""

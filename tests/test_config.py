@@ -59,6 +59,7 @@ def test_device_and_dtype_messages():
     ("MGIE_MAX_SIDE", "99999"), ("MGIE_MAX_BATCH", "x"), ("MGIE_COMPILE", "maybe"), ("MGIE_OFFLOAD", "2"),
     ("MGIE_SAFETY_CHECKER", "yes please"), ("MGIE_COMPILE_CHILD", "sometimes"), ("MGIE_COMPILE_CHILDREN", "17"),
     ("MGIE_COMPILE_SWITCH_INTERVAL", "-0.001"), ("MGIE_COMPILE_SWITCH_INTERVAL", "fast"), ("MGIE_COMPILE_AOT", "auto"),
+    ("MGIE_SIZE_STEP", "12"),
 ])
 def test_every_engine_setting_is_checked_when_read(name, value):
     with pytest.raises(SettingsError, match=name):
@@ -95,6 +96,31 @@ def test_the_compile_child_and_switch_interval_settings():
     with pytest.raises(SettingsError, match="MGIE_COMPILE_GIVE_WAY"):
         EngineSettings.from_env({"MGIE_COMPILE_GIVE_WAY": "-1"})
     assert EngineSettings.from_env({"MGIE_COMPILE_CHILDREN": "3"}).compile_children == 3
+
+
+def test_the_size_step_setting():
+    assert EngineSettings.from_env({}).size_step is None  # auto
+    assert EngineSettings.from_env({"MGIE_SIZE_STEP": "auto"}).size_step is None
+    assert EngineSettings.from_env({"MGIE_SIZE_STEP": "24"}).size_step == 24
+    assert EngineSettings.from_env({"MGIE_SIZE_STEP": " 256 "}).size_step == 256
+    for bad in ("12", "4", "0", "264", "512", "-8", "32.0", "coarse"):
+        with pytest.raises(SettingsError, match="MGIE_SIZE_STEP"):
+            EngineSettings.from_env({"MGIE_SIZE_STEP": bad})
+
+
+def test_the_working_step():
+    # auto: at most 16 side lengths on a compiling worker; the VAE's own grid elsewhere
+    assert EngineSettings(max_side=512).working_step(True, 8) == 32
+    assert EngineSettings(max_side=1024).working_step(True, 8) == 64
+    assert EngineSettings(max_side=500).working_step(True, 8) == 24
+    assert EngineSettings(max_side=128).working_step(True, 8) == 8
+    assert EngineSettings(max_side=1024).working_step(False, 8) == 8
+    # an explicit step wins, compiling or not, rounded up to the VAE's factor
+    assert EngineSettings(size_step=48).working_step(True, 8) == 48
+    assert EngineSettings(size_step=48).working_step(False, 8) == 48
+    assert EngineSettings(size_step=24).working_step(False, 16) == 32
+    assert EngineSettings(max_side=512).working_step(True, 16) == 32
+    assert EngineSettings(max_side=128).working_step(True, 16) == 16
 
 
 def test_dotenv_is_found_from_the_current_directory_up(tmp_path, monkeypatch):
