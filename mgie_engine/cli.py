@@ -180,7 +180,9 @@ def _run(args: argparse.Namespace, settings, source, out: Path, started: float, 
     models = load_models(settings, progress=bars.loading)  # warns once, through logging, on random weights
     timings["load"] = time.perf_counter() - start
 
-    pipe = MgiePipeline(models, max_side=args.max_side or settings.max_side)
+    # One edit, never compiled: the VAE's grid, unless MGIE_SIZE_STEP asks for another.
+    pipe = MgiePipeline(models, max_side=args.max_side or settings.max_side,
+                        size_step=settings.working_step(False, models.vae_scale_factor))
     result = pipe(EditRequest(image=source, instruction=args.instruction, seed=args.seed, text_cfg=args.text_cfg,
                               image_cfg=args.image_cfg, steps=args.steps), progress=bars.step)
     timings.update((k, v) for k, v in result.timings.items() if k != "total")  # ours is from the start

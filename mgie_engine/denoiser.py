@@ -18,7 +18,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from .compilation import STATIC_STEP_OPTIONS, UNET_COMPILE_OPTIONS, mark_sizes_dynamic
-from .images import fit_size
+from .images import fit_size, snap_size
 from .inputs import ImageInput
 from .models import MgieModels
 
@@ -110,7 +110,8 @@ class DenoiseState:
 class Denoiser:
     """Starts jobs and steps them; compiled (``graphs``), the steps replay CUDA graphs per bucket."""
 
-    def __init__(self, models: MgieModels, unet: torch.nn.Module, graphs: bool, max_side: int) -> None:
+    def __init__(self, models: MgieModels, unet: torch.nn.Module, graphs: bool, max_side: int,
+                 size_step: int | None = None) -> None:
         self.models, self.unet, self.graphs = models, unet, graphs
         raw_unet = models.unet
 
@@ -128,7 +129,8 @@ class Denoiser:
         self._guided_step = torch.compile(guided_step, options=UNET_COMPILE_OPTIONS) if graphs else guided_step
         self._static_step = torch.compile(static_step, options=STATIC_STEP_OPTIONS, dynamic=False) if graphs \
             else static_step
-        side = fit_size(max_side, max_side, max_side, models.vae_scale_factor)[0] // models.vae_scale_factor
+        factor = models.vae_scale_factor
+        side = snap_size(*fit_size(max_side, max_side, max_side, factor), size_step or factor, max_side)[0] // factor
         self._home_latents = (side, side)
         self.static_jobs: set[int] = set()  # padded job counts the static step serves (set by the warm-up)
         self.saved: SavedSteps | None = None  # steps compiled ahead of time, when compiled (MGIE_COMPILE_AOT)

@@ -22,6 +22,9 @@ class PreparedImage:
     key: str  # sha256 of the pixels
     clip_pixels: torch.Tensor  # (3, h, w) float32: the vision processor's output
     vae_batch: concurrent.futures.Future  # of (1, 3, H, W) float32 in [-1, 1]: the VAE image processor's output
+    # (width, height) the result is delivered at, when the image was snapped to a coarser working size
+    # (``MgiePipeline.fit_and_prepare``); None: the image's own size.
+    output_size: tuple[int, int] | None = None
 
     @property
     def vae_pixels(self) -> torch.Tensor:
@@ -30,8 +33,13 @@ class PreparedImage:
 
     @property
     def size(self) -> tuple[int, int]:
-        """(width, height) of the fitted image."""
+        """(width, height) of the image the models work on."""
         return self.image.size
+
+    @property
+    def delivered_size(self) -> tuple[int, int]:
+        """(width, height) of the result handed back: the fitted size, which the working size may round."""
+        return self.output_size or self.image.size
 
 
 ImageInput = PIL.Image.Image | PreparedImage

@@ -117,10 +117,14 @@ def plan_compile_child(settings: EngineSettings, models: MgieModels, capacity: i
 
 
 def new_pipeline(settings: EngineSettings, models: MgieModels, compile_unet: bool) -> MgiePipeline:
-    """A pipeline on loaded models with the worker's settings."""
+    """A pipeline on loaded models with the worker's settings. Its working grid (MGIE_SIZE_STEP) follows the
+    worker, not ``compile_unet``: a job the eager pipeline prepares may take its next steps compiled, and the
+    compile children must warm up the shapes the worker will serve."""
     from .pipeline import MgiePipeline
 
-    return MgiePipeline(models, max_side=settings.max_side, compile_unet=compile_unet, offload=settings.offload)
+    step = settings.working_step(settings.compile_on(models.device), models.vae_scale_factor)
+    return MgiePipeline(models, max_side=settings.max_side, compile_unet=compile_unet, offload=settings.offload,
+                        size_step=step)
 
 
 def use_saved_steps(settings: EngineSettings, pipeline: MgiePipeline, folder: Path | None) -> None:

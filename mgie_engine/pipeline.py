@@ -25,7 +25,7 @@ from .cpu_pools import cpu_pool
 from .denoiser import DenoiseJob, Denoiser, DenoiseState
 from .errors import JobCancelledError
 from .fx_threads import install as keep_fx_tracing_to_its_thread
-from .images import prepare_image
+from .images import prepare_image, snap_size
 from .inputs import History, ImageInput, PreparedImage, Prompt
 from .instructions import normalize_instruction
 from .language import CancelToken, Guidance, LanguageStage
@@ -86,9 +86,13 @@ class MgiePipeline:
     """
 
     def __init__(self, models: MgieModels, max_side: int = 512, guidance_cache_size: int = 64,
-                 compile_unet: bool = False, offload: bool = False) -> None:
+                 compile_unet: bool = False, offload: bool = False, size_step: int | None = None) -> None:
         self.models = models
         self.max_side = max_side
+        # The working sizes' grid (images.snap_size), a multiple of the VAE's factor; None: that factor, so
+        # the working size is the fitted one. Pipelines that share jobs (eager, compiled) must share it.
+        factor = models.vae_scale_factor
+        self.size_step = -(-(size_step or factor) // factor) * factor
         self.compile_unet = compile_unet  # asked for; ``compiles`` says whether it happens (CUDA, no offload)
         self.stop_warm_up: threading.Event | None = None  # set, ``warm_up`` stops between batches
         self.before_warm_up_batch: Callable[[], object] | None = None  # called by ``warm_up`` before each batch
@@ -110,7 +114,7 @@ class MgiePipeline:
             self.residency = StageResidency({"language": [models.llm], "diffusion": [models.unet, models.vae]},
                                             models.device)
             self.language.decoder.forget_graphs()  # its packed weights are the GPU copies just let go
-        self.denoiser = Denoiser(models, unet, graphs, max_side)
+        self.denoiser = Denoiser(models, unet, graphs, max_side, self.size_step)
         self.image_processor = VaeImageProcessor(vae_scale_factor=models.vae_scale_factor)
         self.vae = VaeCodec(models.vae, models.device, models.dtype, self.image_processor, compiled=graphs,
                             recorded=recorded)
@@ -129,20 +133,27 @@ class MgiePipeline:
             self.residency.use(group)
 
     # -- inputs --------------------------------------------------------------------------------------
-    def prepare(self, image: ImageInput) -> PreparedImage:
+    def prepare(self, image: ImageInput, output_size: tuple[int, int] | None = None) -> PreparedImage:
         """The CPU side of both stages for an image already fitted (``images.prepare_image``); thread-safe.
-        An image already prepared is returned as it is."""
+        ``output_size``: (width, height) to deliver the result at, if not the image's. An image already
+        prepared is returned as it is."""
         if isinstance(image, PreparedImage):
             return image
         vae_batch = cpu_pool("vae-pixels").submit(self.image_processor.preprocess, [image])
         return PreparedImage(
             image=image, key=hashlib.sha256(image.tobytes()).hexdigest(),
             clip_pixels=self.models.vision_processor.preprocess([image], return_tensors="pt")["pixel_values"][0],
-            vae_batch=vae_batch)
+            vae_batch=vae_batch, output_size=output_size)
 
     def fit_and_prepare(self, image: PIL.Image.Image) -> PreparedImage:
-        """Any input image, fitted to this pipeline's size (``images.prepare_image``), then ``prepare``d."""
-        return self.prepare(prepare_image(image, self.max_side, self.models.vae_scale_factor))
+        """Any input image, fitted to this pipeline's size (``images.prepare_image``), snapped to its working
+        grid (``images.snap_size``: fewer CUDA graphs on a compiling worker), then ``prepare``d; the result
+        is to be delivered at the fitted size."""
+        fitted = prepare_image(image, self.max_side, self.models.vae_scale_factor)
+        working = snap_size(*fitted.size, self.size_step, self.max_side)
+        if working == fitted.size:
+            return self.prepare(fitted)
+        return self.prepare(fitted.resize(working, PIL.Image.Resampling.LANCZOS), output_size=fitted.size)
 
     def warm_up(self, max_jobs: int = 1, only: Collection[int] | None = None) -> None:
         """Compile every class of shape a worker taking ``max_jobs`` jobs a step meets (warm_up.py);
@@ -157,7 +168,8 @@ class MgiePipeline:
         clock = _StageClock(self.models.device, timings)
         progress = progress or (lambda stage, k, n: None)
 
-        # 1. Check the options and fit the image (aspect ratio kept, sides a multiple of the VAE factor).
+        # 1. Check the options and fit the image (aspect ratio kept, sides a multiple of the VAE factor), then
+        #    snap it to the working grid (the result is resized back to the fitted size).
         request = check_request(request)
         with clock("preprocess"):
             image = self.fit_and_prepare(request.image)
@@ -180,6 +192,8 @@ class MgiePipeline:
         progress("decode", 0, 1)
         with clock("vae_decode"):
             [edited] = self.decode_queued([state.latents])()
+            if edited.size != image.delivered_size:  # back from the working grid to the fitted size
+                edited = edited.resize(image.delivered_size, PIL.Image.Resampling.LANCZOS)
         timings["total"] = sum(timings.values())
         return EditResult(
             image=edited, expressive_instruction=guidance.expressive_instruction, instruction=request.instruction,

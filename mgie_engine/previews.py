@@ -43,17 +43,19 @@ def preview_size(height: int, width: int, side: int = PREVIEW_SIDE) -> tuple[int
 
 
 def latent_rgb(latents: torch.Tensor, noise_scale: torch.Tensor | float = 1.0,
-               side: int = PREVIEW_SIDE) -> torch.Tensor:
+               side: int = PREVIEW_SIDE, like: tuple[int, int] | None = None) -> torch.Tensor:
     """One job's latents ``(1, 4, h, w)`` as an ``(H, W, 3)`` uint8 image on the same device.
 
     ``noise_scale`` divides the latents first: a noisy latent at sigma has a spread of sqrt(sigma^2 + 1),
-    and dividing by it keeps the early previews grey noise rather than saturated colour.
+    and dividing by it keeps the early previews grey noise rather than saturated colour. ``like``: the
+    (height, width) of the image the preview stands for, whose shape it takes when the latents' working
+    size rounds it (``images.snap_size``); None: the latents' own.
     """
     import torch
     import torch.nn.functional as F
 
     x = latents[:1].float() / noise_scale
-    size = preview_size(*x.shape[-2:], side=side)
+    size = preview_size(*(like or x.shape[-2:]), side=side)
     x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)[0]
     factors = torch.tensor(LATENT_RGB, device=x.device, dtype=x.dtype)
     rgb = torch.einsum("chw,cr->hwr", x, factors)
@@ -76,11 +78,12 @@ class PendingPreview:
 
 
 def start_preview(latents: torch.Tensor, noise_scale: torch.Tensor | float = 1.0,
-                  side: int = PREVIEW_SIDE) -> PendingPreview:
-    """Compute the preview on the latents' device and queue its copy to the host (never waits)."""
+                  side: int = PREVIEW_SIDE, like: tuple[int, int] | None = None) -> PendingPreview:
+    """Compute the preview on the latents' device and queue its copy to the host (never waits); ``like``
+    as in ``latent_rgb``."""
     import torch
 
-    rgb = latent_rgb(latents, noise_scale, side)
+    rgb = latent_rgb(latents, noise_scale, side, like)
     if rgb.device.type != "cuda":
         return PendingPreview(rgb.cpu())
     host = torch.empty(rgb.shape, dtype=rgb.dtype, pin_memory=True)

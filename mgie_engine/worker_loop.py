@@ -48,6 +48,7 @@ class Task:
     cancel: threading.Event | None
     future: concurrent.futures.Future
     image: ImageInput | None = None  # the decoded input; prepared for both stages once a model is loaded
+    output_size: tuple[int, int] | None = None  # (width, height) the result is delivered at (None: as decoded)
     input_error: MgieError | None = None  # why the input cannot be edited (reported when the job is admitted)
     started: float = 0.0
     guidance: Guidance | None = None
@@ -123,6 +124,7 @@ class BatchLoop:
                                                     steps=task.job.steps, history=task.job.history))
                 if not isinstance(task.image, PreparedImage):  # decoded before the model was loaded
                     task.image = pipe.fit_and_prepare(task.image or load_image(task.job.image))
+                task.output_size = task.image.delivered_size  # the fitted size; the working one may round it
                 task.job = dataclasses.replace(task.job, instruction=request.instruction, history=request.history)
             except MgieError as err:
                 fail(task.future, err)
@@ -230,7 +232,8 @@ class BatchLoop:
         try:
             sigmas = getattr(state.scheduler, "sigmas", None)
             scale = (sigmas[state.index] ** 2 + 1) ** 0.5 if sigmas is not None and state.index < len(sigmas) else 1.0
-            pending = start_preview(state.latents, scale)
+            like = task.output_size[::-1] if task.output_size is not None else None  # (height, width)
+            pending = start_preview(state.latents, scale, like=like)
             self.worker.cpu.submit(_send_preview, task, pending, state.index, state.total)
         except Exception:
             log.warning("preview of job %s failed", task.job.job_id, exc_info=True)
@@ -326,10 +329,13 @@ def _send_preview(task: Task, pending: PendingPreview, step: int, total: int) ->
 
 
 def _deliver(task: Task, image: PIL.Image.Image) -> None:
-    """Encode the result's PNG and end the job's future with its outcome (on a CPU thread)."""
+    """Resize the result back to the fitted size (from the working grid, ``images.snap_size``), encode its
+    PNG and end the job's future with its outcome (on a CPU thread: the resize costs milliseconds)."""
     from .png import encode_png
 
     try:
+        if task.output_size is not None and image.size != task.output_size:
+            image = image.resize(task.output_size, PIL.Image.Resampling.LANCZOS)
         png = encode_png(image)
     except Exception as err:
         fail(task.future, user_error(err))
