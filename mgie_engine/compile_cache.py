@@ -63,6 +63,10 @@ def key_inputs(settings: EngineSettings, device: torch.device, capacity: int) ->
         # other (no compile child) and then compiles everything in-process (over 9 minutes on an H200,
         # bench/NOTES.md "Stop 27 on the H200"). Only added when on: other folders keep their names.
         inputs["steps"] = "ahead of time"
+    if settings.size_step is not None:
+        # Another working grid may move the home square (images.snap_size), whose static step the warm-up compiles;
+        # only added when set, so auto's folders keep their names.
+        inputs["size_step"] = settings.size_step
     return inputs
 
 

@@ -63,6 +63,7 @@ def test_the_cache_folder_is_keyed_by_versions_gpu_options_and_shapes(monkeypatc
                                                                         "max_autotune": True})]),
         # a folder filled with steps compiled ahead of time is not warm for torch.compile's steps, nor back
         "ahead of time": folder(EngineSettings(data_dir=settings.data_dir, compile_aot=True)),
+        "grid": folder(EngineSettings(data_dir=settings.data_dir, size_step=48)),  # its home square is 480 px
     }
     assert base not in variants.values() and len(set(variants.values())) == len(variants), variants
     chosen = EngineSettings(data_dir=settings.data_dir, compile_cache_dir=str(tmp_path / "kept"))
