@@ -23,7 +23,7 @@ DESCRIPTION = """\
 Run MGIE edits for a bot on another host (or this one), through Redis Streams.
 
 Reads the same engine settings as the bot (from the environment or a .env file): MGIE_CKPT_DIR, MGIE_IP2P,
-MGIE_CLIP, MGIE_DEVICE, MGIE_DTYPE, MGIE_MAX_SIDE, MGIE_MAX_BATCH, MGIE_COMPILE, ... and:
+MGIE_CLIP, MGIE_DEVICE, MGIE_DTYPE, MGIE_MAX_SIDE, MGIE_SIZE_STEP, MGIE_MAX_BATCH, MGIE_COMPILE, ... and:
   MGIE_REDIS_URL     redis://:PASSWORD@HOST:6379/0 (rediss:// for TLS); the same as the bot's
   MGIE_REDIS_PREFIX  key namespace (default mgie); the same as the bot's
   MGIE_REDIS_CA_FILE the CA of the server's certificate (rediss://); MGIE_REDIS_CERT_FILE and
