@@ -239,5 +239,20 @@ def test_the_installed_transformers_is_one_the_llama_layer_was_checked_against()
 def test_the_version_check_knows_the_range_it_was_checked_in():
     from mgie_engine.llama_layer import transformers_checked
 
-    assert transformers_checked("5.17.0") and transformers_checked("5.24.0") and transformers_checked("5.20.1.dev0")
-    assert not transformers_checked("5.25.0") and not transformers_checked("4.57.1") and not transformers_checked("6.0.0")
+    assert transformers_checked("5.17.0") and transformers_checked("5.25.0") and transformers_checked("5.20.1.dev0")
+    assert not transformers_checked("5.26.0") and not transformers_checked("4.57.1") and not transformers_checked("6.0.0")
+
+
+def test_installs_stay_within_the_transformers_releases_the_layer_was_checked_against():
+    import tomllib
+    from pathlib import Path
+
+    from packaging.specifiers import SpecifierSet
+
+    from mgie_engine.llama_layer import CHECKED_TRANSFORMERS
+
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
+    [requirement] = [d for d in project["dependencies"] if d.startswith("transformers")]
+    allowed = SpecifierSet(requirement.removeprefix("transformers"))
+    (major, minor) = CHECKED_TRANSFORMERS[1]
+    assert f"{major}.{minor}.9" in allowed and f"{major}.{minor + 1}.0" not in allowed
